@@ -1,0 +1,336 @@
+"""The BagCert certificate: one forward pass plus integral-image window sums.
+
+Notation (per sample): s[l, c] is the bounded per-location score of class c at location l
+(see :mod:`bagcert.aggregation`), T_c = sum_l s[l, c] the class score, y the clean prediction,
+R(p) the set of locations whose receptive field meets the patch at position p, and
+W_c(p) = sum_{l in R(p)} s[l, c]. The scores of locations outside R(p) cannot change.
+
+Step 1. After any patch at p, the new score difference is
+        T'_y - T'_c = (T_y - T_c) - (W_y(p) - W_c(p)) + sum_{l in R(p)} (s'[l, y] - s'[l, c])
+                   >= (T_y - T_c) - (W_y(p) - W_c(p)) - spread * |R(p)|
+        with spread = high - low of the per-location score interval.
+Step 2. y stays the prediction if T'_y - T'_c > 0 for every c != y (strict: ties never certify,
+        whichever way the tie rule would break them).
+Step 3. So the sample is certified iff, for every position p and class c != y,
+        margin_c(p) = (T_y - T_c) - (W_y(p) - W_c(p)) - spread * |R(p)| > 0.
+For votes this is exactly the paper's rule sum_{l not in R(p)} (s_y - s_c) > |R(p)|.
+
+W is read off a 2-D cumulative sum, so the cost does not grow with the patch size, and one
+forward pass serves every patch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .aggregation import get_aggregation, predict
+from .geometry import Geometry, parse_patch_size
+
+__all__ = ["CertResult", "certify", "certify_logits", "window_margins"]
+
+
+@dataclass
+class CertResult:
+    """Per-sample certification outcome for one patch size.
+
+    Attributes:
+        prediction: long [N], the defended prediction.
+        label: long [N].
+        correct: bool [N], prediction == label.
+        certified: bool [N], no patch of ``patch_size`` at any position inside the image can
+            change the prediction.
+        margin: [N] the smallest certificate margin over positions and classes (> 0 iff
+            certified); integer-valued for vote aggregations.
+        worst_position: long [N, 2], top-left pixel (row, col) of the patch position with the
+            smallest margin.
+        patch_size: (height, width) in pixels.
+        aggregation: name of the aggregation certified.
+        position_margins: optional [N, n_rows, n_cols], the margin of every patch position
+            (top-left pixel), when requested.
+    """
+
+    prediction: torch.Tensor
+    label: torch.Tensor
+    correct: torch.Tensor
+    certified: torch.Tensor
+    margin: torch.Tensor
+    worst_position: torch.Tensor
+    patch_size: tuple[int, int]
+    aggregation: str
+    position_margins: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.prediction.numel())
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(self.correct.float().mean()) if self.num_samples else float("nan")
+
+    @property
+    def certified_accuracy(self) -> float:
+        return float((self.certified & self.correct).float().mean()) if self.num_samples else float("nan")
+
+    @property
+    def certified_correct(self) -> torch.Tensor:
+        return self.certified & self.correct
+
+    def __repr__(self) -> str:
+        ph, pw = self.patch_size
+        return (
+            f"CertResult(patch={ph}x{pw}, n={self.num_samples}, aggregation={self.aggregation!r}, "
+            f"clean={self.clean_accuracy:.4f}, certified={self.certified_accuracy:.4f})"
+        )
+
+    @staticmethod
+    def concat(results: list["CertResult"]) -> "CertResult":
+        first = results[0]
+        maps = [r.position_margins for r in results]
+        return CertResult(
+            prediction=torch.cat([r.prediction for r in results]),
+            label=torch.cat([r.label for r in results]),
+            correct=torch.cat([r.correct for r in results]),
+            certified=torch.cat([r.certified for r in results]),
+            margin=torch.cat([r.margin for r in results]),
+            worst_position=torch.cat([r.worst_position for r in results]),
+            patch_size=first.patch_size,
+            aggregation=first.aggregation,
+            position_margins=None if any(m is None for m in maps) else torch.cat(maps),
+        )
+
+
+def _unique_ranges(ranges: torch.Tensor):
+    """Deduplicate per-position ranges: many positions share the same affected range."""
+    uniq, inverse = torch.unique(ranges, dim=0, return_inverse=True)
+    return uniq, inverse
+
+
+def window_margins(
+    scores: torch.Tensor,
+    prediction: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    spread: float,
+):
+    """Worst-case margins for every distinct affected window.
+
+    Args:
+        scores: [B, C, h, w] per-location scores (int32 or float64).
+        prediction: long [B] the class to protect.
+        rows, cols: [Ur, 2] and [Uc, 2] inclusive location ranges (empty encoded as hi = lo - 1).
+        spread: high - low of the per-location score interval.
+
+    Returns:
+        margins [B, Ur, Uc]: min over c != prediction of margin_c (Step 3 in the module doc).
+    """
+    B, C, h, w = scores.shape
+    acc_dtype = torch.int64 if not scores.is_floating_point() else torch.float64
+    # integral image with a zero row/column in front: S[i, j] = sum of scores[:i, :j]
+    S = torch.zeros(B, C, h + 1, w + 1, dtype=acc_dtype, device=scores.device)
+    S[:, :, 1:, 1:] = scores.to(acc_dtype).cumsum(2).cumsum(3)
+    r0, r1 = rows[:, 0].to(scores.device), rows[:, 1].to(scores.device) + 1
+    c0, c1 = cols[:, 0].to(scores.device), cols[:, 1].to(scores.device) + 1
+    # window sums W_c(p) for every (row range, col range) pair: [B, C, Ur, Uc]
+    S_r1 = S.index_select(2, r1)
+    S_r0 = S.index_select(2, r0)
+    win = (S_r1.index_select(3, c1) - S_r1.index_select(3, c0)) - (
+        S_r0.index_select(3, c1) - S_r0.index_select(3, c0)
+    )
+    total = S[:, :, h, w]  # T_c
+    # |R(p)| as a product of the two axis counts
+    size = ((r1 - r0)[:, None] * (c1 - c0)[None, :]).to(acc_dtype)
+    idx = prediction.view(B, 1, 1, 1)
+    total_y = total.gather(1, prediction.view(B, 1))  # [B, 1]
+    win_y = win.gather(1, idx.expand(B, 1, win.shape[2], win.shape[3]))  # [B, 1, Ur, Uc]
+    # Step 3: margin_c(p) = (T_y - T_c) - (W_y(p) - W_c(p)) - spread * |R(p)|
+    if acc_dtype.is_floating_point:
+        size_term, never = size * spread, float("inf")
+    else:  # integer scores have an integer spread (1 for votes): keep the arithmetic exact
+        size_term, never = size * int(spread), torch.iinfo(torch.int64).max
+    margin = (total_y - total)[:, :, None, None] - (win_y - win) - size_term
+    # the predicted class itself is not a competitor
+    margin.scatter_(1, idx.expand(B, 1, win.shape[2], win.shape[3]), never)
+    return margin.min(dim=1).values
+
+
+def certify_logits(
+    local_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    geometry: Geometry,
+    image_size: tuple[int, int],
+    patch_size=None,
+    *,
+    patch_sizes=None,
+    aggregation="votes",
+    return_position_margins: bool = False,
+):
+    """Certify from a local-logit map, with no model.
+
+    Args:
+        local_logits: [N, C, h, w] per-location class logits.
+        labels: long [N] in [0, C), or None (then ``correct`` is all False).
+        geometry: the model's :class:`~bagcert.geometry.Geometry`.
+        image_size: (H, W) of the images the logits came from.
+        patch_size: int or (height, width); or give ``patch_sizes`` (a list) for a dict of results.
+        aggregation: ``"votes"`` (default), ``"majority"`` or ``"clipped"``.
+        return_position_margins: also return the margin of every patch position.
+
+    Returns:
+        A :class:`CertResult`, or ``{(h, w) or int: CertResult}`` when ``patch_sizes`` is given.
+    """
+    if (patch_size is None) == (patch_sizes is None):
+        raise ValueError("give exactly one of patch_size= or patch_sizes=")
+    agg = get_aggregation(aggregation)
+    if not isinstance(local_logits, torch.Tensor) or local_logits.dim() != 4:
+        raise ValueError(
+            f"local logits must be a tensor [N, C, h, w], got "
+            f"{tuple(local_logits.shape) if isinstance(local_logits, torch.Tensor) else type(local_logits)}"
+        )
+    N, C, h, w = local_logits.shape
+    if C < 2:
+        raise ValueError(f"need at least 2 classes to certify, got {C}")
+    if not torch.isfinite(local_logits).all():
+        raise ValueError("local logits contain NaN or Inf; cannot certify")
+    H, W = int(image_size[0]), int(image_size[1])
+    if geometry.layers and geometry.grid_size(H, W) != (h, w):
+        raise ValueError(
+            f"local-logit map is {h}x{w} but the geometry gives {geometry.grid_size(H, W)} locations "
+            f"for a {H}x{W} image: logits and image size do not belong together"
+        )
+    labels = _check_labels(labels, N, C, local_logits.device)
+
+    scores = agg.local_scores(local_logits.float() if agg.exact_integer else local_logits)
+    prediction = predict(scores.sum(dim=(2, 3)))
+    correct = prediction == labels if labels is not None else torch.zeros(N, dtype=torch.bool, device=prediction.device)
+    label_out = labels if labels is not None else torch.full((N,), -1, dtype=torch.long, device=prediction.device)
+
+    sizes = [patch_size] if patch_sizes is None else list(patch_sizes)
+    if not sizes:
+        raise ValueError("patch_sizes is empty")
+    results = {}
+    for key in sizes:
+        ph, pw = parse_patch_size(key)
+        if ph > H or pw > W:
+            raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} image")
+        rows, cols = geometry.affected_ranges((H, W), (ph, pw))
+        ur, inv_r = _unique_ranges(rows)
+        uc, inv_c = _unique_ranges(cols)
+        m = window_margins(scores, prediction, ur, uc, agg.spread)  # [N, Ur, Uc]
+        flat = m.reshape(N, -1)
+        margin, arg = flat.min(dim=1)
+        # Floats: demand a margin clearly above rounding noise of the float64 sums.
+        if agg.exact_integer:
+            certified = margin > 0
+        else:
+            tol = 1e-9 * max(1.0, h * w * agg.spread)
+            certified = margin > tol
+        # map the worst distinct window back to the first pixel position that produces it
+        first_r = _first_position(inv_r, ur.shape[0])
+        first_c = _first_position(inv_c, uc.shape[0])
+        wr = first_r.to(arg.device)[arg // uc.shape[0]]
+        wc = first_c.to(arg.device)[arg % uc.shape[0]]
+        pos_maps = None
+        if return_position_margins:
+            pos_maps = m.index_select(1, inv_r.to(m.device)).index_select(2, inv_c.to(m.device))
+        res = CertResult(
+            prediction=prediction,
+            label=label_out,
+            correct=correct,
+            certified=certified,
+            margin=margin,
+            worst_position=torch.stack([wr, wc], dim=1),
+            patch_size=(ph, pw),
+            aggregation=agg.name,
+            position_margins=pos_maps,
+        )
+        results[key if not isinstance(key, list) else tuple(key)] = res
+    if patch_sizes is None:
+        return next(iter(results.values()))
+    return results
+
+
+def _first_position(inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
+    pos = torch.arange(inverse.numel(), dtype=torch.long)
+    first = torch.full((n_unique,), inverse.numel(), dtype=torch.long)
+    return first.scatter_reduce(0, inverse.cpu(), pos, reduce="amin")
+
+
+def _check_labels(labels, N, C, device):
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    labels = labels.to(device=device, dtype=torch.long).reshape(-1)
+    if labels.numel() != N:
+        raise ValueError(f"got {labels.numel()} labels for {N} images")
+    if N and (labels.min() < 0 or labels.max() >= C):
+        bad = labels[(labels < 0) | (labels >= C)][:5].tolist()
+        raise ValueError(f"labels must lie in [0, {C}) for a {C}-class model; found {bad}")
+    return labels
+
+
+@torch.no_grad()
+def certify(
+    model,
+    images: torch.Tensor,
+    labels=None,
+    patch_size=None,
+    *,
+    patch_sizes=None,
+    aggregation=None,
+    batch_size: int | None = None,
+    return_position_margins: bool = False,
+):
+    """Certify a BagNet-style model's predictions against patches, from ONE forward pass.
+
+    Args:
+        model: a bagcert model (has ``local_logits`` and ``geometry``), in eval mode.
+        images: float [N, 3, H, W] in [0, 1].
+        labels: long [N] (or None).
+        patch_size: int or (height, width) -> returns a :class:`CertResult`.
+        patch_sizes: list of sizes -> returns ``{size: CertResult}`` from the same forward pass.
+        aggregation: defaults to the model's own (``model.aggregation``, ``"votes"``).
+        batch_size: split the forward pass into chunks of this many images.
+    """
+    if getattr(model, "training", False):
+        raise RuntimeError(
+            "model is in training mode (batch-norm statistics would depend on the batch); call model.eval() first"
+        )
+    if not hasattr(model, "local_logits") or not hasattr(model, "geometry"):
+        raise TypeError("certify needs a bagcert model with .local_logits() and .geometry")
+    if (patch_size is None) == (patch_sizes is None):
+        raise ValueError("give exactly one of patch_size= or patch_sizes=")
+    aggregation = aggregation or getattr(model, "aggregation", "votes")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a float tensor [N, 3, H, W], got {getattr(images, 'shape', type(images))}")
+    N = images.shape[0]
+    bs = batch_size or max(N, 1)
+    if N == 0:
+        raise ValueError("no images to certify")
+    # validate labels before spending a forward pass
+    num_classes = getattr(model, "num_classes", None)
+    if labels is not None and num_classes is not None:
+        _check_labels(labels, N, num_classes, "cpu")
+    chunks = []
+    for start in range(0, N, bs):
+        x = images[start : start + bs]
+        logits = model.local_logits(x)
+        y = None if labels is None else torch.as_tensor(labels)[start : start + bs]
+        chunks.append(
+            certify_logits(
+                logits,
+                y,
+                model.geometry,
+                tuple(images.shape[-2:]),
+                patch_size,
+                patch_sizes=patch_sizes,
+                aggregation=aggregation,
+                return_position_margins=return_position_margins,
+            )
+        )
+    if patch_sizes is None:
+        return CertResult.concat(chunks)
+    return {k: CertResult.concat([c[k] for c in chunks]) for k in chunks[0]}

@@ -1,0 +1,109 @@
+"""Batch certification of a dataset, with timing and optional torch.distributed sharding."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .certification import CertResult, certify_logits
+from .data import Dataset
+from .geometry import parse_patch_size
+
+__all__ = ["certify_dataset", "size_key"]
+
+
+def size_key(size) -> str:
+    """Canonical text for a patch size: '5' for squares, '3x7' for rectangles."""
+    h, w = parse_patch_size(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+@torch.no_grad()
+def certify_dataset(
+    model,
+    data: Dataset,
+    patch_sizes,
+    *,
+    batch_size: int = 250,
+    device="cpu",
+    aggregation=None,
+    progress: bool = False,
+    rank: int = 0,
+    world: int = 1,
+):
+    """Certify every image of ``data`` for every patch size from one forward pass per batch.
+
+    Under torch.distributed (``world > 1``) rank r certifies images r, r + world, ...; per-sample
+    results are gathered so every rank returns the full, ordered result.
+
+    Returns ``(results, timing)`` with ``results = {size_key: CertResult}`` in dataset order and
+    ``timing = {"forward_s", "certify_s", "total_s", "images"}`` (this rank's times).
+    """
+    if model.training:
+        raise RuntimeError("model is in training mode; call model.eval() before certifying")
+    keys = [size_key(p) for p in patch_sizes]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate patch sizes in {list(patch_sizes)}")
+    sizes = [parse_patch_size(p) for p in patch_sizes]
+    H, W = data.images.shape[-2:]
+    for (ph, pw) in sizes:
+        if ph > H or pw > W:
+            raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} images")
+    idx = torch.arange(rank, len(data), world)
+    chunks: list[dict] = []
+    t_fwd = t_cert = 0.0
+    it = range(0, len(idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=(len(idx) + batch_size - 1) // batch_size, unit="batch", desc="certify", mininterval=1.0)
+    agg = aggregation or model.aggregation
+    t0 = time.perf_counter()
+    for start in it:
+        b = idx[start : start + batch_size]
+        x = data.float_images(b).to(device)
+        y = data.labels[b].to(device)
+        t = time.perf_counter()
+        z = model.local_logits(x)
+        t_fwd += time.perf_counter() - t
+        t = time.perf_counter()
+        res = certify_logits(z, y, model.geometry, (H, W), patch_sizes=sizes, aggregation=agg)
+        t_cert += time.perf_counter() - t
+        chunks.append({k: _to_cpu(r) for k, r in zip(keys, res.values())})
+    total = time.perf_counter() - t0
+    results = {k: CertResult.concat([c[k] for c in chunks]) for k in keys} if chunks else {}
+    if world > 1:
+        results = _gather(results, keys, len(data), rank, world)
+    return results, {"forward_s": t_fwd, "certify_s": t_cert, "total_s": total, "images": int(len(idx))}
+
+
+def _to_cpu(r: CertResult) -> CertResult:
+    return CertResult(
+        r.prediction.cpu(), r.label.cpu(), r.correct.cpu(), r.certified.cpu(), r.margin.cpu(), r.worst_position.cpu(), r.patch_size, r.aggregation
+    )
+
+
+def _gather(results, keys, n, rank, world):
+    """All-gather per-sample results from every rank and restore dataset order."""
+    parts = [None] * world
+    payload = {k: {f: getattr(results[k], f) for f in ("prediction", "label", "correct", "certified", "margin", "worst_position")} for k in results}
+    dist.all_gather_object(parts, payload)
+    out = {}
+    for k in keys:
+        fields = {}
+        for f in ("prediction", "label", "correct", "certified", "margin", "worst_position"):
+            first = parts[0][k][f]
+            full = torch.empty((n,) + tuple(first.shape[1:]), dtype=first.dtype)
+            for r in range(world):
+                if k in parts[r]:
+                    full[torch.arange(r, n, world)] = parts[r][k][f]
+            fields[f] = full
+        any_res = next(iter(results.values())) if results else None
+        out[k] = CertResult(
+            **fields,
+            patch_size=parse_patch_size(k),
+            aggregation=any_res.aggregation if any_res else "votes",
+        )
+    return out

@@ -1,0 +1,177 @@
+"""Exact receptive-field geometry of BagNet-style models.
+
+A model is described, along each image axis, by the chain of convolutions on its main path,
+each given as ``(kernel, stride, padding)``. Composing them gives three integers:
+
+* ``receptive_field`` r: how many input pixels one output location can see,
+* ``stride`` S: the distance in pixels between neighbouring locations,
+* ``padding`` P: how far location 0's window starts before pixel 0.
+
+Location ``i`` sees the input pixels ``[i*S - P, i*S - P + r - 1]`` (clipped to the image).
+This box is a superset of the pixels that can influence the location, whatever the weights,
+because every convolution, residual crop and pooling in the supported models stays inside it.
+A superset is what soundness needs: a certificate computed with a larger affected set is
+only more conservative.
+
+For a patch covering pixels ``[a, a + L - 1]`` the affected locations along that axis are
+
+    i_lo = max(0, ceil((a + P - r + 1) / S)),   i_hi = min(g - 1, floor((a + L - 1 + P) / S))
+
+(empty when i_lo > i_hi), and the affected set R(l) of a rectangular patch is the product of
+the two axis ranges, so |R(l)| = (row count) * (column count). Nothing here assumes square
+patches, square images or positions away from the border.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["ConvSpec", "Geometry", "parse_patch_size", "axis_ranges"]
+
+ConvSpec = tuple  # (kernel, stride, padding)
+
+
+def parse_patch_size(patch_size) -> tuple[int, int]:
+    """Normalise a patch size given as ``5``, ``(3, 7)``, ``"5"`` or ``"3x7"`` to ``(height, width)``."""
+    if isinstance(patch_size, str):
+        text = patch_size.strip().lower()
+        parts = text.split("x")
+        if len(parts) not in (1, 2) or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            raise ValueError(
+                f"patch size {patch_size!r} is not understood: expected an integer like '5' "
+                "or a rectangle HEIGHTxWIDTH like '3x7'"
+            )
+        values = [int(p) for p in parts]
+        patch_size = values[0] if len(values) == 1 else tuple(values)
+    if isinstance(patch_size, bool):
+        raise TypeError(f"patch size must be an int or (height, width), got {patch_size!r}")
+    if isinstance(patch_size, int):
+        size = (patch_size, patch_size)
+    elif isinstance(patch_size, Sequence) and len(patch_size) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in patch_size
+    ):
+        size = (int(patch_size[0]), int(patch_size[1]))
+    else:
+        raise TypeError(f"patch size must be an int or a (height, width) pair of ints, got {patch_size!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"patch size must be positive, got {size[0]}x{size[1]}")
+    return size
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Receptive-field geometry along both axes (rows first)."""
+
+    receptive_field: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    layers: tuple = ()  # main-path conv chain (kernel, stride, padding), same for both axes
+
+    @classmethod
+    def from_layers(cls, layers: Iterable[ConvSpec]) -> "Geometry":
+        """Compose a chain of square convolutions ``(kernel, stride, padding)``."""
+        layers = tuple((int(k), int(s), int(p)) for k, s, p in layers)
+        r, j, start = 1, 1, 0
+        for k, s, p in layers:
+            # a kernel of size k at stride s on a grid of jump j widens the window by (k-1)*j
+            r += (k - 1) * j
+            start -= p * j
+            j *= s
+        return cls((r, r), (j, j), (-start, -start), layers)
+
+    # --- output grid -------------------------------------------------------------------
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Number of output locations along each axis for an input of this size."""
+        return (self._axis_grid(height), self._axis_grid(width))
+
+    def _axis_grid(self, n: int) -> int:
+        if not self.layers:
+            raise ValueError("this geometry was built without its layer chain; grid size unknown")
+        for k, s, p in self.layers:
+            n = (n + 2 * p - k) // s + 1
+            if n <= 0:
+                return 0
+        return n
+
+    def min_input_size(self) -> int:
+        """Smallest square input that yields at least one output location."""
+        n = 1
+        while self._axis_grid(n) < 1:
+            n += 1
+        return n
+
+    # --- pixel boxes -------------------------------------------------------------------
+    def pixel_box(self, i: int, j: int, image_size: tuple[int, int] | None = None):
+        """Pixel box ``(top, left, bottom, right)`` (inclusive) seen by location (i, j).
+
+        With ``image_size`` the box is clipped to the image; it can then be empty for locations
+        of padded models whose window lies entirely in the padding (never for the models here).
+        """
+        top = i * self.stride[0] - self.padding[0]
+        left = j * self.stride[1] - self.padding[1]
+        bottom = top + self.receptive_field[0] - 1
+        right = left + self.receptive_field[1] - 1
+        if image_size is not None:
+            top, left = max(top, 0), max(left, 0)
+            bottom, right = min(bottom, image_size[0] - 1), min(right, image_size[1] - 1)
+        return top, left, bottom, right
+
+    def affected_ranges(self, image_size, patch_size, positions=None):
+        """Affected location ranges for every patch position.
+
+        Returns ``(rows, cols)`` where ``rows`` is a long tensor [n_pos_rows, 2] of inclusive
+        ``(i_lo, i_hi)`` per top pixel row of the patch (``i_hi = i_lo - 1`` encodes an empty range),
+        and ``cols`` the same for the columns.
+        """
+        ph, pw = parse_patch_size(patch_size)
+        H, W = image_size
+        gh, gw = self.grid_size(H, W)
+        rows = axis_ranges(H, ph, gh, self.receptive_field[0], self.stride[0], self.padding[0])
+        cols = axis_ranges(W, pw, gw, self.receptive_field[1], self.stride[1], self.padding[1])
+        return rows, cols
+
+    def affected_mask(self, image_size, patch_size, top: int, left: int) -> torch.Tensor:
+        """Boolean [h, w] mask of the locations R(l) affected by the patch at (top, left)."""
+        ph, pw = parse_patch_size(patch_size)
+        H, W = image_size
+        if not (0 <= top <= H - ph and 0 <= left <= W - pw):
+            raise ValueError(
+                f"patch {ph}x{pw} at ({top}, {left}) is not fully inside the {H}x{W} image"
+            )
+        rows, cols = self.affected_ranges(image_size, (ph, pw))
+        gh, gw = self.grid_size(H, W)
+        mask = torch.zeros(gh, gw, dtype=torch.bool)
+        r0, r1 = rows[top].tolist()
+        c0, c1 = cols[left].tolist()
+        if r1 >= r0 and c1 >= c0:
+            mask[r0 : r1 + 1, c0 : c1 + 1] = True
+        return mask
+
+    def to_dict(self) -> dict:
+        return {
+            "receptive_field": list(self.receptive_field),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+        }
+
+
+def axis_ranges(n: int, length: int, grid: int, rf: int, stride: int, padding: int) -> torch.Tensor:
+    """Inclusive ranges ``[i_lo, i_hi]`` of locations hit by a patch of ``length`` at each start ``a``.
+
+    ``a`` runs over ``0 .. n - length`` (patches fully inside the image). Empty ranges are encoded
+    as ``i_hi = i_lo - 1`` so that integral-image sums over them are exactly zero.
+    """
+    if length > n:
+        raise ValueError(f"patch side {length} is larger than the image side {n}")
+    a = torch.arange(0, n - length + 1, dtype=torch.long)
+    # location i sees [i*S - P, i*S - P + rf - 1]; it meets [a, a+L-1] iff
+    #   i*S - P <= a + L - 1   and   i*S - P + rf - 1 >= a
+    lo = torch.div(a + padding - rf + 1 + stride - 1, stride, rounding_mode="floor")  # ceil division
+    hi = torch.div(a + length - 1 + padding, stride, rounding_mode="floor")
+    lo = lo.clamp(min=0, max=grid)
+    hi = hi.clamp(min=-1, max=grid - 1)
+    hi = torch.maximum(hi, lo - 1)
+    return torch.stack([lo, hi], dim=1)

@@ -1,0 +1,133 @@
+"""The certified-robustness training loss (BagCert-style).
+
+Forward pass: hard per-class votes ``s = H(z)`` (Heaviside of the local logit), exactly as the
+certificate uses them. Backward pass: the step is replaced by a sigmoid of temperature ``tau``
+(straight-through estimator): ``ds/dz = sigmoid'(z / tau) / tau``.
+
+Worst-case margin (the certificate of :mod:`bagcert.certification` with the label y as the
+protected class), for every patch position p and class c != y:
+
+    m_c(p) = (T_y - T_c) - (W_y(p) - W_c(p)) - |R(p)|,      m = min_{p, c} m_c(p)
+
+computed with the same integral-image window sums, for one or several patch sizes (the minimum
+over sizes). ``m > 0`` iff ``bagcert.certify`` certifies the sample and it is correct. The margin is
+normalised by the number of locations N and passed into a hinge ``relu(kappa - m / N)``.
+
+Auxiliary term: per-location binary cross-entropy on the logits with the one-hot label as target
+(every location should vote for the true class and only it). It gives every location a useful
+gradient from the first step, while the margin term only speaks through locations near the
+decision threshold of the worst window. See docs/training.md for the ablation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import Geometry, parse_patch_size
+
+__all__ = ["straight_through_votes", "worst_case_margin", "BagCertLoss"]
+
+
+class _STVotes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, tau):
+        ctx.save_for_backward(z)
+        ctx.tau = tau
+        return (z > 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        s = torch.sigmoid(z.float() / ctx.tau)
+        return (grad.float() * s * (1 - s) / ctx.tau).to(z.dtype), None
+
+
+def straight_through_votes(z: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Hard votes ``z > 0`` in the forward pass, sigmoid(z / tau) gradient in the backward pass."""
+    return _STVotes.apply(z, tau)
+
+
+def _window_sum_all(votes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Differentiable window sums [B, C, Ur, Uc] over the given inclusive location ranges."""
+    B, C, h, w = votes.shape
+    S = F.pad(votes.cumsum(2).cumsum(3), (1, 0, 1, 0))
+    r0, r1 = rows[:, 0], rows[:, 1] + 1
+    c0, c1 = cols[:, 0], cols[:, 1] + 1
+    S_r1, S_r0 = S.index_select(2, r1), S.index_select(2, r0)
+    return (S_r1.index_select(3, c1) - S_r1.index_select(3, c0)) - (S_r0.index_select(3, c1) - S_r0.index_select(3, c0))
+
+
+def worst_case_margin(votes: torch.Tensor, labels: torch.Tensor, geometry: Geometry, image_size, patch_sizes) -> torch.Tensor:
+    """Smallest certificate margin over patch sizes, positions and classes c != label: [B].
+
+    ``votes`` may be hard votes (then the result equals the certificate's margin for samples whose
+    prediction is the label) or straight-through votes (differentiable).
+    """
+    B, C, h, w = votes.shape
+    v = votes if votes.is_floating_point() else votes.float()
+    total = v.sum(dim=(2, 3))  # [B, C]
+    y = labels.view(B, 1)
+    diff_total = total.gather(1, y) - total  # T_y - T_c
+    worst = None
+    for size in patch_sizes:
+        rows, cols = geometry.affected_ranges(tuple(image_size), parse_patch_size(size))
+        rows = torch.unique(rows, dim=0).to(v.device)
+        cols = torch.unique(cols, dim=0).to(v.device)
+        win = _window_sum_all(v, rows, cols)  # [B, C, Ur, Uc]
+        win_y = win.gather(1, y.view(B, 1, 1, 1).expand(B, 1, win.shape[2], win.shape[3]))
+        size_R = ((rows[:, 1] - rows[:, 0] + 1)[:, None] * (cols[:, 1] - cols[:, 0] + 1)[None, :]).to(v.dtype)
+        m = diff_total[:, :, None, None] - (win_y - win) - size_R  # [B, C, Ur, Uc]
+        m = m.scatter(1, y.view(B, 1, 1, 1).expand(B, 1, m.shape[2], m.shape[3]), float("inf"))
+        m = m.flatten(1).min(dim=1).values
+        worst = m if worst is None else torch.minimum(worst, m)
+    return worst
+
+
+class BagCertLoss(torch.nn.Module):
+    """``margin_weight * relu(kappa - m / N) + bce_weight * BCE(local logits, one-hot) + ce_weight * CE(mean logits)``.
+
+    Args:
+        geometry: the model's geometry.
+        image_size: (H, W).
+        patch_sizes: sizes to be robust against (the margin is the minimum over them).
+        tau: temperature of the straight-through sigmoid.
+        kappa: target normalised margin.
+        margin_weight, bce_weight, ce_weight: mixing weights (set a weight to 0 to ablate a term).
+        label_smoothing: for the CE term.
+    """
+
+    def __init__(self, geometry, image_size, patch_sizes=(5,), tau=1.0, kappa=0.25, margin_weight=1.0, bce_weight=1.0, ce_weight=0.0, label_smoothing=0.0):
+        super().__init__()
+        self.geometry = geometry
+        self.image_size = tuple(image_size)
+        self.patch_sizes = [parse_patch_size(p) for p in patch_sizes]
+        self.tau, self.kappa = float(tau), float(kappa)
+        self.margin_weight, self.bce_weight, self.ce_weight = float(margin_weight), float(bce_weight), float(ce_weight)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, local_logits: torch.Tensor, labels: torch.Tensor, margin_weight: float | None = None):
+        """Returns ``(loss, stats)`` where stats holds detached parts and the hard margins."""
+        z = local_logits.float()
+        B, C, h, w = z.shape
+        stats = {}
+        loss = z.new_zeros(())
+        mw = self.margin_weight if margin_weight is None else margin_weight
+        votes = straight_through_votes(z, self.tau)
+        margin = worst_case_margin(votes, labels, self.geometry, self.image_size, self.patch_sizes)
+        stats["margin"] = margin.detach()
+        if mw > 0:
+            l_margin = F.relu(self.kappa - margin / (h * w)).mean()
+            loss = loss + mw * l_margin
+            stats["loss_margin"] = float(l_margin.detach())
+        if self.bce_weight > 0:
+            target = F.one_hot(labels, C).to(z.dtype)[:, :, None, None].expand_as(z)
+            l_bce = F.binary_cross_entropy_with_logits(z, target, reduction="mean") * C
+            loss = loss + self.bce_weight * l_bce
+            stats["loss_bce"] = float(l_bce.detach())
+        if self.ce_weight > 0:
+            l_ce = F.cross_entropy(z.mean(dim=(2, 3)), labels, label_smoothing=self.label_smoothing)
+            loss = loss + self.ce_weight * l_ce
+            stats["loss_ce"] = float(l_ce.detach())
+        stats["loss"] = float(loss.detach())
+        return loss, stats

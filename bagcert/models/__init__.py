@@ -1,0 +1,62 @@
+"""Model registry: ``create_model(name, num_classes=..., **kwargs)`` and ``list_models()``.
+
+Every model records ``model.config = {"name": ..., "kwargs": {...}}`` so that a checkpoint can
+rebuild it from the registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from .bagnet import BagNet
+from .base import BagModel, InputError, check_images
+from .cifar import CifarBagNet
+
+__all__ = ["create_model", "list_models", "register_model", "BagModel", "BagNet", "CifarBagNet", "InputError", "check_images"]
+
+_REGISTRY: dict[str, tuple[Callable, dict, str]] = {}
+
+
+def register_model(name: str, factory: Callable, description: str = "", **defaults) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = (factory, defaults, description)
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Sorted registry names, optionally filtered by a substring."""
+    names = sorted(_REGISTRY)
+    return [n for n in names if pattern is None or pattern in n]
+
+
+def create_model(name: str, num_classes: int | None = None, **kwargs) -> BagModel:
+    """Build a registered model. Keyword arguments override the preset's defaults."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (bagcert.list_models() lists all {len(_REGISTRY)})")
+    factory, defaults, _ = _REGISTRY[name]
+    args = dict(defaults)
+    args.update(kwargs)
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    model = factory(**args)
+    model.config = {"name": name, "kwargs": {k: v for k, v in args.items()}}
+    return model
+
+
+# --- ImageNet-sized BagNets (stride 8, unpadded) ---------------------------------------------
+for _rf in (9, 17, 33):
+    register_model(f"bagnet{_rf}", BagNet, f"BagNet-{_rf} (Brendel & Bethge 2019)", receptive_field=_rf, num_classes=1000)
+    register_model(
+        f"bagnet{_rf}_w025", BagNet, f"BagNet-{_rf} at a quarter of the width (CPU-sized)", receptive_field=_rf, num_classes=1000, width=0.25
+    )
+
+# --- CIFAR-sized backbones ----------------------------------------------------------------------
+register_model("cifar_bagnet", CifarBagNet, "configurable CIFAR backbone (receptive_field, stride, padding, width, depth)")
+for _rf in (5, 7, 9, 11, 13, 17):
+    register_model(f"cifar_bagnet{_rf}", CifarBagNet, f"CIFAR backbone, receptive field {_rf}, stride 1", receptive_field=_rf)
+    register_model(
+        f"cifar_bagnet{_rf}_s2", CifarBagNet, f"CIFAR backbone, receptive field {_rf}, stride 2", receptive_field=_rf, stride=2
+    )

@@ -1,0 +1,101 @@
+"""Base class shared by every bagcert model: pixel-space contract, geometry, aggregation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..aggregation import get_aggregation
+from ..geometry import Geometry
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InputError(ValueError):
+    """Raised for images that break the model's input contract."""
+
+
+def check_images(x: torch.Tensor, min_size: int | None = None) -> None:
+    """Validate a batch of images against the pixel-space contract: float [B, 3, H, W] in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise InputError(f"images must have shape [B, 3, H, W], got {tuple(x.shape)}")
+    if x.shape[1] != 3:
+        raise InputError(
+            f"images must have 3 channels (RGB) in dimension 1, got {x.shape[1]} (shape {tuple(x.shape)}); "
+            "grey images need to be repeated to 3 channels, and channels-last arrays permuted to [B, 3, H, W]"
+        )
+    if not x.is_floating_point():
+        raise InputError(
+            f"images must be floating point in [0, 1], got dtype {x.dtype}; convert uint8 images with x.float() / 255"
+        )
+    if x.numel() == 0:
+        raise InputError(f"empty image batch {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise InputError("images contain NaN or Inf values; expected finite values in [0, 1]")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        hint = " (these look like 0-255 images: divide by 255)" if hi > 1.5 else ""
+        raise InputError(f"image values must lie in [0, 1], found range [{lo:.4g}, {hi:.4g}]{hint}")
+    if min_size is not None and min(x.shape[-2:]) < min_size:
+        raise InputError(
+            f"images of size {tuple(x.shape[-2:])} are smaller than the model's receptive field / minimum input "
+            f"size {min_size}: no location would see a full window"
+        )
+
+
+class BagModel(nn.Module):
+    """A classifier whose class scores aggregate per-location logits of a small-receptive-field network.
+
+    Subclasses implement :meth:`features_to_logits` on normalised input and set ``self.geometry``.
+    Public surface:
+
+    * ``local_logits(x)``: float images [B, 3, H, W] in [0, 1] -> [B, C, h, w].
+    * ``forward(x)``: -> [B, C] class scores of the model's aggregation (vote counts by default).
+    * ``geometry``: :class:`bagcert.geometry.Geometry` (receptive field, stride, padding).
+    * ``config``: the registry name and keyword arguments that rebuild the architecture.
+    """
+
+    def __init__(self, num_classes: int, mean, std, aggregation: str = "votes", check_inputs: bool = True):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.aggregation = get_aggregation(aggregation).name
+        self.check_inputs = check_inputs
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.geometry: Geometry | None = None
+        self.config: dict = {}
+
+    # -- to implement -------------------------------------------------------------------
+    def features_to_logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- public API ---------------------------------------------------------------------
+    def local_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.check_inputs:
+            check_images(x, self.geometry.min_input_size())
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return self.features_to_logits(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return get_aggregation(self.aggregation).class_scores(self.local_logits(x))
+
+    def mean_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Average of the local logits (the classic BagNet pooled logits)."""
+        return self.local_logits(x).mean(dim=(2, 3))
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.geometry.grid_size(height, width)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"num_classes={self.num_classes}, aggregation={self.aggregation!r}, receptive_field={g.receptive_field[0]}, "
+            f"stride={g.stride[0]}, padding={g.padding[0]}"
+        )

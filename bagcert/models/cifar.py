@@ -1,0 +1,118 @@
+"""Small-receptive-field residual backbones for 32x32 (CIFAR-sized) inputs.
+
+Layout: a stem convolution (kernel k0, stride s) followed by ``depth`` residual blocks. Each block
+is ``conv k x k -> BN -> ReLU -> conv 1x1 -> BN`` plus the skip, then ReLU. The first blocks use
+k = 3 until the receptive field is reached, the rest k = 1 (depth without growing the window).
+Each 3x3 block widens the receptive field by 2 * s, so
+
+    receptive_field = k0 + 2 * s * n3
+
+and k0 is chosen in [3, 2 s + 2] to hit any receptive field >= 3 exactly. ``padding="same"`` keeps
+the grid at ceil(32 / s) locations per side (border locations also see zero padding),
+``padding="valid"`` uses unpadded convolutions (fewer locations, none seeing padding).
+
+Everything is plain conv/BN/ReLU, so it runs fast in channels_last with bf16 autocast.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..geometry import Geometry
+from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel
+
+
+class _Block(nn.Module):
+    def __init__(self, ch: int, k: int, pad: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, k, padding=pad, bias=False)
+        self.n1 = _norm(norm, ch)
+        self.conv2 = nn.Conv2d(ch, ch, 1, bias=False)
+        self.n2 = _norm(norm, ch)
+        self.act = nn.ReLU(inplace=True)
+        self.crop = (k - 1) // 2 if pad == 0 else 0
+
+    def forward(self, x):
+        y = self.act(self.n1(self.conv1(x)))
+        y = self.n2(self.conv2(y))
+        if self.crop:
+            # centre crop of the skip: the kept pixels lie in the middle of the conv window
+            c = self.crop
+            x = x[:, :, c:-c, c:-c]
+        return self.act(x + y)
+
+
+def _norm(kind: str, ch: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm2d(ch)
+    if kind == "gn":
+        return nn.GroupNorm(min(32, ch), ch)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be 'bn', 'gn' or 'none', got {kind!r}")
+
+
+def stem_kernel(receptive_field: int, stride: int) -> tuple[int, int]:
+    """Return (k0, n3): stem kernel and number of 3x3 blocks for the requested receptive field."""
+    if receptive_field < 3:
+        raise ValueError(f"receptive field must be >= 3, got {receptive_field}")
+    rem = (receptive_field - 3) % (2 * stride)
+    k0 = 3 + rem
+    n3 = (receptive_field - k0) // (2 * stride)
+    return k0, n3
+
+
+class CifarBagNet(BagModel):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        receptive_field: int = 9,
+        stride: int = 1,
+        padding: str = "same",
+        width: int = 128,
+        depth: int | None = None,
+        norm: str = "bn",
+        aggregation: str = "votes",
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+    ):
+        super().__init__(num_classes, mean, std, aggregation)
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        k0, n3 = stem_kernel(receptive_field, stride)
+        if depth is None:
+            depth = max(4, n3 + 1)
+        if depth < n3:
+            raise ValueError(
+                f"receptive field {receptive_field} at stride {stride} needs at least {n3} 3x3 blocks, "
+                f"but depth is {depth}"
+            )
+        same = padding == "same"
+        p0 = (k0 - 1) // 2 if same else 0
+        if same and k0 % 2 == 0:
+            p0 = k0 // 2 - 1
+        self.stem = nn.Sequential(nn.Conv2d(3, width, k0, stride=stride, padding=p0, bias=False), _norm(norm, width), nn.ReLU(inplace=True))
+        chain = [(k0, stride, p0)]
+        blocks = []
+        for b in range(depth):
+            k = 3 if b < n3 else 1
+            pad = (k - 1) // 2 if same else 0
+            blocks.append(_Block(width, k, pad, norm))
+            chain.append((k, 1, pad))
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(width, num_classes, 1)
+        self.geometry = Geometry.from_layers(chain)
+        assert self.geometry.receptive_field[0] == receptive_field
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for blk in blocks:  # start each residual branch near identity (zero-init last norm)
+            if isinstance(blk.n2, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.zeros_(blk.n2.weight)
+
+    def features_to_logits(self, x):
+        return self.head(self.blocks(self.stem(x)))

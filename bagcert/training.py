@@ -1,0 +1,404 @@
+"""Certified training loop (no argparse here: ``train.py`` is the CLI).
+
+Determinism and resumption: the data order of epoch e is ``randperm`` from a generator seeded with
+(seed, e), and the augmentation of step k from one seeded with (seed, e, k); the learning rate is a
+pure function of the global step. A checkpoint therefore only needs the weights, the optimiser
+state, the EMA weights and the step counter, and ``resume`` continues bit-for-bit: the final weights
+equal those of an uninterrupted run with the same seed (tested).
+
+Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP (gloo on CPU,
+nccl on CUDA) and each rank takes every WORLD_SIZE-th sample of the global batch; the global batch
+size stays the configured one. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import __version__
+from .certification import certify_logits
+from .checkpoint import atomic_torch_save, atomic_write_text, safe_torch_load, save_checkpoint
+from .data import Dataset, augment_batch
+from .losses import BagCertLoss
+from .models import create_model
+
+__all__ = ["TrainConfig", "train", "evaluate", "distributed_env"]
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "synthetic"
+    image_size: int = 32
+    resize: int | None = None
+    num_classes: int = 10
+    train_limit: int | None = None  # use only the first N training images (smoke runs)
+    eval_images: int = 1000
+    flip: bool = True
+    pad: int = 4
+    cutout: int = 0
+    # model
+    model: str = "cifar_bagnet9_s2"
+    model_kwargs: dict = field(default_factory=dict)
+    # optimisation
+    epochs: float = 10.0
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"  # cosine | onecycle | constant
+    warmup_epochs: float = 1.0
+    ema: float = 0.0  # decay per step; 0 disables
+    # loss
+    loss: str = "bagcert"  # bagcert | ce
+    patch_sizes: list = field(default_factory=lambda: [5])
+    tau: float = 1.0
+    kappa: float = 0.25
+    margin_weight: float = 1.0
+    margin_warmup_epochs: float = 1.0
+    bce_weight: float = 1.0
+    ce_weight: float = 0.0
+    label_smoothing: float = 0.0
+    # system
+    amp: bool = False
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    threads: int | None = None
+    eval_every: float = 1.0  # epochs
+    eval_patch_sizes: list = field(default_factory=lambda: [1, 3, 5])
+    checkpoint_minutes: float = 5.0
+    log_every: int = 20
+    output: str = "runs/train"
+    tensorboard: bool = True
+    progress: bool = True
+    max_steps: int | None = None  # stop after this many global steps (tests, benchmarks)
+
+
+def distributed_env():
+    """(rank, world_size, local_rank) from torchrun's environment variables."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def _lr_at(cfg: TrainConfig, step: int, total: int, warmup: int) -> float:
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if cfg.schedule == "onecycle":
+        return cfg.lr * max(0.0, 1 - t)
+    raise ValueError(f"schedule must be cosine, onecycle or constant, got {cfg.schedule!r}")
+
+
+def _seeded(*parts) -> torch.Generator:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 1) % (2**62)
+    return torch.Generator().manual_seed(s)
+
+
+def _make_optimizer(cfg: TrainConfig, model):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    raise ValueError(f"optimizer must be adamw, adam or sgd, got {cfg.optimizer!r}")
+
+
+@torch.no_grad()
+def evaluate(model, data: Dataset, patch_sizes, batch_size: int = 500, device="cpu", amp: bool = False, rank: int = 0, world: int = 1) -> dict:
+    """Clean and certified accuracy on ``data``; under DDP each rank certifies a shard and counts are summed."""
+    was_training = model.training
+    model.eval()
+    n = len(data)
+    idx = torch.arange(rank, n, world)
+    counts = torch.zeros(2 + len(patch_sizes), dtype=torch.float64)
+    for start in range(0, len(idx), batch_size):
+        b = idx[start : start + batch_size]
+        x = data.float_images(b).to(device)
+        y = data.labels[b].to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            z = model.local_logits(x)
+        res = certify_logits(z.float(), y, model.geometry, tuple(x.shape[-2:]), patch_sizes=list(patch_sizes))
+        first = next(iter(res.values()))
+        counts[0] += len(b)
+        counts[1] += first.correct.sum().item()
+        for k, r in enumerate(res.values()):
+            counts[2 + k] += (r.certified & r.correct).sum().item()
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    out = {"n": int(counts[0]), "clean_accuracy": float(counts[1] / counts[0])}
+    for k, p in enumerate(patch_sizes):
+        out[f"certified_{p}"] = float(counts[2 + k] / counts[0])
+    return out
+
+
+def _vote_figure(model, x, y, classes):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with torch.no_grad():
+        z = model.local_logits(x[:1].float())[0]
+    votes = (z > 0).float()
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3))
+    axes[0].imshow(x[0].permute(1, 2, 0).float().cpu().numpy())
+    axes[0].set_title(f"label: {classes[int(y[0])]}")
+    axes[1].imshow(votes[int(y[0])].cpu().numpy(), vmin=0, vmax=1)
+    axes[1].set_title("votes for the label")
+    counts = votes.sum(dim=(1, 2)).cpu().numpy()
+    axes[2].bar(range(len(counts)), counts)
+    axes[2].set_title("vote counts")
+    for a in axes[:2]:
+        a.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = None, resume: bool = False, log=print) -> dict:
+    """Train a model with ``cfg``; returns a summary dict. Writes into ``cfg.output``."""
+    rank, world, local_rank = distributed_env()
+    device = torch.device(cfg.device if cfg.device != "cuda" or world == 1 else f"cuda:{local_rank}")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world}")
+    out = Path(cfg.output)
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+
+    torch.manual_seed(cfg.seed)  # model initialisation only; data randomness uses its own generators
+    model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs).to(device)
+    model.check_inputs = False  # inputs come from our own uint8 pipeline
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = _make_optimizer(cfg, model)
+    ema = copy.deepcopy(model).eval() if cfg.ema > 0 else None
+    loss_fn = BagCertLoss(
+        model.geometry,
+        (cfg.image_size, cfg.image_size),
+        cfg.patch_sizes,
+        tau=cfg.tau,
+        kappa=cfg.kappa,
+        margin_weight=cfg.margin_weight,
+        bce_weight=cfg.bce_weight,
+        ce_weight=cfg.ce_weight,
+        label_smoothing=cfg.label_smoothing,
+    )
+
+    n = len(train_data) if cfg.train_limit is None else min(cfg.train_limit, len(train_data))
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
+    total_steps = int(round(cfg.epochs * steps_per_epoch))
+    if cfg.max_steps is not None:
+        total_steps_run = min(total_steps, cfg.max_steps)
+    else:
+        total_steps_run = total_steps
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    margin_warm = max(1, int(round(cfg.margin_warmup_epochs * steps_per_epoch)))
+
+    step = 0
+    wall_before = 0.0
+    ckpt_path = out / "last.pt"
+    if resume and ckpt_path.is_file():
+        state = safe_torch_load(ckpt_path, "training checkpoint")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step = int(state["step"])
+        wall_before = float(state.get("wall_seconds", 0.0))
+        if is_main:
+            log(f"resumed from {ckpt_path} at step {step}/{total_steps}")
+    elif resume and is_main:
+        log(f"no checkpoint at {ckpt_path}; starting from scratch")
+
+    net = _LocalLogits(model)  # forward = local_logits, so DDP and torch.compile see the training output
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+    fwd = torch.compile(net) if cfg.compile else net
+
+    writer = None
+    if is_main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    log_path = out / "train_log.jsonl"
+
+    def save_state(final=False):
+        if not is_main:
+            return
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "wall_seconds": wall_before + (time.perf_counter() - t_start),
+            "config": json.loads(json.dumps(asdict(cfg))),
+        }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        atomic_torch_save(state, ckpt_path)
+
+    def append_log(rec):
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    pbar = None
+    if is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=total_steps_run, initial=step, unit="step", dynamic_ncols=True, mininterval=2.0)
+
+    t_start = time.perf_counter()
+    last_ckpt = time.perf_counter()
+    t_window, n_window = time.perf_counter(), 0
+    per_rank = cfg.batch_size // world
+    summary = {}
+    model.train()
+    amp_ctx = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp)  # noqa: E731
+    eval_every_steps = max(1, int(round(cfg.eval_every * steps_per_epoch)))
+    while step < total_steps_run:
+        epoch, k = divmod(step, steps_per_epoch)
+        perm = torch.randperm(n, generator=_seeded(cfg.seed, epoch))
+        gidx = perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        idx = gidx[rank::world]
+        xb = train_data.images[idx]
+        yb = train_data.labels[idx].to(device)
+        xb = augment_batch(xb, _seeded(cfg.seed, epoch, k, 7), flip=cfg.flip, pad=cfg.pad, cutout=cfg.cutout)
+        x = xb.to(device).float().div_(255.0)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = _lr_at(cfg, step, total_steps, warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with amp_ctx():
+            z = fwd(x)
+        if cfg.loss == "ce":
+            loss = F.cross_entropy(z.float().mean(dim=(2, 3)), yb, label_smoothing=cfg.label_smoothing)
+            stats = {"loss": float(loss)}
+        else:
+            mw = cfg.margin_weight * min(1.0, step / margin_warm)
+            loss, stats = loss_fn(z, yb, margin_weight=mw)
+            stats["robust_train"] = float((stats.pop("margin") > 0).float().mean())
+        opt.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; per-rank losses are means over per_rank samples
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
+                    if pe.dtype.is_floating_point:
+                        pe.mul_(cfg.ema).add_(pm.detach(), alpha=1 - cfg.ema)
+                    else:
+                        pe.copy_(pm)
+        step += 1
+        n_window += per_rank * world
+        if pbar is not None:
+            pbar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps_run:
+            dt = time.perf_counter() - t_window
+            ips = n_window / max(dt, 1e-9)
+            t_window, n_window = time.perf_counter(), 0
+            rec = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "images_per_s": ips, **stats}
+            append_log(rec)
+            if writer is not None:
+                for key, v in rec.items():
+                    if key not in ("step",):
+                        writer.add_scalar(f"train/{key}", v, step)
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{stats['loss']:.3f}", ips=f"{ips:.0f}", ep=f"{step / steps_per_epoch:.2f}")
+        do_eval = eval_data is not None and (step % eval_every_steps == 0 or step == total_steps_run)
+        if do_eval:
+            m_eval = ema if ema is not None else model
+            ev = evaluate(m_eval, eval_data, cfg.eval_patch_sizes, device=device, amp=False, rank=rank, world=world)
+            rec = {"step": step, "epoch": step / steps_per_epoch, "eval": ev, "wall_seconds": wall_before + time.perf_counter() - t_start}
+            append_log(rec)
+            summary["eval"] = ev
+            if is_main:
+                msg = " ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "n")
+                log(f"[eval] epoch {step / steps_per_epoch:.2f}: {msg}")
+            if writer is not None:
+                for key, v in ev.items():
+                    writer.add_scalar(f"eval/{key}", v, step)
+                fig = _vote_figure(m_eval, eval_data.float_images(torch.arange(1)), eval_data.labels[:1], eval_data.classes)
+                if fig is not None:
+                    writer.add_figure("eval/vote_map", fig, step)
+        # checkpoint decision must be identical on all ranks: rank 0 decides, broadcast
+        want = torch.tensor([1 if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60 else 0])
+        if world > 1:
+            dist.broadcast(want, 0)
+        if want.item():
+            save_state()
+            last_ckpt = time.perf_counter()
+    save_state(final=True)
+    if pbar is not None:
+        pbar.close()
+    wall = wall_before + time.perf_counter() - t_start
+    final_model = ema if ema is not None else model
+    if is_main:
+        meta = {
+            "config": json.loads(json.dumps(asdict(cfg))),
+            "dataset": train_data.name,
+            "classes": list(train_data.classes),
+            "input_size": cfg.image_size,
+            "trained_steps": step,
+            "epochs": step / steps_per_epoch,
+            "wall_seconds": wall,
+            "bagcert_version": __version__,
+            "torch_version": str(torch.__version__),
+            "world_size": world,
+            "eval": summary.get("eval"),
+        }
+        if cfg.resize is not None:
+            meta["resize"] = cfg.resize
+        final_model = final_model.to(memory_format=torch.contiguous_format)
+        final_model.check_inputs = True
+        save_checkpoint(out / "model.pt", final_model, **meta)
+        append_log({"done": True, "steps": step, "wall_seconds": wall})
+    if writer is not None:
+        writer.close()
+    summary.update({"steps": step, "wall_seconds": wall, "output": str(out)})
+    return summary
+
+
+class _LocalLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.local_logits(x)

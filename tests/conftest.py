@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+# keep the suite predictable on small machines; tests measure properties, never speed
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Dataset caches go to a per-session temporary folder, not the user's home."""
+    monkeypatch.setenv("BAGCERT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    import bagcert
+
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5", num_classes=10, width=8).eval()
+    path = tmp_path / "tiny.pt"
+    bagcert.save_checkpoint(path, model, input_size=32, classes=[f"class{i}" for i in range(10)], note="test")
+    return path

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+import bagcert
+from bagcert.geometry import Geometry
+from bagcert.losses import BagCertLoss, straight_through_votes, worst_case_margin
+
+
+def test_straight_through_forward_is_hard_backward_is_sigmoid():
+    z = torch.tensor([-2.0, -0.1, 0.0, 0.3, 4.0], dtype=torch.float64, requires_grad=True)
+    tau = 0.7
+    v = straight_through_votes(z, tau)
+    assert v.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]  # H(z) = [z > 0], so z = 0 does not vote
+    (g,) = torch.autograd.grad(v.sum(), z)
+    eps = 1e-6
+    numeric = (torch.sigmoid((z.detach() + eps) / tau) - torch.sigmoid((z.detach() - eps) / tau)) / (2 * eps)
+    assert torch.allclose(g, numeric, atol=1e-8)
+
+
+def test_worst_case_margin_gradient_numerically():
+    torch.manual_seed(0)
+    geometry = Geometry.from_layers([(3, 1, 1)])
+    votes = torch.rand(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 2])
+    f = lambda v: worst_case_margin(v, labels, geometry, (6, 6), [(2, 2), (1, 3)])  # noqa: E731
+    # the min is piecewise linear; random continuous votes make the minimiser unique
+    assert torch.autograd.gradcheck(f, (votes,), eps=1e-6, atol=1e-5)
+
+
+def test_full_loss_gradient_flows_and_is_finite():
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", width=8)
+    loss_fn = BagCertLoss(model.geometry, (32, 32), [5, (3, 7)], ce_weight=0.5)
+    x = torch.rand(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    loss, stats = loss_fn(model.local_logits(x), y)
+    loss.backward()
+    assert torch.isfinite(loss) and {"loss_margin", "loss_bce", "loss_ce", "margin"} <= set(stats)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("patch", [1, 5, (3, 7)])
+def test_hard_margin_agrees_with_certificate(patch):
+    torch.manual_seed(1)
+    geometry = Geometry.from_layers([(3, 2, 1), (3, 1, 1)])
+    H = W = 32
+    h, w = geometry.grid_size(H, W)
+    strength = torch.linspace(0, 4, 64).view(64, 1, 1, 1)  # from hopeless to clearly robust samples
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 4, (64,)), 4).float().view(64, 4, 1, 1)
+    logits = torch.randn(64, 4, h, w) - 1.0 + strength * onehot
+    labels = torch.randint(0, 4, (64,))
+    labels[:32] = logits[:32].gt(0).sum((2, 3)).argmax(1)  # half the samples correct
+    res = bagcert.certify_logits(logits, labels, geometry, (H, W), patch)
+    margin = worst_case_margin((logits > 0).float(), labels, geometry, (H, W), [patch])
+    assert torch.equal(margin > 0, res.certified & res.correct)
+    ok = res.correct
+    assert torch.equal(margin[ok], res.margin[ok].float())
+    assert (margin > 0).any() and (margin <= 0).any()
+
+
+def test_min_over_several_patch_sizes():
+    geometry = Geometry.from_layers([(3, 1, 1)])
+    logits = torch.randn(8, 3, 8, 8) + 0.5
+    labels = torch.zeros(8, dtype=torch.long)
+    v = (logits > 0).float()
+    both = worst_case_margin(v, labels, geometry, (8, 8), [2, 4])
+    a = worst_case_margin(v, labels, geometry, (8, 8), [2])
+    b = worst_case_margin(v, labels, geometry, (8, 8), [4])
+    assert torch.equal(both, torch.minimum(a, b))

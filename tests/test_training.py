@@ -1,0 +1,92 @@
+"""Training: exact resumption and torch.distributed (2 CPU processes) against a single process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bagcert
+from bagcert.data import synthetic_dataset
+from bagcert.training import TrainConfig, train
+from conftest import ROOT
+
+
+def _cfg(out, **kw):
+    base = dict(dataset="synthetic", model="cifar_bagnet5_s2", model_kwargs={"width": 8}, epochs=3, batch_size=16, ema=0.9,
+                output=str(out), tensorboard=False, progress=False, eval_every=1.0, eval_patch_sizes=[2, 5], checkpoint_minutes=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(path):
+    model, _ = bagcert.load_checkpoint(path)
+    return model.state_dict()
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    data, held = synthetic_dataset(64, seed=1), synthetic_dataset(16, seed=2)
+    train(_cfg(tmp_path / "full"), data, held, log=lambda *a: None)
+    # interrupted after 5 of 12 steps, then resumed from last.pt
+    first = train(_cfg(tmp_path / "cut", max_steps=5), data, held, log=lambda *a: None)
+    assert first["steps"] == 5 and (tmp_path / "cut" / "last.pt").is_file()
+    second = train(_cfg(tmp_path / "cut"), data, held, resume=True, log=lambda *a: None)
+    assert second["steps"] == 12
+    a, b = _weights(tmp_path / "full" / "model.pt"), _weights(tmp_path / "cut" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_learns_synthetic_data(tmp_path):
+    data, held = synthetic_dataset(256, seed=1), synthetic_dataset(64, seed=2)
+    summary = train(_cfg(tmp_path / "r", epochs=4, batch_size=32, lr=3e-3, eval_every=4.0), data, held, log=lambda *a: None)
+    assert summary["eval"]["clean_accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, cwd, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port())] + args
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_distributed_training_matches_single_process(tmp_path):
+    common = ["--dataset", "synthetic:64", "--model", "cifar_bagnet5_s2", "--model-kwargs", '{"width": 8, "norm": "gn"}',
+              "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd", "--lr", "0.05", "--eval-images", "32",
+              "--no-progress", "--no-tensorboard", "--threads", "1"]
+    ddp = _torchrun([str(ROOT / "train.py")] + common + ["--output", str(tmp_path / "ddp")], ROOT)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(ROOT / "train.py")] + common + ["--output", str(tmp_path / "single")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = _weights(tmp_path / "ddp" / "model.pt"), _weights(tmp_path / "single" / "model.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    meta = bagcert.load_checkpoint(tmp_path / "ddp" / "model.pt")[1]
+    assert meta["world_size"] == 2
+    # evaluation during training sums counts over ranks: same numbers as one process
+    ev_ddp = [json.loads(l) for l in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines() if '"eval"' in l]
+    ev_one = [json.loads(l) for l in (tmp_path / "single" / "train_log.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert ev_ddp[-1]["eval"]["n"] == ev_one[-1]["eval"]["n"] == 32
+
+
+def test_distributed_certification_matches_single_process(tiny_checkpoint, tmp_path):
+    args = [str(ROOT / "certify.py"), "--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:37", "--patch-sizes", "1,5,3x7",
+            "--no-progress", "--quiet"]
+    ddp = _torchrun(args + ["--output", str(tmp_path / "ddp")], ROOT)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable] + args + ["--output", str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    r2 = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert r2["certified_count"] == r1["certified_count"] and r2["correct_count"] == r1["correct_count"]
+    assert r2["config"]["world_size"] == 2
+    assert (tmp_path / "ddp" / "per_sample.csv").read_text() == (tmp_path / "one" / "per_sample.csv").read_text()

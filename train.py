@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Train a BagNet-style model with the certified-robustness loss.
+
+Examples:
+    python train.py --dataset ../shared/data/cifar10 --model cifar_bagnet9_s2 --epochs 30 --amp --output runs/c10
+    python train.py --config runs/c10/config.json --resume           # continue a killed run exactly
+    torchrun --nproc-per-node 2 train.py --dataset ... --amp          # DDP (gloo on CPU, nccl on CUDA)
+
+Every option can also come from a JSON config file (``--config``); flags given on the command line
+override it. The resolved config is written to ``<output>/config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from bagcert.data import load_dataset, seeded_split
+from bagcert.training import TrainConfig, distributed_env, train
+
+
+def _parse_list(text):
+    out = []
+    for t in str(text).split(","):
+        t = t.strip()
+        if t:
+            out.append(int(t) if t.isdigit() else t)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON config file (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from <output>/last.pt if it exists")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="synthetic[:N], a CIFAR-10 folder (torchvision or image folders), or an ImageNet-style folder")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--resize", type=int, help="shorter side before the centre crop (ImageNet-style folders)")
+    g.add_argument("--num-classes", type=int)
+    g.add_argument("--train-limit", type=int)
+    g.add_argument("--eval-images", type=int, help="held-out images evaluated during training")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split for datasets without one")
+    g.add_argument("--test-fraction", type=float, default=0.2)
+    g.add_argument("--cutout", type=int)
+    g.add_argument("--pad", type=int)
+    g = p.add_argument_group("model")
+    g.add_argument("--model")
+    g.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"width": 128, "receptive_field": 9}\'')
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"])
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--schedule", choices=["cosine", "onecycle", "constant"])
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--ema", type=float, help="EMA decay per step (0 disables)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=["bagcert", "ce"])
+    g.add_argument("--patch-sizes", type=_parse_list, help="training patch sizes, e.g. 5 or 3,5")
+    g.add_argument("--tau", type=float)
+    g.add_argument("--kappa", type=float)
+    g.add_argument("--margin-weight", type=float)
+    g.add_argument("--margin-warmup-epochs", type=float)
+    g.add_argument("--bce-weight", type=float)
+    g.add_argument("--ce-weight", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CPU with AMX, CUDA)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--device")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--threads", type=int)
+    g.add_argument("--eval-every", type=float, help="epochs between evaluations")
+    g.add_argument("--eval-patch-sizes", type=_parse_list)
+    g.add_argument("--checkpoint-minutes", type=float)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--output")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    return p
+
+
+def resolve_config(args) -> TrainConfig:
+    values = {}
+    if args.config:
+        with open(args.config) as f:
+            values.update(json.load(f))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - fields
+    if unknown:
+        raise SystemExit(f"config file {args.config} has unknown keys {sorted(unknown)}")
+    for name in fields:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    return TrainConfig(**values)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    rank, world, _ = distributed_env()
+    size = cfg.image_size
+    train_data = load_dataset(cfg.dataset, "train", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
+    try:
+        eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
+    except Exception:
+        eval_data = None
+    if eval_data is None or eval_data.info.get("root") == train_data.info.get("root") and cfg.dataset != "synthetic" and not cfg.dataset.startswith("synthetic"):
+        # no split in the dataset: make a seeded one and record it
+        tr, te = seeded_split(len(train_data), args.test_fraction, args.split_seed)
+        full = train_data
+        train_data, eval_data = full.subset(tr), full.subset(te)
+        train_data.info.update(split_seed=args.split_seed, test_fraction=args.test_fraction)
+    if len(train_data.classes) != cfg.num_classes:
+        raise SystemExit(f"dataset has {len(train_data.classes)} classes but --num-classes is {cfg.num_classes}")
+    if cfg.eval_images and eval_data is not None and len(eval_data) > cfg.eval_images:
+        eval_data = eval_data.subset(torch_arange(cfg.eval_images, len(eval_data), cfg.seed))
+    summary = train(cfg, train_data, eval_data, resume=args.resume)
+    if rank == 0:
+        print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return 0
+
+
+def torch_arange(k, n, seed):
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+if __name__ == "__main__":
+    sys.exit(main())
