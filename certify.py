@@ -9,9 +9,14 @@ Examples:
     python certify.py --dataset ../shared/data/cifar10 --patch-sizes 1,2,3,4,5,6,7,8,3x7 --output outputs/c10-full
     python certify.py --checkpoint my.pt --dataset /data/imagenet/val --num-images 5000
     torchrun --nproc-per-node 2 certify.py --dataset ...     # shards images over processes
+    python certify.py --attacks pgd,pgd-adaptive,universal,feature-space --attack-images 100 --patch-sizes 5
 
 Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv,
 summary.md, certified_accuracy.png (with matplotlib). The last line printed is a one-line JSON summary.
+
+With --attacks, a seeded subset of the certified images is also attacked for every patch size (see
+docs/attacks.md); the report puts empirical robust accuracy per attack next to certified accuracy, and
+the run exits with status 3 if any certified sample was broken (a soundness bug).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from bagcert.empirical import ATTACK_NAMES
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r9s2.pt"
@@ -49,6 +56,16 @@ def build_parser():
     p.add_argument("--output", default="outputs/certify", help="report folder")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    a = p.add_argument_group("empirical attacks (default: none)")
+    a.add_argument("--attacks", default="", help="comma-separated list from: " + ", ".join(ATTACK_NAMES))
+    a.add_argument("--attack-steps", type=int, default=150, help="PGD steps per location; universal-patch optimisation steps")
+    a.add_argument("--attack-step-size", type=float, default=0.05, help="signed-gradient step in [0, 1] pixel units")
+    a.add_argument("--attack-locations", type=int, default=80, help="PGD patch positions per image; universal-patch poses per image")
+    a.add_argument("--attack-images", type=int, help="attack only the first N images of a seeded permutation (default: all)")
+    a.add_argument("--attack-patch-sizes", help="sizes to attack, a subset of --patch-sizes (default: all of them)")
+    a.add_argument("--attack-surrogate", choices=["relaxed_votes", "logits"], default="relaxed_votes", help="differentiable stand-in for the votes")
+    a.add_argument("--universal-fit-images", type=int, default=256, help="images outside the attacked subset the universal patch is trained on")
+    a.add_argument("--imagenet-patch-file", help="imagenet_patch.gz (default: $BAGCERT_IMAGENET_PATCH or ../shared/data/imagenet-patch/)")
     return p
 
 
@@ -76,6 +93,25 @@ def main(argv=None) -> int:
         sizes = [parse_patch_size(s) for s in sizes]
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--patch-sizes: {e}") from None
+    attacks = _parse_attacks(args.attacks)
+    attack_keys = None
+    if attacks:
+        for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
+            if value < (0 if flag == "--attack-steps" else 1):
+                raise SystemExit(f"{flag} must be {'>= 0' if flag == '--attack-steps' else '>= 1'}, got {value}")
+        if args.attack_images is not None and args.attack_images < 1:
+            raise SystemExit(f"--attack-images must be >= 1, got {args.attack_images}")
+        if not args.attack_step_size > 0:
+            raise SystemExit(f"--attack-step-size must be > 0, got {args.attack_step_size}")
+        keys = [size_key(s) for s in sizes]
+        if args.attack_patch_sizes:
+            try:
+                attack_keys = [size_key(s) for s in args.attack_patch_sizes.split(",") if s.strip()]
+            except (TypeError, ValueError) as e:
+                raise SystemExit(f"--attack-patch-sizes: {e}") from None
+            bad = [k for k in attack_keys if k not in keys]
+            if bad:
+                raise SystemExit(f"--attack-patch-sizes {bad} are not among --patch-sizes {keys}")
 
     model, meta = load_checkpoint(args.checkpoint)
     model.to(args.device).eval()
@@ -107,7 +143,17 @@ def main(argv=None) -> int:
     config["world_size"] = world
     dataset = {"name": data.name, "root": data.info.get("root"), "split": data.info.get("split", args.split)}
     ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "model_kwargs": model.config["kwargs"], "metadata_summary": {k: meta[k] for k in ("dataset", "epochs", "wall_seconds", "eval") if k in meta}}
-    summary = write_certification_report(args.output, results, timing, config, dataset, ckpt, device=args.device)
+    empirical = None
+    if attacks:
+        from bagcert.empirical import run_empirical_evaluation
+
+        empirical = run_empirical_evaluation(
+            model, data, results, attacks, patch_sizes=attack_keys, num_images=args.attack_images, steps=args.attack_steps,
+            step_size=args.attack_step_size, locations=args.attack_locations, surrogate=args.attack_surrogate, seed=args.seed,
+            universal_fit_images=args.universal_fit_images, metadata=meta, imagenet_patch_path=args.imagenet_patch_file,
+            device=args.device, output=args.output, log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
+        )
+    summary = write_certification_report(args.output, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical)
     if not args.quiet:
         print((Path(args.output) / "summary.md").read_text())
         print(f"report written to {args.output}/ (results.json, per_sample.csv, summary.md)")
@@ -118,8 +164,32 @@ def main(argv=None) -> int:
         "images_per_s": round(summary["images_per_s"], 2),
         "output": str(args.output),
     }
+    if empirical:
+        per = empirical["summary"]["per_size"]
+        line["empirical_robust_accuracy"] = {k: {a: round(v, 6) for a, v in r["robust_accuracy"].items()} for k, r in per.items()}
+        line["certified_broken"] = summary["certified_broken"]
     print(json.dumps(line))
+    broken = {k: v for k, v in summary["certified_broken"].items() if v}
+    if broken:
+        from bagcert.empirical import soundness_message
+
+        for k in broken:
+            print(soundness_message(empirical["results"][k]), file=sys.stderr)
+        print(f"FAILED: certified samples were broken by attacks ({broken}); see {args.output}/results.json", file=sys.stderr)
+        return 3
     return 0
+
+
+def _parse_attacks(text: str) -> list:
+    import difflib
+
+    names = [a.strip() for a in (text or "").split(",") if a.strip()]
+    for a in names:
+        if a not in ATTACK_NAMES:
+            close = difflib.get_close_matches(a, ATTACK_NAMES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SystemExit(f"--attacks: unknown attack {a!r}{hint}; choose from {', '.join(ATTACK_NAMES)}")
+    return list(dict.fromkeys(names))
 
 
 if __name__ == "__main__":

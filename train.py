@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin-warmup-epochs", type=float)
     g.add_argument("--bce-weight", type=float)
     g.add_argument("--ce-weight", type=float)
+    g.add_argument("--bce-pos-weight", type=float, help="weight of the true-class BCE term (lowers the vote threshold)")
     g.add_argument("--label-smoothing", type=float)
     g = p.add_argument_group("system")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CPU with AMX, CUDA)")

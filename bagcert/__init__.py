@@ -3,8 +3,10 @@
 from .aggregation import AGGREGATIONS, get_aggregation
 from .certification import CertResult, certify, certify_logits
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .empirical import SoundnessError, evaluate_empirical
 from .geometry import Geometry, parse_patch_size
 from .models import BagModel, InputError, create_model, list_models, register_model
+from .peers import ClippedBagNet, DerandomizedSmoothing, PatchCleanser, PatchGuardMasking
 
 __version__ = "0.1.0"
 
@@ -13,11 +15,17 @@ __all__ = [
     "BagModel",
     "CertResult",
     "CheckpointError",
+    "ClippedBagNet",
+    "DerandomizedSmoothing",
     "Geometry",
     "InputError",
+    "PatchCleanser",
+    "PatchGuardMasking",
+    "SoundnessError",
     "certify",
     "certify_logits",
     "create_model",
+    "evaluate_empirical",
     "get_aggregation",
     "list_models",
     "load_checkpoint",
@@ -25,3 +33,8 @@ __all__ = [
     "register_model",
     "save_checkpoint",
 ]
+
+# issue 5: defensive patches + corruptions (bagcert.defense), RoI / RoA analysis (bagcert.analysis)
+from . import analysis, defense  # noqa: E402
+
+__all__ += ["analysis", "defense"]

@@ -241,10 +241,14 @@ def load_image_folder(root, size: int = 224, resize: int | None = None, split: s
 
 
 def synthetic_dataset(n: int = 64, num_classes: int = 10, size: int = 32, seed: int = 0) -> Dataset:
-    """Random uint8 images with class-dependent colour shifts (learnable, for tests and smoke runs)."""
+    """Random uint8 images with class-dependent colour shifts (learnable, for tests and smoke runs).
+
+    The class colours are the same for every seed, so a train set and a test set drawn with
+    different seeds come from one distribution.
+    """
+    base = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=g)
-    base = torch.rand(num_classes, 3, 1, 1, generator=g)
     noise = torch.rand(n, 3, size, size, generator=g)
     images = (0.5 * noise + 0.5 * base[labels]).mul(255).round().to(torch.uint8)
     return Dataset(images, labels, [f"class{i}" for i in range(num_classes)], "synthetic", {"seed": seed, "n": n})
@@ -283,26 +287,39 @@ def _is_cifar_folder(root: Path, split: str) -> bool:
 
 
 # --- batch augmentation -----------------------------------------------------------------------
-def augment_batch(x: torch.Tensor, generator: torch.Generator, flip: bool = True, pad: int = 4, cutout: int = 0) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    flip: bool = True,
+    pad: int = 4,
+    cutout: int = 0,
+    rows: torch.Tensor | None = None,
+    global_size: int | None = None,
+) -> torch.Tensor:
     """Random flips, pad-and-crop (zero padding) and optional cutout on a whole batch [B, C, H, W].
 
     Works on uint8 or float tensors; all randomness comes from ``generator`` (reproducible).
+    Under data parallelism, pass the rows of the global batch this process holds (``rows``) and
+    the global batch size: the random draws are made for the whole global batch, so every sample
+    gets the same augmentation as in a single-process run.
     """
     B, C, H, W = x.shape
+    n = B if global_size is None else global_size
+    sel = torch.arange(B) if rows is None else rows
     if flip:
-        f = torch.rand(B, generator=generator) < 0.5
+        f = (torch.rand(n, generator=generator) < 0.5)[sel]
         x = torch.where(f.view(B, 1, 1, 1).to(x.device), x.flip(3), x)
     if pad > 0:
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
-        rows = (dy.view(B, 1) + torch.arange(H, device=x.device).view(1, H))  # [B, H]
-        cols = (dx.view(B, 1) + torch.arange(W, device=x.device).view(1, W))  # [B, W]
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)[sel].to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)[sel].to(x.device)
+        r = dy.view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # [B, H]
+        c = dx.view(B, 1) + torch.arange(W, device=x.device).view(1, W)  # [B, W]
         bidx = torch.arange(B, device=x.device).view(B, 1, 1)
-        x = xp.permute(0, 2, 3, 1)[bidx, rows.view(B, H, 1), cols.view(B, 1, W)].permute(0, 3, 1, 2)
+        x = xp.permute(0, 2, 3, 1)[bidx, r.view(B, H, 1), c.view(B, 1, W)].permute(0, 3, 1, 2)
     if cutout > 0:
-        cy = torch.randint(0, H, (B,), generator=generator).to(x.device)
-        cx = torch.randint(0, W, (B,), generator=generator).to(x.device)
+        cy = torch.randint(0, H, (n,), generator=generator)[sel].to(x.device)
+        cx = torch.randint(0, W, (n,), generator=generator)[sel].to(x.device)
         r = torch.arange(H, device=x.device).view(1, H, 1)
         c = torch.arange(W, device=x.device).view(1, 1, W)
         half = cutout // 2

@@ -95,9 +95,11 @@ class BagCertLoss(torch.nn.Module):
         kappa: target normalised margin.
         margin_weight, bce_weight, ce_weight: mixing weights (set a weight to 0 to ablate a term).
         label_smoothing: for the CE term.
+        bce_pos_weight: weight of the positive (true-class) term of the BCE; w > 1 lowers the
+            posterior at which a location votes for its class from 0.5 to 1 / (1 + w).
     """
 
-    def __init__(self, geometry, image_size, patch_sizes=(5,), tau=1.0, kappa=0.25, margin_weight=1.0, bce_weight=1.0, ce_weight=0.0, label_smoothing=0.0):
+    def __init__(self, geometry, image_size, patch_sizes=(5,), tau=1.0, kappa=0.25, margin_weight=1.0, bce_weight=1.0, ce_weight=0.0, label_smoothing=0.0, bce_pos_weight=1.0):
         super().__init__()
         self.geometry = geometry
         self.image_size = tuple(image_size)
@@ -105,6 +107,7 @@ class BagCertLoss(torch.nn.Module):
         self.tau, self.kappa = float(tau), float(kappa)
         self.margin_weight, self.bce_weight, self.ce_weight = float(margin_weight), float(bce_weight), float(ce_weight)
         self.label_smoothing = float(label_smoothing)
+        self.bce_pos_weight = float(bce_pos_weight)
 
     def forward(self, local_logits: torch.Tensor, labels: torch.Tensor, margin_weight: float | None = None):
         """Returns ``(loss, stats)`` where stats holds detached parts and the hard margins."""
@@ -122,7 +125,8 @@ class BagCertLoss(torch.nn.Module):
             stats["loss_margin"] = float(l_margin.detach())
         if self.bce_weight > 0:
             target = F.one_hot(labels, C).to(z.dtype)[:, :, None, None].expand_as(z)
-            l_bce = F.binary_cross_entropy_with_logits(z, target, reduction="mean") * C
+            pw = None if self.bce_pos_weight == 1.0 else z.new_tensor(self.bce_pos_weight)
+            l_bce = F.binary_cross_entropy_with_logits(z, target, reduction="mean", pos_weight=pw) * C
             loss = loss + self.bce_weight * l_bce
             stats["loss_bce"] = float(l_bce.detach())
         if self.ce_weight > 0:

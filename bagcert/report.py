@@ -1,6 +1,7 @@
-"""Reports: JSON (canonical), per-sample CSV, Markdown summary and a figure.
+"""Reports: JSON (canonical), per-sample CSV, Markdown summary and figures.
 
-``results.json`` schema (``schema_version`` 1)::
+``results.json`` schema (``schema_version`` 1; the ``empirical`` and ``certified_broken`` keys were added
+without breaking older readers)::
 
     {
       "schema_version": 1,
@@ -15,11 +16,33 @@
       "certified_count": {"<size>": int, ...}, "correct_count": int, "num_images": int,
       "images_per_s": float,                             # images / wall time of forward + certificates
       "certify_forward_ratio": float,                    # (forward + certificates) / forward time
-      "timing": {"forward_s": float, "certify_s": float, "total_s": float}
+      "timing": {"forward_s": float, "certify_s": float, "total_s": float},
+      "certified_broken": {"<size>": int, ...},          # {} without --attacks; anything > 0 is a soundness bug
+      "empirical": null | {                              # null without --attacks
+        "attacks": [str, ...],                           # requested: pgd, pgd-adaptive, universal, imagenet-patch, feature-space
+        "num_images_attacked": int, "subset_seed": int,  # the first N of a seeded permutation of the certified images
+        "settings": {"<attack>": {...}, ...},            # steps, step size, locations, surrogate, seed, ...
+        "skipped": {"<attack>": str, ...},               # why an attack did not run (e.g. imagenet-patch on CIFAR)
+        "notes": [str, ...],
+        "per_size": {"<size>": {
+          "patch_size": [h, w], "num_images": int,
+          "clean_accuracy": float, "certified_accuracy": float,      # on the attacked images
+          "robust_accuracy": {"<attack>": float, ...},               # empirical robust accuracy per attack
+          "overall_robust_accuracy": float | null,                   # robust against every image-space attack
+          "overall_attacks": [str, ...],                             #   inside the threat model
+          "in_threat_model": {"<attack>": bool, ...},                # every patch fit in the certified rectangle
+          "certified_broken": int, "broken_by": {"<attack>": [int, ...]},   # indices into the attacked subset
+          "feature_space_mismatch": int | null,                      # feature-space broken != not certified
+          "prediction_mismatch": int,
+          "time_s": {"<attack>": float, ...}, "attack_info": {"<attack>": {...}},
+          "figures": [str, ...]
+        }, ...}
+      }
     }
 
 ``per_sample.csv``: one row per image: index, label, prediction, correct, then for each patch size
-``certified_<size>``, ``margin_<size>``, ``worst_row_<size>``, ``worst_col_<size>``.
+``certified_<size>``, ``margin_<size>``, ``worst_row_<size>``, ``worst_col_<size>``; with attacks also
+``attacked`` (1/0) and ``robust_<attack>_<size>`` (1/0, empty for images that were not attacked).
 """
 
 from __future__ import annotations
@@ -40,7 +63,15 @@ from .checkpoint import atomic_write_text
 
 SCHEMA_VERSION = 1
 
-__all__ = ["write_certification_report", "git_sha", "hardware_string", "SCHEMA_VERSION", "environment_info"]
+__all__ = [
+    "write_certification_report",
+    "git_sha",
+    "hardware_string",
+    "SCHEMA_VERSION",
+    "environment_info",
+    "plot_attack_examples",
+    "plot_uncertified_positions",
+]
 
 
 def git_sha() -> str | None:
@@ -80,10 +111,12 @@ def environment_info(device="cpu") -> dict:
     }
 
 
-def write_certification_report(output, results: dict, timing: dict, config: dict, dataset: dict, checkpoint: dict | None, device="cpu") -> dict:
+def write_certification_report(output, results: dict, timing: dict, config: dict, dataset: dict, checkpoint: dict | None, device="cpu", empirical: dict | None = None) -> dict:
     """Write results.json, per_sample.csv, summary.md and certified_accuracy.png into ``output``.
 
     ``results`` maps size keys ('5', '3x7') to :class:`~bagcert.certification.CertResult`.
+    ``empirical`` (optional): ``{"summary": <the "empirical" JSON object>, "indices": [attacked image indices],
+    "robust": {size_key: {attack: bool tensor over the attacked images}}}``.
     Returns the JSON summary dict.
     """
     out = Path(output)
@@ -105,16 +138,18 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
             "images_per_s": n / timing["total_s"] if timing["total_s"] > 0 else None,
             "certify_forward_ratio": (timing["forward_s"] + timing["certify_s"]) / timing["forward_s"] if timing["forward_s"] > 0 else None,
             "timing": {k: timing[k] for k in ("forward_s", "certify_s", "total_s")},
+            "certified_broken": {k: v["certified_broken"] for k, v in empirical["summary"]["per_size"].items()} if empirical else {},
+            "empirical": empirical["summary"] if empirical else None,
         }
     )
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "per_sample.csv", _per_sample_csv(results))
+    atomic_write_text(out / "per_sample.csv", _per_sample_csv(results, empirical))
     atomic_write_text(out / "summary.md", _markdown(summary))
     _plot(out / "certified_accuracy.png", summary)
     return summary
 
 
-def _per_sample_csv(results) -> str:
+def _per_sample_csv(results, empirical=None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     keys = list(results)
@@ -122,13 +157,27 @@ def _per_sample_csv(results) -> str:
     header = ["index", "label", "prediction", "correct"]
     for k in keys:
         header += [f"certified_{k}", f"margin_{k}", f"worst_row_{k}", f"worst_col_{k}"]
-    w.writerow(header)
     cols = [first.label.tolist(), first.prediction.tolist(), first.correct.int().tolist()]
     per = []
     for k in keys:
         r = results[k]
         m = r.margin
         per += [r.certified.int().tolist(), (m.tolist() if not m.is_floating_point() else [f"{v:.6g}" for v in m.tolist()]), r.worst_position[:, 0].tolist(), r.worst_position[:, 1].tolist()]
+    if empirical:
+        n = first.num_samples
+        attacked = [0] * n
+        for i in empirical["indices"]:
+            attacked[i] = 1
+        header.append("attacked")
+        per.append(attacked)
+        for k, by_attack in empirical["robust"].items():
+            for name, flags in by_attack.items():
+                col = [""] * n
+                for i, f in zip(empirical["indices"], flags.tolist()):
+                    col[i] = int(f)
+                header.append(f"robust_{name}_{k}")
+                per.append(col)
+    w.writerow(header)
     for i in range(first.num_samples):
         w.writerow([i] + [c[i] for c in cols] + [c[i] for c in per])
     return buf.getvalue()
@@ -156,7 +205,49 @@ def _markdown(s: dict) -> str:
         f"Throughput: {s['images_per_s']:.1f} images/s; certify / forward time ratio {s['certify_forward_ratio']:.3f}.",
         "",
     ]
+    if s.get("empirical"):
+        lines += _markdown_empirical(s["empirical"])
     return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def _markdown_empirical(e: dict) -> list:
+    ran = [a for a in e["attacks"] if a not in e.get("skipped", {})]
+    lines = [
+        "## Empirical robustness (attacks) next to the certificate",
+        "",
+        f"{e['num_images_attacked']} images attacked (seeded subset, seed {e['subset_seed']}). Empirical robust accuracy is the",
+        "fraction still classified correctly after the attack; it can never be below the certified accuracy on the",
+        "same images. `overall` = robust against every image-space attack inside the threat model. `certified broken`",
+        "counts certified samples some attack broke: anything but 0 is a soundness bug.",
+        "",
+        "| " + " | ".join(["patch", "certified"] + ran + ["overall", "certified broken"]) + " |",
+        "| --- | " + " | ".join("---:" for _ in range(len(ran) + 3)) + " |",
+    ]
+    for k, r in e["per_size"].items():
+        cells = []
+        for a in ran:
+            v = _pct(r["robust_accuracy"].get(a))
+            if a in r["in_threat_model"] and not r["in_threat_model"][a]:
+                v += " (outside threat model)"
+            cells.append(v)
+        broken = r["certified_broken"]
+        row = [k if "x" in k else f"{k}x{k}", _pct(r["certified_accuracy"])] + cells
+        row += [_pct(r["overall_robust_accuracy"]), str(broken) if not broken else f"**{broken} SOUNDNESS VIOLATION**"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for a, why in e.get("skipped", {}).items():
+        lines.append(f"- {a} skipped: {why}")
+    for note in e.get("notes", []):
+        lines.append(f"- {note}")
+    figs = [f for r in e["per_size"].values() for f in r.get("figures", [])]
+    if figs:
+        lines.append("- figures: " + ", ".join(figs))
+    lines.append("")
+    return lines
 
 
 def _plot(path: Path, s: dict) -> None:
@@ -183,3 +274,81 @@ def _plot(path: Path, s: dict) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(fig, path: Path, plt) -> None:
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _name(classes, i) -> str:
+    i = int(i)
+    return str(classes[i]) if classes is not None and 0 <= i < len(classes) else str(i)
+
+
+def plot_attack_examples(path, images, labels, clean_pred, adversarial: dict, classes=None, title: str = "") -> bool:
+    """One row per image: the clean image, then each attack's patched image, titled with the predictions.
+
+    ``adversarial`` maps attack names to ``(adv_images [k, 3, H, W], predictions [k])``. Returns False when
+    matplotlib is not installed (nothing written)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    k = images.shape[0]
+    names = list(adversarial)
+    cols = 1 + len(names)
+    fig, axes = plt.subplots(k, cols, figsize=(1.9 * cols, 2.0 * k), squeeze=False)
+    for i in range(k):
+        panels = [("clean", images[i], clean_pred[i])] + [(n, adversarial[n][0][i], adversarial[n][1][i]) for n in names]
+        for j, (name, img, pred) in enumerate(panels):
+            ax = axes[i][j]
+            ax.imshow(img.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ok = int(pred) == int(labels[i])
+            ax.set_title(f"{name}\npred {_name(classes, pred)}", fontsize=7, color="black" if ok else "red")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i][0].set_ylabel(f"label {_name(classes, labels[i])}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    _save(fig, Path(path), plt)
+    return True
+
+
+def plot_uncertified_positions(path, images, position_margins, labels, predictions, certified, patch_size, classes=None) -> bool:
+    """Per image: the image and the map of patch positions (top-left pixel) the certificate cannot rule out
+    (``position_margins <= 0``); ``certified`` is the certificate's flag (of the prediction, right or wrong).
+    Returns False when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    k = images.shape[0]
+    fig, axes = plt.subplots(2, k, figsize=(2.0 * k, 4.2), squeeze=False)
+    ph, pw = patch_size
+    for i in range(k):
+        axes[0][i].imshow(images[i].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        axes[0][i].set_title(f"label {_name(classes, labels[i])}\npred {_name(classes, predictions[i])}", fontsize=7)
+        bad = (position_margins[i] <= 0).float().cpu().numpy()
+        axes[1][i].imshow(bad, cmap="Reds", vmin=0, vmax=1, interpolation="nearest")
+        state = "not certified" if not bool(certified[i]) else ("certified" if int(predictions[i]) == int(labels[i]) else "certified, wrong class")
+        axes[1][i].set_title(f"{state}\n{int(bad.sum())} open positions", fontsize=7)
+        for ax in (axes[0][i], axes[1][i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"{ph}x{pw} patch: positions (top-left pixel) the certificate cannot rule out, in red", fontsize=8)
+    fig.tight_layout()
+    _save(fig, Path(path), plt)
+    return True

@@ -32,7 +32,7 @@ from .data import Dataset, augment_batch
 from .losses import BagCertLoss
 from .models import create_model
 
-__all__ = ["TrainConfig", "train", "evaluate", "distributed_env"]
+__all__ = ["TrainConfig", "train", "evaluate", "distributed_env", "export_checkpoint"]
 
 
 @dataclass
@@ -63,12 +63,13 @@ class TrainConfig:
     # loss
     loss: str = "bagcert"  # bagcert | ce
     patch_sizes: list = field(default_factory=lambda: [5])
-    tau: float = 1.0
+    tau: float = 2.0
     kappa: float = 0.25
-    margin_weight: float = 1.0
+    margin_weight: float = 5.0
     margin_warmup_epochs: float = 1.0
     bce_weight: float = 1.0
-    ce_weight: float = 0.0
+    bce_pos_weight: float = 1.0
+    ce_weight: float = 1.0
     label_smoothing: float = 0.0
     # system
     amp: bool = False
@@ -216,6 +217,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         bce_weight=cfg.bce_weight,
         ce_weight=cfg.ce_weight,
         label_smoothing=cfg.label_smoothing,
+        bce_pos_weight=cfg.bce_pos_weight,
     )
 
     n = len(train_data) if cfg.train_limit is None else min(cfg.train_limit, len(train_data))
@@ -298,7 +300,10 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         idx = gidx[rank::world]
         xb = train_data.images[idx]
         yb = train_data.labels[idx].to(device)
-        xb = augment_batch(xb, _seeded(cfg.seed, epoch, k, 7), flip=cfg.flip, pad=cfg.pad, cutout=cfg.cutout)
+        xb = augment_batch(
+            xb, _seeded(cfg.seed, epoch, k, 7), flip=cfg.flip, pad=cfg.pad, cutout=cfg.cutout,
+            rows=torch.arange(rank, len(gidx), world), global_size=len(gidx),
+        )
         x = xb.to(device).float().div_(255.0)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -393,6 +398,34 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         writer.close()
     summary.update({"steps": step, "wall_seconds": wall, "output": str(out)})
     return summary
+
+
+def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
+    """Write a model checkpoint from a run's ``last.pt`` (e.g. while the run is still going).
+
+    The metadata records that it is an intermediate export and at which step.
+    """
+    run_dir = Path(run_dir)
+    state = safe_torch_load(run_dir / "last.pt", "training checkpoint")
+    cfg = TrainConfig(**state["config"])
+    model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs)
+    key = "ema" if use_ema and "ema" in state else "model"
+    model.load_state_dict(state[key])
+    model.eval()
+    meta = {
+        "config": state["config"],
+        "input_size": cfg.image_size,
+        "trained_steps": int(state["step"]),
+        "wall_seconds": float(state.get("wall_seconds", 0.0)),
+        "weights": key,
+        "intermediate_export": True,
+        "bagcert_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+    if cfg.resize is not None:
+        meta["resize"] = cfg.resize
+    meta.update(extra_metadata)
+    return save_checkpoint(path, model, **meta)
 
 
 class _LocalLogits(torch.nn.Module):

@@ -41,8 +41,10 @@ def test_resume_gives_identical_weights(tmp_path):
 
 def test_training_learns_synthetic_data(tmp_path):
     data, held = synthetic_dataset(256, seed=1), synthetic_dataset(64, seed=2)
-    summary = train(_cfg(tmp_path / "r", epochs=4, batch_size=32, lr=3e-3, eval_every=4.0), data, held, log=lambda *a: None)
-    assert summary["eval"]["clean_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    cfg = _cfg(tmp_path / "r", epochs=6, batch_size=32, lr=1e-2, ema=0.0, eval_every=6.0, model_kwargs={"width": 16}, checkpoint_minutes=5.0)
+    summary = train(cfg, data, held, log=lambda *a: None)
+    assert summary["eval"]["clean_accuracy"] > 0.6  # 10 classes: chance is 0.1
+    assert summary["eval"]["certified_5"] > 0.3  # the certified loss makes held-out samples certifiable
 
 
 def _free_port():
@@ -61,6 +63,9 @@ def _torchrun(args, cwd, env_extra=None):
 def test_distributed_training_matches_single_process(tmp_path):
     common = ["--dataset", "synthetic:64", "--model", "cifar_bagnet5_s2", "--model-kwargs", '{"width": 8, "norm": "gn"}',
               "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd", "--lr", "0.05", "--eval-images", "32",
+              # the hard votes and the min over windows are discontinuous: a 1e-7 reduction-order difference
+              # can flip a vote, so the exact comparison uses the continuous terms (BCE + CE) only
+              "--margin-weight", "0",
               "--no-progress", "--no-tensorboard", "--threads", "1"]
     ddp = _torchrun([str(ROOT / "train.py")] + common + ["--output", str(tmp_path / "ddp")], ROOT)
     assert ddp.returncode == 0, ddp.stderr[-3000:]

@@ -53,13 +53,20 @@ def _norm(kind: str, ch: int) -> nn.Module:
 
 
 def stem_kernel(receptive_field: int, stride: int) -> tuple[int, int]:
-    """Return (k0, n3): stem kernel and number of 3x3 blocks for the requested receptive field."""
+    """Return (k0, n3): first-conv kernel and number of 3x3 residual blocks for the receptive field.
+
+    stride 1: conv k0 (s1), then n3 3x3 blocks:            rf = k0 + 2 * n3,      k0 in {3, 4}
+    stride 2: conv k0 (s1), conv 3x3 (s2), n3 3x3 blocks:  rf = k0 + 2 + 4 * n3,  k0 in {1, 2, 3, 4}
+    """
     if receptive_field < 3:
         raise ValueError(f"receptive field must be >= 3, got {receptive_field}")
-    rem = (receptive_field - 3) % (2 * stride)
-    k0 = 3 + rem
-    n3 = (receptive_field - k0) // (2 * stride)
-    return k0, n3
+    if stride == 1:
+        rem = (receptive_field - 3) % 2
+        k0 = 3 + rem
+        return k0, (receptive_field - k0) // 2
+    rem = (receptive_field - 3) % 4
+    k0 = 1 + rem
+    return k0, (receptive_field - k0 - 2) // 4
 
 
 class CifarBagNet(BagModel):
@@ -92,11 +99,19 @@ class CifarBagNet(BagModel):
                 f"but depth is {depth}"
             )
         same = padding == "same"
-        p0 = (k0 - 1) // 2 if same else 0
-        if same and k0 % 2 == 0:
-            p0 = k0 // 2 - 1
-        self.stem = nn.Sequential(nn.Conv2d(3, width, k0, stride=stride, padding=p0, bias=False), _norm(norm, width), nn.ReLU(inplace=True))
-        chain = [(k0, stride, p0)]
+        p0 = (k0 - 1) // 2 if same else 0  # even kernels pad one pixel less on the right: rf box is exact
+        if stride == 1:
+            self.stem = nn.Sequential(nn.Conv2d(3, width, k0, padding=p0, bias=False), _norm(norm, width), nn.ReLU(inplace=True))
+            chain = [(k0, 1, p0)]
+        else:
+            # full-resolution first conv with half the width, then a strided 3x3 conv: the spatial work
+            # at 32x32 stays cheap and every location still gets three spatial layers
+            c0 = max(8, width // 2)
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, c0, k0, padding=p0, bias=False), _norm(norm, c0), nn.ReLU(inplace=True),
+                nn.Conv2d(c0, width, 3, stride=2, padding=1 if same else 0, bias=False), _norm(norm, width), nn.ReLU(inplace=True),
+            )
+            chain = [(k0, 1, p0), (3, 2, 1 if same else 0)]
         blocks = []
         for b in range(depth):
             k = 3 if b < n3 else 1

@@ -1,0 +1,229 @@
+"""Make defensive patches for a checkpoint and evaluate them (with / without the patch).
+
+Patches are made on --train-split images (stage 1: local prior; stage 2: global correlation, see
+bagcert.defense.defensive_patch) and evaluated on --eval-split images of the same dataset: clean,
+common corruptions x severities, L-inf PGD and a random-position adversarial patch, on the source
+model and on every --transfer-checkpoint.
+
+Examples:
+    python -m bagcert.cli.defensive_patch --checkpoint checkpoints/bagcert_cifar10_r9s2.pt \\
+        --dataset ../shared/data/cifar10 --num-train 2000 --num-eval 500 --output outputs/defpatch
+    python -m bagcert.cli.defensive_patch --checkpoint a.pt --transfer-checkpoint b.pt --patch outputs/defpatch/defensive_patch.pt ...
+
+Outputs in --output: results.json, summary.md, defensive_patch.pt (reload with
+bagcert.defense.DefensivePatch.load), patches.png and corruptions.png (matplotlib); the last
+printed line is a one-line JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ._common import dataset_info, json_line, load_model_and_data, parse_list, parse_number, pct, plt_or_none, save_figure, write_report
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m bagcert.cli.defensive_patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--checkpoint", required=True, help="the model the patches are made for")
+    g.add_argument("--transfer-checkpoint", action="append", default=[], help="another model to evaluate the same patches on (repeatable)")
+    g.add_argument("--dataset", required=True, help="CIFAR-10 folder, ImageNet-style folder or synthetic[:N]")
+    g.add_argument("--train-split", default="train", help="split the patches are made on (default: train)")
+    g.add_argument("--eval-split", default="test", help="split they are evaluated on (default: test)")
+    g.add_argument("--num-train", type=int, default=1000, help="training images (first N of a seeded permutation)")
+    g.add_argument("--num-eval", type=int, default=200, help="evaluation images (first N of a seeded permutation)")
+    g.add_argument("--patch", help="evaluate this saved patch instead of making one")
+    g = p.add_argument_group("patch shape")
+    g.add_argument("--shape", choices=["frame", "square"], default="frame")
+    g.add_argument("--outer", type=int, help="frame: outer side (default: image side - 2 * round(side / 32))")
+    g.add_argument("--width", type=int, help="frame: ring width (default: round(2 * side / 32))")
+    g.add_argument("--size", type=int, help="square: side (default: side / 4)")
+    g.add_argument("--corner", choices=["top-left", "top-right", "bottom-left", "bottom-right"], help="square: corner")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--stage1-epochs", type=int, default=10)
+    g.add_argument("--stage1-lr", type=parse_number, default=1e-3)
+    g.add_argument("--stage2-epochs", type=int, default=30)
+    g.add_argument("--stage2-lr", type=parse_number, default=0.03, help="per-model copies (cross-entropy)")
+    g.add_argument("--correlation-lr", type=parse_number, default=0.03, help="shared patch (correlation matching)")
+    g.add_argument("--milestones", default="3,8,15,25", help="outer epochs where both learning rates are multiplied by --gamma")
+    g.add_argument("--gamma", type=parse_number, default=1 / 3)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--blank", type=parse_number, default=0.5, help="stage 1 background value")
+    g.add_argument("--eot", action="store_true", help="expectation over random shifts / brightness during optimisation")
+    g.add_argument("--max-shift", type=int, default=2)
+    g.add_argument("--brightness", type=parse_number, default=0.1)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--corruptions", default="all", help="comma-separated names, 'all' or 'none'")
+    g.add_argument("--severities", default="1,2,3,4,5")
+    g.add_argument("--pgd-eps", type=parse_number, default=8 / 255, help="L-inf budget (0 skips PGD); accepts 8/255")
+    g.add_argument("--pgd-steps", type=int, default=10)
+    g.add_argument("--pgd-step", type=parse_number, default=2 / 255)
+    g.add_argument("--attack-patch-size", type=int, default=5, help="adversarial patch side (0 skips)")
+    g.add_argument("--attack-steps", type=int, default=20)
+    g.add_argument("--attack-step", type=parse_number, default=0.05)
+    g.add_argument("--attack-restarts", type=int, default=1)
+    g.add_argument("--prediction", choices=["model", "logits"], default="model", help="accuracy of argmax model(x) (votes) or of the mean logits")
+    g.add_argument("--eval-batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--output", default="outputs/defensive_patch", help="report folder")
+    p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..checkpoint import load_checkpoint
+    from ..defense import CORRUPTIONS, DefensivePatch, evaluate_defensive_patch, make_defensive_patches
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.corruptions == "all":
+        corruptions = list(CORRUPTIONS)
+    elif args.corruptions == "none":
+        corruptions = []
+    else:
+        corruptions = parse_list(args.corruptions, str, "corruptions")
+        bad = [c for c in corruptions if c not in CORRUPTIONS]
+        if bad:
+            raise SystemExit(f"--corruptions: unknown {bad}; choose from {sorted(CORRUPTIONS)}")
+    severities = parse_list(args.severities, int, "severities")
+    if any(not 1 <= s <= 5 for s in severities):
+        raise SystemExit(f"--severities must lie in 1..5, got {severities}")
+    milestones = parse_list(args.milestones, int, "milestones")
+
+    model, meta, test = load_model_and_data(args.checkpoint, args.dataset, args.eval_split, args.seed, args.num_eval)
+    transfer = {}
+    for path in args.transfer_checkpoint:
+        m, _ = load_checkpoint(path)
+        if m.num_classes != model.num_classes:
+            raise SystemExit(f"transfer model {path} has {m.num_classes} classes, the source model {model.num_classes}")
+        transfer[str(path)] = m.eval()
+    t0 = time.perf_counter()
+    if args.patch:
+        patch = DefensivePatch.load(args.patch)
+        made = None
+    else:
+        _, _, train = load_model_and_data(args.checkpoint, args.dataset, args.train_split, args.seed, args.num_train)
+        patch = make_defensive_patches(
+            model, train.images, train.labels, num_classes=model.num_classes, shape=args.shape, outer=args.outer,
+            width=args.width, size=args.size, corner=args.corner, stage1_epochs=args.stage1_epochs, stage1_lr=args.stage1_lr,
+            stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, correlation_lr=args.correlation_lr,
+            milestones=milestones, gamma=args.gamma, batch_size=args.batch_size, blank=args.blank, eot=args.eot,
+            max_shift=args.max_shift, brightness=args.brightness, seed=args.seed, classes=list(test.classes),
+        )
+        made = {"dataset": dataset_info(train, args.train_split), "seconds": time.perf_counter() - t0}
+    if patch.num_classes != model.num_classes or patch.image_size != tuple(test.images.shape[-2:]):
+        raise SystemExit(f"patch is for {patch.num_classes} classes at {patch.image_size}; model/data need {model.num_classes} at {tuple(test.images.shape[-2:])}")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    patch.save(out / "defensive_patch.pt")
+
+    kw = dict(
+        corruptions=corruptions, severities=severities, pgd_eps=args.pgd_eps if args.pgd_eps > 0 else None,
+        pgd_steps=args.pgd_steps, pgd_step=args.pgd_step,
+        attack_patch_size=args.attack_patch_size if args.attack_patch_size > 0 else None, attack_steps=args.attack_steps,
+        attack_step=args.attack_step, attack_restarts=args.attack_restarts, batch_size=args.eval_batch_size,
+        seed=args.seed, prediction=args.prediction,
+    )
+    evaluations = {"source": evaluate_defensive_patch(model, patch, test.images, test.labels, **kw)}
+    for name, m in transfer.items():
+        evaluations[name] = evaluate_defensive_patch(m, patch, test.images, test.labels, **kw)
+
+    config = dict(vars(args), corruptions=corruptions, severities=severities, milestones=milestones)
+    results = {
+        "checkpoint": {"path": str(args.checkpoint), "model": model.config["name"], "num_classes": model.num_classes},
+        "transfer_checkpoints": list(transfer),
+        "dataset": dataset_info(test, args.eval_split),
+        "patch": {"file": str(out / "defensive_patch.pt"), "shape": patch.config.get("shape"), "pixels_per_channel": patch.num_pixels,
+                  "fraction_of_image": patch.num_pixels / (patch.image_size[0] * patch.image_size[1]), "loaded_from": args.patch,
+                  "made": made, "history": patch.config.get("history")},
+        "evaluations": evaluations,
+    }
+    md = _markdown(results)
+    doc = write_report(out, "bagcert.cli.defensive_patch", config, results, md)
+    _figures(out, patch, evaluations, list(test.classes))
+    if not args.quiet:
+        print(md)
+        print(f"report written to {out}/ (results.json, summary.md, defensive_patch.pt)")
+    src = doc["evaluations"]["source"]
+    line = {"clean": src["clean"], "corruption_mean": src["corruption_mean"],
+            "pgd": {k: src["pgd"][k] for k in ("without", "with")} if src["pgd"] else None,
+            "patch_attack": {k: src["patch_attack"][k] for k in ("without", "with")} if src["patch_attack"] else None,
+            "num_images": src["n"], "transfer": {k: v["clean"] for k, v in evaluations.items() if k != "source"}, "output": str(out)}
+    print(json_line(line))
+    return 0
+
+
+def _markdown(r: dict) -> str:
+    p = r["patch"]
+    lines = [
+        "# Defensive patch evaluation",
+        "",
+        f"- checkpoint: {r['checkpoint']['path']} ({r['checkpoint']['model']})",
+        f"- data: {r['dataset']['name']} ({r['dataset']['num_images']} images, split {r['dataset']['split']})",
+        f"- patch: {p['shape']}, {p['pixels_per_channel']} pixels ({pct(p['fraction_of_image'])} of the image)"
+        + (f", loaded from {p['loaded_from']}" if p["loaded_from"] else f", made in {p['made']['seconds']:.1f} s on {p['made']['dataset']['num_images']} images"),
+        "",
+    ]
+    for name, e in r["evaluations"].items():
+        lines += [f"## {'source model' if name == 'source' else 'transfer: ' + name}", "",
+                  "| condition | without patch | with patch |", "| --- | ---: | ---: |",
+                  f"| clean | {pct(e['clean']['without'])} | {pct(e['clean']['with'])} |"]
+        if e["corruption_mean"]:
+            lines.append(f"| corruptions (mean) | {pct(e['corruption_mean']['without'])} | {pct(e['corruption_mean']['with'])} |")
+        if e["pgd"]:
+            lines.append(f"| L-inf PGD eps {e['pgd']['eps']:.4g}, {e['pgd']['steps']} steps | {pct(e['pgd']['without'])} | {pct(e['pgd']['with'])} |")
+        if e["patch_attack"]:
+            a = e["patch_attack"]
+            lines.append(f"| adversarial patch {a['patch_size']}x{a['patch_size']}, {a['steps']} steps | {pct(a['without'])} | {pct(a['with'])} |")
+        if e["corruptions"]:
+            sev = e["severities"]
+            lines += ["", "| corruption | " + " | ".join(f"s{s} without / with" for s in sev) + " |",
+                      "| --- |" + " ---: |" * len(sev)]
+            for c, v in e["corruptions"].items():
+                lines.append(f"| {c} | " + " | ".join(f"{100 * a:.1f} / {100 * b:.1f}" for a, b in zip(v["without"], v["with"])) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _figures(out: Path, patch, evaluations: dict, classes: list) -> None:
+    plt = plt_or_none()
+    if plt is None:
+        return
+    imgs = patch.patch_only(torch.arange(patch.num_classes))
+    cols = min(10, patch.num_classes)
+    rows = (patch.num_classes + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < patch.num_classes:
+            ax.imshow(imgs[k].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(str(classes[k])[:10] if k < len(classes) else str(k), fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / "patches.png")
+    if any(e["corruptions"] for e in evaluations.values()):
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for i, (name, e) in enumerate(evaluations.items()):
+            if not e["corruptions"]:
+                continue
+            sev = e["severities"]
+            label = "source" if name == "source" else Path(name).stem
+            for key, ls in (("without", "--"), ("with", "-")):
+                mean = [sum(v[key][j] for v in e["corruptions"].values()) / len(e["corruptions"]) for j in range(len(sev))]
+                ax.plot(sev, [100 * m for m in mean], ls=ls, marker="o", color=f"C{i}", label=f"{label}, {key} patch")
+        ax.set_xticks(sorted({s for e in evaluations.values() for s in e["severities"]}))
+        ax.set_xlabel("severity")
+        ax.set_ylabel("mean accuracy over corruptions (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        save_figure(fig, out / "corruptions.png")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""Evaluate a checkpoint on ImageNet-A (or on any ImageFolder of ImageNet wnids) and write a report.
+
+Two modes (``--mode auto`` picks by the model's number of classes):
+
+* ``imagenet-a``: a 1000-class ImageNet model on an ``imagenet-a/<wnid>/<image>`` folder with the
+  200-class protocol (:func:`bagcert.imagenet_a.evaluate_imagenet_a`: logits restricted to the 200
+  ImageNet-A classes; accuracy, RMS calibration error, AURRA). A partial copy (fewer than 200
+  folders) needs ``--wnids-file`` (the 200 wnids in order, one per line) or ``--indices-json``
+  (``{wnid: ImageNet-1k index}``).
+* ``subset``: a model trained on a subset of ImageNet classes whose checkpoint metadata lists its
+  ``classes`` as wnids (e.g. Imagenette's 10), on any ``<root>/<wnid>/<image>`` folder
+  (:func:`bagcert.imagenet_a.evaluate_subset_model`: classes matched by wnid; the report gives the
+  coverage, and metrics on the covered images).
+
+The real ImageNet-A images are not available in this environment; the tests use synthetic folders.
+
+Examples:
+    python -m bagcert.cli.imagenet_a --checkpoint in1k.pt --data /data/imagenet-a --output outputs/ina
+    python -m bagcert.cli.imagenet_a --checkpoint imagenette.pt --data ../shared/data/imagenette/images-160 --output outputs/inette
+
+Outputs in --output: results.json, summary.md, response_rate.png (matplotlib); the last printed
+line is a one-line JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ._common import json_line, pct, plt_or_none, save_figure, subset, write_report
+
+_WNID = re.compile(r"n\d{8}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m bagcert.cli.imagenet_a", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="bagcert checkpoint")
+    p.add_argument("--data", required=True, help="folder <root>/<wnid>/<image> (ImageNet-A or any ImageNet-style folder)")
+    p.add_argument("--mode", choices=["auto", "imagenet-a", "subset"], default="auto",
+                   help="imagenet-a: 1000-class model, 200-class protocol; subset: model classes matched by wnid (default: by class count)")
+    p.add_argument("--size", type=int, help="crop size (default: the checkpoint's input_size, else 224)")
+    p.add_argument("--resize", type=int, help="shorter side before the centre crop (default: checkpoint 'resize', else round(size * 256 / 224))")
+    p.add_argument("--wnids-file", help="imagenet-a mode, partial copies: the 200 ImageNet-A wnids in order, one per line")
+    p.add_argument("--indices-json", help="imagenet-a mode, partial copies: JSON {wnid: ImageNet-1k index}")
+    p.add_argument("--scores", choices=["mean_logits", "votes"], default="mean_logits",
+                   help="what the softmax is taken over for bagcert models: mean local logits (default) or vote counts")
+    p.add_argument("--num-images", type=int, help="evaluate only N images (the first N of a seeded permutation)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bin-size", type=int, default=100, help="adaptive calibration bin size (100 in the protocol)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--output", default="outputs/imagenet_a", help="report folder")
+    p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    return p
+
+
+class _Recorder:
+    """Wraps a logits function and keeps its outputs (for the per-image response-rate curve)."""
+
+    def __init__(self, fn):
+        self.fn, self.outputs = fn, []
+
+    def __call__(self, x):
+        out = self.fn(x)
+        self.outputs.append(out.detach().float().cpu())
+        return out
+
+    def logits(self) -> torch.Tensor:
+        return torch.cat(self.outputs) if self.outputs else torch.zeros(0, 0)
+
+
+def _scores_fn(model, kind: str, device: str):
+    if kind == "votes" or not hasattr(model, "mean_logits"):
+        fn = model
+    else:
+        fn = model.mean_logits
+
+    def scores(x):
+        return fn(x.to(device)).float()
+
+    return scores
+
+
+def _response_curve(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list, list]:
+    """Accuracy of the k most confident predictions, k = 1..N (confidence = max softmax)."""
+    if logits.numel() == 0:
+        return [], []
+    prob = torch.softmax(logits, dim=1)
+    conf = prob.max(dim=1).values
+    correct = (logits.argmax(dim=1) == targets).double()
+    order = torch.sort(-conf.double(), stable=True).indices
+    acc = torch.cumsum(correct[order], 0) / torch.arange(1, len(order) + 1, dtype=torch.float64)
+    rate = torch.arange(1, len(order) + 1, dtype=torch.float64) / len(order)
+    return rate.tolist(), acc.tolist()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..checkpoint import load_checkpoint
+    from ..imagenet_a import IMAGENET_A_INDICES, evaluate_imagenet_a, evaluate_subset_model, load_imagenet_a
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1 or args.bin_size < 1:
+        raise SystemExit("--batch-size and --bin-size must be >= 1")
+    model, meta = load_checkpoint(args.checkpoint)
+    model.to(args.device).eval()
+    size = args.size or int(meta.get("input_size", 224))
+    resize = args.resize or meta.get("resize") or round(size * 256 / 224)
+    if resize < size:
+        raise SystemExit(f"--resize ({resize}) must be >= the crop size ({size})")
+    mode = args.mode
+    if mode == "auto":
+        mode = "imagenet-a" if model.num_classes == 1000 else "subset"
+    root = Path(args.data)
+    recorder = _Recorder(_scores_fn(model, args.scores, args.device))
+
+    if mode == "imagenet-a":
+        if model.num_classes != 1000:
+            raise SystemExit(f"--mode imagenet-a needs a 1000-class ImageNet model; this checkpoint has {model.num_classes} classes (use --mode subset)")
+        wnids = Path(args.wnids_file).read_text().split() if args.wnids_file else None
+        indices = json.loads(Path(args.indices_json).read_text()) if args.indices_json else None
+        data = load_imagenet_a(root, size=size, resize=resize, wnids=wnids, indices=indices, allow_subset=bool(wnids or indices))
+        images, labels = data.images, data.labels
+        if args.num_images is not None and args.num_images < len(labels):
+            if args.num_images < 1:
+                raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
+            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[: args.num_images].sort().values
+            images, labels = images[keep], labels[keep]
+        with torch.no_grad():
+            res = evaluate_imagenet_a(recorder, images, labels, batch_size=args.batch_size, bin_size=args.bin_size)
+        columns = torch.tensor(IMAGENET_A_INDICES)
+        rec_logits, rec_targets = recorder.logits()[:, columns], labels
+        present = sorted({data.wnids[int(j)] for j in labels.unique()})
+        res.update(classes_total=len(present), images_total=int(labels.numel()))
+        dataset = {"name": "ImageNet-A layout", "root": str(root), "num_images": int(labels.numel()), "num_classes_present": len(present)}
+    else:
+        from ..data import load_image_folder
+
+        model_wnids = meta.get("classes")
+        if not model_wnids or not all(isinstance(w, str) and _WNID.fullmatch(w) for w in model_wnids):
+            raise SystemExit("--mode subset needs a checkpoint whose metadata 'classes' are ImageNet wnids (n + 8 digits)")
+        if len(model_wnids) != model.num_classes:
+            raise SystemExit(f"checkpoint lists {len(model_wnids)} classes for a {model.num_classes}-class model")
+        data = load_image_folder(root, size=size, resize=resize)
+        data = subset(data, args.num_images, args.seed)
+        with torch.no_grad():
+            res = evaluate_subset_model(recorder, data.images, data.labels, model_wnids, data.classes,
+                                        batch_size=args.batch_size, bin_size=args.bin_size)
+        to_model = torch.tensor([model_wnids.index(w) if w in model_wnids else -1 for w in data.classes])
+        target = to_model[data.labels]
+        rec_logits, rec_targets = recorder.logits(), target[target >= 0]
+        dataset = {"name": data.name, "root": str(root), "num_images": len(data), "num_classes_present": int(data.labels.unique().numel())}
+
+    rate, curve = _response_curve(rec_logits, rec_targets)
+    config = dict(vars(args), mode=mode, size=size, resize=resize)
+    ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "num_classes": model.num_classes}
+    results = {"mode": mode, "checkpoint": ckpt, "dataset": dataset, "scores": args.scores, **res}
+    md = _markdown(results, args.scores)
+    doc = write_report(args.output, "bagcert.cli.imagenet_a", config, results, md, device=args.device)
+    plt = plt_or_none()
+    if plt is not None and rate:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([100 * r for r in rate], [100 * a for a in curve], color="tab:blue")
+        ax.axhline(100 * res["accuracy"], color="tab:gray", ls="--", label=f"accuracy {pct(res['accuracy'])}")
+        ax.set_xlabel("response rate (%)")
+        ax.set_ylabel("accuracy of answered (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{mode}: AURRA {pct(res['aurra'])}, n={res['n']}")
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, Path(args.output) / "response_rate.png")
+    if not args.quiet:
+        print(md)
+        print(f"report written to {args.output}/ (results.json, summary.md)")
+    line = {k: doc.get(k) for k in ("mode", "accuracy", "calibration_error", "aurra", "n")}
+    if mode == "subset":
+        line.update(image_coverage=doc["image_coverage"], class_coverage=doc["class_coverage"])
+    line["output"] = str(args.output)
+    print(json_line(line))
+    return 0
+
+
+def _markdown(r: dict, scores: str) -> str:
+    lines = [
+        "# ImageNet-A style evaluation",
+        "",
+        f"- mode: {r['mode']} ({'200-class ImageNet-A protocol' if r['mode'] == 'imagenet-a' else 'classes matched by wnid'})",
+        f"- checkpoint: {r['checkpoint']['path']} ({r['checkpoint']['model']}, {r['checkpoint']['num_classes']} classes); softmax over {scores}",
+        f"- data: {r['dataset']['root']} ({r['dataset']['num_images']} images, {r['dataset']['num_classes_present']} classes)",
+        "",
+    ]
+    if r["mode"] == "subset":
+        lines += [
+            f"Coverage: {r['classes_covered']} / {r['classes_total']} classes ({pct(r['class_coverage'])}), "
+            f"{r['images_covered']} / {r['images_total']} images ({pct(r['image_coverage'])}).",
+            "",
+        ]
+    lines += [
+        "| metric | value |",
+        "| --- | ---: |",
+        f"| top-1 accuracy | {pct(r['accuracy'])} |",
+        f"| RMS calibration error (adaptive bins, all) | {pct(r['calibration_error'])} |",
+        f"| RMS calibration error (reference: last bin dropped) | {pct(r['calibration_error_reference'])} |",
+        f"| AURRA | {pct(r['aurra'])} |",
+        f"| images evaluated | {r['n']} |",
+        "",
+    ]
+    if r["mode"] == "subset":
+        lines += [f"Accuracy counting uncovered images as wrong: {pct(r['accuracy_all_images'])}.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

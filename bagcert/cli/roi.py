@@ -1,0 +1,164 @@
+"""Region of Importance / Region of Attack report: accuracy on clean, adversarial and neutralised
+images, the IoU of RoI and RoA across q, and heat-map figures (bagcert.analysis.roi).
+
+Examples:
+    python -m bagcert.cli.roi --checkpoint checkpoints/bagcert_cifar10_r9s2.pt --dataset ../shared/data/cifar10 \\
+        --num-images 200 --attack patch --output outputs/roi
+    python -m bagcert.cli.roi --checkpoint m.pt --dataset synthetic:16 --attack pgd --roi occlusion --output outputs/roi-pgd
+
+Outputs in --output: results.json, summary.md, heatmaps.png and iou.png (matplotlib); the last
+printed line is a one-line JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ._common import dataset_info, json_line, load_model_and_data, parse_list, parse_number, pct, plt_or_none, save_figure, write_report
+
+
+def _fill(text: str):
+    if text in ("zero", "mean", "blur"):
+        return text
+    value = parse_number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"fill must be zero, mean, blur or a number in [0, 1], got {text!r}")
+    return value
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m bagcert.cli.roi", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", required=True, help="CIFAR-10 folder, ImageNet-style folder or synthetic[:N]")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-images", type=int, default=100, help="first N of a seeded permutation")
+    g = p.add_argument_group("attack")
+    g.add_argument("--attack", choices=["patch", "pgd"], default="patch")
+    g.add_argument("--eps", type=parse_number, default=8 / 255, help="pgd: L-inf budget (accepts 8/255)")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--step", type=parse_number, help="step size (default: 0.05 for patch, eps / 4 for pgd)")
+    g.add_argument("--attack-patch-size", type=int, default=5)
+    g = p.add_argument_group("regions")
+    g.add_argument("--roi", choices=["auto", "local", "occlusion"], default="auto", help="auto: local logits for bagcert models")
+    g.add_argument("--reduce", choices=["mean", "max"], default="mean", help="local RoI: mean or max over the locations seeing a pixel")
+    g.add_argument("--occlusion-window", type=int, default=8)
+    g.add_argument("--occlusion-stride", type=int, default=4)
+    g.add_argument("--roa-box", type=int, default=3, help="box filter side (odd)")
+    g.add_argument("--q-roi", type=parse_number, default=20.0, help="percent of pixels kept in the RoI for neutralisation")
+    g.add_argument("--q-roa", type=parse_number, default=10.0, help="percent of pixels kept in the RoA for neutralisation")
+    g.add_argument("--qs", default="1,2,5,10,20,30,50", help="percentages for the IoU curve")
+    g.add_argument("--fill", type=_fill, default="mean", help="zero, mean, blur or a number in [0, 1]")
+    p.add_argument("--prediction", choices=["model", "logits"], default="model")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--num-figures", type=int, default=4, help="examples in heatmaps.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--output", default="outputs/roi", help="report folder")
+    p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..analysis.roi import evaluate_neutralization
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    qs = parse_list(args.qs, float, "qs")
+    for name, q in (("q-roi", args.q_roi), ("q-roa", args.q_roa), *(("qs", v) for v in qs)):
+        if not 0 <= q <= 100:
+            raise SystemExit(f"--{name} values are percentages in [0, 100], got {q}")
+    if args.roa_box < 1 or args.roa_box % 2 == 0:
+        raise SystemExit(f"--roa-box must be an odd integer >= 1, got {args.roa_box}")
+    model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images)
+    res = evaluate_neutralization(
+        model, data.images, data.labels, attack=args.attack, eps=args.eps, steps=args.steps, step=args.step,
+        attack_patch_size=args.attack_patch_size, roi_method=args.roi, reduce=args.reduce,
+        occlusion_window=args.occlusion_window, occlusion_stride=args.occlusion_stride, roa_box=args.roa_box,
+        q_roi=args.q_roi, q_roa=args.q_roa, qs=qs, fill=args.fill, batch_size=args.batch_size, seed=args.seed,
+        prediction=args.prediction, keep=max(0, args.num_figures),
+    )
+    examples = res.pop("examples", None)
+    out = Path(args.output)
+    config = dict(vars(args), qs=qs)
+    results = {"checkpoint": {"path": str(args.checkpoint), "model": model.config["name"]}, "dataset": dataset_info(data, args.split), **res}
+    md = _markdown(results)
+    doc = write_report(out, "bagcert.cli.roi", config, results, md)
+    _figures(out, results, examples)
+    if not args.quiet:
+        print(md)
+        print(f"report written to {out}/ (results.json, summary.md)")
+    line = {k: doc[k] for k in ("clean_accuracy", "adversarial_accuracy", "neutralized_accuracy_oracle", "neutralized_accuracy_gradient", "neutralized_clean_accuracy")}
+    line.update(roi_method=doc["roi_method"], num_images=doc["n"], output=str(out))
+    print(json_line(line))
+    return 0
+
+
+def _markdown(r: dict) -> str:
+    a = r["attack"]
+    what = f"patch {a['patch_size']}x{a['patch_size']}" if a["kind"] == "patch" else f"L-inf PGD eps {a['eps']:.4g}"
+    lines = [
+        "# Region of Importance / Region of Attack",
+        "",
+        f"- checkpoint: {r['checkpoint']['path']} ({r['checkpoint']['model']})",
+        f"- data: {r['dataset']['name']} ({r['n']} images, split {r['dataset']['split']})",
+        f"- attack: {what}, {a['steps']} steps of {a['step']:.4g}",
+        f"- RoI: {r['roi_method']}" + (f" ({r['reduce']} over locations)" if r["reduce"] else "") + f", top {r['q_roi']:g} %; "
+        f"RoA: box {r['roa_box']}, top {r['q_roa']:g} %; fill: {r['fill']}",
+        "",
+        "| images | accuracy |",
+        "| --- | ---: |",
+        f"| clean | {pct(r['clean_accuracy'])} |",
+        f"| adversarial | {pct(r['adversarial_accuracy'])} |",
+        f"| adversarial, neutralised (RoA = \\|x_adv - x\\|, oracle) | {pct(r['neutralized_accuracy_oracle'])} |",
+        f"| adversarial, neutralised (RoA = input gradient) | {pct(r['neutralized_accuracy_gradient'])} |",
+        f"| clean, neutralised (RoA = input gradient) | {pct(r['neutralized_clean_accuracy'])} |",
+        "",
+        "| q (%) | IoU(RoI clean, RoA oracle) | IoU(RoI clean, RoA gradient) |",
+        "| ---: | ---: | ---: |",
+    ]
+    for q in r["iou_oracle"]:
+        lines.append(f"| {float(q):g} | {r['iou_oracle'][q]:.3f} | {r['iou_gradient'][q]:.3f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _figures(out: Path, r: dict, ex) -> None:
+    plt = plt_or_none()
+    if plt is None:
+        return
+    qs = [float(q) for q in r["iou_oracle"]]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(qs, list(r["iou_oracle"].values()), marker="o", label="RoA = |x_adv - x|")
+    ax.plot(qs, list(r["iou_gradient"].values()), marker="s", label="RoA = input gradient")
+    ax.set_xlabel("q (% of pixels kept)")
+    ax.set_ylabel("mean IoU(RoI, RoA)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, out / "iou.png")
+    if not ex or ex["x"].shape[0] == 0:
+        return
+    k = ex["x"].shape[0]
+    titles = ["image", "adversarial", "RoI (clean)", "RoA |x_adv - x|", "RoA gradient", "neutralised"]
+    fig, axes = plt.subplots(k, len(titles), figsize=(1.7 * len(titles), 1.8 * k), squeeze=False)
+    for i in range(k):
+        panels = [ex["x"][i].permute(1, 2, 0), ex["x_adv"][i].permute(1, 2, 0), ex["roi_clean"][i], ex["roa_oracle"][i],
+                  ex["roa_gradient"][i], ex["neutralized"][i].permute(1, 2, 0)]
+        notes = {0: f"y={int(ex['label'][i])} pred={int(ex['pred_clean'][i])}", 1: f"pred={int(ex['pred_adv'][i])}",
+                 5: f"pred={int(ex['pred_neutralized'][i])}"}
+        for j, (ax, img) in enumerate(zip(axes[i], panels)):
+            ax.axis("off")
+            ax.imshow(img.numpy(), cmap=None if img.dim() == 3 else "magma", interpolation="nearest")
+            text = "\n".join(t for t in ((titles[j] if i == 0 else ""), notes.get(j, "")) if t)
+            if text:
+                ax.set_title(text, fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / "heatmaps.png")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

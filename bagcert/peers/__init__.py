@@ -1,0 +1,48 @@
+"""Peer certified patch defenses behind one interface (issue 6).
+
+Every certifier has ``name``, ``certify(model_or_fn, images, labels, patch_size) -> CertResult``,
+``predict(model_or_fn, images, patch_size=None)`` and ``forward_passes_per_image(image_size, patch_size)``:
+
+* :class:`BagCert` (votes, the package default) and :class:`ClippedBagNet` (Zhang et al. 2020):
+  one pass of a bagcert model.
+* :class:`PatchGuardMasking` (Xiang et al. 2021, robust masking): one pass of a bagcert model.
+* :class:`DerandomizedSmoothing` (Levine & Feizi 2020): W (column) or H*W (block) passes of any
+  base classifier on ablated, encoded images (:class:`AblatedInput`, :func:`ablation_classifier`).
+* :class:`PatchCleanser` (Xiang et al. 2022, double masking): k^2 (k^2 + 1) / 2 passes of any
+  classifier on masked images (:class:`MaskSet`).
+
+See docs/peers.md for the rules, the derivations and what the tests check.
+"""
+
+from .base import PeerCertifier
+from .classifiers import PooledClassifier, ablation_classifier, load_peer_classifier, save_peer_classifier
+from .clipped import BagCert, ClippedBagNet
+from .patchcleanser import MaskSet, PatchCleanser, double_masking_from_pairs, mask_axis
+from .patchguard import PatchGuardMasking, evidence_window_size, patchguard_certify_evidence, robust_masking
+from .smoothing import AblatedInput, DerandomizedSmoothing, ablation_keep_masks, affected_ablations, certify_counts
+from .training_transforms import random_ablation, random_masks
+
+__all__ = [
+    "AblatedInput",
+    "BagCert",
+    "ClippedBagNet",
+    "DerandomizedSmoothing",
+    "MaskSet",
+    "PatchCleanser",
+    "PatchGuardMasking",
+    "PeerCertifier",
+    "PooledClassifier",
+    "ablation_classifier",
+    "ablation_keep_masks",
+    "affected_ablations",
+    "certify_counts",
+    "double_masking_from_pairs",
+    "evidence_window_size",
+    "load_peer_classifier",
+    "mask_axis",
+    "patchguard_certify_evidence",
+    "random_ablation",
+    "random_masks",
+    "robust_masking",
+    "save_peer_classifier",
+]

@@ -1,0 +1,181 @@
+"""python -m bagcert.cli.{imagenet_a, defensive_patch, roi}: in-process smoke runs on tiny synthetic data.
+
+The real ImageNet-A images are not available here: the ImageNet-A runs use synthetic folders of the
+same ``<wnid>/<image>`` layout.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bagcert
+from bagcert.analysis import evaluate_neutralization
+from bagcert.cli import defensive_patch as cli_defpatch
+from bagcert.cli import imagenet_a as cli_ina
+from bagcert.cli import roi as cli_roi
+from bagcert.defense import DefensivePatch
+from bagcert.imagenet_a import evaluate_imagenet_a, evaluate_subset_model, load_imagenet_a
+
+ENV_KEYS = ("schema_version", "tool", "bagcert_version", "torch_version", "git_sha", "created", "device", "hardware", "config")
+
+
+def _last_json_line(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _checkpoint(path, classes, seed=0):
+    torch.manual_seed(seed)
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=len(classes), width=8).eval()
+    bagcert.save_checkpoint(path, model, input_size=32, classes=list(classes))
+    return path
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _image_folder(root, wnids, per_class, seed=0):
+    rng = np.random.default_rng(seed)
+    for w in wnids:
+        (root / w).mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / w / f"{k}.png")
+    return root
+
+
+# --- ImageNet-A -------------------------------------------------------------------------------------
+def test_imagenet_a_cli_200_class_protocol(tmp_path, capsys):
+    ckpt = tmp_path / "in1k.pt"
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=1000, width=8).eval()
+    bagcert.save_checkpoint(ckpt, model, input_size=32)
+    root = _image_folder(tmp_path / "imagenet-a", [f"n{10000000 + j:08d}" for j in range(200)], 1)
+    (root / "README.txt").write_text("ignored")
+    out = tmp_path / "ina"
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--resize", "32", "--output", str(out), "--quiet"]) == 0
+    line = _last_json_line(capsys.readouterr().out)
+    res = json.loads((out / "results.json").read_text())
+    for key in ENV_KEYS + ("accuracy", "calibration_error", "calibration_error_reference", "aurra", "n", "dataset", "checkpoint"):
+        assert key in res
+    assert res["tool"] == "bagcert.cli.imagenet_a" and res["mode"] == "imagenet-a" and res["n"] == 200
+    data = load_imagenet_a(root, size=32, resize=32)
+    direct = evaluate_imagenet_a(model.mean_logits, data.images, data.labels)
+    for key in ("accuracy", "calibration_error", "aurra"):
+        assert res[key] == pytest.approx(direct[key]) and line[key] == pytest.approx(direct[key])
+    assert (out / "summary.md").read_text().startswith("# ImageNet-A style evaluation")
+    assert (out / "response_rate.png").is_file() == _has_matplotlib()
+
+
+def test_imagenet_a_cli_subset_model_reports_coverage(tmp_path, capsys):
+    model_wnids = ["n01440764", "n02102040", "n03000684", "n09999999"]
+    ckpt = _checkpoint(tmp_path / "sub.pt", model_wnids)
+    root = _image_folder(tmp_path / "folder", ["n01440764", "n02102040", "n05555555"], 2)  # 2 of 3 classes known
+    out = tmp_path / "sub"
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--output", str(out), "--quiet"]) == 0
+    line = _last_json_line(capsys.readouterr().out)
+    res = json.loads((out / "results.json").read_text())
+    assert res["mode"] == "subset"
+    assert (res["classes_covered"], res["classes_total"], res["images_covered"], res["images_total"]) == (2, 3, 4, 6)
+    assert line["image_coverage"] == pytest.approx(4 / 6) and line["class_coverage"] == pytest.approx(2 / 3)
+    model, _ = bagcert.load_checkpoint(ckpt)
+    data = bagcert.data.load_image_folder(root, size=32, resize=37)
+    direct = evaluate_subset_model(model.mean_logits, data.images, data.labels, model_wnids, data.classes)
+    assert res["accuracy"] == pytest.approx(direct["accuracy"]) and res["aurra"] == pytest.approx(direct["aurra"])
+    assert res["covered_wnids"] == ["n01440764", "n02102040"]
+
+
+def test_imagenet_a_cli_refuses_a_non_imagenet_model(tmp_path):
+    ckpt = _checkpoint(tmp_path / "c.pt", ["cat", "dog"])
+    root = _image_folder(tmp_path / "folder", ["n01440764"], 1)
+    with pytest.raises(SystemExit, match="1000-class"):
+        cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--mode", "imagenet-a", "--output", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="wnids"):
+        cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--output", str(tmp_path / "o")])
+
+
+# --- defensive patches --------------------------------------------------------------------------------
+def test_defensive_patch_cli_makes_saves_and_evaluates(tmp_path, capsys):
+    classes = [f"class{i}" for i in range(4)]
+    src, other = _checkpoint(tmp_path / "m.pt", classes, 0), _checkpoint(tmp_path / "m2.pt", classes, 1)
+    out = tmp_path / "dp"
+    common = ["--checkpoint", str(src), "--dataset", "synthetic:16", "--num-eval", "8", "--severities", "1,5",
+              "--pgd-steps", "1", "--attack-steps", "1", "--quiet"]
+    argv = common + ["--transfer-checkpoint", str(other), "--num-train", "16", "--stage1-epochs", "1",
+                     "--stage2-epochs", "2", "--milestones", "1", "--batch-size", "8", "--corruptions", "gaussian_noise,jpeg",
+                     "--output", str(out)]
+    assert cli_defpatch.main(argv) == 0
+    line = _last_json_line(capsys.readouterr().out)
+    res = json.loads((out / "results.json").read_text())
+    for key in ENV_KEYS + ("checkpoint", "dataset", "patch", "evaluations"):
+        assert key in res
+    assert res["patch"]["pixels_per_channel"] == 224 and res["patch"]["fraction_of_image"] == pytest.approx(224 / 1024)
+    assert [h["lr_scale"] for h in res["patch"]["history"]["global_correlation"]] == pytest.approx([1.0, 1 / 3])
+    assert set(res["evaluations"]) == {"source", str(other)}
+    src_eval = res["evaluations"]["source"]
+    assert src_eval["n"] == 8 and set(src_eval["corruptions"]) == {"gaussian_noise", "jpeg"}
+    assert len(src_eval["corruptions"]["jpeg"]["with"]) == 2
+    assert line["clean"] == src_eval["clean"] and line["num_images"] == 8
+    patch = DefensivePatch.load(out / "defensive_patch.pt")
+    assert patch.num_classes == 4 and patch.num_pixels == 224
+    # the report's numbers are the library's numbers
+    model, _ = bagcert.load_checkpoint(src)
+    test = bagcert.data.load_dataset("synthetic:16", "test", size=32, num_classes=4)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))[:8].sort().values
+    x, y = test.float_images(perm), test.labels[perm]
+    with torch.no_grad():
+        assert src_eval["clean"]["with"] == pytest.approx(float((model(patch.apply(x, y)).argmax(1) == y).float().mean()))
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# Defensive patch evaluation") and "transfer: " in md
+    if _has_matplotlib():
+        assert (out / "patches.png").is_file() and (out / "corruptions.png").is_file()
+    # evaluating the saved patch again gives the same numbers
+    out2 = tmp_path / "dp2"
+    assert cli_defpatch.main(common + ["--patch", str(out / "defensive_patch.pt"), "--corruptions", "gaussian_noise",
+                                       "--output", str(out2)]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())["evaluations"]["source"]
+    assert res2["clean"] == src_eval["clean"] and res2["pgd"] == src_eval["pgd"]
+    assert res2["corruptions"]["gaussian_noise"] == src_eval["corruptions"]["gaussian_noise"]
+
+
+def test_defensive_patch_cli_bad_arguments(tmp_path):
+    ckpt = _checkpoint(tmp_path / "m.pt", ["a", "b"])
+    base = ["--checkpoint", str(ckpt), "--dataset", "synthetic:8", "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="severities"):
+        cli_defpatch.main(base + ["--severities", "1,7"])
+    with pytest.raises(SystemExit, match="unknown"):
+        cli_defpatch.main(base + ["--corruptions", "fog"])
+
+
+# --- RoI / RoA -----------------------------------------------------------------------------------------
+def test_roi_cli_report(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m.pt", [f"class{i}" for i in range(4)])
+    out = tmp_path / "roi"
+    argv = ["--checkpoint", str(ckpt), "--dataset", "synthetic:16", "--num-images", "6", "--steps", "2",
+            "--qs", "5,20", "--num-figures", "2", "--output", str(out), "--quiet"]
+    assert cli_roi.main(argv) == 0
+    line = _last_json_line(capsys.readouterr().out)
+    res = json.loads((out / "results.json").read_text())
+    for key in ENV_KEYS + ("clean_accuracy", "adversarial_accuracy", "neutralized_accuracy_oracle",
+                           "neutralized_accuracy_gradient", "neutralized_clean_accuracy", "iou_oracle", "iou_gradient"):
+        assert key in res
+    assert res["roi_method"] == "local" and res["n"] == 6 and set(res["iou_oracle"]) == {"5.0", "20.0"}
+    assert "examples" not in res
+    model, _ = bagcert.load_checkpoint(ckpt)
+    data = bagcert.data.load_dataset("synthetic:16", "test", size=32, num_classes=4)
+    idx = torch.randperm(16, generator=torch.Generator().manual_seed(0))[:6].sort().values
+    direct = evaluate_neutralization(model, data.images[idx], data.labels[idx], steps=2, qs=(5, 20), seed=0)
+    for key in ("clean_accuracy", "adversarial_accuracy", "neutralized_accuracy_oracle"):
+        assert res[key] == pytest.approx(direct[key]) and line[key] == pytest.approx(direct[key])
+    assert res["iou_oracle"] == pytest.approx(direct["iou_oracle"])
+    assert (out / "summary.md").read_text().startswith("# Region of Importance")
+    if _has_matplotlib():
+        assert (out / "heatmaps.png").is_file() and (out / "iou.png").is_file()
+    with pytest.raises(SystemExit, match="odd"):
+        cli_roi.main(argv[:-3] + ["--roa-box", "2", "--output", str(tmp_path / "bad")])
