@@ -28,7 +28,7 @@ import torch
 from .aggregation import get_aggregation, predict
 from .geometry import Geometry, parse_patch_size
 
-__all__ = ["CertResult", "certify", "certify_logits", "window_margins"]
+__all__ = ["CertResult", "certify", "certify_logits", "integral_image", "window_margins"]
 
 
 @dataclass
@@ -107,17 +107,25 @@ def _unique_ranges(ranges: torch.Tensor):
     return uniq, inverse
 
 
-def window_margins(
-    scores: torch.Tensor,
-    prediction: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    spread: float,
-):
+def integral_image(scores: torch.Tensor) -> torch.Tensor:
+    """Integral image laid out location-major: S[i, j, b, c] = sum of scores[b, c, :i, :j].
+
+    Putting the locations first makes every window lookup a copy of contiguous [B, C] blocks,
+    which is several times faster on CPU than gathering along the two innermost dimensions.
+    Integer scores accumulate in int32 (exact: counts never exceed h * w), floats in float64.
+    """
+    B, C, h, w = scores.shape
+    acc = torch.float64 if scores.is_floating_point() else torch.int32
+    S = torch.zeros(h + 1, w + 1, B, C, dtype=acc, device=scores.device)
+    S[1:, 1:] = scores.to(acc).permute(2, 3, 0, 1).cumsum(0).cumsum(1)
+    return S
+
+
+def window_margins(S: torch.Tensor, prediction: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, spread: float) -> torch.Tensor:
     """Worst-case margins for every distinct affected window.
 
     Args:
-        scores: [B, C, h, w] per-location scores (int32 or float64).
+        S: integral image from :func:`integral_image`, [h + 1, w + 1, B, C].
         prediction: long [B] the class to protect.
         rows, cols: [Ur, 2] and [Uc, 2] inclusive location ranges (empty encoded as hi = lo - 1).
         spread: high - low of the per-location score interval.
@@ -125,34 +133,29 @@ def window_margins(
     Returns:
         margins [B, Ur, Uc]: min over c != prediction of margin_c (Step 3 in the module doc).
     """
-    B, C, h, w = scores.shape
-    acc_dtype = torch.int64 if not scores.is_floating_point() else torch.float64
-    # integral image with a zero row/column in front: S[i, j] = sum of scores[:i, :j]
-    S = torch.zeros(B, C, h + 1, w + 1, dtype=acc_dtype, device=scores.device)
-    S[:, :, 1:, 1:] = scores.to(acc_dtype).cumsum(2).cumsum(3)
-    r0, r1 = rows[:, 0].to(scores.device), rows[:, 1].to(scores.device) + 1
-    c0, c1 = cols[:, 0].to(scores.device), cols[:, 1].to(scores.device) + 1
-    # window sums W_c(p) for every (row range, col range) pair: [B, C, Ur, Uc]
-    S_r1 = S.index_select(2, r1)
-    S_r0 = S.index_select(2, r0)
-    win = (S_r1.index_select(3, c1) - S_r1.index_select(3, c0)) - (
-        S_r0.index_select(3, c1) - S_r0.index_select(3, c0)
-    )
-    total = S[:, :, h, w]  # T_c
+    h, w, B, C = S.shape[0] - 1, S.shape[1] - 1, S.shape[2], S.shape[3]
+    dev = S.device
+    r0, r1 = rows[:, 0].to(dev), rows[:, 1].to(dev) + 1
+    c0, c1 = cols[:, 0].to(dev), cols[:, 1].to(dev) + 1
+    # window sums W_c(p) = S[r1, c1] - S[r0, c1] - S[r1, c0] + S[r0, c0], separably: [Ur, Uc, B, C]
+    R = S.index_select(0, r1) - S.index_select(0, r0)
+    win = R.index_select(1, c1) - R.index_select(1, c0)
+    total = S[h, w]  # T_c, [B, C]
+    Ur, Uc = win.shape[0], win.shape[1]
     # |R(p)| as a product of the two axis counts
-    size = ((r1 - r0)[:, None] * (c1 - c0)[None, :]).to(acc_dtype)
-    idx = prediction.view(B, 1, 1, 1)
+    size = (r1 - r0)[:, None] * (c1 - c0)[None, :]
+    idx = prediction.view(1, 1, B, 1).expand(Ur, Uc, B, 1)
     total_y = total.gather(1, prediction.view(B, 1))  # [B, 1]
-    win_y = win.gather(1, idx.expand(B, 1, win.shape[2], win.shape[3]))  # [B, 1, Ur, Uc]
-    # Step 3: margin_c(p) = (T_y - T_c) - (W_y(p) - W_c(p)) - spread * |R(p)|
-    if acc_dtype.is_floating_point:
-        size_term, never = size * spread, float("inf")
+    win_y = win.gather(3, idx)  # [Ur, Uc, B, 1]
+    if S.is_floating_point():
+        size_term, never = (size.to(S.dtype) * spread)[:, :, None, None], float("inf")
     else:  # integer scores have an integer spread (1 for votes): keep the arithmetic exact
-        size_term, never = size * int(spread), torch.iinfo(torch.int64).max
-    margin = (total_y - total)[:, :, None, None] - (win_y - win) - size_term
+        size_term, never = (size.to(S.dtype) * int(spread))[:, :, None, None], torch.iinfo(S.dtype).max
+    # Step 3: margin_c(p) = (T_y - T_c) - (W_y(p) - W_c(p)) - spread * |R(p)|
+    margin = (total_y - total) - (win_y - win) - size_term
     # the predicted class itself is not a competitor
-    margin.scatter_(1, idx.expand(B, 1, win.shape[2], win.shape[3]), never)
-    return margin.min(dim=1).values
+    margin.scatter_(3, idx, never)
+    return margin.amin(dim=3).permute(2, 0, 1)
 
 
 def certify_logits(
@@ -209,6 +212,7 @@ def certify_logits(
     sizes = [patch_size] if patch_sizes is None else list(patch_sizes)
     if not sizes:
         raise ValueError("patch_sizes is empty")
+    S = integral_image(scores)  # shared by every patch size
     results = {}
     for key in sizes:
         ph, pw = parse_patch_size(key)
@@ -217,7 +221,7 @@ def certify_logits(
         rows, cols = geometry.affected_ranges((H, W), (ph, pw))
         ur, inv_r = _unique_ranges(rows)
         uc, inv_c = _unique_ranges(cols)
-        m = window_margins(scores, prediction, ur, uc, agg.spread)  # [N, Ur, Uc]
+        m = window_margins(S, prediction, ur, uc, agg.spread)  # [N, Ur, Uc]
         flat = m.reshape(N, -1)
         margin, arg = flat.min(dim=1)
         # Floats: demand a margin clearly above rounding noise of the float64 sums.
