@@ -70,6 +70,17 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    rc = _main(argv)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # every rank leaves the process group together: a rank that exits early aborts gloo's peers
+        dist.barrier()
+        dist.destroy_process_group()
+    return rc
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from bagcert.checkpoint import load_checkpoint
     from bagcert.data import load_dataset
