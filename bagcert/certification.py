@@ -262,6 +262,7 @@ def _first_position(inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
 
 
 def _check_labels(labels, N, C, device):
+    """Labels as long [N] on ``device`` (or None); with ``C`` given, also checked to lie in [0, C)."""
     if labels is None:
         return None
     labels = torch.as_tensor(labels)
@@ -270,7 +271,9 @@ def _check_labels(labels, N, C, device):
     labels = labels.to(device=device, dtype=torch.long).reshape(-1)
     if labels.numel() != N:
         raise ValueError(f"got {labels.numel()} labels for {N} images")
-    if N and (labels.min() < 0 or labels.max() >= C):
+    if N and labels.min() < 0:
+        raise ValueError(f"labels must be >= 0, found {int(labels.min())}")
+    if N and C is not None and labels.max() >= C:
         bad = labels[(labels < 0) | (labels >= C)][:5].tolist()
         raise ValueError(f"labels must lie in [0, {C}) for a {C}-class model; found {bad}")
     return labels

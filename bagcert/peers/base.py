@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..certification import CertResult
+from ..certification import CertResult, _check_labels
 from ..geometry import parse_patch_size
 from ..models.base import check_images
 
@@ -64,17 +64,7 @@ def check_images_for_peer(images: torch.Tensor) -> None:
 
 def check_labels(labels, n: int, device) -> torch.Tensor | None:
     """Labels as long [N] (or None); class-range checks happen once the number of classes is known."""
-    if labels is None:
-        return None
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    labels = labels.to(device=device, dtype=torch.long).reshape(-1)
-    if labels.numel() != n:
-        raise ValueError(f"got {labels.numel()} labels for {n} images")
-    if n and labels.min() < 0:
-        raise ValueError(f"labels must be >= 0, found {int(labels.min())}")
-    return labels
+    return _check_labels(labels, n, None, device)
 
 
 def make_result(prediction, labels, certified, margin, patch_size, name, worst_position=None) -> CertResult:
