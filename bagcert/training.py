@@ -314,7 +314,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             z = fwd(x)
         if cfg.loss == "ce":
             loss = F.cross_entropy(z.float().mean(dim=(2, 3)), yb, label_smoothing=cfg.label_smoothing)
-            stats = {"loss": float(loss)}
+            stats = {"loss": float(loss.detach())}
         else:
             mw = cfg.margin_weight * min(1.0, step / margin_warm)
             loss, stats = loss_fn(z, yb, margin_weight=mw)

@@ -37,7 +37,7 @@ def check_images(x: torch.Tensor, min_size: int | None = None) -> None:
         raise InputError(f"empty image batch {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise InputError("images contain NaN or Inf values; expected finite values in [0, 1]")
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < 0.0 or hi > 1.0:
         hint = " (these look like 0-255 images: divide by 255)" if hi > 1.5 else ""
         raise InputError(f"image values must lie in [0, 1], found range [{lo:.4g}, {hi:.4g}]{hint}")
