@@ -37,6 +37,43 @@ DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r9s2.pt"
 DEFAULT_DATASET = ROOT / "samples" / "cifar10"
 
 
+def _percent(token: str) -> float:
+    try:
+        value = float(token[:-1])
+    except ValueError:
+        raise ValueError(f"patch size {token!r} is not understood: expected a percentage of the image area like '2%'") from None
+    if not 0 < value <= 100:
+        raise ValueError(f"patch area {token!r} must lie in (0, 100] %")
+    return value
+
+
+def _load_eval_data(args, meta, size, num_classes):
+    """The images to certify. A folder without split sub-folders is cut with the seeded split the checkpoint
+    was trained with (``meta['split']``): ``--split test`` keeps its test part, ``--split all`` every image."""
+    from bagcert.data import load_dataset, seeded_split
+
+    split_info = meta.get("split")
+    root = Path(args.dataset)
+    has_split_folder = (root / args.split).is_dir()
+    if args.split == "all" and not has_split_folder:
+        return load_dataset(args.dataset, "test", size=size, resize=meta.get("resize"), seed=args.seed, num_classes=num_classes)
+    data = load_dataset(args.dataset, args.split, size=size, resize=meta.get("resize"), seed=args.seed, num_classes=num_classes)
+    if split_info and data.info.get("layout") == "image-folder" and not has_split_folder:
+        n = int(split_info["num_images"])
+        if len(data) != n:
+            raise SystemExit(
+                f"{args.dataset} has {len(data)} images but the checkpoint's seeded split was made over {n}: "
+                "not the same folder (give --split all to certify every image)"
+            )
+        if args.split not in ("test", "train"):
+            raise SystemExit(f"--split must be test, train or all for a folder without split folders, got {args.split!r}")
+        tr, te = seeded_split(n, float(split_info["test_fraction"]), int(split_info["seed"]))
+        data = data.subset(te if args.split == "test" else tr)
+        data.info["split"] = args.split
+        data.info["seeded_split"] = {k: split_info[k] for k in ("seed", "test_fraction", "num_images") if k in split_info}
+    return data
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="bagcert checkpoint (default: the shipped CIFAR-10 model)")
@@ -45,8 +82,15 @@ def build_parser():
         default=str(DEFAULT_DATASET),
         help="CIFAR-10 folder (torchvision cifar-10-batches-py or <root>/test/<class>/*), an ImageNet-style folder, or synthetic[:N]",
     )
-    p.add_argument("--split", default="test", help="split folder for datasets that have one (default: test)")
-    p.add_argument("--patch-sizes", default="1,2,3,4,5,6,7,8,3x7,7x3", help="comma-separated sizes: 5 for 5x5, 3x7 for height 3 x width 7")
+    p.add_argument(
+        "--split", default="test",
+        help="split folder for datasets that have one (default: test). For a folder without splits, 'test' is the "
+        "seeded test split recorded in the checkpoint (if any) and 'all' every image",
+    )
+    p.add_argument(
+        "--patch-sizes", default="1,2,3,4,5,6,7,8,3x7,7x3",
+        help="comma-separated sizes: 5 for 5x5, 3x7 for height 3 x width 7, 2%% for a square of 2%% of the image area",
+    )
     p.add_argument("--aggregation", choices=["votes", "majority", "clipped"], help="default: the model's own")
     p.add_argument("--num-images", type=int, help="certify only the first N images of a seeded permutation")
     p.add_argument("--batch-size", type=int, default=250)
@@ -83,9 +127,8 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from bagcert.checkpoint import load_checkpoint
-    from bagcert.data import load_dataset
     from bagcert.evaluation import certify_dataset, size_key
-    from bagcert.geometry import parse_patch_size
+    from bagcert.geometry import parse_patch_size, patch_side_for_area
     from bagcert.report import write_certification_report
 
     if args.threads:
@@ -97,13 +140,28 @@ def _main(argv=None) -> int:
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
 
-    sizes = [s for s in args.patch_sizes.split(",") if s.strip()]
-    if not sizes:
-        raise SystemExit("--patch-sizes is empty; give e.g. 1,2,5 or 3x7")
+    size_tokens = [s.strip() for s in args.patch_sizes.split(",") if s.strip()]
+    if not size_tokens:
+        raise SystemExit("--patch-sizes is empty; give e.g. 1,2,5 or 3x7 or 2%")
     try:
-        sizes = [parse_patch_size(s) for s in sizes]
+        # percentages are resolved once the model's input size is known; checked here so that bad input fails fast
+        [_percent(t) if t.endswith("%") else parse_patch_size(t) for t in size_tokens]
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--patch-sizes: {e}") from None
+    area_sizes = {}
+
+    def resolve_sizes(tokens, image_size):
+        out = []
+        for t in tokens:
+            if t.endswith("%"):
+                side = patch_side_for_area(_percent(t), image_size)
+                area_sizes[t] = f"{side}x{side}"
+                out.append((side, side))
+            else:
+                out.append(parse_patch_size(t))
+        return out
+
+    sizes = resolve_sizes(size_tokens, 32)  # placeholder keys for the attack-size check below
     attacks = _parse_attacks(args.attacks)
     attack_keys = None
     if attacks:
@@ -116,8 +174,9 @@ def _main(argv=None) -> int:
             raise SystemExit(f"--attack-step-size must be > 0, got {args.attack_step_size}")
         keys = [size_key(s) for s in sizes]
         if args.attack_patch_sizes:
+            attack_tokens = [s.strip() for s in args.attack_patch_sizes.split(",") if s.strip()]
             try:
-                attack_keys = [size_key(s) for s in args.attack_patch_sizes.split(",") if s.strip()]
+                attack_keys = [size_key(s) for s in resolve_sizes(attack_tokens, 32)]
             except (TypeError, ValueError) as e:
                 raise SystemExit(f"--attack-patch-sizes: {e}") from None
             bad = [k for k in attack_keys if k not in keys]
@@ -127,7 +186,10 @@ def _main(argv=None) -> int:
     model, meta = load_checkpoint(args.checkpoint)
     model.to(args.device).eval()
     size = int(meta.get("input_size", 32))
-    data = load_dataset(args.dataset, args.split, size=size, resize=meta.get("resize"), seed=args.seed, num_classes=model.num_classes)
+    sizes = resolve_sizes(size_tokens, size)
+    if attack_keys is not None:
+        attack_keys = [size_key(s) for s in resolve_sizes(attack_tokens, size)]
+    data = _load_eval_data(args, meta, size, model.num_classes)
     if len(data.classes) != model.num_classes:
         raise SystemExit(f"dataset has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":
@@ -151,8 +213,12 @@ def _main(argv=None) -> int:
         return 0
     config = {k: v for k, v in vars(args).items()}
     config["patch_sizes"] = [size_key(s) for s in sizes]
+    if area_sizes:
+        config["patch_area_sizes"] = {k: v for k, v in area_sizes.items()}
     config["world_size"] = world
     dataset = {"name": data.name, "root": data.info.get("root"), "split": data.info.get("split", args.split)}
+    if "seeded_split" in data.info:
+        dataset["seeded_split"] = data.info["seeded_split"]
     ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "model_kwargs": model.config["kwargs"], "metadata_summary": {k: meta[k] for k in ("dataset", "epochs", "wall_seconds", "eval") if k in meta}}
     empirical = None
     if attacks:

@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int)
     g.add_argument("--train-limit", type=int)
     g.add_argument("--eval-images", type=int, help="held-out images evaluated during training")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split for datasets without one")
-    g.add_argument("--test-fraction", type=float, default=0.2)
+    g.add_argument("--split-seed", type=int, help="seed of the train/test split for datasets without one (default 0)")
+    g.add_argument("--test-fraction", type=float, help="test share of that split (default 0.2)")
+    g.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="ImageNet-style: decode training images at --resize x --resize and train on random "
+                        "--image-size crops (evaluation uses the centre crop)")
     g.add_argument("--cutout", type=int)
     g.add_argument("--pad", type=int)
     g = p.add_argument_group("model")
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bce-weight", type=float)
     g.add_argument("--ce-weight", type=float)
     g.add_argument("--bce-pos-weight", type=float, help="weight of the true-class BCE term (lowers the vote threshold)")
+    g.add_argument("--margin-reduce", choices=["min", "mean"], help="hinge the worst window (min) or every window (mean)")
     g.add_argument("--label-smoothing", type=float)
     g = p.add_argument_group("system")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CPU with AMX, CUDA)")
@@ -119,17 +123,23 @@ def _main(argv=None) -> int:
     cfg = resolve_config(args)
     rank, world, _ = distributed_env()
     size = cfg.image_size
-    train_data = load_dataset(cfg.dataset, "train", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
+    if cfg.random_crop and (cfg.resize is None or cfg.resize < size):
+        raise SystemExit(f"--random-crop needs --resize >= --image-size ({size}), got resize {cfg.resize}")
+    train_size = cfg.resize if cfg.random_crop else size
+    train_data = load_dataset(cfg.dataset, "train", size=train_size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
     try:
         eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
     except Exception:
         eval_data = None
     if eval_data is None or eval_data.info.get("root") == train_data.info.get("root") and cfg.dataset != "synthetic" and not cfg.dataset.startswith("synthetic"):
-        # no split in the dataset: make a seeded one and record it
-        tr, te = seeded_split(len(train_data), args.test_fraction, args.split_seed)
-        full = train_data
-        train_data, eval_data = full.subset(tr), full.subset(te)
-        train_data.info.update(split_seed=args.split_seed, test_fraction=args.test_fraction)
+        # no split in the dataset: make a seeded one and record it (in the checkpoint metadata too)
+        tr, te = seeded_split(len(train_data), cfg.test_fraction, cfg.split_seed)
+        full_eval = eval_data if eval_data is not None else train_data
+        train_data, eval_data = train_data.subset(tr), full_eval.subset(te)
+        train_data.info["split"] = {
+            "seed": cfg.split_seed, "test_fraction": cfg.test_fraction, "num_images": len(tr) + len(te),
+            "num_train": len(tr), "num_test": len(te), "rule": "bagcert.data.seeded_split",
+        }
     if len(train_data.classes) != cfg.num_classes:
         raise SystemExit(f"dataset has {len(train_data.classes)} classes but --num-classes is {cfg.num_classes}")
     if cfg.eval_images and eval_data is not None and len(eval_data) > cfg.eval_images:

@@ -295,8 +295,13 @@ def augment_batch(
     cutout: int = 0,
     rows: torch.Tensor | None = None,
     global_size: int | None = None,
+    crop: int | None = None,
 ) -> torch.Tensor:
     """Random flips, pad-and-crop (zero padding) and optional cutout on a whole batch [B, C, H, W].
+
+    ``crop``: output side; a random ``crop`` x ``crop`` window of the (padded) image is kept, so images
+    stored larger than the model's input (e.g. 146 px for a 128 px model) get random translations
+    without any zero border. None keeps the input size (the classic pad-and-crop).
 
     Works on uint8 or float tensors; all randomness comes from ``generator`` (reproducible).
     Under data parallelism, pass the rows of the global batch this process holds (``rows``) and
@@ -306,13 +311,17 @@ def augment_batch(
     B, C, H, W = x.shape
     n = B if global_size is None else global_size
     sel = torch.arange(B) if rows is None else rows
+    if crop is not None and not 1 <= crop <= min(H, W) + 2 * pad:
+        raise ValueError(f"crop {crop} must lie in [1, {min(H, W) + 2 * pad}] for {H}x{W} images with pad {pad}")
     if flip:
         f = (torch.rand(n, generator=generator) < 0.5)[sel]
         x = torch.where(f.view(B, 1, 1, 1).to(x.device), x.flip(3), x)
-    if pad > 0:
-        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)[sel].to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)[sel].to(x.device)
+    if pad > 0 or (crop is not None and (crop, crop) != (H, W)):
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
+        Ho, Wo = (H, W) if crop is None else (crop, crop)
+        dy = torch.randint(0, H + 2 * pad - Ho + 1, (n,), generator=generator)[sel].to(x.device)
+        dx = torch.randint(0, W + 2 * pad - Wo + 1, (n,), generator=generator)[sel].to(x.device)
+        H, W = Ho, Wo
         r = dy.view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # [B, H]
         c = dx.view(B, 1) + torch.arange(W, device=x.device).view(1, W)  # [B, W]
         bidx = torch.arange(B, device=x.device).view(B, 1, 1)

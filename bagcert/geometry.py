@@ -34,6 +34,20 @@ __all__ = ["ConvSpec", "Geometry", "parse_patch_size", "axis_ranges"]
 ConvSpec = tuple  # (kernel, stride, padding)
 
 
+def patch_side_for_area(percent: float, image_size) -> int:
+    """Side of the square patch covering ``percent`` % of an ``(H, W)`` image (rounded to the nearest pixel).
+
+    ImageNet at 224 px: 1 % -> 22 (the literature rounds 22.4 up to 23), 2 % -> 32, 3 % -> 39; at 128 px:
+    1 % -> 13, 2 % -> 18, 3 % -> 22. Round half up; at least 1 px.
+    """
+    import math
+
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 < percent <= 100:
+        raise ValueError(f"patch area must be a percentage in (0, 100], got {percent!r}")
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return max(1, int(math.floor(math.sqrt(percent / 100.0 * h * w) + 0.5)))
+
+
 def parse_patch_size(patch_size) -> tuple[int, int]:
     """Normalise a patch size given as ``5``, ``(3, 7)``, ``"5"`` or ``"3x7"`` to ``(height, width)``."""
     if isinstance(patch_size, str):

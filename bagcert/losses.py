@@ -58,12 +58,15 @@ def _window_sum_all(votes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor)
     return (S_r1.index_select(3, c1) - S_r1.index_select(3, c0)) - (S_r0.index_select(3, c1) - S_r0.index_select(3, c0))
 
 
-def worst_case_margin(votes: torch.Tensor, labels: torch.Tensor, geometry: Geometry, image_size, patch_sizes) -> torch.Tensor:
+def worst_case_margin(votes: torch.Tensor, labels: torch.Tensor, geometry: Geometry, image_size, patch_sizes, reduce: str = "min") -> torch.Tensor:
     """Smallest certificate margin over patch sizes, positions and classes c != label: [B].
 
     ``votes`` may be hard votes (then the result equals the certificate's margin for samples whose
-    prediction is the label) or straight-through votes (differentiable).
+    prediction is the label) or straight-through votes (differentiable). ``reduce="none"`` returns
+    every margin instead, [B, K] over (size, class, position), with ``+inf`` in the label's entries.
     """
+    if reduce not in ("min", "none"):
+        raise ValueError(f"reduce must be 'min' or 'none', got {reduce!r}")
     B, C, h, w = votes.shape
     v = votes if votes.is_floating_point() else votes.float()
     total = v.sum(dim=(2, 3))  # [B, C]
@@ -79,6 +82,9 @@ def worst_case_margin(votes: torch.Tensor, labels: torch.Tensor, geometry: Geome
         size_R = ((rows[:, 1] - rows[:, 0] + 1)[:, None] * (cols[:, 1] - cols[:, 0] + 1)[None, :]).to(v.dtype)
         m = diff_total[:, :, None, None] - (win_y - win) - size_R  # [B, C, Ur, Uc]
         m = m.scatter(1, y.view(B, 1, 1, 1).expand(B, 1, m.shape[2], m.shape[3]), float("inf"))
+        if reduce == "none":
+            worst = m.flatten(1) if worst is None else torch.cat([worst, m.flatten(1)], dim=1)
+            continue
         m = m.flatten(1).min(dim=1).values
         worst = m if worst is None else torch.minimum(worst, m)
     return worst
@@ -86,6 +92,11 @@ def worst_case_margin(votes: torch.Tensor, labels: torch.Tensor, geometry: Geome
 
 class BagCertLoss(torch.nn.Module):
     """``margin_weight * relu(kappa - m / N) + bce_weight * BCE(local logits, one-hot) + ce_weight * CE(mean logits)``.
+
+    ``margin_reduce="min"`` hinges the worst margin (the certificate itself: its gradient reaches the
+    locations of one window and one class). ``"mean"`` averages the hinge over every patch position,
+    size and wrong class, ``mean relu(kappa - m_c(p) / N)``: zero exactly when every window's margin
+    clears kappa, and every window below that target passes gradient.
 
     Args:
         geometry: the model's geometry.
@@ -97,10 +108,14 @@ class BagCertLoss(torch.nn.Module):
         label_smoothing: for the CE term.
         bce_pos_weight: weight of the positive (true-class) term of the BCE; w > 1 lowers the
             posterior at which a location votes for its class from 0.5 to 1 / (1 + w).
+        margin_reduce: ``"min"`` or ``"mean"`` (see above).
     """
 
-    def __init__(self, geometry, image_size, patch_sizes=(5,), tau=1.0, kappa=0.25, margin_weight=1.0, bce_weight=1.0, ce_weight=0.0, label_smoothing=0.0, bce_pos_weight=1.0):
+    def __init__(self, geometry, image_size, patch_sizes=(5,), tau=1.0, kappa=0.25, margin_weight=1.0, bce_weight=1.0, ce_weight=0.0, label_smoothing=0.0, bce_pos_weight=1.0, margin_reduce="min"):
         super().__init__()
+        if margin_reduce not in ("min", "mean"):
+            raise ValueError(f"margin_reduce must be 'min' or 'mean', got {margin_reduce!r}")
+        self.margin_reduce = margin_reduce
         self.geometry = geometry
         self.image_size = tuple(image_size)
         self.patch_sizes = [parse_patch_size(p) for p in patch_sizes]
@@ -117,10 +132,17 @@ class BagCertLoss(torch.nn.Module):
         loss = z.new_zeros(())
         mw = self.margin_weight if margin_weight is None else margin_weight
         votes = straight_through_votes(z, self.tau)
-        margin = worst_case_margin(votes, labels, self.geometry, self.image_size, self.patch_sizes)
+        if self.margin_reduce == "min":
+            margin = worst_case_margin(votes, labels, self.geometry, self.image_size, self.patch_sizes)
+            hinge = F.relu(self.kappa - margin / (h * w))
+        else:
+            margins = worst_case_margin(votes, labels, self.geometry, self.image_size, self.patch_sizes, reduce="none")
+            margin = margins.min(dim=1).values
+            finite = torch.isfinite(margins)
+            hinge = (F.relu(self.kappa - margins / (h * w)) * finite).sum(1) / finite.sum(1)
         stats["margin"] = margin.detach()
         if mw > 0:
-            l_margin = F.relu(self.kappa - margin / (h * w)).mean()
+            l_margin = hinge.mean()
             loss = loss + mw * l_margin
             stats["loss_margin"] = float(l_margin.detach())
         if self.bce_weight > 0:

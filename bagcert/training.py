@@ -32,7 +32,7 @@ from .data import Dataset, augment_batch
 from .losses import BagCertLoss
 from .models import create_model
 
-__all__ = ["TrainConfig", "train", "evaluate", "distributed_env", "export_checkpoint"]
+__all__ = ["TrainConfig", "train", "evaluate", "distributed_env", "export_checkpoint", "dataset_metadata"]
 
 
 @dataclass
@@ -47,6 +47,9 @@ class TrainConfig:
     flip: bool = True
     pad: int = 4
     cutout: int = 0
+    random_crop: bool = False  # train images stored at resize x resize, random image_size crops (ImageNet-style)
+    split_seed: int = 0  # seeded train/test split for datasets without one
+    test_fraction: float = 0.2
     # model
     model: str = "cifar_bagnet9_s2"
     model_kwargs: dict = field(default_factory=dict)
@@ -69,6 +72,7 @@ class TrainConfig:
     margin_warmup_epochs: float = 1.0
     bce_weight: float = 1.0
     bce_pos_weight: float = 1.0
+    margin_reduce: str = "min"  # min (the certificate's worst window) | mean (hinge averaged over windows)
     ce_weight: float = 1.0
     label_smoothing: float = 0.0
     # system
@@ -218,6 +222,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         ce_weight=cfg.ce_weight,
         label_smoothing=cfg.label_smoothing,
         bce_pos_weight=cfg.bce_pos_weight,
+        margin_reduce=cfg.margin_reduce,
     )
 
     n = len(train_data) if cfg.train_limit is None else min(cfg.train_limit, len(train_data))
@@ -303,6 +308,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         xb = augment_batch(
             xb, _seeded(cfg.seed, epoch, k, 7), flip=cfg.flip, pad=cfg.pad, cutout=cfg.cutout,
             rows=torch.arange(rank, len(gidx), world), global_size=len(gidx),
+            crop=cfg.image_size if cfg.random_crop else None,
         )
         x = xb.to(device).float().div_(255.0)
         if cfg.channels_last:
@@ -390,6 +396,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         }
         if cfg.resize is not None:
             meta["resize"] = cfg.resize
+        meta.update(dataset_metadata(train_data))
         final_model = final_model.to(memory_format=torch.contiguous_format)
         final_model.check_inputs = True
         save_checkpoint(out / "model.pt", final_model, **meta)
@@ -426,6 +433,20 @@ def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
         meta["resize"] = cfg.resize
     meta.update(extra_metadata)
     return save_checkpoint(path, model, **meta)
+
+
+def dataset_metadata(train_data) -> dict:
+    """Checkpoint metadata from the training set: the seeded split (if one was made) and, for models
+    whose classes are Imagenette wnids, the ImageNet-1k index of each label."""
+    from .attacks.imagenet_patch_attack import imagenet_label_mapping
+
+    meta = {}
+    if "split" in train_data.info:
+        meta["split"] = dict(train_data.info["split"])
+    applicable, indices, _ = imagenet_label_mapping({}, train_data.classes, len(train_data.classes))
+    if applicable and indices is not None:
+        meta["imagenet_indices"] = list(indices)
+    return meta
 
 
 class _LocalLogits(torch.nn.Module):

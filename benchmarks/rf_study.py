@@ -27,26 +27,30 @@ from bagcert.models import create_model  # noqa: E402
 from bagcert.report import environment_info  # noqa: E402
 from bagcert.training import TrainConfig, train  # noqa: E402
 
+#: name -> (model kwargs, loss overrides). Loss defaults are TrainConfig's (min-margin hinge, BCE, CE).
 CONFIGS = {
-    "r5_s1_w64": dict(receptive_field=5, stride=1, width=64),
-    "r9_s1_w64": dict(receptive_field=9, stride=1, width=64),
-    "r9_s2_w128": dict(receptive_field=9, stride=2, width=128),
-    "r9_s2_w128_valid": dict(receptive_field=9, stride=2, width=128, padding="valid"),
-    "r13_s2_w128": dict(receptive_field=13, stride=2, width=128),
-    }
+    "r5_s2_w128": (dict(receptive_field=5, stride=2, width=128), {}),
+    "r7_s2_w128": (dict(receptive_field=7, stride=2, width=128), {}),
+    "r9_s2_w128": (dict(receptive_field=9, stride=2, width=128), {}),
+    "r13_s2_w128": (dict(receptive_field=13, stride=2, width=128), {}),
+    "r9_s2_w128_valid": (dict(receptive_field=9, stride=2, width=128, padding="valid"), {}),
+    "r9_s1_w64": (dict(receptive_field=9, stride=1, width=64), {}),
+    "r9_s2_w128_mean": (dict(receptive_field=9, stride=2, width=128), {"margin_reduce": "mean"}),
+    "r9_s2_w128_pw3": (dict(receptive_field=9, stride=2, width=128), {"bce_pos_weight": 3.0}),
+}
 
 
-def probe_throughput(kwargs, batch=128, steps=6):
+def probe_throughput(kwargs, loss_kw, amp, batch=128, steps=6):
     m = create_model("cifar_bagnet", num_classes=10, **kwargs).to(memory_format=torch.channels_last)
     m.check_inputs = False
     opt = torch.optim.AdamW(m.parameters(), 1e-3)
-    loss_fn = BagCertLoss(m.geometry, (32, 32), [5])
+    loss_fn = BagCertLoss(m.geometry, (32, 32), [5], **loss_kw)
     x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             z = m.local_logits(x)
         loss, _ = loss_fn(z, y)
         opt.zero_grad()
@@ -62,8 +66,12 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget per configuration")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--eval-images", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per configuration (default: all)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (slower than fp32 for these models on the 2-core Xeon)")
     p.add_argument("--output", default="docs/results/rf_study")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     train_data = load_cifar10(args.dataset, "train")
@@ -76,7 +84,7 @@ def main(argv=None):
         if name in done:
             rows.append(done[name])
             continue
-        kw = CONFIGS[name]
+        kw, loss_kw = CONFIGS[name]
         from bagcert.checkpoint import load_checkpoint
 
         if (out / name / "model.pt").is_file():  # trained by an interrupted earlier call: reuse it
@@ -86,10 +94,10 @@ def main(argv=None):
             ips = cfg_done["epochs"] * len(train_data) / (args.minutes * 60)
         else:
             model = None
-            ips = probe_throughput(kw)
+            ips = probe_throughput(kw, loss_kw, args.amp)
             epochs = args.minutes * 60 * ips / len(train_data)
         cfg = None if model is not None else TrainConfig(
-            dataset=args.dataset, model="cifar_bagnet", model_kwargs=kw, epochs=epochs, amp=True, ema=0.0,
+            dataset=args.dataset, model="cifar_bagnet", model_kwargs=kw, epochs=epochs, amp=args.amp, ema=0.0, **loss_kw,
             warmup_epochs=min(1.0, epochs / 5), margin_warmup_epochs=min(2.0, epochs / 3), eval_every=1e9,
             output=str(out / name), tensorboard=False, progress=False, checkpoint_minutes=1e9,
         )
@@ -101,24 +109,26 @@ def main(argv=None):
         res, timing = certify_dataset(model, test, [2, 5, 8])
         gh, gw = model.grid_size(32, 32)
         row = {
-            "name": name, **kw, "locations": gh * gw, "train_images_per_s": ips, "epochs": epochs, "train_wall_s": wall,
+            "name": name, **kw, "loss": loss_kw, "locations": gh * gw, "train_images_per_s": ips, "epochs": epochs, "train_wall_s": wall,
             "clean": res["5"].clean_accuracy, "certified_2": res["2"].certified_accuracy,
             "certified_5": res["5"].certified_accuracy, "certified_8": res["8"].certified_accuracy,
             "certify_images_per_s": len(test) / timing["total_s"],
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
-        results_path.write_text(json.dumps({"env": environment_info(), "minutes": args.minutes, "eval_images": len(test), "rows": rows}, indent=2))
+        results_path.write_text(json.dumps({"env": environment_info(), "minutes": args.minutes, "amp": args.amp, "eval_images": len(test), "rows": rows}, indent=2))
     lines = [
-        f"Budget {args.minutes} min of training per configuration, bf16 autocast + channels_last, batch 128, AdamW 2e-3,",
+        f"Budget {args.minutes} min of training per configuration with {torch.get_num_threads()} thread(s), "
+        f"{'bf16 autocast' if args.amp else 'fp32'} + channels_last, batch 128, AdamW 2e-3,",
         f"certified loss (patch 5). Evaluated on {len(test)} CIFAR-10 (JPEG q75 copy) test images.",
         "",
-        "| config | rf | stride | padding | width | locations | train img/s | epochs | clean % | cert 2x2 % | cert 5x5 % | cert 8x8 % |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| config | rf | stride | padding | width | loss change | locations | train img/s | epochs | clean % | cert 2x2 % | cert 5x5 % | cert 8x8 % |",
+        "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['receptive_field']} | {r['stride']} | {r.get('padding', 'same')} | {r['width']} | {r['locations']} | "
+            f"| {r['name']} | {r['receptive_field']} | {r['stride']} | {r.get('padding', 'same')} | {r['width']} | "
+            f"{', '.join(f'{k}={v}' for k, v in r.get('loss', {}).items()) or '-'} | {r['locations']} | "
             f"{r['train_images_per_s']:.0f} | {r['epochs']:.2f} | {100 * r['clean']:.1f} | {100 * r['certified_2']:.1f} | "
             f"{100 * r['certified_5']:.1f} | {100 * r['certified_8']:.1f} |"
         )

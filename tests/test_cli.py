@@ -83,3 +83,61 @@ def test_train_cli_smoke_and_config(tmp_path, capsys):
     rc = train.main(["--config", str(out / "config.json"), "--output", str(tmp_path / "replay"), "--no-progress", "--no-tensorboard"])
     replay, _ = bagcert.load_checkpoint(tmp_path / "replay" / "model.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), replay.state_dict().values()))
+
+
+def _wnid_folder(root, n_per_class=6):
+    from PIL import Image
+
+    wnids = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
+             "n03394916", "n03417042", "n03425413", "n03445777", "n03888257"]
+    g = torch.Generator().manual_seed(0)
+    for c, wnid in enumerate(wnids):
+        (root / wnid).mkdir(parents=True)
+        for k in range(n_per_class):
+            base = torch.tensor([c * 25, 255 - c * 20, (c * 70) % 256], dtype=torch.float32).view(1, 1, 3)
+            img = (base + 30 * torch.rand(44, 52, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(img).save(root / wnid / f"{k}.png")
+    return wnids
+
+
+def test_imagenet_style_training_records_split_and_certify_reuses_it(tmp_path, capsys):
+    """train.py on a wnid folder without splits: random crops, seeded split and ImageNet indices in the metadata;
+    certify.py then certifies exactly the test part, with patch sizes given as a share of the image area."""
+    data = tmp_path / "inet"
+    wnids = _wnid_folder(data)
+    out = tmp_path / "run"
+    rc = train.main(["--dataset", str(data), "--image-size", "32", "--resize", "40", "--random-crop", "--pad", "0",
+                     "--model", "image_bagnet17_s8", "--model-kwargs", '{"width": 16}', "--patch-sizes", "4",
+                     "--epochs", "1", "--batch-size", "16", "--split-seed", "3", "--test-fraction", "0.25",
+                     "--output", str(out), "--no-progress", "--no-tensorboard"])
+    assert rc == 0
+    _, meta = bagcert.load_checkpoint(out / "model.pt")
+    assert meta["classes"] == wnids and meta["imagenet_indices"][:3] == [0, 217, 482]
+    assert meta["split"]["seed"] == 3 and meta["split"]["num_test"] == 15 and meta["split"]["num_images"] == 60
+    assert meta["input_size"] == 32 and meta["resize"] == 40
+    capsys.readouterr()
+    rc = certify.main(["--checkpoint", str(out / "model.pt"), "--dataset", str(data), "--patch-sizes", "1%,4,3%",
+                       "--output", str(tmp_path / "rep"), "--no-progress", "--quiet"])
+    assert rc == 0
+    line = _last_json_line(capsys.readouterr().out)
+    assert line["num_images"] == 15 and set(line["certified_accuracy"]) == {"3", "4", "6"}  # 1 % of 32x32 -> 3, 3 % -> 6
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert res["dataset"]["seeded_split"] == {"seed": 3, "test_fraction": 0.25, "num_images": 60}
+    assert res["config"]["patch_area_sizes"] == {"1%": "3x3", "3%": "6x6"}
+    rc = certify.main(["--checkpoint", str(out / "model.pt"), "--dataset", str(data), "--split", "all", "--patch-sizes", "4",
+                       "--output", str(tmp_path / "rep_all"), "--no-progress", "--quiet"])
+    assert _last_json_line(capsys.readouterr().out)["num_images"] == 60
+    with pytest.raises(SystemExit, match="percentage"):
+        certify.main(["--checkpoint", str(out / "model.pt"), "--dataset", str(data), "--patch-sizes", "x%", "--output", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--random-crop needs --resize"):
+        train.main(["--dataset", str(data), "--image-size", "32", "--random-crop", "--output", str(tmp_path / "bad")])
+
+
+def test_patch_side_for_area():
+    from bagcert.geometry import patch_side_for_area
+
+    assert [patch_side_for_area(p, 224) for p in (1, 2, 3)] == [22, 32, 39]
+    assert [patch_side_for_area(p, 128) for p in (1, 2, 3)] == [13, 18, 22]
+    assert patch_side_for_area(2, (32, 32)) == 5  # CIFAR-10's 5x5 patch is 2.4 %
+    with pytest.raises(ValueError, match="percentage"):
+        patch_side_for_area(0, 32)

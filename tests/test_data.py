@@ -107,3 +107,28 @@ def test_pad_crop_is_a_shift():
 def test_shared_cifar10_counts():
     ds = load_cifar10(SHARED / "cifar10", "test")
     assert len(ds) == 10_000 and torch.equal(torch.bincount(ds.labels), torch.full((10,), 1000))
+
+
+def test_augment_batch_random_crop_is_a_window_of_the_input():
+    from bagcert.data import augment_batch
+
+    x = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    out = augment_batch(x, torch.Generator().manual_seed(3), flip=False, pad=0, crop=16)
+    again = augment_batch(x, torch.Generator().manual_seed(3), flip=False, pad=0, crop=16)
+    assert out.shape == (6, 3, 16, 16) and out.dtype == torch.uint8 and torch.equal(out, again)
+    offsets = set()
+    for i in range(6):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], x[i, :, dy:dy + 16, dx:dx + 16])]
+        assert len(hits) == 1
+        offsets.add(hits[0])
+    assert len(offsets) > 1  # the offsets are random, not always the centre
+    # crop with flips: every output is a window of the image or of its mirror
+    out = augment_batch(x, torch.Generator().manual_seed(4), flip=True, pad=0, crop=16)
+    for i in range(6):
+        assert any(torch.equal(out[i], src[:, dy:dy + 16, dx:dx + 16]) for src in (x[i], x[i].flip(2)) for dy in range(5) for dx in range(5))
+    # crop=None keeps the classic pad-and-crop draws (same output as before the option existed)
+    a = augment_batch(x, torch.Generator().manual_seed(5), pad=2)
+    b = augment_batch(x, torch.Generator().manual_seed(5), pad=2, crop=20)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="crop 30"):
+        augment_batch(x, torch.Generator().manual_seed(0), pad=0, crop=30)

@@ -67,3 +67,43 @@ def test_min_over_several_patch_sizes():
     a = worst_case_margin(v, labels, geometry, (8, 8), [2])
     b = worst_case_margin(v, labels, geometry, (8, 8), [4])
     assert torch.equal(both, torch.minimum(a, b))
+
+
+def test_margin_reduce_none_holds_every_window_and_min_matches():
+    torch.manual_seed(1)
+    geometry = Geometry.from_layers([(3, 1, 1)])
+    votes = (torch.rand(3, 4, 6, 6) > 0.5).float()
+    labels = torch.tensor([0, 3, 1])
+    sizes = [(2, 2), (1, 3)]
+    every = worst_case_margin(votes, labels, geometry, (6, 6), sizes, reduce="none")
+    worst = worst_case_margin(votes, labels, geometry, (6, 6), sizes)
+    assert torch.equal(every.min(dim=1).values, worst)
+    # one +inf per position for the label; the rest finite
+    assert (torch.isinf(every).sum(1) * 3 == (~torch.isinf(every)).sum(1)).all()
+    with pytest.raises(ValueError, match="reduce"):
+        worst_case_margin(votes, labels, geometry, (6, 6), sizes, reduce="max")
+
+
+def test_mean_margin_hinge_spreads_gradient_and_vanishes_when_certified():
+    geometry = Geometry.from_layers([(3, 1, 1)])
+    y = torch.tensor([2])
+    # every location votes for the label only: every window clears a small kappa
+    z = torch.full((1, 4, 8, 8), -3.0)
+    z[:, 2] = 3.0
+    z.requires_grad_(True)
+    for reduce in ("min", "mean"):
+        loss_fn = BagCertLoss(geometry, (8, 8), [2], kappa=0.1, margin_weight=1.0, bce_weight=0.0, margin_reduce=reduce)
+        loss, stats = loss_fn(z, y)
+        assert stats["loss_margin"] == 0.0 and stats["margin"].item() > 0
+    # no location votes: every window fails; "mean" passes gradient to every location, "min" to fewer
+    z0 = torch.zeros(1, 4, 8, 8, requires_grad=True)
+    touched = {}
+    for reduce in ("min", "mean"):
+        loss_fn = BagCertLoss(geometry, (8, 8), [2], kappa=0.1, margin_weight=1.0, bce_weight=0.0, margin_reduce=reduce)
+        loss, _ = loss_fn(z0, y)
+        (g,) = torch.autograd.grad(loss, z0)
+        touched[reduce] = int((g[0, 2] != 0).sum())
+        assert g[0, 2].sum() < 0  # raising the label's logits lowers the loss
+    assert touched["mean"] == 64 > touched["min"]
+    with pytest.raises(ValueError, match="margin_reduce"):
+        BagCertLoss(geometry, (8, 8), [2], margin_reduce="max")

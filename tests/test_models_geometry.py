@@ -32,6 +32,10 @@ PROBED = [
     ("cifar_bagnet", dict(width=8, receptive_field=8, stride=2), 32),
     ("cifar_bagnet", dict(width=8, receptive_field=9, stride=2, padding="valid"), 32),
     ("cifar_bagnet", dict(width=8, receptive_field=7, stride=1, padding="valid"), 20),
+    ("cifar_bagnet", dict(width=16, receptive_field=21, stride=4), 48),
+    ("image_bagnet17_s8", dict(width=16), 64),
+    ("image_bagnet33_s8", dict(width=16, padding="valid"), 72),
+    ("cifar_bagnet", dict(width=16, receptive_field=20, stride=8), 64),
     ("bagnet9", dict(width=1 / 16, num_classes=5), 48),
     ("bagnet17", dict(width=1 / 16, num_classes=5), 48),
 ]
@@ -76,7 +80,35 @@ def test_bagnet_fidelity():
     assert int(m17.geometry.affected_mask((224, 224), 32, 100, 100).sum()) <= 36
 
 
-@pytest.mark.parametrize("name", [n for n in bagcert.list_models() if not n.startswith("bagnet")])
+@pytest.mark.parametrize("name", bagcert.list_models("image_bagnet"))
+def test_registry_sweep_image_bagnets(name):
+    torch.manual_seed(0)
+    model = bagcert.create_model(name, num_classes=10, width=16)
+    x = torch.rand(2, 3, 96, 96)
+    z = model.local_logits(x)
+    assert tuple(z.shape) == (2, 10, 12, 12) == (2, 10, *model.grid_size(96, 96))
+    assert model.geometry.stride == (8, 8)
+    z.mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_stem_kernel_hits_every_receptive_field():
+    from bagcert.models.cifar import stem_kernel
+
+    for stride in (1, 2, 4, 8):
+        for rf in range(3 if stride == 1 else 2 * stride - 1, 60):
+            k0, n3 = stem_kernel(rf, stride)
+            base = 0 if stride == 1 else 2 * (stride - 1)
+            assert k0 + base + 2 * stride * n3 == rf and k0 >= 1 and n3 >= 0
+            model = bagcert.create_model("cifar_bagnet", receptive_field=rf, stride=stride, width=8)
+            assert model.geometry.receptive_field == (rf, rf) and model.geometry.stride == (stride, stride)
+    with pytest.raises(ValueError, match="too small for stride 8"):
+        stem_kernel(13, 8)
+    with pytest.raises(ValueError, match="stride must be 1, 2, 4 or 8"):
+        stem_kernel(9, 3)
+
+
+@pytest.mark.parametrize("name", [n for n in bagcert.list_models() if n.startswith("cifar")])
 def test_registry_sweep_cifar(name):
     torch.manual_seed(0)
     model = bagcert.create_model(name, num_classes=7, width=8)

@@ -10,7 +10,7 @@ import difflib
 from typing import Callable
 
 from .bagnet import BagNet
-from .base import BagModel, InputError, check_images
+from .base import IMAGENET_MEAN, IMAGENET_STD, BagModel, InputError, check_images
 from .cifar import CifarBagNet
 
 __all__ = ["create_model", "list_models", "register_model", "BagModel", "BagNet", "CifarBagNet", "InputError", "check_images"]
@@ -59,4 +59,12 @@ for _rf in (5, 7, 9, 11, 13, 17):
     register_model(f"cifar_bagnet{_rf}", CifarBagNet, f"CIFAR backbone, receptive field {_rf}, stride 1", receptive_field=_rf)
     register_model(
         f"cifar_bagnet{_rf}_s2", CifarBagNet, f"CIFAR backbone, receptive field {_rf}, stride 2", receptive_field=_rf, stride=2
+    )
+
+# --- CPU-sized ImageNet-style backbones (stride 8, same padding: 16x16 locations at 128 px) ------
+for _rf in (17, 33):
+    register_model(
+        f"image_bagnet{_rf}_s8", CifarBagNet,
+        f"CPU-sized ImageNet-style backbone, receptive field {_rf}, stride 8 (ImageNet normalisation)",
+        receptive_field=_rf, stride=8, width=192, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )

@@ -1,14 +1,16 @@
-"""Small-receptive-field residual backbones for 32x32 (CIFAR-sized) inputs.
+"""Small-receptive-field residual backbones: CIFAR-sized (32 px, stride 1 or 2) and, with stride 4 or 8,
+CPU-sized ImageNet-style models (128-224 px).
 
-Layout: a stem convolution (kernel k0, stride s) followed by ``depth`` residual blocks. Each block
-is ``conv k x k -> BN -> ReLU -> conv 1x1 -> BN`` plus the skip, then ReLU. The first blocks use
-k = 3 until the receptive field is reached, the rest k = 1 (depth without growing the window).
-Each 3x3 block widens the receptive field by 2 * s, so
+Layout: a stem (a convolution of kernel k0 at full resolution, then log2(s) strided 3x3 convolutions
+that double the width) followed by ``depth`` residual blocks. Each block is
+``conv k x k -> BN -> ReLU -> conv 1x1 -> BN`` plus the skip, then ReLU. The first blocks use k = 3
+until the receptive field is reached, the rest k = 1 (depth without growing the window). Each 3x3
+block widens the receptive field by 2 * s, so
 
-    receptive_field = k0 + 2 * s * n3
+    receptive_field = k0 + 2 (s - 1) + 2 * s * n3        (stride 1: k0 + 2 n3)
 
-and k0 is chosen in [3, 2 s + 2] to hit any receptive field >= 3 exactly. ``padding="same"`` keeps
-the grid at ceil(32 / s) locations per side (border locations also see zero padding),
+and k0 is chosen to hit any receptive field exactly (see :func:`stem_kernel`). ``padding="same"`` keeps
+the grid at ceil(H / s) locations per side (border locations also see zero padding),
 ``padding="valid"`` uses unpadded convolutions (fewer locations, none seeing padding).
 
 Everything is plain conv/BN/ReLU, so it runs fast in channels_last with bf16 autocast.
@@ -56,17 +58,23 @@ def stem_kernel(receptive_field: int, stride: int) -> tuple[int, int]:
     """Return (k0, n3): first-conv kernel and number of 3x3 residual blocks for the receptive field.
 
     stride 1: conv k0 (s1), then n3 3x3 blocks:            rf = k0 + 2 * n3,      k0 in {3, 4}
-    stride 2: conv k0 (s1), conv 3x3 (s2), n3 3x3 blocks:  rf = k0 + 2 + 4 * n3,  k0 in {1, 2, 3, 4}
+    stride s = 2, 4, 8: conv k0 (s1), log2(s) 3x3 convs of stride 2, n3 3x3 blocks:
+                                                           rf = k0 + 2 (s - 1) + 2 s n3,  k0 in {1, ..., 2 s}
     """
+    if stride not in (1, 2, 4, 8):
+        raise ValueError(f"stride must be 1, 2, 4 or 8, got {stride}")
     if receptive_field < 3:
         raise ValueError(f"receptive field must be >= 3, got {receptive_field}")
     if stride == 1:
         rem = (receptive_field - 3) % 2
         k0 = 3 + rem
         return k0, (receptive_field - k0) // 2
-    rem = (receptive_field - 3) % 4
+    base = 2 * (stride - 1)
+    if receptive_field < base + 1:
+        raise ValueError(f"receptive field {receptive_field} is too small for stride {stride} (at least {base + 1})")
+    rem = (receptive_field - base - 1) % (2 * stride)
     k0 = 1 + rem
-    return k0, (receptive_field - k0 - 2) // 4
+    return k0, (receptive_field - k0 - base) // (2 * stride)
 
 
 class CifarBagNet(BagModel):
@@ -84,8 +92,8 @@ class CifarBagNet(BagModel):
         std=CIFAR10_STD,
     ):
         super().__init__(num_classes, mean, std, aggregation)
-        if stride not in (1, 2):
-            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if stride not in (1, 2, 4, 8):
+            raise ValueError(f"stride must be 1, 2, 4 or 8, got {stride}")
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
         if not isinstance(width, int) or width < 1:
@@ -104,14 +112,20 @@ class CifarBagNet(BagModel):
             self.stem = nn.Sequential(nn.Conv2d(3, width, k0, padding=p0, bias=False), _norm(norm, width), nn.ReLU(inplace=True))
             chain = [(k0, 1, p0)]
         else:
-            # full-resolution first conv with half the width, then a strided 3x3 conv: the spatial work
-            # at 32x32 stays cheap and every location still gets three spatial layers
-            c0 = max(8, width // 2)
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, c0, k0, padding=p0, bias=False), _norm(norm, c0), nn.ReLU(inplace=True),
-                nn.Conv2d(c0, width, 3, stride=2, padding=1 if same else 0, bias=False), _norm(norm, width), nn.ReLU(inplace=True),
-            )
-            chain = [(k0, 1, p0), (3, 2, 1 if same else 0)]
+            # full-resolution first conv with a fraction of the width, then strided 3x3 convs that double
+            # the width: the spatial work at full resolution stays cheap and every location still gets
+            # 1 + log2(stride) spatial layers before the blocks (stride 2: c0 = width / 2, one strided conv)
+            levels = stride.bit_length() - 1
+            c0 = max(8, width // stride)
+            layers = [nn.Conv2d(3, c0, k0, padding=p0, bias=False), _norm(norm, c0), nn.ReLU(inplace=True)]
+            chain = [(k0, 1, p0)]
+            c = c0
+            for i in range(levels):
+                c_out = width if i == levels - 1 else max(8, width >> (levels - 1 - i))
+                layers += [nn.Conv2d(c, c_out, 3, stride=2, padding=1 if same else 0, bias=False), _norm(norm, c_out), nn.ReLU(inplace=True)]
+                chain.append((3, 2, 1 if same else 0))
+                c = c_out
+            self.stem = nn.Sequential(*layers)
         blocks = []
         for b in range(depth):
             k = 3 if b < n3 else 1
