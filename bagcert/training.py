@@ -63,6 +63,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 1.0
     ema: float = 0.0  # decay per step; 0 disables
+    init_from: str | None = None  # start from this model checkpoint's weights (same model and kwargs) instead of random
     # loss
     loss: str = "bagcert"  # bagcert | ce
     patch_sizes: list = field(default_factory=lambda: [5])
@@ -207,6 +208,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     torch.manual_seed(cfg.seed)  # model initialisation only; data randomness uses its own generators
     model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs).to(device)
     model.check_inputs = False  # inputs come from our own uint8 pipeline
+    init_info = _init_from_checkpoint(model, cfg.init_from) if cfg.init_from else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = _make_optimizer(cfg, model)
@@ -397,6 +399,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         if cfg.resize is not None:
             meta["resize"] = cfg.resize
         meta.update(dataset_metadata(train_data))
+        if init_info is not None:
+            meta["init_from"] = init_info
         final_model = final_model.to(memory_format=torch.contiguous_format)
         final_model.check_inputs = True
         save_checkpoint(out / "model.pt", final_model, **meta)
@@ -433,6 +437,26 @@ def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
         meta["resize"] = cfg.resize
     meta.update(extra_metadata)
     return save_checkpoint(path, model, **meta)
+
+
+def _init_from_checkpoint(model, path) -> dict:
+    """Load a model checkpoint's weights into ``model`` (a warm start, e.g. to continue a finished run with a
+    new schedule). The architectures must match exactly. Returns what the metadata records about the source."""
+    from .checkpoint import load_checkpoint
+
+    src, src_meta = load_checkpoint(path)
+    if src.config != model.config:
+        raise ValueError(
+            f"--init-from {path}: its model {src.config['name']} {src.config['kwargs']} differs from the configured "
+            f"{model.config['name']} {model.config['kwargs']}"
+        )
+    model.load_state_dict(src.state_dict())
+    return {
+        "path": str(path),
+        "trained_steps": src_meta.get("trained_steps"),
+        "epochs": src_meta.get("epochs"),
+        "wall_seconds": src_meta.get("wall_seconds"),
+    }
 
 
 def dataset_metadata(train_data) -> dict:

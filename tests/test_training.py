@@ -95,3 +95,16 @@ def test_distributed_certification_matches_single_process(tiny_checkpoint, tmp_p
     assert r2["certified_count"] == r1["certified_count"] and r2["correct_count"] == r1["correct_count"]
     assert r2["config"]["world_size"] == 2
     assert (tmp_path / "ddp" / "per_sample.csv").read_text() == (tmp_path / "one" / "per_sample.csv").read_text()
+
+
+def test_init_from_starts_at_the_checkpoint_weights(tmp_path):
+    first = train(_cfg(tmp_path / "a", epochs=1), synthetic_dataset(64, 10, 32, seed=0), None, log=lambda *a: None)
+    src = tmp_path / "a" / "model.pt"
+    # zero steps: the exported model is the source model exactly
+    train(_cfg(tmp_path / "b", epochs=1, max_steps=0, ema=0.0, init_from=str(src)), synthetic_dataset(64, 10, 32, seed=0), None, log=lambda *a: None)
+    a, b = _weights(src), _weights(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _, meta = bagcert.load_checkpoint(tmp_path / "b" / "model.pt")
+    assert meta["init_from"]["path"] == str(src) and meta["init_from"]["trained_steps"] == first["steps"]
+    with pytest.raises(ValueError, match="differs from the configured"):
+        train(_cfg(tmp_path / "c", model_kwargs={"width": 16}, init_from=str(src)), synthetic_dataset(64, 10, 32), None, log=lambda *a: None)
