@@ -132,7 +132,7 @@ def test_defensive_patch_cli_makes_saves_and_evaluates(tmp_path, capsys):
     with torch.no_grad():
         assert src_eval["clean"]["with"] == pytest.approx(float((model(patch.apply(x, y)).argmax(1) == y).float().mean()))
     md = (out / "summary.md").read_text()
-    assert md.startswith("# Defensive patch evaluation") and "transfer: " in md
+    assert md.startswith("# Defensive patch evaluation") and "transfer (held out): " in md
     if _has_matplotlib():
         assert (out / "patches.png").is_file() and (out / "corruptions.png").is_file()
     # evaluating the saved patch again gives the same numbers
@@ -142,6 +142,27 @@ def test_defensive_patch_cli_makes_saves_and_evaluates(tmp_path, capsys):
     res2 = json.loads((out2 / "results.json").read_text())["evaluations"]["source"]
     assert res2["clean"] == src_eval["clean"] and res2["pgd"] == src_eval["pgd"]
     assert res2["corruptions"]["gaussian_noise"] == src_eval["corruptions"]["gaussian_noise"]
+
+
+def test_defensive_patch_cli_ensemble_stage2(tmp_path, capsys):
+    """--ensemble-checkpoint: stage 2 keeps one copy per model (one cross-entropy per model and epoch in the
+    history); the patches are evaluated on the ensemble model and on the held-out transfer model."""
+    classes = [f"class{i}" for i in range(3)]
+    a, b, c = (_checkpoint(tmp_path / f"{k}.pt", classes, k) for k in range(3))
+    out = tmp_path / "ens"
+    argv = ["--checkpoint", str(a), "--ensemble-checkpoint", str(b), "--transfer-checkpoint", str(c), "--dataset", "synthetic:12",
+            "--num-eval", "6", "--num-train", "12", "--stage1-epochs", "1", "--stage2-epochs", "2", "--batch-size", "6",
+            "--corruptions", "none", "--pgd-eps", "0", "--attack-patch-size", "0", "--output", str(out), "--quiet"]
+    assert cli_defpatch.main(argv) == 0
+    line = _last_json_line(capsys.readouterr().out)
+    res = json.loads((out / "results.json").read_text())
+    assert res["ensemble_checkpoints"] == [str(b)] and res["transfer_checkpoints"] == [str(c)]
+    assert all(len(h["ce"]) == 2 for h in res["patch"]["history"]["global_correlation"])
+    assert set(res["evaluations"]) == {"source", str(b), str(c)} and set(line["ensemble"]) == {str(b)}
+    md = (out / "summary.md").read_text()
+    assert f"ensemble: {b}" in md and f"transfer (held out): {c}" in md
+    with pytest.raises(SystemExit, match="held out"):
+        cli_defpatch.main(argv[:-3] + ["--transfer-checkpoint", str(b), "--output", str(tmp_path / "x")])
 
 
 def test_defensive_patch_cli_bad_arguments(tmp_path):

@@ -9,6 +9,8 @@ Examples:
     python -m bagcert.cli.defensive_patch --checkpoint checkpoints/bagcert_cifar10_r9s2.pt \\
         --dataset ../shared/data/cifar10 --num-train 2000 --num-eval 500 --output outputs/defpatch
     python -m bagcert.cli.defensive_patch --checkpoint a.pt --transfer-checkpoint b.pt --patch outputs/defpatch/defensive_patch.pt ...
+    # stage 2 with several models (per-model copies, then correlation matching), evaluated on a held-out model
+    python -m bagcert.cli.defensive_patch --checkpoint a.pt --ensemble-checkpoint b.pt --transfer-checkpoint c.pt ...
 
 Outputs in --output: results.json, summary.md, defensive_patch.pt (reload with
 bagcert.defense.DefensivePatch.load), patches.png and corruptions.png (matplotlib); the last
@@ -30,6 +32,9 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m bagcert.cli.defensive_patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--checkpoint", required=True, help="the model the patches are made for")
+    g.add_argument("--ensemble-checkpoint", action="append", default=[],
+                   help="another model the patches are made with: stage 2 keeps one copy per model and matches their "
+                        "correlations (repeatable); the patches are evaluated on it too")
     g.add_argument("--transfer-checkpoint", action="append", default=[], help="another model to evaluate the same patches on (repeatable)")
     g.add_argument("--dataset", required=True, help="CIFAR-10 folder, ImageNet-style folder or synthetic[:N]")
     g.add_argument("--train-split", default="train", help="split the patches are made on (default: train)")
@@ -97,12 +102,19 @@ def main(argv=None) -> int:
     milestones = parse_list(args.milestones, int, "milestones")
 
     model, meta, test = load_model_and_data(args.checkpoint, args.dataset, args.eval_split, args.seed, args.num_eval)
-    transfer = {}
-    for path in args.transfer_checkpoint:
+    def other_model(path, role):
         m, _ = load_checkpoint(path)
         if m.num_classes != model.num_classes:
-            raise SystemExit(f"transfer model {path} has {m.num_classes} classes, the source model {model.num_classes}")
-        transfer[str(path)] = m.eval()
+            raise SystemExit(f"{role} model {path} has {m.num_classes} classes, the source model {model.num_classes}")
+        return m.eval()
+
+    overlap = set(map(str, args.ensemble_checkpoint)) & set(map(str, args.transfer_checkpoint))
+    if overlap:
+        raise SystemExit(f"{sorted(overlap)} given as both --ensemble-checkpoint and --transfer-checkpoint: a transfer model must be held out")
+    ensemble = {str(path): other_model(path, "ensemble") for path in args.ensemble_checkpoint}
+    transfer = {str(path): other_model(path, "transfer") for path in args.transfer_checkpoint}
+    if args.patch and ensemble:
+        raise SystemExit("--ensemble-checkpoint makes a patch; it cannot be combined with --patch")
     t0 = time.perf_counter()
     if args.patch:
         patch = DefensivePatch.load(args.patch)
@@ -110,7 +122,7 @@ def main(argv=None) -> int:
     else:
         _, _, train = load_model_and_data(args.checkpoint, args.dataset, args.train_split, args.seed, args.num_train)
         patch = make_defensive_patches(
-            model, train.images, train.labels, num_classes=model.num_classes, shape=args.shape, outer=args.outer,
+            [model, *ensemble.values()], train.images, train.labels, num_classes=model.num_classes, shape=args.shape, outer=args.outer,
             width=args.width, size=args.size, corner=args.corner, stage1_epochs=args.stage1_epochs, stage1_lr=args.stage1_lr,
             stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, correlation_lr=args.correlation_lr,
             milestones=milestones, gamma=args.gamma, batch_size=args.batch_size, blank=args.blank, eot=args.eot,
@@ -131,12 +143,13 @@ def main(argv=None) -> int:
         seed=args.seed, prediction=args.prediction,
     )
     evaluations = {"source": evaluate_defensive_patch(model, patch, test.images, test.labels, **kw)}
-    for name, m in transfer.items():
+    for name, m in {**ensemble, **transfer}.items():
         evaluations[name] = evaluate_defensive_patch(m, patch, test.images, test.labels, **kw)
 
     config = dict(vars(args), corruptions=corruptions, severities=severities, milestones=milestones)
     results = {
         "checkpoint": {"path": str(args.checkpoint), "model": model.config["name"], "num_classes": model.num_classes},
+        "ensemble_checkpoints": list(ensemble),
         "transfer_checkpoints": list(transfer),
         "dataset": dataset_info(test, args.eval_split),
         "patch": {"file": str(out / "defensive_patch.pt"), "shape": patch.config.get("shape"), "pixels_per_channel": patch.num_pixels,
@@ -154,7 +167,8 @@ def main(argv=None) -> int:
     line = {"clean": src["clean"], "corruption_mean": src["corruption_mean"],
             "pgd": {k: src["pgd"][k] for k in ("without", "with")} if src["pgd"] else None,
             "patch_attack": {k: src["patch_attack"][k] for k in ("without", "with")} if src["patch_attack"] else None,
-            "num_images": src["n"], "transfer": {k: v["clean"] for k, v in evaluations.items() if k != "source"}, "output": str(out)}
+            "num_images": src["n"], "ensemble": {k: evaluations[k]["clean"] for k in ensemble},
+            "transfer": {k: evaluations[k]["clean"] for k in transfer}, "output": str(out)}
     print(json_line(line))
     return 0
 
@@ -171,7 +185,8 @@ def _markdown(r: dict) -> str:
         "",
     ]
     for name, e in r["evaluations"].items():
-        lines += [f"## {'source model' if name == 'source' else 'transfer: ' + name}", "",
+        role = "source model" if name == "source" else ("ensemble: " if name in r["ensemble_checkpoints"] else "transfer (held out): ") + name
+        lines += [f"## {role}", "",
                   "| condition | without patch | with patch |", "| --- | ---: | ---: |",
                   f"| clean | {pct(e['clean']['without'])} | {pct(e['clean']['with'])} |"]
         if e["corruption_mean"]:
