@@ -5,6 +5,12 @@ Examples:
     python train.py --dataset ../shared/data/cifar10 --model cifar_bagnet9_s2 --epochs 30 --amp --output runs/c10
     python train.py --config runs/c10/config.json --resume           # continue a killed run exactly
     torchrun --nproc-per-node 2 train.py --dataset ... --amp          # DDP (gloo on CPU, nccl on CUDA)
+    python train.py --dataset ../shared/data/cifar10 --peer drs-column:4 --output runs/drs    # a peer's base classifier
+    python train.py --dataset ../shared/data/cifar10 --peer patchcleanser:5 --output runs/pc
+
+--peer SPEC trains the base classifier of a model-agnostic peer defense (docs/peers.md) with
+cross-entropy on ablated (de-randomized smoothing) or masked (PatchCleanser) images and writes
+<output>/peer_classifier.pt (bagcert.peers.load_peer_certifier) instead of model.pt.
 
 Every option can also come from a JSON config file (``--config``); flags given on the command line
 override it. The resolved config is written to ``<output>/config.json``.
@@ -18,7 +24,7 @@ import json
 import sys
 
 from bagcert.data import load_dataset, seeded_split
-from bagcert.training import TrainConfig, distributed_env, train
+from bagcert.training import TrainConfig, _peer_spec, distributed_env, train
 
 
 def _parse_list(text):
@@ -52,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model")
     g.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"width": 128, "receptive_field": 9}\'')
+    g.add_argument("--peer", help="train the base classifier of a peer defense instead of a bagcert model: drs-column:B, "
+                   "drs-block:B [,encoding=mask|levine_feizi|fill] (de-randomized smoothing, band B) or patchcleanser:P "
+                   "[,k=6,masks=2,fill=0.5] (mask set for PxP patches); --model is its backbone, the loss cross-entropy")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=float)
     g.add_argument("--batch-size", type=int)
@@ -106,7 +115,21 @@ def resolve_config(args) -> TrainConfig:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
-    return TrainConfig(**values)
+    if values.get("peer"):
+        # a peer's base classifier is a plain classifier: cross-entropy on its logits
+        if "loss" not in values:
+            values["loss"] = "ce"
+        elif values["loss"] != "ce":
+            raise SystemExit(
+                f"--peer {values['peer']} trains a base classifier with cross-entropy: --loss {values['loss']} "
+                "(from the command line or the config file) does not apply; give --loss ce"
+            )
+    cfg = TrainConfig(**values)
+    try:
+        _peer_spec(cfg)
+    except ValueError as e:
+        raise SystemExit(f"--peer: {e}") from None
+    return cfg
 
 
 def main(argv=None) -> int:
@@ -124,6 +147,8 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     rank, world, _ = distributed_env()
+    if cfg.peer and rank == 0:
+        print(f"training the base classifier of peer {cfg.peer} ({cfg.model}) with cross-entropy; the bagcert loss options are unused")
     size = cfg.image_size
     if cfg.random_crop and (cfg.resize is None or cfg.resize < size):
         raise SystemExit(f"--random-crop needs --resize >= --image-size ({size}), got resize {cfg.resize}")
@@ -138,7 +163,7 @@ def _main(argv=None) -> int:
         tr, te = seeded_split(len(train_data), cfg.test_fraction, cfg.split_seed)
         full_eval = eval_data if eval_data is not None else train_data
         train_data, eval_data = train_data.subset(tr), full_eval.subset(te)
-        train_data.info["split"] = {
+        train_data.info["seeded_split"] = {
             "seed": cfg.split_seed, "test_fraction": cfg.test_fraction, "num_images": len(tr) + len(te),
             "num_train": len(tr), "num_test": len(te), "rule": "bagcert.data.seeded_split",
         }

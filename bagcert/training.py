@@ -9,6 +9,12 @@ equal those of an uninterrupted run with the same seed (tested).
 Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP (gloo on CPU,
 nccl on CUDA) and each rank takes every WORLD_SIZE-th sample of the global batch; the global batch
 size stays the configured one. Only rank 0 writes files.
+
+Peer base classifiers (``cfg.peer``, e.g. ``"drs-column:4"`` or ``"patchcleanser:5"``; see
+:mod:`bagcert.peers.spec`): the model is the peer's :class:`~bagcert.peers.PooledClassifier`, the loss
+cross-entropy on its logits, and every augmented batch goes through the peer's training transform
+(random ablation / random masks), seeded by (seed, e, k) and drawn for the global batch like the
+augmentation. The result is ``<output>/peer_classifier.pt`` (``bagcert.peers.load_peer_certifier``).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class TrainConfig:
     # model
     model: str = "cifar_bagnet9_s2"
     model_kwargs: dict = field(default_factory=dict)
+    peer: str | None = None  # train a peer's base classifier: "drs-column:4", "drs-block:12", "patchcleanser:5[,k=6,masks=2]"
     # optimisation
     epochs: float = 10.0
     batch_size: int = 128
@@ -199,6 +206,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world}")
+    peer = _peer_spec(cfg)  # None for a bagcert model; checks the spec before anything is written
     out = Path(cfg.output)
     is_main = rank == 0
     if is_main:
@@ -206,14 +214,21 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
 
     torch.manual_seed(cfg.seed)  # model initialisation only; data randomness uses its own generators
-    model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs).to(device)
-    model.check_inputs = False  # inputs come from our own uint8 pipeline
-    init_info = _init_from_checkpoint(model, cfg.init_from) if cfg.init_from else None
+    if peer is None:
+        model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs).to(device)
+        model.check_inputs = False  # inputs come from our own uint8 pipeline
+        init_info = _init_from_checkpoint(model, cfg.init_from) if cfg.init_from else None
+    else:
+        from .peers import init_peer_classifier
+
+        model = peer.build_classifier(cfg.model, cfg.num_classes, **cfg.model_kwargs).to(device)
+        model.backbone.check_inputs = False
+        init_info = init_peer_classifier(model, cfg.init_from) if cfg.init_from else None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = _make_optimizer(cfg, model)
     ema = copy.deepcopy(model).eval() if cfg.ema > 0 else None
-    loss_fn = BagCertLoss(
+    loss_fn = None if peer is not None else BagCertLoss(
         model.geometry,
         (cfg.image_size, cfg.image_size),
         cfg.patch_sizes,
@@ -255,7 +270,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     elif resume and is_main:
         log(f"no checkpoint at {ckpt_path}; starting from scratch")
 
-    net = _LocalLogits(model)  # forward = local_logits, so DDP and torch.compile see the training output
+    # forward = local_logits (a peer classifier: its logits), so DDP and torch.compile see the training output
+    net = model if peer is not None else _LocalLogits(model)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
     fwd = torch.compile(net) if cfg.compile else net
@@ -313,6 +329,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             crop=cfg.image_size if cfg.random_crop else None,
         )
         x = xb.to(device).float().div_(255.0)
+        if peer is not None:  # ablation / masks, drawn for the global batch like the augmentation
+            x = peer.transform(x, _seeded(cfg.seed, epoch, k, 11), rows=torch.arange(rank, len(gidx), world), global_size=len(gidx))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = _lr_at(cfg, step, total_steps, warmup)
@@ -321,7 +339,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         with amp_ctx():
             z = fwd(x)
         if cfg.loss == "ce":
-            loss = F.cross_entropy(z.float().mean(dim=(2, 3)), yb, label_smoothing=cfg.label_smoothing)
+            logits = z.float() if peer is not None else z.float().mean(dim=(2, 3))
+            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
             stats = {"loss": float(loss.detach())}
         else:
             mw = cfg.margin_weight * min(1.0, step / margin_warm)
@@ -357,7 +376,10 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         do_eval = eval_data is not None and (step % eval_every_steps == 0 or step == total_steps_run)
         if do_eval:
             m_eval = ema if ema is not None else model
-            ev = evaluate(m_eval, eval_data, cfg.eval_patch_sizes, device=device, amp=False, rank=rank, world=world)
+            if peer is None:
+                ev = evaluate(m_eval, eval_data, cfg.eval_patch_sizes, device=device, amp=False, rank=rank, world=world)
+            else:
+                ev = _evaluate_peer(m_eval, eval_data, peer, cfg.seed, device=device, rank=rank, world=world)
             rec = {"step": step, "epoch": step / steps_per_epoch, "eval": ev, "wall_seconds": wall_before + time.perf_counter() - t_start}
             append_log(rec)
             summary["eval"] = ev
@@ -367,7 +389,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             if writer is not None:
                 for key, v in ev.items():
                     writer.add_scalar(f"eval/{key}", v, step)
-                fig = _vote_figure(m_eval, eval_data.float_images(torch.arange(1)), eval_data.labels[:1], eval_data.classes)
+                fig = None if peer is not None else _vote_figure(m_eval, eval_data.float_images(torch.arange(1)), eval_data.labels[:1], eval_data.classes)
                 if fig is not None:
                     writer.add_figure("eval/vote_map", fig, step)
         # checkpoint decision must be identical on all ranks: rank 0 decides, broadcast
@@ -402,8 +424,14 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         if init_info is not None:
             meta["init_from"] = init_info
         final_model = final_model.to(memory_format=torch.contiguous_format)
-        final_model.check_inputs = True
-        save_checkpoint(out / "model.pt", final_model, **meta)
+        if peer is None:
+            final_model.check_inputs = True
+            save_checkpoint(out / "model.pt", final_model, **meta)
+        else:
+            from .peers import save_peer_classifier
+
+            final_model.backbone.check_inputs = True
+            summary["peer_classifier"] = str(save_peer_classifier(out / "peer_classifier.pt", final_model, peer=peer.to_dict(), **meta))
         append_log({"done": True, "steps": step, "wall_seconds": wall})
     if writer is not None:
         writer.close()
@@ -419,7 +447,11 @@ def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
     run_dir = Path(run_dir)
     state = safe_torch_load(run_dir / "last.pt", "training checkpoint")
     cfg = TrainConfig(**state["config"])
-    model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs)
+    peer = _peer_spec(cfg)
+    if peer is None:
+        model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs)
+    else:  # a peer run: the export is a peer classifier (bagcert.peers.save_peer_classifier)
+        model = peer.build_classifier(cfg.model, cfg.num_classes, **cfg.model_kwargs)
     key = "ema" if use_ema and "ema" in state else "model"
     model.load_state_dict(state[key])
     model.eval()
@@ -436,7 +468,60 @@ def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
     if cfg.resize is not None:
         meta["resize"] = cfg.resize
     meta.update(extra_metadata)
+    if peer is not None:
+        from .peers import save_peer_classifier
+
+        return save_peer_classifier(path, model, peer=peer.to_dict(), **meta)
     return save_checkpoint(path, model, **meta)
+
+
+def _peer_spec(cfg: TrainConfig):
+    """The parsed ``cfg.peer`` (None without one); a bad spec, a loss other than CE or an image the spec
+    does not fit raise ValueError."""
+    if not cfg.peer:
+        return None
+    from .peers import PeerSpec
+
+    spec = PeerSpec.parse(cfg.peer)
+    if cfg.loss != "ce":
+        raise ValueError(
+            f"peer {cfg.peer!r}: a peer's base classifier is trained with cross-entropy on its logits; the loss "
+            f"{cfg.loss!r} does not apply (set loss='ce'; train.py does so when --loss is not given)"
+        )
+    spec.check_image_size(cfg.image_size)
+    return spec
+
+
+@torch.no_grad()
+def _evaluate_peer(model, data: Dataset, peer, seed: int, batch_size: int = 500, device="cpu", rank: int = 0, world: int = 1) -> dict:
+    """Accuracy of a peer classifier on the peer's transform of ``data`` (the same seeded draws at every
+    evaluation and for any number of processes); PatchCleanser also: on the unmasked images. The
+    certificates themselves (W or M(M+1)/2 passes per image) are left to the certifier after training."""
+    was_training = model.training
+    model.eval()
+    n = len(data)
+    counts = torch.zeros(3, dtype=torch.float64)
+    for c, start in enumerate(range(0, n, batch_size)):
+        size = min(batch_size, n - start)
+        rows = torch.arange(rank, size, world)
+        if len(rows) == 0:
+            continue
+        b = start + rows
+        x = data.float_images(b).to(device)
+        y = data.labels[b].to(device)
+        xt = peer.transform(x, _seeded(seed, 101, c), rows=rows, global_size=size)
+        counts[0] += len(b)
+        counts[1] += (model(xt).argmax(dim=1) == y).sum().item()
+        if peer.method == "patchcleanser":
+            counts[2] += (model(x).argmax(dim=1) == y).sum().item()
+    if world > 1:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    key = "ablated_accuracy" if peer.method == "drs" else "masked_accuracy"
+    out = {"n": int(counts[0]), key: float(counts[1] / max(counts[0], 1))}
+    if peer.method == "patchcleanser":
+        out["clean_accuracy"] = float(counts[2] / max(counts[0], 1))
+    return out
 
 
 def _init_from_checkpoint(model, path) -> dict:
@@ -465,8 +550,8 @@ def dataset_metadata(train_data) -> dict:
     from .attacks.imagenet_patch_attack import imagenet_label_mapping
 
     meta = {}
-    if "split" in train_data.info:
-        meta["split"] = dict(train_data.info["split"])
+    if isinstance(train_data.info.get("seeded_split"), dict):
+        meta["split"] = dict(train_data.info["seeded_split"])
     applicable, indices, _ = imagenet_label_mapping({}, train_data.classes, len(train_data.classes))
     if applicable and indices is not None:
         meta["imagenet_indices"] = list(indices)

@@ -108,3 +108,13 @@ def test_init_from_starts_at_the_checkpoint_weights(tmp_path):
     assert meta["init_from"]["path"] == str(src) and meta["init_from"]["trained_steps"] == first["steps"]
     with pytest.raises(ValueError, match="differs from the configured"):
         train(_cfg(tmp_path / "c", model_kwargs={"width": 16}, init_from=str(src)), synthetic_dataset(64, 10, 32), None, log=lambda *a: None)
+
+
+def test_training_on_a_dataset_with_a_split_name_writes_the_checkpoint(tmp_path):
+    """CIFAR-10 folders carry info['split'] = 'train'/'test' (a name, not a seeded split): regression for a crash
+    at the very end of training when the metadata was built."""
+    data = bagcert.data.load_dataset(str(ROOT / "samples" / "cifar10"), "test")
+    assert data.info["split"] == "test"
+    train(_cfg(tmp_path / "r", epochs=1, eval_every=1e9), data, None, log=lambda *a: None)
+    _, meta = bagcert.load_checkpoint(tmp_path / "r" / "model.pt")
+    assert "split" not in meta and meta["classes"] == list(data.classes)

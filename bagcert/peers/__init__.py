@@ -11,15 +11,17 @@ Every certifier has ``name``, ``certify(model_or_fn, images, labels, patch_size)
 * :class:`PatchCleanser` (Xiang et al. 2022, double masking): k^2 (k^2 + 1) / 2 passes of any
   classifier on masked images (:class:`MaskSet`).
 
+Training their base classifiers: ``train.py --peer SPEC`` (:class:`PeerSpec`, :func:`load_peer_certifier`).
 See docs/peers.md for the rules, the derivations and what the tests check.
 """
 
 from .base import PeerCertifier
-from .classifiers import PooledClassifier, ablation_classifier, load_peer_classifier, save_peer_classifier
+from .classifiers import PooledClassifier, ablation_classifier, init_peer_classifier, load_peer_classifier, save_peer_classifier
 from .clipped import BagCert, ClippedBagNet
 from .patchcleanser import MaskSet, PatchCleanser, double_masking_from_pairs, mask_axis
 from .patchguard import PatchGuardMasking, evidence_window_size, patchguard_certify_evidence, robust_masking
 from .smoothing import AblatedInput, DerandomizedSmoothing, ablation_keep_masks, affected_ablations, certify_counts
+from .spec import PEER_METHODS, PeerSpec, load_peer_certifier, parse_peer_spec
 from .training_transforms import random_ablation, random_masks
 
 __all__ = [
@@ -28,8 +30,10 @@ __all__ = [
     "ClippedBagNet",
     "DerandomizedSmoothing",
     "MaskSet",
+    "PEER_METHODS",
     "PatchCleanser",
     "PatchGuardMasking",
+    "PeerSpec",
     "PeerCertifier",
     "PooledClassifier",
     "ablation_classifier",
@@ -38,8 +42,11 @@ __all__ = [
     "certify_counts",
     "double_masking_from_pairs",
     "evidence_window_size",
+    "init_peer_classifier",
+    "load_peer_certifier",
     "load_peer_classifier",
     "mask_axis",
+    "parse_peer_spec",
     "patchguard_certify_evidence",
     "random_ablation",
     "random_masks",

@@ -22,7 +22,7 @@ from ..checkpoint import CheckpointError, _plain, atomic_torch_save, safe_torch_
 from ..models import InputError, create_model
 from .smoothing import AblatedInput
 
-__all__ = ["PooledClassifier", "ablation_classifier", "save_peer_classifier", "load_peer_classifier"]
+__all__ = ["PooledClassifier", "ablation_classifier", "save_peer_classifier", "load_peer_classifier", "init_peer_classifier"]
 
 FORMAT = "bagcert-peer-classifier"
 FORMAT_VERSION = 1
@@ -119,3 +119,35 @@ def load_peer_classifier(path):
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the architecture: {str(e)[:500]}") from None
     return clf.eval(), obj.get("metadata", {})
+
+
+def init_peer_classifier(classifier: PooledClassifier, path) -> dict:
+    """Load the weights of ``path`` into ``classifier`` (a warm start, ``train.py --peer ... --init-from``).
+
+    ``path`` is either a peer classifier (the same architecture) or, for a 3-channel classifier, a bagcert
+    model checkpoint of the same backbone (e.g. fine-tune a trained bagcert model with PatchCleanser
+    masks). A bagcert checkpoint cannot start a 6-channel classifier. Returns what the source's
+    metadata records (path, trained steps, epochs, wall time).
+    """
+    from ..checkpoint import load_checkpoint
+
+    obj = safe_torch_load(path, "checkpoint")
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        src, meta = load_peer_classifier(path)
+        if src.config != classifier.config:
+            raise ValueError(f"--init-from {path}: its peer classifier {src.config} differs from the configured {classifier.config}")
+        classifier.load_state_dict(src.state_dict())
+    else:
+        if classifier.in_channels != 3:
+            raise ValueError(
+                f"--init-from {path}: a bagcert model checkpoint has a 3-channel input, the classifier reads "
+                f"{classifier.in_channels} channels; start from a peer classifier of the same spec instead"
+            )
+        src, meta = load_checkpoint(path)
+        if src.config != classifier.backbone.config:
+            raise ValueError(
+                f"--init-from {path}: its model {src.config['name']} {src.config['kwargs']} differs from the configured "
+                f"{classifier.backbone.config['name']} {classifier.backbone.config['kwargs']}"
+            )
+        classifier.backbone.load_state_dict(src.state_dict())
+    return {k: meta.get(k) for k in ("trained_steps", "epochs", "wall_seconds")} | {"path": str(path)}
