@@ -17,6 +17,17 @@ summary.md, certified_accuracy.png (with matplotlib). The last line printed is a
 With --attacks, a seeded subset of the certified images is also attacked for every patch size (see
 docs/attacks.md); the report puts empirical robust accuracy per attack next to certified accuracy, and
 the run exits with status 3 if any certified sample was broken (a soundness bug).
+
+Peer classifiers (docs/peers.md): --checkpoint also takes the peer_classifier.pt that
+`train.py --peer SPEC` writes (recognised by its format, no extra flag). The certifier is rebuilt from
+the spec recorded in the file (de-randomized smoothing: band, mode, encoding; PatchCleanser: k, fill
+and the patch size of its mask set), and the report has the same schema, plus the method's name and
+its network evaluations per image:
+    python certify.py --checkpoint runs/drs-column-b4/peer_classifier.pt --dataset ../shared/data/cifar10 --patch-sizes 1,3,5
+    python certify.py --checkpoint runs/patchcleanser-p5/peer_classifier.pt --dataset ../shared/data/cifar10
+A PatchCleanser classifier is certified with the mask set of its spec, for patch sizes up to that
+patch (default: exactly it); a larger size is an error unless --mask-patch-size rebuilds the mask set
+for a larger patch. --aggregation and --attacks apply to bagcert models only.
 """
 
 from __future__ import annotations
@@ -31,10 +42,12 @@ import torch
 import torch.distributed as dist
 
 from bagcert.empirical import ATTACK_NAMES
+from bagcert.peers.classifiers import FORMAT as PEER_FORMAT
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r9s2.pt"
 DEFAULT_DATASET = ROOT / "samples" / "cifar10"
+DEFAULT_PATCH_SIZES = "1,2,3,4,5,6,7,8,3x7,7x3"
 
 
 def _percent(token: str) -> float:
@@ -76,7 +89,11 @@ def _load_eval_data(args, meta, size, num_classes):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="bagcert checkpoint (default: the shipped CIFAR-10 model)")
+    p.add_argument(
+        "--checkpoint", default=str(DEFAULT_CHECKPOINT),
+        help="bagcert checkpoint (default: the shipped CIFAR-10 model) or a peer classifier (peer_classifier.pt of "
+        "train.py --peer: de-randomized smoothing or PatchCleanser, certified with the spec recorded in the file)",
+    )
     p.add_argument(
         "--dataset",
         default=str(DEFAULT_DATASET),
@@ -88,10 +105,11 @@ def build_parser():
         "seeded test split recorded in the checkpoint (if any) and 'all' every image",
     )
     p.add_argument(
-        "--patch-sizes", default="1,2,3,4,5,6,7,8,3x7,7x3",
-        help="comma-separated sizes: 5 for 5x5, 3x7 for height 3 x width 7, 2%% for a square of 2%% of the image area",
+        "--patch-sizes",
+        help="comma-separated sizes: 5 for 5x5, 3x7 for height 3 x width 7, 2%% for a square of 2%% of the image area "
+        f"(default: {DEFAULT_PATCH_SIZES}; for a PatchCleanser peer classifier the patch size of its mask set)",
     )
-    p.add_argument("--aggregation", choices=["votes", "majority", "clipped"], help="default: the model's own")
+    p.add_argument("--aggregation", choices=["votes", "majority", "clipped"], help="default: the model's own (bagcert models only)")
     p.add_argument("--num-images", type=int, help="certify only the first N images of a seeded permutation")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="cpu")
@@ -100,6 +118,14 @@ def build_parser():
     p.add_argument("--output", default="outputs/certify", help="report folder")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    q = p.add_argument_group("peer classifiers (a --checkpoint written by train.py --peer)")
+    q.add_argument(
+        "--mask-patch-size",
+        help="PatchCleanser only: build the mask set for this patch (5 or HxW) instead of the one the spec records. The "
+        "certificate then covers patch sizes up to it (sound for any classifier), but it certifies double masking with "
+        "that mask set, which the classifier was not trained with (default: the spec's patch size)",
+    )
+    q.add_argument("--peer-batch-size", type=int, default=512, help="ablated / masked images per classifier call (default 512)")
     a = p.add_argument_group("empirical attacks (default: none)")
     a.add_argument("--attacks", default="", help="comma-separated list from: " + ", ".join(ATTACK_NAMES))
     a.add_argument("--attack-steps", type=int, default=150, help="PGD steps per location; universal-patch optimisation steps")
@@ -140,7 +166,15 @@ def _main(argv=None) -> int:
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
 
-    size_tokens = [s.strip() for s in args.patch_sizes.split(",") if s.strip()]
+    # a peer classifier (train.py --peer) is recognised by its format; everything it cannot do is refused up front
+    peer = _load_peer(args) if _checkpoint_format(args.checkpoint) == PEER_FORMAT else None
+    if peer is None and args.mask_patch_size:
+        raise SystemExit("--mask-patch-size applies only to a PatchCleanser peer classifier (train.py --peer patchcleanser:P)")
+
+    patch_text = args.patch_sizes
+    if patch_text is None:
+        patch_text = DEFAULT_PATCH_SIZES if peer is None or peer["mask_patch"] is None else size_key(peer["mask_patch"])
+    size_tokens = [s.strip() for s in patch_text.split(",") if s.strip()]
     if not size_tokens:
         raise SystemExit("--patch-sizes is empty; give e.g. 1,2,5 or 3x7 or 2%")
     try:
@@ -183,7 +217,10 @@ def _main(argv=None) -> int:
             if bad:
                 raise SystemExit(f"--attack-patch-sizes {bad} are not among --patch-sizes {keys}")
 
-    model, meta = load_checkpoint(args.checkpoint)
+    if peer is None:
+        model, meta = load_checkpoint(args.checkpoint)
+    else:
+        model, meta = peer["classifier"], peer["metadata"]
     model.to(args.device).eval()
     size = int(meta.get("input_size", 32))
     sizes = resolve_sizes(size_tokens, size)
@@ -201,10 +238,20 @@ def _main(argv=None) -> int:
             perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
             data = data.subset(perm[: args.num_images].sort().values)
 
-    results, timing = certify_dataset(
-        model, data, sizes, batch_size=args.batch_size, device=args.device, aggregation=args.aggregation,
-        progress=args.progress and not args.quiet and rank == 0, rank=rank, world=world,
-    )
+    progress = args.progress and not args.quiet and rank == 0
+    if peer is None:
+        results, timing = certify_dataset(
+            model, data, sizes, batch_size=args.batch_size, device=args.device, aggregation=args.aggregation,
+            progress=progress, rank=rank, world=world,
+        )
+        method = {"method": "bagcert", "forward_passes_per_image": 1, "peer": None}
+    else:
+        image_size = tuple(int(v) for v in data.images.shape[-2:])
+        method = _check_peer_sizes(peer, image_size, sizes)
+        results, timing = certify_peer_dataset(
+            peer["certifier"], model, data, sizes, mask_set=peer.get("mask_set"), batch_size=args.batch_size,
+            device=args.device, progress=progress, rank=rank, world=world,
+        )
     if world > 1:
         t = torch.tensor([timing["forward_s"], timing["certify_s"], timing["total_s"]], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -219,7 +266,14 @@ def _main(argv=None) -> int:
     dataset = {"name": data.name, "root": data.info.get("root"), "split": data.info.get("split", args.split)}
     if "seeded_split" in data.info:
         dataset["seeded_split"] = data.info["seeded_split"]
-    ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "model_kwargs": model.config["kwargs"], "metadata_summary": {k: meta[k] for k in ("dataset", "epochs", "wall_seconds", "eval") if k in meta}}
+    summary_keys = ("dataset", "epochs", "wall_seconds", "eval")
+    if peer is None:
+        ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "model_kwargs": model.config["kwargs"]}
+    else:
+        ckpt = {"path": str(args.checkpoint), "format": PEER_FORMAT, "model": model.config["backbone"],
+                "model_kwargs": model.config["model_kwargs"], "in_channels": model.config["in_channels"]}
+        summary_keys += ("peer",)
+    ckpt["metadata_summary"] = {k: meta[k] for k in summary_keys if k in meta}
     empirical = None
     if attacks:
         from bagcert.empirical import run_empirical_evaluation
@@ -230,11 +284,15 @@ def _main(argv=None) -> int:
             universal_fit_images=args.universal_fit_images, metadata=meta, imagenet_patch_path=args.imagenet_patch_file,
             device=args.device, output=args.output, log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
         )
-    summary = write_certification_report(args.output, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical)
+    summary = write_certification_report(
+        args.output, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical, method=method
+    )
     if not args.quiet:
         print((Path(args.output) / "summary.md").read_text())
         print(f"report written to {args.output}/ (results.json, per_sample.csv, summary.md)")
     line = {
+        "method": summary["method"],
+        "forward_passes_per_image": summary["forward_passes_per_image"],
         "clean_accuracy": round(summary["clean_accuracy"], 6),
         "certified_accuracy": {k: round(v, 6) for k, v in summary["certified_accuracy"].items()},
         "num_images": summary["num_images"],
@@ -255,6 +313,186 @@ def _main(argv=None) -> int:
         print(f"FAILED: certified samples were broken by attacks ({broken}); see {args.output}/results.json", file=sys.stderr)
         return 3
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# peer classifiers (train.py --peer): de-randomized smoothing and PatchCleanser
+# ------------------------------------------------------------------------------------------------
+def _checkpoint_format(path) -> str | None:
+    """The ``format`` entry of a checkpoint file, read without loading its tensors (memory-mapped,
+    ``weights_only=True``); None when it cannot be read this way (the real loader then says why)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, truncated, foreign: load_checkpoint reports it with a clear message
+        return None
+    return obj.get("format") if isinstance(obj, dict) else None
+
+
+def _load_peer(args) -> dict:
+    """Load a peer classifier and its certifier, and refuse the options that do not apply to it."""
+    from bagcert.geometry import parse_patch_size
+    from bagcert.peers import PatchCleanser, PeerSpec, load_peer_certifier
+
+    if args.aggregation:
+        raise SystemExit(
+            f"--aggregation {args.aggregation} applies to bagcert models only; {args.checkpoint} is a peer classifier, "
+            "certified by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)"
+        )
+    if _parse_attacks(args.attacks):
+        raise SystemExit(
+            f"--attacks does not apply to peer classifiers ({args.checkpoint}): the attacks and their soundness check "
+            "need a bagcert model (local logits and receptive-field geometry) and attack its own prediction, not a "
+            "peer's defended prediction; certify without --attacks"
+        )
+    if args.peer_batch_size < 1:
+        raise SystemExit(f"--peer-batch-size must be >= 1, got {args.peer_batch_size}")
+    try:
+        cert, clf, meta = load_peer_certifier(args.checkpoint, batch_size=args.peer_batch_size)
+    except (ValueError, TypeError) as e:  # a recorded spec this version cannot parse (CheckpointError passes through)
+        raise SystemExit(f"{args.checkpoint}: cannot rebuild the peer certifier from its spec: {e}") from None
+    spec = PeerSpec.from_dict(meta["peer"])
+    peer = {"certifier": cert, "classifier": clf, "metadata": meta, "spec": spec, "mask_patch": None}
+    if isinstance(cert, PatchCleanser):
+        mask_patch = tuple(spec.patch_size)
+        if args.mask_patch_size:
+            try:
+                mask_patch = parse_patch_size(args.mask_patch_size)
+            except (TypeError, ValueError) as e:
+                raise SystemExit(f"--mask-patch-size: {e}") from None
+        peer["mask_patch"] = mask_patch
+        peer["mask_patch_rebuilt"] = mask_patch != tuple(spec.patch_size)
+    elif args.mask_patch_size:
+        raise SystemExit(f"--mask-patch-size applies only to PatchCleanser; {args.checkpoint} is {spec}")
+    return peer
+
+
+def _check_peer_sizes(peer: dict, image_size, sizes) -> dict:
+    """Check the requested patch sizes against the peer (PatchCleanser: at most its mask set's patch), build
+    PatchCleanser's mask set into ``peer``, and return the report's method record."""
+    from bagcert.evaluation import size_key
+    from bagcert.peers import MaskSet, affected_ablations
+
+    cert, spec = peer["certifier"], peer["spec"]
+    H, W = image_size
+    try:
+        spec.check_image_size((H, W))
+    except ValueError as e:
+        raise SystemExit(f"the {H}x{W} images do not fit the peer classifier: {e}") from None
+    too_large = [size_key(s) for s in sizes if s[0] > H or s[1] > W]
+    if too_large:
+        raise SystemExit(f"--patch-sizes {too_large} are larger than the {H}x{W} images")
+    info = dict(peer["metadata"]["peer"])
+    if peer["mask_patch"] is None:  # de-randomized smoothing: any patch size, Δ affected ablations
+        info["affected_ablations"] = {size_key(s): affected_ablations((H, W), s, cert.band_size, cert.mode) for s in sizes}
+        return {"method": cert.name, "forward_passes_per_image": cert.forward_passes_per_image((H, W), sizes[0]), "peer": info}
+    mh, mw = peer["mask_patch"]
+    if mh > H or mw > W:
+        raise SystemExit(f"--mask-patch-size {mh}x{mw} is larger than the {H}x{W} images")
+    bad = [f"{s[0]}x{s[1]}" for s in sizes if s[0] > mh or s[1] > mw]
+    if bad:
+        trained = "{}x{}".format(*spec.patch_size)
+        hint = (
+            f"give --patch-sizes within {mh}x{mw} (every smaller patch lies inside one of its masks), or --mask-patch-size "
+            "to rebuild the mask set for a larger patch (sound for any classifier, but a different mask set than the "
+            f"classifier was trained with, so expect lower accuracy)"
+        )
+        raise SystemExit(
+            f"PatchCleanser classifier {peer['metadata']['peer'].get('spec', spec)} certifies with the mask set built for "
+            f"{mh}x{mw} patches{'' if not peer['mask_patch_rebuilt'] else f' (--mask-patch-size; trained for {trained})'}: "
+            f"its certificate covers patches up to {mh}x{mw} only, not {', '.join(bad)}; {hint}"
+        )
+    ms = MaskSet.for_patch((H, W), (mh, mw), cert.k)
+    peer["mask_set"] = ms
+    info["mask_set"] = {
+        "patch_size": [mh, mw], "rebuilt": peer["mask_patch_rebuilt"], "k": list(ms.k), "num_masks": ms.num_masks,
+        "mask_size": list(ms.mask_size), "stride": list(ms.stride), "row_starts": list(ms.row_starts),
+        "col_starts": list(ms.col_starts), "fill": cert.fill,
+    }
+    return {"method": cert.name, "forward_passes_per_image": cert.forward_passes_per_image((H, W), (mh, mw)), "peer": info}
+
+
+@torch.no_grad()
+def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, batch_size: int = 250, device="cpu",
+                         progress: bool = False, rank: int = 0, world: int = 1):
+    """``bagcert.evaluation.certify_dataset`` for a peer certifier: the same batches of images, the same
+    sharding over ranks (rank r certifies images r, r + world, ...; results gathered in dataset order) and
+    the same ``(results, timing)``.
+
+    The network evaluations of a batch are made once for all patch sizes and timed as ``forward_s``: the
+    ablation votes (de-randomized smoothing: each size only changes Δ) or the two-mask prediction table of
+    ``mask_set`` (PatchCleanser: one mask set for every size, each at most its patch, so the certificate is
+    the same for all of them). ``certify_s`` times the certificates computed from them, with the
+    certifier's own rules (``certify_counts``; ``double_masking_from_pairs`` and the all-pairs check), so
+    the results equal ``cert.certify(classifier, x, y, size)`` (PatchCleanser: with ``mask_set``'s patch).
+    """
+    import time
+
+    from bagcert.certification import CertResult
+    from bagcert.evaluation import _gather, _to_cpu, size_key
+    from bagcert.geometry import parse_patch_size
+    from bagcert.peers import PatchCleanser, affected_ablations, certify_counts, double_masking_from_pairs
+    from bagcert.peers.base import make_result
+
+    if classifier.training:
+        raise RuntimeError("classifier is in training mode; call .eval() before certifying")
+    keys = [size_key(p) for p in patch_sizes]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate patch sizes in {list(patch_sizes)}")
+    sizes = [parse_patch_size(p) for p in patch_sizes]
+    H, W = data.images.shape[-2:]
+    for (ph, pw) in sizes:
+        if ph > H or pw > W:
+            raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} images")
+    pc = isinstance(cert, PatchCleanser)
+    if pc:
+        if mask_set is None:
+            raise ValueError("PatchCleanser needs the mask set to certify with")
+        big = [k for k, (ph, pw) in zip(keys, sizes) if ph > mask_set.patch_size[0] or pw > mask_set.patch_size[1]]
+        if big:
+            raise ValueError(f"patch sizes {big} are larger than the {mask_set.patch_size} patch the mask set covers")
+    else:
+        deltas = [affected_ablations((H, W), s, cert.band_size, cert.mode) for s in sizes]
+    idx = torch.arange(rank, len(data), world)
+    chunks: list[dict] = []
+    t_fwd = t_cert = 0.0
+    it = range(0, len(idx), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=(len(idx) + batch_size - 1) // batch_size, unit="batch", desc=f"certify {cert.name}", mininterval=1.0)
+    t0 = time.perf_counter()
+    for start in it:
+        b = idx[start : start + batch_size]
+        x = data.float_images(b).to(device)
+        y = data.labels[b].to(device)
+        t = time.perf_counter()
+        if pc:
+            table, C = cert.two_mask_predictions(classifier, x, mask_set)  # F(x ⊙ r ⊙ r') for every pair of masks
+        else:
+            votes, C = cert.votes(classifier, x, return_num_classes=True)  # the class of every ablation
+        t_fwd += time.perf_counter() - t
+        t = time.perf_counter()
+        if y.numel() and int(y.max()) >= C:
+            raise ValueError(f"labels must lie in [0, {C})")
+        if pc:
+            pred = double_masking_from_pairs(table, C)
+            M = table.shape[1]
+            iu = torch.triu_indices(M, M, device=table.device)
+            wrong = (table[:, iu[0], iu[1]] != pred[:, None]).sum(dim=1)  # unordered pairs that disagree with pred
+            res = {k: make_result(pred, y, wrong == 0, 1 - wrong, s, cert.name) for k, s in zip(keys, sizes)}
+        else:
+            counts = cert.counts(votes, C)
+            res = {}
+            for k, s, delta in zip(keys, sizes, deltas):
+                pred, certified, margin = certify_counts(counts, delta)
+                res[k] = make_result(pred, y, certified, margin, s, cert.name)
+        t_cert += time.perf_counter() - t
+        chunks.append({k: _to_cpu(r) for k, r in res.items()})
+    total = time.perf_counter() - t0
+    results = {k: CertResult.concat([c[k] for c in chunks]) for k in keys} if chunks else {}
+    if world > 1:
+        results = _gather(results, keys, len(data), rank, world)
+    return results, {"forward_s": t_fwd, "certify_s": t_cert, "total_s": total, "images": int(len(idx))}
 
 
 def _parse_attacks(text: str) -> list:

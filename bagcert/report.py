@@ -1,21 +1,34 @@
 """Reports: JSON (canonical), per-sample CSV, Markdown summary and figures.
 
-``results.json`` schema (``schema_version`` 1; the ``empirical`` and ``certified_broken`` keys were added
-without breaking older readers)::
+``results.json`` schema (``schema_version`` 1; the ``empirical``, ``certified_broken``, ``method``,
+``forward_passes_per_image`` and ``peer`` keys were added without breaking older readers)::
 
     {
       "schema_version": 1,
       "tool": "bagcert.certify", "bagcert_version": str, "torch_version": str, "git_sha": str | null,
       "created": ISO-8601 UTC, "device": str, "hardware": str,
       "config": {...command-line options...},
-      "checkpoint": {"path": str, "model": str, "metadata": {...}} | null,
+      "checkpoint": {"path": str, "model": str, "model_kwargs": {...}, "metadata_summary": {...}} | null,
+                                                         # peer classifiers also "format", "in_channels"; the model
+                                                         # is the backbone, metadata_summary holds "peer"
       "dataset": {"name": str, "root": str | null, "split": str, "num_images": int},
-      "aggregation": str,
+      "aggregation": str,                                # bagcert models: votes / majority / clipped; peers: = method
+      "method": str,                                     # "bagcert" for a bagcert model, else the peer certifier's
+                                                         # name: "drs-column-b4", "drs-block-b12", "patchcleanser-k6"
+      "forward_passes_per_image": int,                   # network evaluations per image (1 for a bagcert model)
+      "peer": null | {                                   # null for a bagcert model; else the spec recorded in the
+        "spec": str, "method": "drs" | "patchcleanser", ...,   # peer classifier (bagcert.peers.PeerSpec.to_dict; its
+                                                         #   num_masks = masks per training image) plus
+        "affected_ablations": {"<size>": int, ...},      #   DRS: Δ, ablations a patch of each size meets
+        "mask_set": {"patch_size": [h, w], "rebuilt": bool, "k": [kr, kc], "num_masks": int, "mask_size": [h, w],
+                     "stride": [h, w], "row_starts": [int, ...], "col_starts": [int, ...], "fill": float}
+      },                                                 #   PatchCleanser: the mask set certified with
       "clean_accuracy": float,
       "certified_accuracy": {"<size>": float, ...},      # size '5' or '3x7' (height x width, pixels)
       "certified_count": {"<size>": int, ...}, "correct_count": int, "num_images": int,
       "images_per_s": float,                             # images / wall time of forward + certificates
-      "certify_forward_ratio": float,                    # (forward + certificates) / forward time
+      "certify_forward_ratio": float,                    # (forward + certificates) / forward time; peers: forward
+                                                         # = all network evaluations (ablations, masked images)
       "timing": {"forward_s": float, "certify_s": float, "total_s": float},
       "certified_broken": {"<size>": int, ...},          # {} without --attacks; anything > 0 is a soundness bug
       "empirical": null | {                              # null without --attacks
@@ -111,10 +124,12 @@ def environment_info(device="cpu") -> dict:
     }
 
 
-def write_certification_report(output, results: dict, timing: dict, config: dict, dataset: dict, checkpoint: dict | None, device="cpu", empirical: dict | None = None) -> dict:
+def write_certification_report(output, results: dict, timing: dict, config: dict, dataset: dict, checkpoint: dict | None, device="cpu", empirical: dict | None = None, method: dict | None = None) -> dict:
     """Write results.json, per_sample.csv, summary.md and certified_accuracy.png into ``output``.
 
     ``results`` maps size keys ('5', '3x7') to :class:`~bagcert.certification.CertResult`.
+    ``method`` (optional): ``{"method": str, "forward_passes_per_image": int, "peer": dict | None}``; the
+    default describes a bagcert model (``"bagcert"``, 1 pass, no peer).
     ``empirical`` (optional): ``{"summary": <the "empirical" JSON object>, "indices": [attacked image indices],
     "robust": {size_key: {attack: bool tensor over the attacked images}}}``.
     Returns the JSON summary dict.
@@ -123,6 +138,7 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(results.values()))
     n = first.num_samples
+    method = method or {"method": "bagcert", "forward_passes_per_image": 1, "peer": None}
     summary = {"schema_version": SCHEMA_VERSION, "tool": "bagcert.certify", **environment_info(device)}
     summary.update(
         {
@@ -130,6 +146,9 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
             "checkpoint": checkpoint,
             "dataset": dict(dataset, num_images=n),
             "aggregation": first.aggregation,
+            "method": method["method"],
+            "forward_passes_per_image": int(method["forward_passes_per_image"]),
+            "peer": method.get("peer"),
             "num_images": n,
             "correct_count": int(first.correct.sum()),
             "clean_accuracy": first.clean_accuracy,
@@ -190,6 +209,7 @@ def _markdown(s: dict) -> str:
         f"- dataset: {s['dataset'].get('name')} ({s['num_images']} images, split {s['dataset'].get('split')})",
         f"- checkpoint: {s['checkpoint']['path'] if s.get('checkpoint') else 'none'}",
         f"- aggregation: {s['aggregation']}",
+        *_markdown_method(s),
         f"- device: {s['device']} ({s['hardware']})",
         f"- bagcert {s['bagcert_version']}, torch {s['torch_version']}, git {s['git_sha'] or 'unknown'}, {s['created']}",
         "",
@@ -208,6 +228,25 @@ def _markdown(s: dict) -> str:
     if s.get("empirical"):
         lines += _markdown_empirical(s["empirical"])
     return "\n".join(lines)
+
+
+def _markdown_method(s: dict) -> list:
+    """The certification method, its network evaluations per image and, for a peer, its spec / mask set."""
+    method = s.get("method")
+    if method is None:
+        return []
+    lines = [f"- method: {method} ({s.get('forward_passes_per_image')} network evaluations per image)"]
+    peer = s.get("peer")
+    if peer:
+        lines.append(f"- peer spec: `{peer.get('spec')}`")
+        ms = peer.get("mask_set")
+        if ms:
+            note = " (rebuilt with --mask-patch-size, not the mask set the classifier was trained with)" if ms.get("rebuilt") else ""
+            lines.append(
+                f"- mask set: {ms['num_masks']} masks of {ms['mask_size'][0]}x{ms['mask_size'][1]} px built for "
+                f"{ms['patch_size'][0]}x{ms['patch_size'][1]} patches{note}; it certifies every patch size up to that one"
+            )
+    return lines
 
 
 def _pct(v) -> str:

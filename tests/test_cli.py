@@ -141,3 +141,15 @@ def test_patch_side_for_area():
     assert patch_side_for_area(2, (32, 32)) == 5  # CIFAR-10's 5x5 patch is 2.4 %
     with pytest.raises(ValueError, match="percentage"):
         patch_side_for_area(0, 32)
+
+
+def test_certify_report_names_the_method_and_its_forward_passes(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "m"
+    rc = certify.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:6", "--patch-sizes", "2", "--aggregation", "clipped",
+                       "--output", str(out), "--no-progress", "--quiet"])
+    assert rc == 0
+    line = _last_json_line(capsys.readouterr().out)
+    assert line["method"] == "bagcert" and line["forward_passes_per_image"] == 1
+    res = json.loads((out / "results.json").read_text())
+    assert (res["method"], res["forward_passes_per_image"], res["peer"], res["aggregation"]) == ("bagcert", 1, None, "clipped")
+    assert "- method: bagcert (1 network evaluations per image)" in (out / "summary.md").read_text()
