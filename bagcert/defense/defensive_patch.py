@@ -394,7 +394,7 @@ def optimize_local_prior(
                     x = random_transform(x, gen, max_shift, brightness)
                 loss = _ce(fns, x, y)
                 _step(opt, param, loss)
-                total += float(loss) * y.numel()
+                total += float(loss.detach()) * y.numel()
                 count += y.numel()
             history.append(total / count)
             if progress is not None:
@@ -450,7 +450,7 @@ def optimize_global_correlation(
                         xp = random_transform(xp, gen, max_shift, brightness)
                     loss = F.cross_entropy(fn(xp).float(), y)
                     _step(opt, copy, loss)
-                    total += float(loss) * y.numel()
+                    total += float(loss.detach()) * y.numel()
                     count += y.numel()
                 copies.append(copy.detach())
                 ces.append(total / count)
@@ -463,7 +463,7 @@ def optimize_global_correlation(
                 xs = paste(x, shared[y], patch.mask)
                 loss = sum(correlation_distance(xs, paste(x, c[y], patch.mask), patch.mask) for c in copies) / len(copies)
                 _step(shared_opt, shared, loss)
-                total += float(loss) * y.numel()
+                total += float(loss.detach()) * y.numel()
                 count += y.numel()
             history.append({"epoch": epoch, "lr_scale": scale, "ce": ces, "correlation": total / count})
             if progress is not None:
