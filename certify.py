@@ -140,13 +140,10 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    rc = _main(argv)
-    import torch.distributed as dist
+    from bagcert.training import leave_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        # every rank leaves the process group together: a rank that exits early aborts gloo's peers
-        dist.barrier()
-        dist.destroy_process_group()
+    rc = _main(argv)
+    leave_process_group()
     return rc
 
 
@@ -428,21 +425,14 @@ def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, 
     import time
 
     from bagcert.certification import CertResult
-    from bagcert.evaluation import _gather, _to_cpu, size_key
-    from bagcert.geometry import parse_patch_size
+    from bagcert.evaluation import _gather, _to_cpu, check_patch_sizes
     from bagcert.peers import PatchCleanser, affected_ablations, certify_counts, double_masking_from_pairs
     from bagcert.peers.base import make_result
 
     if classifier.training:
         raise RuntimeError("classifier is in training mode; call .eval() before certifying")
-    keys = [size_key(p) for p in patch_sizes]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate patch sizes in {list(patch_sizes)}")
-    sizes = [parse_patch_size(p) for p in patch_sizes]
     H, W = data.images.shape[-2:]
-    for (ph, pw) in sizes:
-        if ph > H or pw > W:
-            raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} images")
+    keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     pc = isinstance(cert, PatchCleanser)
     if pc:
         if mask_set is None:

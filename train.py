@@ -133,13 +133,10 @@ def resolve_config(args) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    rc = _main(argv)
-    import torch.distributed as dist
+    from bagcert.training import leave_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        # every rank leaves the process group together: a rank that exits early aborts gloo's peers
-        dist.barrier()
-        dist.destroy_process_group()
+    rc = _main(argv)
+    leave_process_group()
     return rc
 
 

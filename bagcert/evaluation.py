@@ -21,6 +21,19 @@ def size_key(size) -> str:
 
 
 @torch.no_grad()
+def check_patch_sizes(patch_sizes, image_hw) -> tuple[list[str], list[tuple[int, int]]]:
+    """``(keys, sizes)`` of the requested patch sizes; duplicates and patches larger than the image raise."""
+    keys = [size_key(p) for p in patch_sizes]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate patch sizes in {list(patch_sizes)}")
+    sizes = [parse_patch_size(p) for p in patch_sizes]
+    H, W = image_hw
+    for (ph, pw) in sizes:
+        if ph > H or pw > W:
+            raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} images")
+    return keys, sizes
+
+
 def certify_dataset(
     model,
     data: Dataset,
@@ -43,14 +56,8 @@ def certify_dataset(
     """
     if model.training:
         raise RuntimeError("model is in training mode; call model.eval() before certifying")
-    keys = [size_key(p) for p in patch_sizes]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate patch sizes in {list(patch_sizes)}")
-    sizes = [parse_patch_size(p) for p in patch_sizes]
     H, W = data.images.shape[-2:]
-    for (ph, pw) in sizes:
-        if ph > H or pw > W:
-            raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} images")
+    keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     idx = torch.arange(rank, len(data), world)
     chunks: list[dict] = []
     t_fwd = t_cert = 0.0

@@ -38,7 +38,7 @@ from .data import Dataset, augment_batch
 from .losses import BagCertLoss
 from .models import create_model
 
-__all__ = ["TrainConfig", "train", "evaluate", "distributed_env", "export_checkpoint", "dataset_metadata"]
+__all__ = ["TrainConfig", "train", "evaluate", "distributed_env", "export_checkpoint", "dataset_metadata", "leave_process_group"]
 
 
 @dataclass
@@ -522,6 +522,14 @@ def _evaluate_peer(model, data: Dataset, peer, seed: int, batch_size: int = 500,
     if peer.method == "patchcleanser":
         out["clean_accuracy"] = float(counts[2] / max(counts[0], 1))
     return out
+
+
+def leave_process_group() -> None:
+    """End a torch.distributed run: every rank leaves the process group together (a rank that exits early
+    aborts gloo's peers). Does nothing outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _init_from_checkpoint(model, path) -> dict:
