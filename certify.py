@@ -62,29 +62,15 @@ def _percent(token: str) -> float:
 
 def _load_eval_data(args, meta, size, num_classes):
     """The images to certify. A folder without split sub-folders is cut with the seeded split the checkpoint
-    was trained with (``meta['split']``): ``--split test`` keeps its test part, ``--split all`` every image."""
-    from bagcert.data import load_dataset, seeded_split
+    was trained with (``meta['split']``): ``--split test`` keeps its test part, ``--split all`` every image
+    (``bagcert.data.load_checkpoint_split``)."""
+    from bagcert.data import DatasetError, load_checkpoint_split
 
-    split_info = meta.get("split")
-    root = Path(args.dataset)
-    has_split_folder = (root / args.split).is_dir()
-    if args.split == "all" and not has_split_folder:
-        return load_dataset(args.dataset, "test", size=size, resize=meta.get("resize"), seed=args.seed, num_classes=num_classes)
-    data = load_dataset(args.dataset, args.split, size=size, resize=meta.get("resize"), seed=args.seed, num_classes=num_classes)
-    if split_info and data.info.get("layout") == "image-folder" and not has_split_folder:
-        n = int(split_info["num_images"])
-        if len(data) != n:
-            raise SystemExit(
-                f"{args.dataset} has {len(data)} images but the checkpoint's seeded split was made over {n}: "
-                "not the same folder (give --split all to certify every image)"
-            )
-        if args.split not in ("test", "train"):
-            raise SystemExit(f"--split must be test, train or all for a folder without split folders, got {args.split!r}")
-        tr, te = seeded_split(n, float(split_info["test_fraction"]), int(split_info["seed"]))
-        data = data.subset(te if args.split == "test" else tr)
-        data.info["split"] = args.split
-        data.info["seeded_split"] = {k: split_info[k] for k in ("seed", "test_fraction", "num_images") if k in split_info}
-    return data
+    try:
+        return load_checkpoint_split(args.dataset, args.split, meta.get("split"), size=size, resize=meta.get("resize"),
+                                     seed=args.seed, num_classes=num_classes)
+    except DatasetError as e:
+        raise SystemExit(f"--dataset {args.dataset} --split {args.split}: {e}") from None
 
 
 def build_parser():

@@ -237,7 +237,8 @@ def load_image_folder(root, size: int = 224, resize: int | None = None, split: s
         raise ValueError(f"resize ({resize}) must be >= the crop size ({size})")
     key = _cache_key("folder", root.resolve(), root.stat().st_mtime_ns, size, resize)
     obj = _cached(key, lambda: _decode_folder(root, size=size, resize=resize))
-    return Dataset(obj["images"], obj["labels"], list(obj["classes"]), root.name, {"root": str(root), "size": size, "resize": resize, "layout": "image-folder"})
+    return Dataset(obj["images"], obj["labels"], list(obj["classes"]), root.name, {"root": str(root), "size": size, "resize": resize, "layout": "image-folder",
+                                                                          **({"split": split} if split else {})})
 
 
 def synthetic_dataset(n: int = 64, num_classes: int = 10, size: int = 32, seed: int = 0) -> Dataset:
@@ -276,6 +277,49 @@ def load_dataset(spec: str, split: str = "test", size: int | None = None, resize
     if (root / split).is_dir():
         return load_image_folder(root, size or 224, resize, split=split)
     return load_image_folder(root, size or 224, resize)
+
+
+def load_checkpoint_split(spec: str, split: str, split_record: dict | None, size: int | None = None, resize: int | None = None,
+                          seed: int = 0, num_classes: int = 10) -> Dataset:
+    """Load ``split`` of a dataset the way a checkpoint saw it.
+
+    A dataset with split folders (CIFAR-10, ``<root>/<split>/<class>/...``) is returned as stored. A
+    folder without split folders was cut at training time with a seeded split, recorded in the
+    checkpoint's metadata as ``split_record`` (``{"seed", "test_fraction", "num_images"}``, see
+    ``bagcert.training.dataset_metadata``): ``split="test"`` or ``"train"`` then returns that part, so
+    that a model is never evaluated on the images it was trained on, and ``"all"`` every image. A
+    folder whose image count differs from the record is not the training folder: its ``"test"`` /
+    ``"train"`` parts do not exist and asking for them is a :class:`DatasetError` (ask for ``"all"``).
+    Without a record (a model trained elsewhere) the folder is returned whole for any split name, and
+    ``info["split"]`` says ``"all"``.
+    """
+    root = Path(spec.split(":", 1)[1] if spec.split(":", 1)[0] in ("cifar10", "folder") else spec)
+    has_split_folder = (root / split).is_dir()
+    if split == "all" and not has_split_folder:
+        data = load_dataset(spec, "test", size=size, resize=resize, seed=seed, num_classes=num_classes)
+        if data.info.get("split") is not None:
+            raise DatasetError(f"{spec} has split folders ({data.info['split']!r} ...): name one of them, not 'all'")
+        data.info["split"] = "all"
+        return data
+    data = load_dataset(spec, split, size=size, resize=resize, seed=seed, num_classes=num_classes)
+    if data.info.get("layout") != "image-folder" or has_split_folder:
+        return data
+    if not split_record:
+        data.info["split"] = "all"
+        return data
+    if split not in ("test", "train"):
+        raise DatasetError(f"split must be test, train or all for a folder without split folders, got {split!r}")
+    n = int(split_record["num_images"])
+    if len(data) != n:
+        raise DatasetError(
+            f"{spec} has {len(data)} images but the checkpoint's seeded split was made over {n}: not the folder it "
+            f"was trained on, so it has no {split!r} part (use split 'all' to take every image)"
+        )
+    tr, te = seeded_split(n, float(split_record["test_fraction"]), int(split_record["seed"]))
+    data = data.subset(te if split == "test" else tr)
+    data.info["split"] = split
+    data.info["seeded_split"] = {k: split_record[k] for k in ("seed", "test_fraction", "num_images") if k in split_record}
+    return data
 
 
 def _is_cifar_folder(root: Path, split: str) -> bool:

@@ -200,3 +200,49 @@ def test_roi_cli_report(tmp_path, capsys):
         assert (out / "heatmaps.png").is_file() and (out / "iou.png").is_file()
     with pytest.raises(SystemExit, match="odd"):
         cli_roi.main(argv[:-3] + ["--roa-box", "2", "--output", str(tmp_path / "bad")])
+
+
+def test_imagenet_a_cli_subset_mode_never_evaluates_the_training_images(tmp_path, capsys):
+    """On the checkpoint's own training folder (no split folders) --split auto takes the seeded test part."""
+    wnids = ["n01440764", "n02102040"]
+    root = _image_folder(tmp_path / "folder", wnids, 5)
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=2, width=8).eval()
+    ckpt = tmp_path / "s.pt"
+    bagcert.save_checkpoint(ckpt, model, input_size=32, classes=wnids, split={"seed": 1, "test_fraction": 0.4, "num_images": 10})
+    out = tmp_path / "o"
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--resize", "32", "--output", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 4 and res["dataset"]["split"] == "test" and res["dataset"]["seeded_split"]["seed"] == 1
+    data = bagcert.data.load_image_folder(root, size=32, resize=32)
+    _, te = bagcert.data.seeded_split(10, 0.4, 1)
+    direct = evaluate_subset_model(model.mean_logits, data.images[te], data.labels[te], wnids, data.classes)
+    assert res["accuracy"] == pytest.approx(direct["accuracy"]) and res["aurra"] == pytest.approx(direct["aurra"])
+    assert "split test of the checkpoint's seeded split" in (out / "summary.md").read_text()
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--resize", "32", "--split", "all",
+                         "--output", str(out), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["n"] == 10
+    # another folder (e.g. ImageNet-A itself): auto takes every image, an explicit test part does not exist
+    other = _image_folder(tmp_path / "other", wnids, 3)
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(other), "--resize", "32", "--output", str(out), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["dataset"]["split"] == "all"
+    with pytest.raises(SystemExit, match="6 images but the checkpoint's seeded split was made over 10"):
+        cli_ina.main(["--checkpoint", str(ckpt), "--data", str(other), "--split", "test", "--output", str(out), "--quiet"])
+
+
+def test_analysis_clis_load_the_checkpoint_split_part(tmp_path):
+    """roi / defensive_patch load data through load_model_and_data: train and test parts are disjoint."""
+    from bagcert.cli._common import load_model_and_data
+
+    wnids = ["n01440764", "n02102040"]
+    root = _image_folder(tmp_path / "folder", wnids, 5)
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=2, width=8).eval()
+    ckpt = tmp_path / "s.pt"
+    bagcert.save_checkpoint(ckpt, model, input_size=32, resize=32, classes=wnids,
+                            split={"seed": 2, "test_fraction": 0.3, "num_images": 10})
+    _, _, test = load_model_and_data(str(ckpt), str(root), "test", 0, None)
+    _, _, train = load_model_and_data(str(ckpt), str(root), "train", 0, None)
+    whole = bagcert.data.load_image_folder(root, size=32, resize=32)
+    tr, te = bagcert.data.seeded_split(10, 0.3, 2)
+    assert torch.equal(test.images, whole.images[te]) and torch.equal(train.images, whole.images[tr])

@@ -132,3 +132,49 @@ def test_augment_batch_random_crop_is_a_window_of_the_input():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="crop 30"):
         augment_batch(x, torch.Generator().manual_seed(0), pad=0, crop=30)
+
+
+# --- the checkpoint's seeded split ---------------------------------------------------------------
+def _wnid_folder(root, classes=("n01440764", "n02102040"), per_class=5):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(root / c / f"{k}.png")
+    return root
+
+
+def test_load_checkpoint_split_cuts_a_folder_with_the_recorded_split(tmp_path):
+    from bagcert.data import load_checkpoint_split
+
+    root = _wnid_folder(tmp_path / "f")
+    record = {"seed": 3, "test_fraction": 0.3, "num_images": 10}
+    whole = load_checkpoint_split(str(root), "all", record, size=8, resize=8)
+    test = load_checkpoint_split(str(root), "test", record, size=8, resize=8)
+    train = load_checkpoint_split(str(root), "train", record, size=8, resize=8)
+    tr, te = seeded_split(10, 0.3, 3)
+    assert (len(whole), len(test), len(train)) == (10, 3, 7)
+    assert torch.equal(test.images, whole.images[te]) and torch.equal(train.labels, whole.labels[tr])
+    assert (whole.info["split"], test.info["split"], train.info["split"]) == ("all", "test", "train")
+    assert test.info["seeded_split"] == record
+    # a folder of another size is not the training folder: it has no test part
+    other = _wnid_folder(tmp_path / "g", per_class=4)
+    with pytest.raises(DatasetError, match="8 images but the checkpoint's seeded split was made over 10"):
+        load_checkpoint_split(str(other), "test", record, size=8, resize=8)
+    with pytest.raises(DatasetError, match="test, train or all"):
+        load_checkpoint_split(str(root), "val", record, size=8, resize=8)
+    # no record (a model trained elsewhere): the whole folder, and the split says so
+    assert load_checkpoint_split(str(other), "test", None, size=8, resize=8).info["split"] == "all"
+
+
+def test_load_checkpoint_split_keeps_split_folders_and_refuses_all_there(tmp_path):
+    from bagcert.data import load_checkpoint_split
+
+    root = tmp_path / "d"
+    _wnid_folder(root / "train", per_class=3)
+    _wnid_folder(root / "test", per_class=2)
+    record = {"seed": 0, "test_fraction": 0.5, "num_images": 6}  # ignored: the folder has its own splits
+    assert len(load_checkpoint_split(str(root), "test", record, size=8, resize=8)) == 4
+    assert len(load_checkpoint_split(str(root), "train", record, size=8, resize=8)) == 6
+    with pytest.raises(DatasetError, match="split folders"):
+        load_checkpoint_split(str(root), "all", record, size=8, resize=8)

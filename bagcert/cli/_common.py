@@ -46,13 +46,18 @@ def subset(data, num: int | None, seed: int):
 
 
 def load_model_and_data(checkpoint: str, dataset: str, split: str, seed: int, num: int | None):
-    """``(model, meta, data)``; the dataset is resized to the checkpoint's ``input_size`` / ``resize``."""
+    """``(model, meta, data)``; the dataset is resized to the checkpoint's ``input_size`` / ``resize``, and a
+    folder without split folders is cut with the checkpoint's seeded split (``bagcert.data.load_checkpoint_split``)."""
     from ..checkpoint import load_checkpoint
-    from ..data import load_dataset
+    from ..data import DatasetError, load_checkpoint_split
 
     model, meta = load_checkpoint(checkpoint)
     size = int(meta.get("input_size", 32))
-    data = load_dataset(dataset, split, size=size, resize=meta.get("resize"), seed=seed, num_classes=model.num_classes)
+    try:  # a folder without split folders: the part of the checkpoint's seeded split ('all': every image)
+        data = load_checkpoint_split(dataset, split, meta.get("split"), size=size, resize=meta.get("resize"), seed=seed,
+                                     num_classes=model.num_classes)
+    except DatasetError as e:
+        raise SystemExit(f"dataset {dataset}, split {split}: {e}") from None
     if len(data.classes) != model.num_classes:
         raise SystemExit(f"dataset {dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":

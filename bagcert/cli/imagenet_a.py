@@ -48,6 +48,10 @@ def build_parser():
     p.add_argument("--indices-json", help="imagenet-a mode, partial copies: JSON {wnid: ImageNet-1k index}")
     p.add_argument("--scores", choices=["mean_logits", "votes"], default="mean_logits",
                    help="what the softmax is taken over for bagcert models: mean local logits (default) or vote counts")
+    p.add_argument("--split", choices=["auto", "test", "train", "all"], default="auto",
+                   help="subset mode, a folder without split folders: the part of the checkpoint's seeded train/test split "
+                   "(test, train) or every image (all). auto (default): test when the folder has exactly the image count "
+                   "the checkpoint's split was made over (its training folder), else all; the report says which")
     p.add_argument("--num-images", type=int, help="evaluate only N images (the first N of a seeded permutation)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bin-size", type=int, default=100, help="adaptive calibration bin size (100 in the protocol)")
@@ -99,6 +103,21 @@ def _response_curve(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list, 
     return rate.tolist(), acc.tolist()
 
 
+def _subset_mode_data(root: Path, split: str, record: dict | None, size: int, resize: int):
+    """The images of subset mode: ``split`` of the folder as cut by the checkpoint's seeded split record."""
+    from ..data import DatasetError, load_checkpoint_split
+
+    try:
+        if split == "auto":
+            data = load_checkpoint_split(str(root), "all", record, size=size, resize=resize)
+            if not record or len(data) != int(record["num_images"]) or data.info.get("split") != "all":
+                return data
+            split = "test"  # the checkpoint's own training folder: never evaluate on its training images
+        return load_checkpoint_split(str(root), split, record, size=size, resize=resize)
+    except DatasetError as e:
+        raise SystemExit(f"--data {root} --split {split}: {e}") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..checkpoint import load_checkpoint
@@ -140,14 +159,12 @@ def main(argv=None) -> int:
         res.update(classes_total=len(present), images_total=int(labels.numel()))
         dataset = {"name": "ImageNet-A layout", "root": str(root), "num_images": int(labels.numel()), "num_classes_present": len(present)}
     else:
-        from ..data import load_image_folder
-
         model_wnids = meta.get("classes")
         if not model_wnids or not all(isinstance(w, str) and _WNID.fullmatch(w) for w in model_wnids):
             raise SystemExit("--mode subset needs a checkpoint whose metadata 'classes' are ImageNet wnids (n + 8 digits)")
         if len(model_wnids) != model.num_classes:
             raise SystemExit(f"checkpoint lists {len(model_wnids)} classes for a {model.num_classes}-class model")
-        data = load_image_folder(root, size=size, resize=resize)
+        data = _subset_mode_data(root, args.split, meta.get("split"), size, resize)
         data = subset(data, args.num_images, args.seed)
         with torch.no_grad():
             res = evaluate_subset_model(recorder, data.images, data.labels, model_wnids, data.classes,
@@ -155,7 +172,10 @@ def main(argv=None) -> int:
         to_model = torch.tensor([model_wnids.index(w) if w in model_wnids else -1 for w in data.classes])
         target = to_model[data.labels]
         rec_logits, rec_targets = recorder.logits(), target[target >= 0]
-        dataset = {"name": data.name, "root": str(root), "num_images": len(data), "num_classes_present": int(data.labels.unique().numel())}
+        dataset = {"name": data.name, "root": str(root), "split": data.info.get("split", "all"), "num_images": len(data),
+                   "num_classes_present": int(data.labels.unique().numel())}
+        if "seeded_split" in data.info:
+            dataset["seeded_split"] = data.info["seeded_split"]
 
     rate, curve = _response_curve(rec_logits, rec_targets)
     config = dict(vars(args), mode=mode, size=size, resize=resize)
@@ -186,13 +206,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _split_text(d: dict) -> str:
+    rec = d.get("seeded_split")
+    if not rec:
+        return d["split"]
+    return f"{d['split']} of the checkpoint's seeded split (seed {rec['seed']}, test fraction {rec['test_fraction']} of {rec['num_images']})"
+
+
 def _markdown(r: dict, scores: str) -> str:
     lines = [
         "# ImageNet-A style evaluation",
         "",
         f"- mode: {r['mode']} ({'200-class ImageNet-A protocol' if r['mode'] == 'imagenet-a' else 'classes matched by wnid'})",
         f"- checkpoint: {r['checkpoint']['path']} ({r['checkpoint']['model']}, {r['checkpoint']['num_classes']} classes); softmax over {scores}",
-        f"- data: {r['dataset']['root']} ({r['dataset']['num_images']} images, {r['dataset']['num_classes_present']} classes)",
+        f"- data: {r['dataset']['root']} ({r['dataset']['num_images']} images, {r['dataset']['num_classes_present']} classes"
+        + (f", split {_split_text(r['dataset'])})" if "split" in r["dataset"] else ")"),
         "",
     ]
     if r["mode"] == "subset":
