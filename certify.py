@@ -137,6 +137,7 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from bagcert.checkpoint import load_checkpoint
     from bagcert.evaluation import certify_dataset, size_key
+    from bagcert.peers import certify_peer_dataset
     from bagcert.geometry import parse_patch_size, patch_side_for_area
     from bagcert.report import write_certification_report
 
@@ -392,83 +393,6 @@ def _check_peer_sizes(peer: dict, image_size, sizes) -> dict:
         "col_starts": list(ms.col_starts), "fill": cert.fill,
     }
     return {"method": cert.name, "forward_passes_per_image": cert.forward_passes_per_image((H, W), (mh, mw)), "peer": info}
-
-
-@torch.no_grad()
-def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, batch_size: int = 250, device="cpu",
-                         progress: bool = False, rank: int = 0, world: int = 1):
-    """``bagcert.evaluation.certify_dataset`` for a peer certifier: the same batches of images, the same
-    sharding over ranks (rank r certifies images r, r + world, ...; results gathered in dataset order) and
-    the same ``(results, timing)``.
-
-    The network evaluations of a batch are made once for all patch sizes and timed as ``forward_s``: the
-    ablation votes (de-randomized smoothing: each size only changes Δ) or the two-mask prediction table of
-    ``mask_set`` (PatchCleanser: one mask set for every size, each at most its patch, so the certificate is
-    the same for all of them). ``certify_s`` times the certificates computed from them, with the
-    certifier's own rules (``certify_counts``; ``double_masking_from_pairs`` and the all-pairs check), so
-    the results equal ``cert.certify(classifier, x, y, size)`` (PatchCleanser: with ``mask_set``'s patch).
-    """
-    import time
-
-    from bagcert.certification import CertResult
-    from bagcert.evaluation import _gather, _to_cpu, check_patch_sizes
-    from bagcert.peers import PatchCleanser, affected_ablations, certify_counts, double_masking_from_pairs
-    from bagcert.peers.base import make_result
-
-    if classifier.training:
-        raise RuntimeError("classifier is in training mode; call .eval() before certifying")
-    H, W = data.images.shape[-2:]
-    keys, sizes = check_patch_sizes(patch_sizes, (H, W))
-    pc = isinstance(cert, PatchCleanser)
-    if pc:
-        if mask_set is None:
-            raise ValueError("PatchCleanser needs the mask set to certify with")
-        big = [k for k, (ph, pw) in zip(keys, sizes) if ph > mask_set.patch_size[0] or pw > mask_set.patch_size[1]]
-        if big:
-            raise ValueError(f"patch sizes {big} are larger than the {mask_set.patch_size} patch the mask set covers")
-    else:
-        deltas = [affected_ablations((H, W), s, cert.band_size, cert.mode) for s in sizes]
-    idx = torch.arange(rank, len(data), world)
-    chunks: list[dict] = []
-    t_fwd = t_cert = 0.0
-    it = range(0, len(idx), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, total=(len(idx) + batch_size - 1) // batch_size, unit="batch", desc=f"certify {cert.name}", mininterval=1.0)
-    t0 = time.perf_counter()
-    for start in it:
-        b = idx[start : start + batch_size]
-        x = data.float_images(b).to(device)
-        y = data.labels[b].to(device)
-        t = time.perf_counter()
-        if pc:
-            table, C = cert.two_mask_predictions(classifier, x, mask_set)  # F(x ⊙ r ⊙ r') for every pair of masks
-        else:
-            votes, C = cert.votes(classifier, x, return_num_classes=True)  # the class of every ablation
-        t_fwd += time.perf_counter() - t
-        t = time.perf_counter()
-        if y.numel() and int(y.max()) >= C:
-            raise ValueError(f"labels must lie in [0, {C})")
-        if pc:
-            pred = double_masking_from_pairs(table, C)
-            M = table.shape[1]
-            iu = torch.triu_indices(M, M, device=table.device)
-            wrong = (table[:, iu[0], iu[1]] != pred[:, None]).sum(dim=1)  # unordered pairs that disagree with pred
-            res = {k: make_result(pred, y, wrong == 0, 1 - wrong, s, cert.name) for k, s in zip(keys, sizes)}
-        else:
-            counts = cert.counts(votes, C)
-            res = {}
-            for k, s, delta in zip(keys, sizes, deltas):
-                pred, certified, margin = certify_counts(counts, delta)
-                res[k] = make_result(pred, y, certified, margin, s, cert.name)
-        t_cert += time.perf_counter() - t
-        chunks.append({k: _to_cpu(r) for k, r in res.items()})
-    total = time.perf_counter() - t0
-    results = {k: CertResult.concat([c[k] for c in chunks]) for k in keys} if chunks else {}
-    if world > 1:
-        results = _gather(results, keys, len(data), rank, world)
-    return results, {"forward_s": t_fwd, "certify_s": t_cert, "total_s": total, "images": int(len(idx))}
 
 
 def _parse_attacks(text: str) -> list:

@@ -58,6 +58,32 @@ def certify_dataset(
         raise RuntimeError("model is in training mode; call model.eval() before certifying")
     H, W = data.images.shape[-2:]
     keys, sizes = check_patch_sizes(patch_sizes, (H, W))
+    agg = aggregation or model.aggregation
+
+    def certify_batch(x, y):
+        t = time.perf_counter()
+        z = model.local_logits(x)
+        t_fwd = time.perf_counter() - t
+        t = time.perf_counter()
+        res = certify_logits(z, y, model.geometry, (H, W), patch_sizes=sizes, aggregation=agg)
+        return dict(zip(keys, res.values())), t_fwd, time.perf_counter() - t
+
+    return certify_batches(data, keys, certify_batch, batch_size=batch_size, device=device, progress=progress,
+                           desc="certify", rank=rank, world=world)
+
+
+def certify_batches(data: Dataset, keys, certify_batch, *, batch_size: int = 250, device="cpu", progress: bool = False,
+                    desc: str = "certify", rank: int = 0, world: int = 1):
+    """The batch loop shared by every certifier over a dataset.
+
+    ``certify_batch(x, y) -> ({size_key: CertResult}, forward_s, certify_s)`` certifies one batch (float
+    images in [0, 1] on ``device``). Rank r takes images r, r + world, ...; per-sample results are
+    gathered so that every rank returns the full result in dataset order. Returns ``(results, timing)``
+    as :func:`certify_dataset`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    keys = list(keys)
     idx = torch.arange(rank, len(data), world)
     chunks: list[dict] = []
     t_fwd = t_cert = 0.0
@@ -65,20 +91,15 @@ def certify_dataset(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, total=(len(idx) + batch_size - 1) // batch_size, unit="batch", desc="certify", mininterval=1.0)
-    agg = aggregation or model.aggregation
+        it = tqdm(it, total=(len(idx) + batch_size - 1) // batch_size, unit="batch", desc=desc, mininterval=1.0)
     t0 = time.perf_counter()
     for start in it:
         b = idx[start : start + batch_size]
         x = data.float_images(b).to(device)
         y = data.labels[b].to(device)
-        t = time.perf_counter()
-        z = model.local_logits(x)
-        t_fwd += time.perf_counter() - t
-        t = time.perf_counter()
-        res = certify_logits(z, y, model.geometry, (H, W), patch_sizes=sizes, aggregation=agg)
-        t_cert += time.perf_counter() - t
-        chunks.append({k: _to_cpu(r) for k, r in zip(keys, res.values())})
+        res, f, c = certify_batch(x, y)
+        t_fwd, t_cert = t_fwd + f, t_cert + c
+        chunks.append({k: _to_cpu(res[k]) for k in keys})
     total = time.perf_counter() - t0
     results = {k: CertResult.concat([c[k] for c in chunks]) for k in keys} if chunks else {}
     if world > 1:

@@ -18,6 +18,7 @@ See docs/peers.md for the rules, the derivations and what the tests check.
 from .base import PeerCertifier
 from .classifiers import PooledClassifier, ablation_classifier, init_peer_classifier, load_peer_classifier, save_peer_classifier
 from .clipped import BagCert, ClippedBagNet
+from .evaluation import certify_peer_dataset
 from .patchcleanser import MaskSet, PatchCleanser, double_masking_from_pairs, mask_axis
 from .patchguard import PatchGuardMasking, evidence_window_size, patchguard_certify_evidence, robust_masking
 from .smoothing import AblatedInput, DerandomizedSmoothing, ablation_keep_masks, affected_ablations, certify_counts
@@ -25,6 +26,7 @@ from .spec import PEER_METHODS, PeerSpec, load_peer_certifier, parse_peer_spec
 from .training_transforms import random_ablation, random_masks
 
 __all__ = [
+    "certify_peer_dataset",
     "AblatedInput",
     "BagCert",
     "ClippedBagNet",
