@@ -203,3 +203,48 @@ def test_evaluate_neutralization_smoke_and_consistency():
     occ = evaluate_neutralization(model, data.images[:2], data.labels[:2], attack="pgd", steps=1, roi_method="occlusion",
                                   occlusion_window=8, occlusion_stride=8, qs=(10,))
     assert occ["roi_method"] == "occlusion" and occ["attack"]["kind"] == "pgd"
+
+
+# --- review regressions ------------------------------------------------------------------------------
+@pytest.mark.parametrize("q,n,k", [(64.6, 250, 162), (9.2, 375, 35), (0.7, 50, 0), (12.5, 4, 1)])
+def test_binarize_count_is_rounded_half_up_exactly_for_decimal_q(q, n, k):
+    # q n / 100 = 161.5 and 34.5 exactly: float arithmetic gave 161.4999... and kept one pixel too few
+    maps = torch.arange(n, dtype=torch.float32).view(1, 1, n)
+    assert int(binarize_top_q(maps, q).sum()) == k
+
+
+def test_roi_from_local_logits_does_not_touch_a_training_model():
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=4, width=8)
+    x = rand_images(3)
+    model.eval()
+    expected, _ = roi_from_local_logits(model, x)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    roi, _ = roi_from_local_logits(model, x)
+    assert model.training  # mode restored
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no BatchNorm statistics updated
+    assert torch.allclose(roi, expected)  # the RoI of the model in eval mode, not of batch statistics
+
+
+def test_upsample_rejects_a_map_that_does_not_match_the_geometry():
+    with pytest.raises(ValueError, match="grid"):
+        upsample_local_map(torch.zeros(1, 4, 4), GEO, (6, 6))
+
+
+def test_neutralize_rejects_a_non_positive_blur_sigma():
+    x = rand_images(1, 8)
+    m = torch.ones(1, 8, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="sigma"):
+        neutralize(x, ~m, m, "blur", blur_sigma=0.0)
+
+
+def test_evaluate_neutralization_rejects_empty_input_and_bad_batch_size():
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=4, width=8).eval()
+    data = bagcert.data.synthetic_dataset(2, 4, 32, seed=0)
+    with pytest.raises(ValueError, match="no images"):
+        evaluate_neutralization(model, data.images[:0], data.labels[:0], steps=1, qs=(5,))
+    for bs in (0, -1):  # -1 used to skip every batch and report 0 % everywhere
+        with pytest.raises(ValueError, match="batch_size"):
+            evaluate_neutralization(model, data.images, data.labels, steps=1, qs=(5,), batch_size=bs)

@@ -39,14 +39,20 @@ Neutralisation (:func:`neutralize`)
     per-channel mean over all its pixels), ``"blur"`` (the same pixel of a Gaussian-blurred copy)
     or a number in [0, 1]; every other pixel is left exactly as it was.
 
-Overlap (:func:`iou`, :func:`iou_across_q`): intersection over union of two boolean masks, 1.0
-when both are empty.
+Overlap (:func:`iou`, :func:`iou_across_q`): intersection over union of two boolean masks, per
+image, 1.0 when both are empty; reported values are the mean of the per-image IoUs (not one IoU
+pooled over the pixels of all images).
+
+Labels: the RoI and the gradient RoA use the model's *predicted* class (of the image at hand), never
+the true label, which a defender does not have; the true label is used only by the attack and to
+score accuracy.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from fractions import Fraction
 from typing import Callable, Sequence
 
 import torch
@@ -102,6 +108,10 @@ def upsample_local_map(local_map: torch.Tensor, geometry, image_size, reduce: st
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     lm = local_map.detach().float()
+    if getattr(geometry, "layers", None):
+        expected = tuple(geometry.grid_size(*(int(v) for v in image_size)))
+        if tuple(lm.shape[-2:]) != expected:
+            raise ValueError(f"local_map grid {tuple(lm.shape[-2:])} does not match the geometry's grid {expected} for a {tuple(image_size)} image")
     rows, cols = location_pixel_membership(geometry, lm.shape[-2:], image_size)
     rows, cols = rows.to(lm.device), cols.to(lm.device)
     covered = rows.any(0).view(-1, 1) & cols.any(0).view(1, -1)  # [H, W]
@@ -140,7 +150,7 @@ def roi_from_local_logits(model, x: torch.Tensor, target=None, reduce: str = "me
     if not hasattr(model, "local_logits") or getattr(model, "geometry", None) is None:
         raise TypeError("roi_from_local_logits needs a model with local_logits(x) and a geometry; use occlusion_roi for other models")
     x = as_float_images(x)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # no BatchNorm batch statistics, no update of running stats
         local = model.local_logits(x)
     target = _model_prediction(model, local) if target is None else check_labels(target, x.shape[0], local.shape[1]).to(local.device)
     chosen = local.gather(1, target.view(-1, 1, 1, 1).expand(-1, 1, *local.shape[-2:])).squeeze(1)
@@ -235,7 +245,8 @@ def binarize_top_q(maps: torch.Tensor, q: float, positive_only: bool = False) ->
         raise ValueError("maps contain NaN; importance maps must be comparable numbers")
     B, H, W = maps.shape
     n = H * W
-    k = min(n, int(math.floor(float(q) * n / 100.0 + 0.5)))
+    # exact rational arithmetic on the decimal q: float q * n / 100 can land just below a .5 (64.6 % of 250)
+    k = min(n, math.floor(Fraction(repr(float(q))) * n / 100 + Fraction(1, 2)))
     flat = maps.detach().reshape(B, n)
     # stable sort of -values: equal values keep their index order, so lower indices win ties
     order = torch.sort(-flat.double(), dim=1, stable=True).indices
@@ -268,6 +279,8 @@ def neutralize(x: torch.Tensor, roi_mask: torch.Tensor, roa_mask: torch.Tensor, 
     elif fill == "mean":
         value = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
     elif fill == "blur":
+        if not float(blur_sigma) > 0:
+            raise ValueError(f"blur_sigma must be > 0, got {blur_sigma}")
         value = _gaussian_blur(x, blur_sigma).clamp(0.0, 1.0)
     elif isinstance(fill, (int, float)) and not isinstance(fill, bool) and 0.0 <= float(fill) <= 1.0:
         value = torch.full_like(x, float(fill))
@@ -287,7 +300,8 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def iou_across_q(roi_map: torch.Tensor, roa_map: torch.Tensor, qs: Sequence[float]) -> dict:
-    """``{q: mean IoU}`` of the top-q % RoI and the top-q % RoA masks (the same q for both)."""
+    """``{q: mean over images of the per-image IoU}`` of the top-q % RoI and the top-q % RoA masks
+    (the same q for both; no ``positive_only``, unlike :func:`evaluate_neutralization`)."""
     return {float(q): float(iou(binarize_top_q(roi_map, q), binarize_top_q(roa_map, q)).mean()) for q in qs}
 
 
@@ -338,8 +352,9 @@ def evaluate_neutralization(
       its predicted class (needs nothing but x_adv: a usable defense);
     * ``neutralized_clean_accuracy``: that gradient defense applied to the clean images (its cost).
 
-    Overlap: ``iou_oracle[q]`` / ``iou_gradient[q]``: mean IoU of the top-q % RoI of the clean
-    image and the top-q % oracle / gradient RoA of x_adv.
+    Overlap: ``iou_oracle[q]`` / ``iou_gradient[q]``: the per-image IoU of the top-q % RoI of the
+    clean image and the top-q % (positive pixels only) oracle / gradient RoA of x_adv, averaged
+    over the images (not pooled).
 
     With ``keep > 0`` the result has ``"examples"``: tensors of the first ``keep`` images (x, x_adv,
     roi_adv, roa_oracle, neutralized) for figures (drop it before writing JSON).
@@ -354,6 +369,10 @@ def evaluate_neutralization(
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a tensor [N, 3, H, W], got {getattr(images, 'shape', None)}")
     y_all = check_labels(labels, images.shape[0])
+    if images.shape[0] == 0:
+        raise ValueError("no images to evaluate")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     from ..defense.corruptions import linf_pgd
     from ..defense.evaluate import _seed, random_patch_attack
 

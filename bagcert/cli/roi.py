@@ -117,6 +117,8 @@ def _markdown(r: dict) -> str:
         f"| adversarial, neutralised (RoA = input gradient) | {pct(r['neutralized_accuracy_gradient'])} |",
         f"| clean, neutralised (RoA = input gradient) | {pct(r['neutralized_clean_accuracy'])} |",
         "",
+        "Mean over images of the per-image IoU:",
+        "",
         "| q (%) | IoU(RoI clean, RoA oracle) | IoU(RoI clean, RoA gradient) |",
         "| ---: | ---: | ---: |",
     ]
@@ -143,13 +145,13 @@ def _figures(out: Path, r: dict, ex) -> None:
     if not ex or ex["x"].shape[0] == 0:
         return
     k = ex["x"].shape[0]
-    titles = ["image", "adversarial", "RoI (clean)", "RoA |x_adv - x|", "RoA gradient", "neutralised"]
+    titles = ["image", "adversarial", "RoI (clean)", "RoI (adversarial)", "RoA |x_adv - x|", "RoA gradient", "neutralised (oracle)"]
     fig, axes = plt.subplots(k, len(titles), figsize=(1.7 * len(titles), 1.8 * k), squeeze=False)
     for i in range(k):
-        panels = [ex["x"][i].permute(1, 2, 0), ex["x_adv"][i].permute(1, 2, 0), ex["roi_clean"][i], ex["roa_oracle"][i],
-                  ex["roa_gradient"][i], ex["neutralized"][i].permute(1, 2, 0)]
+        panels = [ex["x"][i].permute(1, 2, 0), ex["x_adv"][i].permute(1, 2, 0), ex["roi_clean"][i], ex["roi_adv"][i],
+                  ex["roa_oracle"][i], ex["roa_gradient"][i], ex["neutralized"][i].permute(1, 2, 0)]
         notes = {0: f"y={int(ex['label'][i])} pred={int(ex['pred_clean'][i])}", 1: f"pred={int(ex['pred_adv'][i])}",
-                 5: f"pred={int(ex['pred_neutralized'][i])}"}
+                 6: f"pred={int(ex['pred_neutralized'][i])}"}
         for j, (ax, img) in enumerate(zip(axes[i], panels)):
             ax.axis("off")
             ax.imshow(img.numpy(), cmap=None if img.dim() == 3 else "magma", interpolation="nearest")
