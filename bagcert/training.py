@@ -69,7 +69,7 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 1.0
-    ema: float = 0.0  # decay per step; 0 disables
+    ema: float = 0.0  # decay per step (warmed up, see ema_decay); 0 disables
     init_from: str | None = None  # start from this model checkpoint's weights (same model and kwargs) instead of random
     # loss
     loss: str = "bagcert"  # bagcert | ce
@@ -351,12 +351,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         loss.backward()
         opt.step()
         if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
-                    if pe.dtype.is_floating_point:
-                        pe.mul_(cfg.ema).add_(pm.detach(), alpha=1 - cfg.ema)
-                    else:
-                        pe.copy_(pm)
+            ema_update(ema, model, ema_decay(cfg.ema, step))
         step += 1
         n_window += per_rank * world
         if pbar is not None:
@@ -550,6 +545,27 @@ def _init_from_checkpoint(model, path) -> dict:
         "epochs": src_meta.get("epochs"),
         "wall_seconds": src_meta.get("wall_seconds"),
     }
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay used after optimiser step ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``.
+
+    The warm-up keeps the average close to the model early in training (with a fixed 0.999, after 780
+    steps 46 % of the average would still be the random initialisation, and evaluations during training
+    would show it); from about ``9 / (1 - decay)`` steps on, the decay is ``decay``.
+    """
+    return min(float(decay), (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for floating-point parameters and buffers; other
+    buffers (e.g. BatchNorm's step counter) are copied."""
+    for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
+        if pe.dtype.is_floating_point:
+            pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+        else:
+            pe.copy_(pm)
 
 
 def dataset_metadata(train_data) -> dict:

@@ -118,3 +118,23 @@ def test_training_on_a_dataset_with_a_split_name_writes_the_checkpoint(tmp_path)
     train(_cfg(tmp_path / "r", epochs=1, eval_every=1e9), data, None, log=lambda *a: None)
     _, meta = bagcert.load_checkpoint(tmp_path / "r" / "model.pt")
     assert "split" not in meta and meta["classes"] == list(data.classes)
+
+
+def test_ema_decay_warms_up_and_the_update_is_the_stated_average():
+    from bagcert.training import ema_decay, ema_update
+
+    assert ema_decay(0.999, 0) == pytest.approx(0.1) and ema_decay(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay(0.999, 10**6) == 0.999 and ema_decay(0.5, 0) == pytest.approx(0.1)
+    # the weight left on the initialisation after 780 steps: tiny with the warm-up, 46 % without
+    keep = 1.0
+    for t in range(780):
+        keep *= ema_decay(0.999, t)
+    assert keep < 1e-3 and 0.999 ** 780 > 0.45
+    torch.manual_seed(0)
+    a, b = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        b.weight.fill_(3.0)
+        b.num_batches_tracked.fill_(7)
+    w0 = a.weight.clone()
+    ema_update(a, b, 0.75)
+    assert torch.allclose(a.weight, 0.75 * w0 + 0.25 * 3.0) and int(a.num_batches_tracked) == 7
