@@ -307,12 +307,18 @@ def load_checkpoint_split(spec: str, split: str, split_record: dict | None, size
     if not split_record:
         data.info["split"] = "all"
         return data
+    return cut_seeded_split(data, split, split_record, spec)
+
+
+def cut_seeded_split(data: Dataset, split: str, split_record: dict, name: str = "the folder") -> Dataset:
+    """The ``split`` part (``"test"`` or ``"train"``) of a whole folder ``data``, cut with a checkpoint's
+    seeded split record (see :func:`load_checkpoint_split`); a folder of another size is a :class:`DatasetError`."""
     if split not in ("test", "train"):
         raise DatasetError(f"split must be test, train or all for a folder without split folders, got {split!r}")
     n = int(split_record["num_images"])
     if len(data) != n:
         raise DatasetError(
-            f"{spec} has {len(data)} images but the checkpoint's seeded split was made over {n}: not the folder it "
+            f"{name} has {len(data)} images but the checkpoint's seeded split was made over {n}: not the folder it "
             f"was trained on, so it has no {split!r} part (use split 'all' to take every image)"
         )
     tr, te = seeded_split(n, float(split_record["test_fraction"]), int(split_record["seed"]))

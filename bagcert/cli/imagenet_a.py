@@ -105,14 +105,15 @@ def _response_curve(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list, 
 
 def _subset_mode_data(root: Path, split: str, record: dict | None, size: int, resize: int):
     """The images of subset mode: ``split`` of the folder as cut by the checkpoint's seeded split record."""
-    from ..data import DatasetError, load_checkpoint_split
+    from ..data import DatasetError, cut_seeded_split, load_checkpoint_split
 
     try:
         if split == "auto":
             data = load_checkpoint_split(str(root), "all", record, size=size, resize=resize)
-            if not record or len(data) != int(record["num_images"]) or data.info.get("split") != "all":
+            if not record or len(data) != int(record["num_images"]):
                 return data
             split = "test"  # the checkpoint's own training folder: never evaluate on its training images
+            return cut_seeded_split(data, split, record, str(root))
         return load_checkpoint_split(str(root), split, record, size=size, resize=resize)
     except DatasetError as e:
         raise SystemExit(f"--data {root} --split {split}: {e}") from None
