@@ -32,7 +32,7 @@ def make_step(model, loss_name, amp, x, y):
     loss_fn = BagCertLoss(model.geometry, tuple(x.shape[-2:]), [5], margin_weight=5.0, tau=2.0, ce_weight=1.0)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             z = model.local_logits(x)
         if loss_name == "ce":
             loss = F.cross_entropy(z.float().mean(dim=(2, 3)), y)
@@ -52,28 +52,33 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
     p.add_argument("--output")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    x = torch.rand(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch_size,))
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    x = torch.rand(args.batch_size, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,), device=dev)
     settings = {}
     for loss_name in ("ce", "bagcert"):
         for amp in (False, True):
-            model = bagcert.create_model(args.model, width=args.width).to(memory_format=torch.channels_last)
+            model = bagcert.create_model(args.model, width=args.width).to(dev, memory_format=torch.channels_last)
             model.check_inputs = False
             step = make_step(model, loss_name, amp, x, y)
             step()  # warm-up
             settings[f"{loss_name}_{'bf16' if amp else 'fp32'}"] = (step, [])
     for _ in range(args.rounds):
         for name, (step, times) in settings.items():
+            sync()
             t = time.perf_counter()
             for _ in range(args.steps_per_round):
                 step()
+            sync()
             times.append((time.perf_counter() - t) / args.steps_per_round)
     ips = {name: args.batch_size / statistics.median(times) for name, (_, times) in settings.items()}
     res = {
-        "env": environment_info(),
+        "env": environment_info(dev),
         "model": args.model,
         "width": args.width,
         "batch_size": args.batch_size,
