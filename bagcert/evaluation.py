@@ -11,7 +11,7 @@ from .certification import CertResult, certify_logits
 from .data import Dataset
 from .geometry import parse_patch_size
 
-__all__ = ["certify_dataset", "size_key"]
+__all__ = ["certify_dataset", "size_key", "vote_statistics"]
 
 
 def size_key(size) -> str:
@@ -135,3 +135,42 @@ def _gather(results, keys, n, rank, world):
             aggregation=any_res.aggregation if any_res else "votes",
         )
     return out
+
+
+def vote_statistics(votes: torch.Tensor, labels: torch.Tensor) -> dict:
+    """How the locations of a vote model vote, summed over a batch: the diagnosis behind a low certificate.
+
+    ``votes``: binary votes [B, C, h, w] (``Aggregation.local_scores`` of ``"votes"``); ``labels``: [B].
+    Returns fractions of all B * h * w locations: ``abstain`` (no class), ``label_only``,
+    ``label_and_other`` (the label and at least one other class), ``wrong_only`` (only other classes); and
+    per image, as fractions of the h * w locations: ``label_votes`` (mean votes for the label) and
+    ``margin`` (mean of label votes minus the most votes of any other class). The four location fractions
+    sum to 1.
+    """
+    if votes.dim() != 4:
+        raise ValueError(f"votes must be [B, C, h, w], got shape {tuple(votes.shape)}")
+    if labels.shape != (votes.shape[0],):
+        raise ValueError(f"labels must be [B] = [{votes.shape[0]}], got shape {tuple(labels.shape)}")
+    if votes.dtype.is_floating_point or bool(((votes != 0) & (votes != 1)).any()):
+        raise ValueError("votes must be 0/1 integers (threshold the logits first, e.g. Aggregation.local_scores)")
+    if bool(((labels < 0) | (labels >= votes.shape[1])).any()):
+        raise ValueError(f"labels must lie in [0, {votes.shape[1]}), got {labels.min().item()}..{labels.max().item()}")
+    b, c, h, w = votes.shape
+    v = votes.to(torch.int64)
+    onehot = torch.nn.functional.one_hot(labels.long(), c).to(torch.bool)
+    label_vote = v[torch.arange(b), labels.long()]  # [B, h, w]
+    other = v.masked_fill(onehot[:, :, None, None], 0)
+    any_other = other.sum(dim=1) > 0
+    n_loc = b * h * w
+    label_counts = label_vote.sum(dim=(1, 2)).double()
+    best_other = other.sum(dim=(2, 3)).max(dim=1).values.double()
+    return {
+        "images": b,
+        "locations_per_image": h * w,
+        "abstain": float((v.sum(dim=1) == 0).sum()) / n_loc,
+        "label_only": float(((label_vote == 1) & ~any_other).sum()) / n_loc,
+        "label_and_other": float(((label_vote == 1) & any_other).sum()) / n_loc,
+        "wrong_only": float(((label_vote == 0) & any_other).sum()) / n_loc,
+        "label_votes": float(label_counts.mean()) / (h * w),
+        "margin": float((label_counts - best_other).mean()) / (h * w),
+    }
