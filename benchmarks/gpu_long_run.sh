@@ -28,9 +28,16 @@ recipe=(--dataset "$DATA" --model cifar_bagnet9_s2 --model-kwargs '{"width":128}
 # 1. probe: images/s of the training step on this device (also decodes and caches the dataset)
 rm -rf "$WORK/probe"
 "$PY" train.py "${recipe[@]}" --epochs 1 --max-steps "$PROBE_STEPS" --log-every 50 --eval-images 200 --output "$WORK/probe"
-ips=$("$PY" -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print([x for x in r if 'images_per_s' in x][-1]['images_per_s'])" "$WORK/probe/train_log.jsonl")
-epochs=$("$PY" -c "import sys; print(max(1, int(float(sys.argv[1]) * float(sys.argv[2]) / 50000 * 0.92)))" "$TRAIN_SECONDS" "$ips")
-echo "probe: $ips images/s -> $epochs epochs in $TRAIN_SECONDS s"
+# images per epoch from the probe's own log (batch size x steps per epoch), so --train-limit / --batch-size in EXTRA count
+epochs=$("$PY" - "$WORK/probe" "$TRAIN_SECONDS" <<'PYEOF'
+import json, sys
+last = [r for r in map(json.loads, open(sys.argv[1] + "/train_log.jsonl")) if "images_per_s" in r][-1]
+per_epoch = json.load(open(sys.argv[1] + "/config.json"))["batch_size"] * last["step"] / last["epoch"]
+print(f"probe: {last['images_per_s']:.0f} images/s, {per_epoch:.0f} images per epoch", file=sys.stderr)
+print(max(1, int(float(sys.argv[2]) * last["images_per_s"] / per_epoch * 0.92)))
+PYEOF
+)
+echo "-> $epochs epochs in $TRAIN_SECONDS s"
 
 # 2. the long run (resumable; a timeout still leaves last.pt, exported below)
 run="$WORK/long"

@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bagcert import load_checkpoint  # noqa: E402
 from bagcert.aggregation import get_aggregation  # noqa: E402
-from bagcert.data import load_checkpoint_split  # noqa: E402
+from bagcert.cli._common import load_model_and_data  # noqa: E402
 from bagcert.evaluation import vote_statistics  # noqa: E402
 from bagcert.report import environment_info  # noqa: E402
 
@@ -42,17 +41,11 @@ def main(argv=None):
     votes_agg = get_aggregation("votes")
     rows = {}
     for path in args.checkpoints:
-        model, meta = load_checkpoint(path)
-        data = load_checkpoint_split(args.dataset, "test", meta.get("split"), size=meta.get("input_size"),
-                                     resize=meta.get("resize"), num_classes=len(meta.get("classes") or []) or 10)
-        n = min(args.num_images, len(data))
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n]
-        parts = []
+        model, _, data = load_model_and_data(path, args.dataset, "test", args.seed, args.num_images)
         with torch.no_grad():
-            for k in range(0, n, args.batch_size):
-                b = idx[k : k + args.batch_size]
-                parts.append((votes_agg.local_scores(model.local_logits(data.float_images(b))), data.labels[b]))
-        rows[path] = vote_statistics(torch.cat([v for v, _ in parts]), torch.cat([y for _, y in parts]))
+            votes = [votes_agg.local_scores(model.local_logits(data.float_images(torch.arange(k, min(k + args.batch_size, len(data))))))
+                     for k in range(0, len(data), args.batch_size)]
+        rows[path] = vote_statistics(torch.cat(votes), data.labels)
     keys = ["abstain", "label_only", "label_and_other", "wrong_only", "label_votes", "margin"]
     print("| checkpoint | " + " | ".join(keys) + " |")
     print("| --- | " + " | ".join("---:" for _ in keys) + " |")
