@@ -147,6 +147,19 @@ class Geometry:
         cols = axis_ranges(W, pw, gw, self.receptive_field[1], self.stride[1], self.padding[1])
         return rows, cols
 
+    def max_affected(self, image_size, patch_size) -> int:
+        """Largest |R(l)| over all positions of the patch: the locations one patch can reach at worst.
+
+        The certificate asks the votes outside R(l) to beat every other class by more than |R(l)|.
+        When the locations inside R(l) vote for the label, as they mostly do on correctly classified
+        images, the margin over all N locations must therefore exceed ``2 * max_affected``: the share
+        ``2 * max_affected / N`` says how far a model's vote margins must reach.
+        """
+        rows, cols = self.affected_ranges(image_size, patch_size)
+        n_rows = (rows[:, 1] - rows[:, 0] + 1).max()
+        n_cols = (cols[:, 1] - cols[:, 0] + 1).max()
+        return int(n_rows * n_cols)
+
     def affected_mask(self, image_size, patch_size, top: int, left: int) -> torch.Tensor:
         """Boolean [h, w] mask of the locations R(l) affected by the patch at (top, left)."""
         ph, pw = parse_patch_size(patch_size)

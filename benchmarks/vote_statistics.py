@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--patch-size", default="5", help="patch whose worst-case reach sets the 'needed' column (default 5)")
     p.add_argument("--threads", type=int)
     p.add_argument("--output", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -46,7 +47,11 @@ def main(argv=None):
             votes = [votes_agg.local_scores(model.local_logits(data.float_images(torch.arange(k, min(k + args.batch_size, len(data))))))
                      for k in range(0, len(data), args.batch_size)]
         rows[path] = vote_statistics(torch.cat(votes), data.labels)
-    keys = ["abstain", "label_only", "label_and_other", "wrong_only", "label_votes", "margin"]
+        # margin share a certificate needs when the reached locations vote for the label (Geometry.max_affected)
+        size = tuple(data.float_images(torch.arange(1)).shape[-2:])
+        h, w = model.grid_size(*size)
+        rows[path]["needed"] = 2 * model.geometry.max_affected(size, args.patch_size) / (h * w)
+    keys = ["abstain", "label_only", "label_and_other", "wrong_only", "label_votes", "margin", "needed"]
     print("| checkpoint | " + " | ".join(keys) + " |")
     print("| --- | " + " | ".join("---:" for _ in keys) + " |")
     for path, r in rows.items():

@@ -172,3 +172,16 @@ def test_images_smaller_than_receptive_field():
     model = bagcert.create_model("bagnet33_w025", width=1 / 16).eval()
     with pytest.raises(InputError, match="receptive field"):
         model(torch.rand(1, 3, 20, 20))
+
+
+def test_max_affected_matches_the_largest_mask():
+    # brute force over every position: the largest affected set, for square and rectangular patches
+    for name in ("cifar_bagnet9_s2", "cifar_bagnet5_s2", "cifar_bagnet7"):
+        g = bagcert.create_model(name, width=8).geometry
+        for patch in (5, (3, 7), 1):
+            ph, pw = bagcert.geometry.parse_patch_size(patch)
+            brute = max(int(g.affected_mask((32, 32), patch, t, l).sum()) for t in range(33 - ph) for l in range(33 - pw))
+            assert g.max_affected((32, 32), patch) == brute, (name, patch)
+    # the numbers the docs quote: 5x5 patches on 32 px reach 49 of 256 locations at rf 9 / stride 2, 25 at rf 5
+    assert bagcert.create_model("cifar_bagnet9_s2", width=8).geometry.max_affected((32, 32), 5) == 49
+    assert bagcert.create_model("cifar_bagnet5_s2", width=8).geometry.max_affected((32, 32), 5) == 25
