@@ -53,8 +53,11 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, usually all cores)")
     p.add_argument("--output")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -82,6 +85,7 @@ def main(argv=None):
         "model": args.model,
         "width": args.width,
         "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
         "images_per_s": ips,
         "certified_loss_cost_bf16": ips["ce_bf16"] / ips["bagcert_bf16"],
         "certified_loss_cost_fp32": ips["ce_fp32"] / ips["bagcert_fp32"],

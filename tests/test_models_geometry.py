@@ -28,6 +28,8 @@ PROBED = [
     ("cifar_bagnet5", dict(width=8), 32),
     ("cifar_bagnet9", dict(width=8), 32),
     ("cifar_bagnet9_s2", dict(width=8), 32),
+    ("cifar_bagnet5_s2", dict(width=8), 32),  # no 3x3 block: the stem alone makes the window
+    ("cifar_bagnet7_s2", dict(width=8), 32),
     ("cifar_bagnet13_s2", dict(width=8), 32),
     ("cifar_bagnet", dict(width=8, receptive_field=8, stride=2), 32),
     ("cifar_bagnet", dict(width=8, receptive_field=9, stride=2, padding="valid"), 32),
