@@ -43,14 +43,16 @@ def main(argv=None):
     rows = {}
     for path in args.checkpoints:
         model, _, data = load_model_and_data(path, args.dataset, "test", args.seed, args.num_images)
+        votes = []
         with torch.no_grad():
-            votes = [votes_agg.local_scores(model.local_logits(data.float_images(torch.arange(k, min(k + args.batch_size, len(data))))))
-                     for k in range(0, len(data), args.batch_size)]
-        rows[path] = vote_statistics(torch.cat(votes), data.labels)
+            for k in range(0, len(data), args.batch_size):
+                x = data.float_images(torch.arange(k, min(k + args.batch_size, len(data))))
+                votes.append(votes_agg.local_scores(model.local_logits(x)))
+        votes = torch.cat(votes)
+        rows[path] = vote_statistics(votes, data.labels)
         # margin share a certificate needs when the reached locations vote for the label (Geometry.max_affected)
-        size = tuple(data.float_images(torch.arange(1)).shape[-2:])
-        h, w = model.grid_size(*size)
-        rows[path]["needed"] = 2 * model.geometry.max_affected(size, args.patch_size) / (h * w)
+        h, w = votes.shape[-2:]
+        rows[path]["needed"] = 2 * model.geometry.max_affected(tuple(x.shape[-2:]), args.patch_size) / (h * w)
     keys = ["abstain", "label_only", "label_and_other", "wrong_only", "label_votes", "margin", "needed"]
     print("| checkpoint | " + " | ".join(keys) + " |")
     print("| --- | " + " | ".join("---:" for _ in keys) + " |")
