@@ -125,7 +125,9 @@ class BagCertLoss(torch.nn.Module):
         self.bce_pos_weight = float(bce_pos_weight)
 
     def forward(self, local_logits: torch.Tensor, labels: torch.Tensor, margin_weight: float | None = None):
-        """Returns ``(loss, stats)`` where stats holds detached parts and the hard margins."""
+        """Returns ``(loss, stats)``: stats holds the detached loss terms (0-dim tensors, so that the
+        training loop can average them over its logging window without a host sync each step) and
+        the hard margins."""
         z = local_logits.float()
         B, C, h, w = z.shape
         stats = {}
@@ -144,16 +146,16 @@ class BagCertLoss(torch.nn.Module):
         if mw > 0:
             l_margin = hinge.mean()
             loss = loss + mw * l_margin
-            stats["loss_margin"] = float(l_margin.detach())
+            stats["loss_margin"] = l_margin.detach()
         if self.bce_weight > 0:
             target = F.one_hot(labels, C).to(z.dtype)[:, :, None, None].expand_as(z)
             pw = None if self.bce_pos_weight == 1.0 else z.new_tensor(self.bce_pos_weight)
             l_bce = F.binary_cross_entropy_with_logits(z, target, reduction="mean", pos_weight=pw) * C
             loss = loss + self.bce_weight * l_bce
-            stats["loss_bce"] = float(l_bce.detach())
+            stats["loss_bce"] = l_bce.detach()
         if self.ce_weight > 0:
             l_ce = F.cross_entropy(z.mean(dim=(2, 3)), labels, label_smoothing=self.label_smoothing)
             loss = loss + self.ce_weight * l_ce
-            stats["loss_ce"] = float(l_ce.detach())
-        stats["loss"] = float(loss.detach())
+            stats["loss_ce"] = l_ce.detach()
+        stats["loss"] = loss.detach()
         return loss, stats

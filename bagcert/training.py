@@ -311,6 +311,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     t_start = time.perf_counter()
     last_ckpt = time.perf_counter()
     t_window, n_window = time.perf_counter(), 0
+    win_sum, win_n = {}, {}  # per-key sums (device tensors) and counts of the training stats since the last log record
     per_rank = cfg.batch_size // world
     summary = {}
     model.train()
@@ -341,11 +342,11 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         if cfg.loss == "ce":
             logits = z.float() if peer is not None else z.float().mean(dim=(2, 3))
             loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            stats = {"loss": float(loss.detach())}
+            stats = {"loss": loss.detach()}
         else:
             mw = cfg.margin_weight * min(1.0, step / margin_warm)
             loss, stats = loss_fn(z, yb, margin_weight=mw)
-            stats["robust_train"] = float((stats.pop("margin") > 0).float().mean())
+            stats["robust_train"] = (stats.pop("margin") > 0).float().mean()
         opt.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; per-rank losses are means over per_rank samples
         loss.backward()
@@ -354,12 +355,20 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             ema_update(ema, model, ema_decay(cfg.ema, step))
         step += 1
         n_window += per_rank * world
+        # window sums stay on the device: one host transfer per log record, not one per step
+        for key, v in stats.items():
+            win_sum[key] = win_sum[key] + v if key in win_sum else v.clone()
+            win_n[key] = win_n.get(key, 0) + 1
         if pbar is not None:
             pbar.update(1)
         if step % cfg.log_every == 0 or step == total_steps_run:
             dt = time.perf_counter() - t_window
             ips = n_window / max(dt, 1e-9)
             t_window, n_window = time.perf_counter(), 0
+            keys = list(win_sum)
+            means = torch.stack([win_sum[key].float() for key in keys]).tolist() if keys else []
+            stats = {key: m / win_n[key] for key, m in zip(keys, means)}
+            win_sum, win_n = {}, {}
             rec = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "images_per_s": ips, **stats}
             append_log(rec)
             if writer is not None:

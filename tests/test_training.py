@@ -39,6 +39,28 @@ def test_resume_gives_identical_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _train_records(path):
+    return [r for r in map(json.loads, open(path)) if "loss" in r]
+
+
+def test_logged_training_stats_are_means_over_the_logging_window(tmp_path):
+    data = synthetic_dataset(64, seed=1)
+    # margin warm-up of one epoch (4 steps): loss_margin appears from step 2 on, so windows hold it for part of their steps
+    every = train(_cfg(tmp_path / "every", log_every=1, margin_warmup_epochs=1.0), data, None, log=lambda *a: None)
+    grouped = train(_cfg(tmp_path / "grouped", log_every=4, margin_warmup_epochs=1.0), data, None, log=lambda *a: None)
+    assert every["steps"] == grouped["steps"] == 12
+    per_step = {r["step"]: r for r in _train_records(tmp_path / "every" / "train_log.jsonl")}
+    windows = _train_records(tmp_path / "grouped" / "train_log.jsonl")
+    assert [r["step"] for r in windows] == [4, 8, 12]
+    for rec in windows:
+        steps = range(rec["step"] - 3, rec["step"] + 1)
+        for key in ("loss", "loss_bce", "robust_train", "loss_margin"):
+            vals = [per_step[s][key] for s in steps if key in per_step[s]]
+            assert vals, key
+            assert rec[key] == pytest.approx(sum(vals) / len(vals), rel=1e-5, abs=1e-7), (rec["step"], key)
+    assert "loss_margin" not in per_step[1] and "loss_margin" in per_step[2]
+
+
 def test_training_learns_synthetic_data(tmp_path):
     data, held = synthetic_dataset(256, seed=1), synthetic_dataset(64, seed=2)
     cfg = _cfg(tmp_path / "r", epochs=6, batch_size=32, lr=1e-2, ema=0.0, eval_every=6.0, model_kwargs={"width": 16}, checkpoint_minutes=5.0)
