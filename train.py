@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "[,k=6,masks=2,fill=0.5] (mask set for PxP patches); --model is its backbone, the loss cross-entropy")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=float)
+    g.add_argument("--time-budget-minutes", type=float,
+                   help="wall-clock budget for the whole run: measure the speed during the first steps and replace "
+                        "--epochs by what fits (written to <output>/config.json; --resume keeps the plan)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"])
     g.add_argument("--lr", type=float)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,10 @@ class TrainConfig:
     peer: str | None = None  # train a peer's base classifier: "drs-column:4", "drs-block:12", "patchcleanser:5[,k=6,masks=2]"
     # optimisation
     epochs: float = 10.0
+    # wall-clock budget in minutes for the whole run: the number of steps is planned from the speed measured
+    # during the first steps (see plan_total_steps) and replaces ``epochs``; the plan is written to config.json
+    # and kept by --resume
+    time_budget_minutes: float | None = None
     batch_size: int = 128
     optimizer: str = "adamw"
     lr: float = 2e-3
@@ -119,6 +124,32 @@ def _lr_at(cfg: TrainConfig, step: int, total: int, warmup: int) -> float:
     if cfg.schedule == "onecycle":
         return cfg.lr * max(0.0, 1 - t)
     raise ValueError(f"schedule must be cosine, onecycle or constant, got {cfg.schedule!r}")
+
+
+def calibration_window(warmup: int) -> tuple[int, int]:
+    """Steps (start, end) whose wall time a time-budgeted run measures before planning its length.
+
+    The window skips the first 5 steps (allocation, first-call overheads) and ends inside the learning-rate
+    warm-up where possible (at most 105 steps), so that no step before the plan depends on the planned total.
+    """
+    return 5, max(25, min(warmup, 105))
+
+
+def plan_total_steps(step: int, elapsed_s: float, budget_s: float, step_s: float, eval_s: float, eval_every_steps: int) -> int:
+    """Total number of steps that fits a wall-clock budget.
+
+    After ``step`` steps and ``elapsed_s`` seconds, each further step costs ``step_s`` seconds and an
+    evaluation of ``eval_s`` seconds follows every ``eval_every_steps`` steps (plus one at the end), so
+    ``r`` more steps cost ``r * step_s + (r / eval_every_steps + 1) * eval_s``. Returns ``step + r`` for the
+    largest such ``r`` within the budget (at least ``step``: a spent budget ends the run now).
+    """
+    if not budget_s > 0:
+        raise ValueError(f"time budget must be > 0 seconds, got {budget_s}")
+    if not step_s > 0 or eval_s < 0 or eval_every_steps < 1:
+        raise ValueError(f"need step_s > 0, eval_s >= 0 and eval_every_steps >= 1, got {step_s}, {eval_s}, {eval_every_steps}")
+    left = budget_s - elapsed_s - eval_s
+    per_step = step_s + eval_s / eval_every_steps
+    return step + max(0, math.floor(left / per_step))
 
 
 def _seeded(*parts) -> torch.Generator:
@@ -254,6 +285,12 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     margin_warm = max(1, int(round(cfg.margin_warmup_epochs * steps_per_epoch)))
 
+    budget_s = None if cfg.time_budget_minutes is None else 60.0 * cfg.time_budget_minutes
+    if budget_s is not None and not budget_s > 0:
+        raise ValueError(f"time_budget_minutes must be > 0, got {cfg.time_budget_minutes}")
+    planned = budget_s is None  # a budgeted run replaces total_steps once it has measured its speed
+    cal_start, cal_end = calibration_window(warmup)
+
     step = 0
     wall_before = 0.0
     ckpt_path = out / "last.pt"
@@ -265,6 +302,9 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             ema.load_state_dict(state["ema"])
         step = int(state["step"])
         wall_before = float(state.get("wall_seconds", 0.0))
+        if budget_s is not None and state.get("planned_total_steps") is not None:
+            total_steps, planned = int(state["planned_total_steps"]), True
+            total_steps_run = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
         if is_main:
             log(f"resumed from {ckpt_path} at step {step}/{total_steps}")
     elif resume and is_main:
@@ -292,6 +332,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             "step": step,
             "wall_seconds": wall_before + (time.perf_counter() - t_start),
             "config": json.loads(json.dumps(asdict(cfg))),
+            "planned_total_steps": total_steps if budget_s is not None and planned else None,
         }
         if ema is not None:
             state["ema"] = ema.state_dict()
@@ -317,6 +358,45 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     model.train()
     amp_ctx = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp)  # noqa: E731
     eval_every_steps = max(1, int(round(cfg.eval_every * steps_per_epoch)))
+    if not planned:
+        if budget_s is not None and step >= cal_start:  # resumed inside the window of a run that had not planned yet
+            cal_start, cal_end = step + 5, step + 25
+        total_steps_run = max(total_steps_run, cal_end)  # the provisional length must reach the end of the window
+        if cfg.max_steps is not None:
+            total_steps_run = min(total_steps_run, cfg.max_steps)
+        t_cal = None
+
+    def plan():
+        """Measure this run's speed and replace total_steps by what fits the time budget (rank 0 decides)."""
+        nonlocal total_steps, total_steps_run, cfg
+        step_s = (time.perf_counter() - t_cal) / (cal_end - cal_start)
+        eval_s = 0.0
+        if eval_data is not None:
+            probe = eval_data.subset(torch.arange(min(len(eval_data), 200)))
+            t0 = time.perf_counter()
+            evaluate(ema if ema is not None else model, probe, cfg.eval_patch_sizes, device=device, amp=False, rank=rank, world=world)
+            eval_s = (time.perf_counter() - t0) * len(eval_data) / len(probe)
+        elapsed = wall_before + time.perf_counter() - t_start
+        total = torch.tensor([plan_total_steps(step, elapsed, budget_s, step_s, eval_s, eval_every_steps)])
+        if world > 1:
+            dist.broadcast(total, 0)
+        total_steps = int(total.item())
+        total_steps_run = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+        cfg = dataclasses.replace(cfg, epochs=total_steps / steps_per_epoch)
+        if is_main:
+            atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+            log(
+                f"time budget {cfg.time_budget_minutes:g} min: {step_s:.3f} s/step over steps {cal_start}-{cal_end}, "
+                f"{eval_s:.1f} s per evaluation, {elapsed:.0f} s spent; planned {total_steps} steps "
+                f"({cfg.epochs:.2f} epochs, written to config.json)"
+            )
+            append_log({"step": step, "time_budget_plan": {
+                "budget_seconds": budget_s, "seconds_per_step": step_s, "seconds_per_eval": eval_s,
+                "elapsed_seconds": elapsed, "total_steps": total_steps, "epochs": cfg.epochs}})
+            if pbar is not None:
+                pbar.total = total_steps_run
+                pbar.refresh()
+
     while step < total_steps_run:
         epoch, k = divmod(step, steps_per_epoch)
         perm = torch.randperm(n, generator=_seeded(cfg.seed, epoch))
@@ -359,6 +439,12 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         for key, v in stats.items():
             win_sum[key] = win_sum[key] + v if key in win_sum else v.clone()
             win_n[key] = win_n.get(key, 0) + 1
+        if not planned:
+            if step == cal_start:
+                t_cal = time.perf_counter()
+            elif step == cal_end:
+                plan()
+                planned = True
         if pbar is not None:
             pbar.update(1)
         if step % cfg.log_every == 0 or step == total_steps_run:

@@ -11,7 +11,7 @@ import torch
 
 import bagcert
 from bagcert.data import synthetic_dataset
-from bagcert.training import TrainConfig, train
+from bagcert.training import TrainConfig, calibration_window, plan_total_steps, train
 from conftest import ROOT
 
 
@@ -59,6 +59,39 @@ def test_logged_training_stats_are_means_over_the_logging_window(tmp_path):
             assert vals, key
             assert rec[key] == pytest.approx(sum(vals) / len(vals), rel=1e-5, abs=1e-7), (rec["step"], key)
     assert "loss_margin" not in per_step[1] and "loss_margin" in per_step[2]
+
+
+def test_plan_total_steps_fits_the_budget():
+    # 100 s budget, 10 s spent after 20 steps, 0.5 s/step, a 2 s evaluation every 10 steps (and one at the end):
+    # r more steps cost 0.5 r + 2 (r / 10 + 1), so r = floor((100 - 10 - 2) / 0.7) = 125
+    assert plan_total_steps(20, 10.0, 100.0, 0.5, 2.0, 10) == 145
+    total = plan_total_steps(20, 10.0, 100.0, 0.5, 2.0, 10)
+    r = total - 20
+    assert 10.0 + 0.5 * r + 2.0 * (r / 10 + 1) <= 100.0 < 10.0 + 0.5 * (r + 1) + 2.0 * ((r + 1) / 10 + 1)
+    assert plan_total_steps(20, 10.0, 100.0, 0.5, 0.0, 10) == 20 + 180
+    assert plan_total_steps(20, 150.0, 100.0, 0.5, 2.0, 10) == 20  # spent: stop now
+    with pytest.raises(ValueError, match="time budget"):
+        plan_total_steps(20, 0.0, 0.0, 0.5, 2.0, 10)
+
+
+def test_time_budget_plans_the_run_and_resume_keeps_the_plan(tmp_path):
+    data, held = synthetic_dataset(64, seed=1), synthetic_dataset(16, seed=2)
+    # 4 steps per epoch; the calibration window (steps 5 to 25) lies beyond the warm-up, so the plan comes at step 25
+    assert calibration_window(4) == (5, 25)
+    cfg = _cfg(tmp_path / "b", epochs=1, time_budget_minutes=0.25, max_steps=30)
+    first = train(cfg, data, held, log=lambda *a: None)
+    plans = [r["time_budget_plan"] for r in map(json.loads, open(tmp_path / "b" / "train_log.jsonl")) if "time_budget_plan" in r]
+    assert len(plans) == 1 and plans[0]["total_steps"] >= 25
+    planned = plans[0]["total_steps"]
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["epochs"] == pytest.approx(planned / 4) and saved["time_budget_minutes"] == 0.25
+    assert first["steps"] == min(30, planned)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["planned_total_steps"] == planned
+    if planned > 30:  # resume: the stored plan is kept (no second calibration), the run ends at the planned step
+        second = train(_cfg(tmp_path / "b", epochs=1, time_budget_minutes=0.25), data, held, resume=True, log=lambda *a: None)
+        assert second["steps"] == planned
+        plans = [r for r in map(json.loads, open(tmp_path / "b" / "train_log.jsonl")) if "time_budget_plan" in r]
+        assert len(plans) == 1
 
 
 def test_training_learns_synthetic_data(tmp_path):
