@@ -152,6 +152,12 @@ def plan_total_steps(step: int, elapsed_s: float, budget_s: float, step_s: float
     return step + max(0, math.floor(left / per_step))
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock readings cover it (the loop itself never syncs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _seeded(*parts) -> torch.Generator:
     s = 0
     for p in parts:
@@ -369,6 +375,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     def plan():
         """Measure this run's speed and replace total_steps by what fits the time budget (rank 0 decides)."""
         nonlocal total_steps, total_steps_run, cfg
+        _sync(device)
         step_s = (time.perf_counter() - t_cal) / (cal_end - cal_start)
         eval_s = 0.0
         if eval_data is not None:
@@ -441,6 +448,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             win_n[key] = win_n.get(key, 0) + 1
         if not planned:
             if step == cal_start:
+                _sync(device)  # queued GPU work belongs to the steps before the window
                 t_cal = time.perf_counter()
             elif step == cal_end:
                 plan()
