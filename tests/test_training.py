@@ -193,3 +193,30 @@ def test_ema_decay_warms_up_and_the_update_is_the_stated_average():
     w0 = a.weight.clone()
     ema_update(a, b, 0.75)
     assert torch.allclose(a.weight, 0.75 * w0 + 0.25 * 3.0) and int(a.num_batches_tracked) == 7
+
+
+def _load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_training_curves_table_aligns_runs_by_epoch(tmp_path, capsys):
+    mod = _load_benchmark("training_curves")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    ev = lambda ep, s, c: json.dumps({"step": 1, "epoch": ep, "eval": {"n": 10, "clean_accuracy": c, "certified_5": c / 2}, "wall_seconds": s})  # noqa: E731
+    # run a evaluated epoch 2 twice (resumed from an earlier checkpoint): the later record counts
+    a.write_text("\n".join([json.dumps({"step": 1, "loss": 1.0}), ev(2, 60, 0.1), ev(2, 90, 0.3), ev(4, 180, 0.5)]) + "\n")
+    b.write_text(ev(4, 120, 0.4) + "\n")
+    assert mod.main([f"A={a}", f"B={b}", "--metric", "certified_5"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert rows == ["| 2 | 15.0 | 2 | | |", "| 4 | 25.0 | 3 | 20.0 | 2 |"]
+    with pytest.raises(SystemExit, match="no metric 'certified_9'"):
+        mod.main([f"A={a}", "--metric", "certified_9"])
+    with pytest.raises(SystemExit, match="expected NAME=path"):
+        mod.main([str(a)])
