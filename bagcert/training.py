@@ -24,8 +24,7 @@ import json
 import math
 import os
 import time
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -283,11 +282,13 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
+
+    def run_length(total: int) -> int:
+        """Steps this invocation runs: the schedule's total, cut at --max-steps."""
+        return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
     total_steps = int(round(cfg.epochs * steps_per_epoch))
-    if cfg.max_steps is not None:
-        total_steps_run = min(total_steps, cfg.max_steps)
-    else:
-        total_steps_run = total_steps
+    total_steps_run = run_length(total_steps)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     margin_warm = max(1, int(round(cfg.margin_warmup_epochs * steps_per_epoch)))
 
@@ -310,7 +311,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         wall_before = float(state.get("wall_seconds", 0.0))
         if budget_s is not None and state.get("planned_total_steps") is not None:
             total_steps, planned = int(state["planned_total_steps"]), True
-            total_steps_run = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
+            total_steps_run = run_length(total_steps)
         if is_main:
             log(f"resumed from {ckpt_path} at step {step}/{total_steps}")
     elif resume and is_main:
@@ -365,11 +366,9 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     amp_ctx = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp)  # noqa: E731
     eval_every_steps = max(1, int(round(cfg.eval_every * steps_per_epoch)))
     if not planned:
-        if budget_s is not None and step >= cal_start:  # resumed inside the window of a run that had not planned yet
+        if step >= cal_start:  # resumed inside the window of a run that had not planned yet
             cal_start, cal_end = step + 5, step + 25
-        total_steps_run = max(total_steps_run, cal_end)  # the provisional length must reach the end of the window
-        if cfg.max_steps is not None:
-            total_steps_run = min(total_steps_run, cfg.max_steps)
+        total_steps_run = run_length(max(total_steps, cal_end))  # the provisional length must reach the end of the window
         t_cal = None
 
     def plan():
@@ -388,8 +387,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         if world > 1:
             dist.broadcast(total, 0)
         total_steps = int(total.item())
-        total_steps_run = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
-        cfg = dataclasses.replace(cfg, epochs=total_steps / steps_per_epoch)
+        total_steps_run = run_length(total_steps)
+        cfg = replace(cfg, epochs=total_steps / steps_per_epoch)
         if is_main:
             atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
             log(

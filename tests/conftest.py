@@ -7,6 +7,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 
+
+def load_benchmark(name):
+    """Import benchmarks/<name>.py (not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 # keep the suite predictable on small machines; tests measure properties, never speed
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

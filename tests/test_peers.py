@@ -509,14 +509,11 @@ def test_random_masks_from_mask_set():
 # benchmark smoke test
 # ----------------------------------------------------------------------------------------------
 def test_peers_compare_benchmark_smoke(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "peers_compare.py"
-    spec = importlib.util.spec_from_file_location("peers_compare", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from conftest import load_benchmark
+
+    mod = load_benchmark("peers_compare")
     out = tmp_path / "peers.json"
     argv = ["--dataset", "synthetic:4", "--num-images", "3", "--model", "cifar_bagnet5_s2", "--width", "8", "--k", "2"]
     assert mod.main(argv + ["--output", str(out)]) == 0

@@ -12,7 +12,7 @@ import torch
 import bagcert
 from bagcert.data import synthetic_dataset
 from bagcert.training import TrainConfig, calibration_window, plan_total_steps, train
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
 
 def _cfg(out, **kw):
@@ -195,19 +195,8 @@ def test_ema_decay_warms_up_and_the_update_is_the_stated_average():
     assert torch.allclose(a.weight, 0.75 * w0 + 0.25 * 3.0) and int(a.num_batches_tracked) == 7
 
 
-def _load_benchmark(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_training_curves_table_aligns_runs_by_epoch(tmp_path, capsys):
-    mod = _load_benchmark("training_curves")
+    mod = load_benchmark("training_curves")
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     ev = lambda ep, s, c: json.dumps({"step": 1, "epoch": ep, "eval": {"n": 10, "clean_accuracy": c, "certified_5": c / 2}, "wall_seconds": s})  # noqa: E731
     # run a evaluated epoch 2 twice (resumed from an earlier checkpoint): the later record counts
