@@ -3,7 +3,6 @@ smoothing, PatchCleanser): the report's numbers are the certifier's numbers, the
 model's, and everything a peer cannot do is refused with a clear error."""
 
 import csv
-import importlib.util
 import json
 import os
 import socket
@@ -18,7 +17,7 @@ import certify
 from bagcert import peers
 from bagcert.data import load_dataset, synthetic_dataset
 from bagcert.training import TrainConfig, train
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -228,10 +227,7 @@ def test_two_processes_certify_a_peer_like_one(tmp_path):
 # benchmarks/peers_compare.py
 # ----------------------------------------------------------------------------------------------
 def _peers_compare():
-    spec = importlib.util.spec_from_file_location("peers_compare", ROOT / "benchmarks" / "peers_compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("peers_compare")
 
 
 def test_peers_compare_reads_the_spec_and_refuses_mismatched_flags(trained_drs, pc_file, tmp_path):

@@ -1,7 +1,6 @@
 """Training the base classifiers of the model-agnostic peers (train.py --peer): specs, transforms in the
 training loop, exact resumption, data parallelism, and certification with the saved classifier."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -16,7 +15,7 @@ import train as train_cli
 from bagcert import peers
 from bagcert.data import synthetic_dataset
 from bagcert.training import TrainConfig, export_checkpoint, train
-from conftest import ROOT
+from conftest import ROOT, load_benchmark
 
 QUIET = dict(log=lambda *a: None)
 
@@ -224,9 +223,7 @@ def test_drs_run_gives_a_peer_classifier_that_certifies(tmp_path):
     ref = peers.DerandomizedSmoothing(3).certify(clf, x, y, patch_size=2)
     assert res.prediction.shape == (3,) and torch.equal(res.prediction, ref.prediction) and torch.equal(res.margin, ref.margin)
     # benchmarks/peers_compare.py takes it as --drs-checkpoint
-    spec = importlib.util.spec_from_file_location("peers_compare", ROOT / "benchmarks" / "peers_compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("peers_compare")
     argv = ["--dataset", "synthetic:4", "--num-images", "2", "--model", "cifar_bagnet5_s2", "--width", "8", "--methods", "drs",
             "--drs-checkpoint", str(out / "peer_classifier.pt"), "--band-size", "3", "--patch-size", "2", "--output", str(tmp_path / "c.json")]
     assert mod.main(argv) == 0
