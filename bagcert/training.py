@@ -112,12 +112,25 @@ def distributed_env():
     return rank, world, local
 
 
-def _lr_at(cfg: TrainConfig, step: int, total: int, warmup: int) -> float:
+def _progress(step: int, total: int, warmup: int, anchor: tuple[int, float] | None = None) -> float:
+    """Fraction of the decay phase done at ``step``: 0 at the end of the warm-up, 1 at ``total``.
+
+    ``anchor = (step_a, t_a)`` comes from a re-planned time-budgeted run: its progress was ``t_a`` at
+    ``step_a`` under the old total, and from there it runs linearly to 1 at the new ``total``, so the
+    learning rate stays continuous when the total changes.
+    """
+    if anchor is not None and step >= anchor[0]:
+        step_a, t_a = anchor
+        return t_a + (1.0 - t_a) * (step - step_a) / max(1, total - step_a)
+    return (step - warmup) / max(1, total - warmup)
+
+
+def _lr_at(cfg: TrainConfig, step: int, total: int, warmup: int, anchor: tuple[int, float] | None = None) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+    t = _progress(step, total, warmup, anchor)
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     if cfg.schedule == "onecycle":
@@ -149,6 +162,24 @@ def plan_total_steps(step: int, elapsed_s: float, budget_s: float, step_s: float
     left = budget_s - elapsed_s - eval_s
     per_step = step_s + eval_s / eval_every_steps
     return step + max(0, math.floor(left / per_step))
+
+
+def replan_total_steps(
+    step: int, total_steps: int, elapsed_s: float, budget_s: float, step_s: float, eval_s: float, eval_every_steps: int,
+    tolerance: float = 0.01,
+) -> int:
+    """A budgeted run's total after an evaluation, from the speed of the steps since the previous one.
+
+    The speed measured at the start of a run need not hold to its end (another job starts on the machine,
+    the CPU clocks down). If the remaining ``total_steps - step`` steps at ``step_s`` seconds each, with their
+    evaluations of ``eval_s`` seconds, would end more than ``tolerance * budget_s`` away from the budget, the
+    total is planned again with :func:`plan_total_steps`; otherwise it is kept.
+    """
+    remaining = max(0, total_steps - step)
+    projected = elapsed_s + remaining * step_s + (remaining / eval_every_steps + 1) * eval_s
+    if abs(projected - budget_s) <= tolerance * budget_s:
+        return total_steps
+    return plan_total_steps(step, elapsed_s, budget_s, step_s, eval_s, eval_every_steps)
 
 
 def _sync(device: torch.device) -> None:
@@ -297,6 +328,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         raise ValueError(f"time_budget_minutes must be > 0, got {cfg.time_budget_minutes}")
     planned = budget_s is None  # a budgeted run replaces total_steps once it has measured its speed
     cal_start, cal_end = calibration_window(warmup)
+    anchor = None  # (step, progress) where a re-plan changed the total (see _progress)
 
     step = 0
     wall_before = 0.0
@@ -312,6 +344,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         if budget_s is not None and state.get("planned_total_steps") is not None:
             total_steps, planned = int(state["planned_total_steps"]), True
             total_steps_run = run_length(total_steps)
+            if state.get("schedule_anchor") is not None:
+                anchor = (int(state["schedule_anchor"][0]), float(state["schedule_anchor"][1]))
         if is_main:
             log(f"resumed from {ckpt_path} at step {step}/{total_steps}")
     elif resume and is_main:
@@ -340,6 +374,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             "wall_seconds": wall_before + (time.perf_counter() - t_start),
             "config": json.loads(json.dumps(asdict(cfg))),
             "planned_total_steps": total_steps if budget_s is not None and planned else None,
+            "schedule_anchor": list(anchor) if anchor is not None else None,
         }
         if ema is not None:
             state["ema"] = ema.state_dict()
@@ -358,6 +393,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
 
     t_start = time.perf_counter()
     last_ckpt = time.perf_counter()
+    seg_t0, seg_step0 = t_start, step  # speed since the last evaluation, for re-planning a budgeted run
     t_window, n_window = time.perf_counter(), 0
     win_sum, win_n = {}, {}  # per-key sums (device tensors) and counts of the training stats since the last log record
     per_rank = cfg.batch_size // world
@@ -373,7 +409,6 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
 
     def plan():
         """Measure this run's speed and replace total_steps by what fits the time budget (rank 0 decides)."""
-        nonlocal total_steps, total_steps_run, cfg
         _sync(device)
         step_s = (time.perf_counter() - t_cal) / (cal_end - cal_start)
         eval_s = 0.0
@@ -383,20 +418,43 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             evaluate(ema if ema is not None else model, probe, cfg.eval_patch_sizes, device=device, amp=False, rank=rank, world=world)
             eval_s = (time.perf_counter() - t0) * len(eval_data) / len(probe)
         elapsed = wall_before + time.perf_counter() - t_start
-        total = torch.tensor([plan_total_steps(step, elapsed, budget_s, step_s, eval_s, eval_every_steps)])
+        total = from_rank0(plan_total_steps(step, elapsed, budget_s, step_s, eval_s, eval_every_steps))
+        set_total(total, "time_budget_plan", f"{step_s:.3f} s/step over steps {cal_start}-{cal_end}", step_s, eval_s, elapsed)
+
+    def replan(step_s, eval_s):
+        """After an evaluation: plan again from the speed since the previous one if the run would miss its budget."""
+        nonlocal anchor
+        elapsed = wall_before + time.perf_counter() - t_start
+        total = from_rank0(replan_total_steps(step, total_steps, elapsed, budget_s, step_s, eval_s, eval_every_steps))
+        if total == total_steps:
+            return
+        if step > warmup:  # keep the learning rate continuous across the change
+            anchor = (step, _progress(step, total_steps, warmup, anchor))
+        set_total(total, "time_budget_replan", f"{step_s:.3f} s/step over steps since the last evaluation", step_s, eval_s, elapsed)
+
+    def from_rank0(total: int) -> int:
+        """rank 0's number on every rank: all ranks must run the same number of steps."""
         if world > 1:
-            dist.broadcast(total, 0)
-        total_steps = int(total.item())
+            t = torch.tensor([total])
+            dist.broadcast(t, 0)
+            total = int(t.item())
+        return total
+
+    def set_total(total, key, speed, step_s, eval_s, elapsed):
+        nonlocal total_steps, total_steps_run, cfg
+        before = total_steps
+        total_steps = total
         total_steps_run = run_length(total_steps)
         cfg = replace(cfg, epochs=total_steps / steps_per_epoch)
         if is_main:
             atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+            what = "planned" if key == "time_budget_plan" else f"re-planned from {before} to"
             log(
-                f"time budget {cfg.time_budget_minutes:g} min: {step_s:.3f} s/step over steps {cal_start}-{cal_end}, "
-                f"{eval_s:.1f} s per evaluation, {elapsed:.0f} s spent; planned {total_steps} steps "
+                f"time budget {cfg.time_budget_minutes:g} min at step {step}: {speed}, "
+                f"{eval_s:.1f} s per evaluation, {elapsed:.0f} s spent; {what} {total_steps} steps "
                 f"({cfg.epochs:.2f} epochs, written to config.json)"
             )
-            append_log({"step": step, "time_budget_plan": {
+            append_log({"step": step, key: {
                 "budget_seconds": budget_s, "seconds_per_step": step_s, "seconds_per_eval": eval_s,
                 "elapsed_seconds": elapsed, "total_steps": total_steps, "epochs": cfg.epochs}})
             if pbar is not None:
@@ -420,7 +478,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             x = peer.transform(x, _seeded(cfg.seed, epoch, k, 11), rows=torch.arange(rank, len(gidx), world), global_size=len(gidx))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        lr = _lr_at(cfg, step, total_steps, warmup)
+        lr = _lr_at(cfg, step, total_steps, warmup, anchor)
         for g in opt.param_groups:
             g["lr"] = lr
         with amp_ctx():
@@ -452,6 +510,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             elif step == cal_end:
                 plan()
                 planned = True
+                seg_t0, seg_step0 = time.perf_counter(), step
         if pbar is not None:
             pbar.update(1)
         if step % cfg.log_every == 0 or step == total_steps_run:
@@ -472,6 +531,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
                 pbar.set_postfix(loss=f"{stats['loss']:.3f}", ips=f"{ips:.0f}", ep=f"{step / steps_per_epoch:.2f}")
         do_eval = eval_data is not None and (step % eval_every_steps == 0 or step == total_steps_run)
         if do_eval:
+            _sync(device)
+            t_eval0 = time.perf_counter()
             m_eval = ema if ema is not None else model
             if peer is None:
                 ev = evaluate(m_eval, eval_data, cfg.eval_patch_sizes, device=device, amp=False, rank=rank, world=world)
@@ -489,6 +550,10 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
                 fig = None if peer is not None else _vote_figure(m_eval, eval_data.float_images(torch.arange(1)), eval_data.labels[:1], eval_data.classes)
                 if fig is not None:
                     writer.add_figure("eval/vote_map", fig, step)
+            if budget_s is not None and planned and seg_step0 < step < total_steps_run:
+                _sync(device)
+                replan(step_s=(t_eval0 - seg_t0) / (step - seg_step0), eval_s=time.perf_counter() - t_eval0)
+                seg_t0, seg_step0 = time.perf_counter(), step
         # checkpoint decision must be identical on all ranks: rank 0 decides, broadcast
         want = torch.tensor([1 if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60 else 0])
         if world > 1:

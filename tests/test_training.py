@@ -5,13 +5,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import bagcert
 from bagcert.data import synthetic_dataset
-from bagcert.training import TrainConfig, calibration_window, plan_total_steps, train
+from bagcert.training import TrainConfig, _lr_at, _progress, calibration_window, plan_total_steps, replan_total_steps, train
 from conftest import ROOT, load_benchmark
 
 
@@ -74,24 +75,78 @@ def test_plan_total_steps_fits_the_budget():
         plan_total_steps(20, 0.0, 0.0, 0.5, 2.0, 10)
 
 
+def _budget_records(out):
+    return [r for r in map(json.loads, open(out / "train_log.jsonl")) if "time_budget_plan" in r or "time_budget_replan" in r]
+
+
 def test_time_budget_plans_the_run_and_resume_keeps_the_plan(tmp_path):
     data, held = synthetic_dataset(64, seed=1), synthetic_dataset(16, seed=2)
     # 4 steps per epoch; the calibration window (steps 5 to 25) lies beyond the warm-up, so the plan comes at step 25
     assert calibration_window(4) == (5, 25)
     cfg = _cfg(tmp_path / "b", epochs=1, time_budget_minutes=0.25, max_steps=30)
     first = train(cfg, data, held, log=lambda *a: None)
-    plans = [r["time_budget_plan"] for r in map(json.loads, open(tmp_path / "b" / "train_log.jsonl")) if "time_budget_plan" in r]
-    assert len(plans) == 1 and plans[0]["total_steps"] >= 25
-    planned = plans[0]["total_steps"]
+    records = _budget_records(tmp_path / "b")
+    assert "time_budget_plan" in records[0] and records[0]["step"] == 25 and records[0]["time_budget_plan"]["total_steps"] >= 25
+    assert all("time_budget_replan" in r for r in records[1:])  # later evaluations may re-plan, never calibrate again
+    planned = (records[-1].get("time_budget_replan") or records[-1]["time_budget_plan"])["total_steps"]
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["epochs"] == pytest.approx(planned / 4) and saved["time_budget_minutes"] == 0.25
     assert first["steps"] == min(30, planned)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["planned_total_steps"] == planned
-    if planned > 30:  # resume: the stored plan is kept (no second calibration), the run ends at the planned step
+    if planned > 30:  # resume: the stored plan is kept (no second calibration), the run ends at its (re-)planned step
         second = train(_cfg(tmp_path / "b", epochs=1, time_budget_minutes=0.25), data, held, resume=True, log=lambda *a: None)
-        assert second["steps"] == planned
-        plans = [r for r in map(json.loads, open(tmp_path / "b" / "train_log.jsonl")) if "time_budget_plan" in r]
-        assert len(plans) == 1
+        records = _budget_records(tmp_path / "b")
+        assert sum("time_budget_plan" in r for r in records) == 1
+        assert second["steps"] == (records[-1].get("time_budget_replan") or records[-1]["time_budget_plan"])["total_steps"]
+
+
+def test_replan_total_steps_keeps_a_plan_on_time_and_moves_one_that_is_not():
+    # 100 s budget, at step 50 after 40 s, 100 steps left, 0.5 s/step, a 2 s evaluation every 10 steps:
+    # 40 + 50 + 2 * 11 = 112 s, 12 % over: planned again, to what plan_total_steps gives
+    assert replan_total_steps(50, 150, 40.0, 100.0, 0.5, 2.0, 10) == plan_total_steps(50, 40.0, 100.0, 0.5, 2.0, 10) == 50 + 82
+    # on time within the tolerance (1 % of the budget): kept
+    assert replan_total_steps(50, 132, 40.0, 100.0, 0.5, 2.0, 10) == 132
+    assert replan_total_steps(50, 150, 40.0, 100.0, 0.5, 2.0, 10, tolerance=0.15) == 150
+    # faster than planned: the run is lengthened
+    assert replan_total_steps(50, 100, 40.0, 100.0, 0.25, 2.0, 10) > 100
+    # the budget is spent: stop now
+    assert replan_total_steps(50, 150, 120.0, 100.0, 0.5, 2.0, 10) == 50
+
+
+def test_a_replanned_schedule_is_continuous_and_ends_at_zero():
+    cfg = TrainConfig(lr=1.0, schedule="cosine")
+    warmup, old_total, new_total, at = 10, 200, 150, 80
+    anchor = (at, _progress(at, old_total, warmup))
+    assert _lr_at(cfg, at, new_total, warmup, anchor) == pytest.approx(_lr_at(cfg, at, old_total, warmup))
+    lrs = [_lr_at(cfg, s, new_total, warmup, anchor) for s in range(at, new_total + 1)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert max(a - b for a, b in zip(lrs, lrs[1:])) < 0.05  # no jump: steps of about pi/2 / 70 at most
+
+
+def test_a_run_that_slows_down_after_its_plan_is_replanned_to_its_budget(tmp_path, monkeypatch):
+    """A neighbour job that starts after the calibration window: each step then costs 40 ms more."""
+    import bagcert.training as training
+
+    data, held = synthetic_dataset(64, seed=1), synthetic_dataset(16, seed=2)
+    calls = {"n": 0}
+    real_update = training.ema_update
+
+    def slow_after_the_plan(ema, model, decay):
+        calls["n"] += 1
+        time.sleep(0.005 if calls["n"] <= 25 else 0.045)
+        real_update(ema, model, decay)
+
+    monkeypatch.setattr(training, "ema_update", slow_after_the_plan)
+    budget_s = 8.0
+    out = train(_cfg(tmp_path / "s", epochs=1, time_budget_minutes=budget_s / 60), data, held, log=lambda *a: None)
+    records = _budget_records(tmp_path / "s")
+    first = records[0]["time_budget_plan"]["total_steps"]
+    replans = [r["time_budget_replan"]["total_steps"] for r in records if "time_budget_replan" in r]
+    assert replans and min(replans) < first  # the slowdown shortened the run
+    assert out["steps"] == replans[-1] < first
+    assert out["wall_seconds"] < 1.2 * budget_s  # without re-planning: about twice the budget
+    lrs = [r["lr"] for r in _train_records(tmp_path / "s" / "train_log.jsonl")]
+    assert lrs[-1] < 0.05 * max(lrs)  # the schedule still anneals to (near) zero at the new end
 
 
 def test_training_learns_synthetic_data(tmp_path):
@@ -136,6 +191,20 @@ def test_distributed_training_matches_single_process(tmp_path):
     ev_ddp = [json.loads(l) for l in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines() if '"eval"' in l]
     ev_one = [json.loads(l) for l in (tmp_path / "single" / "train_log.jsonl").read_text().splitlines() if '"eval"' in l]
     assert ev_ddp[-1]["eval"]["n"] == ev_one[-1]["eval"]["n"] == 32
+
+
+def test_distributed_time_budget_run_plans_and_replans_on_every_rank(tmp_path):
+    """Rank 0 decides the plan and each re-plan; a rank that ran a different number of steps would hang DDP."""
+    args = [str(ROOT / "train.py"), "--dataset", "synthetic:64", "--model", "cifar_bagnet5_s2", "--model-kwargs", '{"width": 8}',
+            "--batch-size", "16", "--eval-images", "16", "--eval-every", "1", "--time-budget-minutes", "0.25",
+            "--no-progress", "--no-tensorboard", "--threads", "1", "--output", str(tmp_path / "ddp")]
+    ddp = _torchrun(args, ROOT)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    records = _budget_records(tmp_path / "ddp")
+    assert "time_budget_plan" in records[0]
+    last = records[-1].get("time_budget_replan") or records[-1]["time_budget_plan"]
+    done = [json.loads(l) for l in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines() if '"done"' in l]
+    assert done[-1]["steps"] == last["total_steps"] == bagcert.load_checkpoint(tmp_path / "ddp" / "model.pt")[1]["trained_steps"]
 
 
 def test_distributed_certification_matches_single_process(tiny_checkpoint, tmp_path):
