@@ -164,6 +164,12 @@ def plan_total_steps(step: int, elapsed_s: float, budget_s: float, step_s: float
     return step + max(0, math.floor(left / per_step))
 
 
+def projected_seconds(step: int, total_steps: int, elapsed_s: float, step_s: float, eval_s: float, eval_every_steps: int) -> float:
+    """Wall seconds at which a run at ``step`` after ``elapsed_s`` seconds ends ``total_steps``, at the given speed."""
+    remaining = max(0, total_steps - step)
+    return elapsed_s + remaining * step_s + (remaining / eval_every_steps + 1) * eval_s
+
+
 def replan_total_steps(
     step: int, total_steps: int, elapsed_s: float, budget_s: float, step_s: float, eval_s: float, eval_every_steps: int,
     tolerance: float = 0.01,
@@ -175,8 +181,7 @@ def replan_total_steps(
     evaluations of ``eval_s`` seconds, would end more than ``tolerance * budget_s`` away from the budget, the
     total is planned again with :func:`plan_total_steps`; otherwise it is kept.
     """
-    remaining = max(0, total_steps - step)
-    projected = elapsed_s + remaining * step_s + (remaining / eval_every_steps + 1) * eval_s
+    projected = projected_seconds(step, total_steps, elapsed_s, step_s, eval_s, eval_every_steps)
     if abs(projected - budget_s) <= tolerance * budget_s:
         return total_steps
     return plan_total_steps(step, elapsed_s, budget_s, step_s, eval_s, eval_every_steps)
@@ -430,7 +435,9 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             return
         if step > warmup:  # keep the learning rate continuous across the change
             anchor = (step, _progress(step, total_steps, warmup, anchor))
-        set_total(total, "time_budget_replan", f"{step_s:.3f} s/step over steps since the last evaluation", step_s, eval_s, elapsed)
+        set_total(total, "time_budget_replan", f"{step_s:.3f} s/step over steps since the last evaluation", step_s, eval_s, elapsed,
+                  previous_total_steps=total_steps,
+                  projected_seconds_before=projected_seconds(step, total_steps, elapsed, step_s, eval_s, eval_every_steps))
 
     def from_rank0(total: int) -> int:
         """rank 0's number on every rank: all ranks must run the same number of steps."""
@@ -440,7 +447,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             total = int(t.item())
         return total
 
-    def set_total(total, key, speed, step_s, eval_s, elapsed):
+    def set_total(total, key, speed, step_s, eval_s, elapsed, **extra):
         nonlocal total_steps, total_steps_run, cfg
         before = total_steps
         total_steps = total
@@ -456,7 +463,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             )
             append_log({"step": step, key: {
                 "budget_seconds": budget_s, "seconds_per_step": step_s, "seconds_per_eval": eval_s,
-                "elapsed_seconds": elapsed, "total_steps": total_steps, "epochs": cfg.epochs}})
+                "elapsed_seconds": elapsed, "total_steps": total_steps, "epochs": cfg.epochs, **extra}})
             if pbar is not None:
                 pbar.total = total_steps_run
                 pbar.refresh()

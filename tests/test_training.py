@@ -143,6 +143,8 @@ def test_a_run_that_slows_down_after_its_plan_is_replanned_to_its_budget(tmp_pat
     first = records[0]["time_budget_plan"]["total_steps"]
     replans = [r["time_budget_replan"]["total_steps"] for r in records if "time_budget_replan" in r]
     assert replans and min(replans) < first  # the slowdown shortened the run
+    first_replan = next(r["time_budget_replan"] for r in records if "time_budget_replan" in r)
+    assert first_replan["previous_total_steps"] == first and first_replan["projected_seconds_before"] > 1.01 * budget_s
     assert out["steps"] == replans[-1] < first
     assert out["wall_seconds"] < 1.2 * budget_s  # without re-planning: about twice the budget
     lrs = [r["lr"] for r in _train_records(tmp_path / "s" / "train_log.jsonl")]
