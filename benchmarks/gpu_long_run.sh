@@ -6,7 +6,8 @@
 #
 #   DATA=../shared/data/cifar10 OUT=runs/gpu_long TRAIN_SECONDS=330 bash benchmarks/gpu_long_run.sh
 #
-# The epoch count comes from a short probe run's images/s, so the cosine schedule ends inside the budget.
+# train.py's --time-budget-minutes plans the epoch count from the measured speed, so the cosine schedule ends
+# inside the budget (docs/training.md).
 # Every number this writes is in OUT: config.json, train_log.jsonl, train_stdout.log, the model, the
 # certify.py report (results.json, summary.md), the attack check and a fp32/bf16 training throughput run.
 set -euo pipefail
@@ -14,7 +15,6 @@ DATA=${DATA:-../shared/data/cifar10}
 OUT=${OUT:-runs/gpu_long}
 TRAIN_SECONDS=${TRAIN_SECONDS:-330}
 DEVICE=${DEVICE:-cuda}
-PROBE_STEPS=${PROBE_STEPS:-150}
 AMP=${AMP:---amp}
 EXTRA=${EXTRA:-}
 PY=${PY:-python3}
@@ -25,25 +25,14 @@ recipe=(--dataset "$DATA" --model cifar_bagnet9_s2 --model-kwargs '{"width":128}
         --bce-pos-weight 3 --ema 0.999 --batch-size 128 --device "$DEVICE" $AMP --no-progress --no-tensorboard $EXTRA)
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 
-# 1. probe: images/s of the training step on this device (also decodes and caches the dataset)
-rm -rf "$WORK/probe"
-"$PY" train.py "${recipe[@]}" --epochs 1 --max-steps "$PROBE_STEPS" --log-every 50 --eval-images 200 --output "$WORK/probe"
-# images per epoch from the probe's own log (batch size x steps per epoch), so --train-limit / --batch-size in EXTRA count
-epochs=$("$PY" - "$WORK/probe" "$TRAIN_SECONDS" <<'PYEOF'
-import json, sys
-last = [r for r in map(json.loads, open(sys.argv[1] + "/train_log.jsonl")) if "images_per_s" in r][-1]
-per_epoch = json.load(open(sys.argv[1] + "/config.json"))["batch_size"] * last["step"] / last["epoch"]
-print(f"probe: {last['images_per_s']:.0f} images/s, {per_epoch:.0f} images per epoch", file=sys.stderr)
-print(max(1, int(float(sys.argv[2]) * last["images_per_s"] / per_epoch * 0.92)))
-PYEOF
-)
-echo "-> $epochs epochs in $TRAIN_SECONDS s"
-
-# 2. the long run (resumable; a timeout still leaves last.pt, exported below)
+# 1. the long run: train.py plans its epochs from the speed it measures (--time-budget-minutes; the budget starts
+#    after the dataset is decoded and cached) and re-plans after every evaluation, so the cosine ends inside it.
+#    Resumable; a timeout still leaves last.pt, exported below.
+minutes=$("$PY" -c "import sys; print(float(sys.argv[1]) / 60)" "$TRAIN_SECONDS")
 run="$WORK/long"
 set +e
-timeout $((TRAIN_SECONDS * 6 / 5 + 40)) "$PY" train.py "${recipe[@]}" --epochs "$epochs" --eval-every 10 --eval-images 1000 \
-    --checkpoint-minutes 2 --log-every 100 --resume --output "$run" 2>&1 | tee "$OUT/train_stdout.log"
+timeout $((TRAIN_SECONDS * 6 / 5 + 180)) "$PY" train.py "${recipe[@]}" --time-budget-minutes "$minutes" --eval-every 10 \
+    --eval-images 1000 --checkpoint-minutes 2 --log-every 100 --resume --output "$run" 2>&1 | tee "$OUT/train_stdout.log"
 set -e
 if [ ! -f "$run/model.pt" ]; then
     "$PY" -c "import sys; from bagcert.training import export_checkpoint; export_checkpoint(sys.argv[1], sys.argv[1] + '/model.pt')" "$run"
@@ -51,7 +40,7 @@ fi
 cp "$run/config.json" "$run/train_log.jsonl" "$OUT/"
 cp "$run/model.pt" "$OUT/model_gpu_long.pt"
 
-# 3. certify the full test set, then attack a subset (certify.py raises if a certified image is broken)
+# 2. certify the full test set, then attack a subset (certify.py raises if a certified image is broken)
 "$PY" certify.py --checkpoint "$run/model.pt" --dataset "$DATA" --patch-sizes 1,2,3,4,5,6,7,8,3x7,7x3,2x8,8x2 \
     --batch-size 1000 --device "$DEVICE" --no-progress --output "$WORK/report"
 cp "$WORK/report/results.json" "$WORK/report/summary.md" "$OUT/"
@@ -59,7 +48,7 @@ timeout 90 "$PY" certify.py --checkpoint "$run/model.pt" --dataset "$DATA" --pat
     --attacks pgd --attack-steps 100 --attack-locations 40 --batch-size 200 --device "$DEVICE" --no-progress \
     --output "$WORK/attack" && cp "$WORK/attack/summary.md" "$OUT/attack_summary.md" || echo "attack check did not finish"
 
-# 4. training throughput on this device: certified loss vs cross-entropy, fp32 vs bf16
+# 3. training throughput on this device: certified loss vs cross-entropy, fp32 vs bf16
 timeout 60 "$PY" benchmarks/train_throughput.py --device "$DEVICE" --rounds 5 --steps-per-round 20 \
     --output "$OUT/train_throughput.json" >/dev/null || echo "throughput run did not finish"
 ls -la "$OUT"
