@@ -96,7 +96,9 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def hardware_string(device="cpu") -> str:
+def hardware_string(device="cpu", threads: int | None = None) -> str:
+    """The GPU's name, or the CPU's model, core count and torch threads (``threads``: those of the measured
+    process, when it is not this one; default this process's)."""
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(dev)
@@ -109,7 +111,7 @@ def hardware_string(device="cpu") -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    return f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads() if threads is None else threads}"
 
 
 def environment_info(device="cpu") -> dict:

@@ -40,14 +40,14 @@ wait $neighbour_pid 2>/dev/null || true
 cp "$WORK/run/config.json" "$WORK/run/train_log.jsonl" "$OUT/"
 
 "$PY" - "$OUT" "$BUDGET_MINUTES" "$NEIGHBOUR_AFTER_S" "$NEIGHBOUR_THREADS" <<'PYEOF'
-import json, os, platform, sys, datetime
+import datetime, json, os, sys
+from bagcert.report import hardware_string
 out, budget_min, after_s, threads = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 recs = [json.loads(l) for l in open(os.path.join(out, "train_log.jsonl"))]
 done = [r for r in recs if r.get("done")][-1]
 plans = [dict(step=r["step"], kind=k, **r[k]) for r in recs for k in ("time_budget_plan", "time_budget_replan") if k in r]
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 summary = {
-    "date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+    "date": datetime.date.today().isoformat(), "hardware": hardware_string("cpu", threads=1),
     "budget_seconds": 60 * budget_min, "wall_seconds": done["wall_seconds"],
     "over_budget_percent": 100 * (done["wall_seconds"] / (60 * budget_min) - 1),
     "steps": done["steps"], "neighbour_after_seconds": after_s, "neighbour_threads": threads, "plans": plans,

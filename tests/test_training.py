@@ -79,6 +79,11 @@ def _budget_records(out):
     return [r for r in map(json.loads, open(out / "train_log.jsonl")) if "time_budget_plan" in r or "time_budget_replan" in r]
 
 
+def _last_total(records):
+    """The total steps of the latest plan or re-plan."""
+    return (records[-1].get("time_budget_replan") or records[-1]["time_budget_plan"])["total_steps"]
+
+
 def test_time_budget_plans_the_run_and_resume_keeps_the_plan(tmp_path):
     data, held = synthetic_dataset(64, seed=1), synthetic_dataset(16, seed=2)
     # 4 steps per epoch; the calibration window (steps 5 to 25) lies beyond the warm-up, so the plan comes at step 25
@@ -88,7 +93,7 @@ def test_time_budget_plans_the_run_and_resume_keeps_the_plan(tmp_path):
     records = _budget_records(tmp_path / "b")
     assert "time_budget_plan" in records[0] and records[0]["step"] == 25 and records[0]["time_budget_plan"]["total_steps"] >= 25
     assert all("time_budget_replan" in r for r in records[1:])  # later evaluations may re-plan, never calibrate again
-    planned = (records[-1].get("time_budget_replan") or records[-1]["time_budget_plan"])["total_steps"]
+    planned = _last_total(records)
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["epochs"] == pytest.approx(planned / 4) and saved["time_budget_minutes"] == 0.25
     assert first["steps"] == min(30, planned)
@@ -97,7 +102,7 @@ def test_time_budget_plans_the_run_and_resume_keeps_the_plan(tmp_path):
         second = train(_cfg(tmp_path / "b", epochs=1, time_budget_minutes=0.25), data, held, resume=True, log=lambda *a: None)
         records = _budget_records(tmp_path / "b")
         assert sum("time_budget_plan" in r for r in records) == 1
-        assert second["steps"] == (records[-1].get("time_budget_replan") or records[-1]["time_budget_plan"])["total_steps"]
+        assert second["steps"] == _last_total(records)
 
 
 def test_replan_total_steps_keeps_a_plan_on_time_and_moves_one_that_is_not():
@@ -204,9 +209,8 @@ def test_distributed_time_budget_run_plans_and_replans_on_every_rank(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     records = _budget_records(tmp_path / "ddp")
     assert "time_budget_plan" in records[0]
-    last = records[-1].get("time_budget_replan") or records[-1]["time_budget_plan"]
     done = [json.loads(l) for l in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines() if '"done"' in l]
-    assert done[-1]["steps"] == last["total_steps"] == bagcert.load_checkpoint(tmp_path / "ddp" / "model.pt")[1]["trained_steps"]
+    assert done[-1]["steps"] == _last_total(records) == bagcert.load_checkpoint(tmp_path / "ddp" / "model.pt")[1]["trained_steps"]
 
 
 def test_distributed_certification_matches_single_process(tiny_checkpoint, tmp_path):
