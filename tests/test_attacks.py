@@ -420,6 +420,30 @@ def test_evaluate_empirical_rejects_foreign_certificates(crafted):
         evaluate_empirical(model, x, y, 5, ["fgsm"], cert_result=cert)
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: PatchPGD(5, steps=-1), "steps must be an int >= 0"),
+        (lambda: PatchPGD(5, locations=0), "locations must be a positive int"),
+        (lambda: PatchPGD(5, step_size=float("nan")), "step_size must be a finite number > 0"),
+        (lambda: PatchPGD(5, temperature=0.0), "temperature must be a finite number > 0"),
+        (lambda: PatchPGD(5, placement="grid"), "placement must be one of"),
+        (lambda: PatchPGD(5, batch_size=True), "batch_size must be a positive int"),
+        # the universal patch divides its relaxed votes by the temperature too: 0 gave NaN scores, a negative
+        # one an attack that climbs the wrong way, both silently reported as "robust"
+        (lambda: UniversalPatch(5, temperature=0.0), "temperature must be a finite number > 0"),
+        (lambda: UniversalPatch(5, temperature=-1.0), "temperature must be a finite number > 0"),
+        (lambda: UniversalPatch(5, step_size=float("inf")), "step_size must be a finite number > 0"),
+        (lambda: UniversalPatch(5, target=-1), "target must be an int >= 0"),
+        (lambda: UniversalPatch(5, surrogate="votes"), "surrogate must be one of"),
+        (lambda: FeatureSpaceWorstCase(batch_size=0), "batch_size must be a positive int"),
+    ],
+)
+def test_attack_settings_are_validated(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 def test_imagenet_label_mapping():
     assert imagenet_label_mapping({"imagenet_indices": [3, 7]}, None, 2)[:2] == (True, [3, 7])
     ok, mapping, _ = imagenet_label_mapping({}, ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079",

@@ -23,6 +23,7 @@ can report a success that is outside the threat model or that the real model doe
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,9 @@ from ..models.base import check_images
 __all__ = [
     "AttackResult",
     "PatchAttack",
+    "check_choice",
+    "check_int",
+    "check_positive",
     "inputs_unchecked",
     "ThreatModelError",
     "mask_bounding_boxes",
@@ -105,6 +109,29 @@ class AttackResult:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; else a ValueError naming ``name``."""
+    if type(value) is not int or value < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    """``float(value)`` if it is a finite real number > 0; else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of ``choices``; else a ValueError listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
 
 
 @contextlib.contextmanager
@@ -199,10 +226,8 @@ class PatchAttack:
         self.patch_size = parse_patch_size(patch_size) if patch_size is not None else None
         if type(seed) is not int:
             raise TypeError(f"seed must be an int, got {seed!r}")
-        if type(batch_size) is not int or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.seed = seed
-        self.batch_size = batch_size
+        self.batch_size = check_int("batch_size", batch_size)
 
     # -- to implement --------------------------------------------------------------------
     def _attack(self, model, images, labels, patch_size, generator):  # pragma: no cover - abstract

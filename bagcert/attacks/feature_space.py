@@ -30,6 +30,7 @@ import torch
 from ..aggregation import get_aggregation
 from ..certification import _check_labels
 from ..geometry import parse_patch_size
+from .base import check_int
 
 __all__ = ["FeatureSpaceResult", "FeatureSpaceWorstCase", "feature_space_worst_case"]
 
@@ -216,7 +217,7 @@ class FeatureSpaceWorstCase:
     name = "feature-space"
 
     def __init__(self, batch_size: int = 64):
-        self.batch_size = batch_size
+        self.batch_size = check_int("batch_size", batch_size)
 
     def settings(self) -> dict:
         return {"batch_size": self.batch_size}

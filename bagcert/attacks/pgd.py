@@ -30,7 +30,7 @@ import torch
 from ..aggregation import get_aggregation
 from ..certification import certify
 from ..geometry import parse_patch_size
-from .base import PatchAttack, rectangle_masks
+from .base import PatchAttack, check_choice, check_int, check_positive, rectangle_masks
 
 __all__ = ["PatchPGD", "SURROGATES", "surrogate_scores", "class_margin", "random_positions", "adaptive_positions"]
 
@@ -127,24 +127,14 @@ class PatchPGD(PatchAttack):
         seed: int = 0,
     ):
         super().__init__(patch_size, seed=seed, batch_size=batch_size)
-        if type(steps) is not int or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        if type(locations) is not int or locations < 1:
-            raise ValueError(f"locations must be a positive int, got {locations!r}")
-        if type(location_chunk) is not int or location_chunk < 1:
-            raise ValueError(f"location_chunk must be a positive int, got {location_chunk!r}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size!r}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        self.steps, self.step_size, self.locations = steps, float(step_size), locations
-        self.placement, self.random_start = placement, bool(random_start)
-        self.surrogate, self.temperature = surrogate, float(temperature)
-        self.location_chunk, self.early_stop = location_chunk, bool(early_stop)
+        self.steps = check_int("steps", steps, minimum=0)
+        self.locations = check_int("locations", locations)
+        self.location_chunk = check_int("location_chunk", location_chunk)
+        self.step_size = check_positive("step_size", step_size)
+        self.placement = check_choice("placement", placement, PLACEMENTS)
+        self.surrogate = check_choice("surrogate", surrogate, SURROGATES)
+        self.temperature = check_positive("temperature", temperature)
+        self.random_start, self.early_stop = bool(random_start), bool(early_stop)
         self.name = "pgd" if placement == "random" else "pgd-adaptive"
 
     def settings(self) -> dict:

@@ -31,7 +31,7 @@ from ..aggregation import get_aggregation
 from ..certification import _check_labels
 from ..geometry import parse_patch_size
 from ..models.base import check_images
-from .base import PatchAttack, inputs_unchecked, restore_model_state
+from .base import PatchAttack, check_choice, check_int, check_positive, inputs_unchecked, restore_model_state
 from .pgd import SURROGATES, class_margin, surrogate_scores
 
 __all__ = ["UniversalPatch", "place_patch", "sample_poses"]
@@ -130,24 +130,19 @@ class UniversalPatch(PatchAttack):
         seed: int = 0,
     ):
         super().__init__(patch_size, seed=seed, batch_size=batch_size)
-        if type(steps) is not int or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        if type(eval_poses) is not int or eval_poses < 1:
-            raise ValueError(f"eval_poses must be a positive int, got {eval_poses!r}")
-        if type(fit_batch_size) is not int or fit_batch_size < 1:
-            raise ValueError(f"fit_batch_size must be a positive int, got {fit_batch_size!r}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size!r}")
+        self.steps = check_int("steps", steps, minimum=0)
+        self.eval_poses = check_int("eval_poses", eval_poses)
+        self.fit_batch_size = check_int("fit_batch_size", fit_batch_size)
+        self.step_size = check_positive("step_size", step_size)
         rotation, scale = tuple(float(v) for v in rotation), tuple(float(v) for v in scale)
         if len(rotation) != 2 or rotation[0] > rotation[1]:
             raise ValueError(f"rotation must be a (low, high) range in degrees, got {rotation}")
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must be a range inside (0, 1], got {scale}")
-        if surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-        self.steps, self.step_size, self.fit_batch_size = steps, float(step_size), fit_batch_size
-        self.rotation, self.scale, self.eval_poses = rotation, scale, eval_poses
-        self.target, self.surrogate, self.temperature = target, surrogate, float(temperature)
+        self.rotation, self.scale = rotation, scale
+        self.surrogate = check_choice("surrogate", surrogate, SURROGATES)
+        self.temperature = check_positive("temperature", temperature)
+        self.target = target if target is None else check_int("target", target, minimum=0)
         self.patch: torch.Tensor | None = None
         self.fit_info: dict = {}
 
@@ -184,7 +179,7 @@ class UniversalPatch(PatchAttack):
         target = self.target if target is None else target
         if target is not None and not (type(target) is int and 0 <= target < C):
             raise ValueError(f"target must be a class index in [0, {C}), got {target!r}")
-        self.target = target
+        self.target = target if target is None else check_int("target", target, minimum=0)
         steps = self.steps if steps is None else steps
         gen = generator if generator is not None else torch.Generator(device=images.device).manual_seed(self.seed)
         dev = images.device
