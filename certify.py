@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bagcert.cli._common import positive_int
 from bagcert.empirical import ATTACK_NAMES
 from bagcert.peers.classifiers import FORMAT as PEER_FORMAT
 
@@ -100,7 +101,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset (with --num-images) and synthetic data")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--output", default="outputs/certify", help="report folder")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import sys
 
-from bagcert.data import load_dataset, seeded_split
+from bagcert.data import DatasetError, load_dataset, seeded_split
 from bagcert.training import TrainConfig, _peer_spec, distributed_env, train
 
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--device")
     g.add_argument("--seed", type=int)
-    g.add_argument("--threads", type=int)
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--eval-every", type=float, help="epochs between evaluations")
     g.add_argument("--eval-patch-sizes", type=_parse_list)
     g.add_argument("--checkpoint-minutes", type=float)
@@ -156,7 +156,10 @@ def _main(argv=None) -> int:
     train_data = load_dataset(cfg.dataset, "train", size=train_size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
     try:
         eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
-    except Exception:
+    except DatasetError as e:  # no test split: a seeded split below, said out loud; any other failure is raised
+        if rank == 0:
+            print(f"no test split in {cfg.dataset} ({e}); holding out a seeded {cfg.test_fraction:g} of the training images "
+                  f"(--test-fraction, --split-seed {cfg.split_seed})", file=sys.stderr)
         eval_data = None
     if eval_data is None or eval_data.info.get("root") == train_data.info.get("root") and cfg.dataset != "synthetic" and not cfg.dataset.startswith("synthetic"):
         # no split in the dataset: make a seeded one and record it (in the checkpoint metadata too)

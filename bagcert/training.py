@@ -274,7 +274,9 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     device = torch.device(cfg.device if cfg.device != "cuda" or world == 1 else f"cuda:{local_rank}")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.threads:
+    if cfg.threads is not None:
+        if type(cfg.threads) is not int or cfg.threads < 1:
+            raise ValueError(f"threads must be a positive int (or None for torch's default), got {cfg.threads!r}")
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world}")

@@ -153,3 +153,41 @@ def test_certify_report_names_the_method_and_its_forward_passes(tiny_checkpoint,
     res = json.loads((out / "results.json").read_text())
     assert (res["method"], res["forward_passes_per_image"], res["peer"], res["aggregation"]) == ("bagcert", 1, None, "clipped")
     assert "- method: bagcert (1 network evaluations per image)" in (out / "summary.md").read_text()
+
+
+def test_train_without_a_test_split_says_it_holds_out_a_seeded_split(tmp_path, capsys):
+    """A CIFAR-style folder with train/ but no test/: train.py evaluates on a seeded split of the training images
+    and says so on stderr (it used to swallow every loading error, so a broken test split went unnoticed)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(16):
+            img = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(img).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    out = tmp_path / "run"
+    rc = train.main(["--dataset", str(tmp_path / "data"), "--num-classes", "2", "--model", "cifar_bagnet5_s2",
+                     "--model-kwargs", '{"width": 8}', "--max-steps", "1", "--batch-size", "8", "--test-fraction", "0.25",
+                     "--output", str(out), "--no-progress", "--no-tensorboard"])
+    assert rc == 0
+    assert "no test split" in capsys.readouterr().err
+    _, meta = bagcert.load_checkpoint(out / "model.pt")
+    assert meta["split"]["num_test"] == 8 and meta["split"]["num_images"] == 32
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_thread_counts_are_validated(value, tmp_path, capsys):
+    from bagcert.cli import defensive_patch, imagenet_a, roi
+    from bagcert.training import TrainConfig
+    from bagcert.training import train as train_fn
+
+    for parser in (certify.build_parser(), defensive_patch.build_parser(), imagenet_a.build_parser(), roi.build_parser()):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--threads", value])
+        assert "--threads" in capsys.readouterr().err
+    if value.lstrip("-").isdigit():  # train.py reads an int (also from a config file); train() refuses it
+        cfg = TrainConfig(dataset="synthetic", model="cifar_bagnet5_s2", model_kwargs={"width": 8}, threads=int(value),
+                          output=str(tmp_path / "t"), tensorboard=False, progress=False)
+        with pytest.raises(ValueError, match="threads must be a positive int"):
+            train_fn(cfg, bagcert.data.synthetic_dataset(16))

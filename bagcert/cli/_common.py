@@ -13,7 +13,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["parse_number", "parse_list", "load_model_and_data", "write_report", "plt_or_none", "save_figure", "json_line"]
+__all__ = ["positive_int", "parse_number", "parse_list", "load_model_and_data", "write_report", "plt_or_none", "save_figure", "json_line"]
+
+
+def positive_int(text) -> int:
+    """``"4"`` -> 4; zero, negative or non-integer text is refused (argparse ``type=``)."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def parse_number(text) -> float:

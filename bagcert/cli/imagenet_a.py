@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import json_line, pct, plt_or_none, save_figure, subset, write_report
+from ._common import positive_int, json_line, pct, plt_or_none, save_figure, subset, write_report
 
 _WNID = re.compile(r"n\d{8}")
 
@@ -57,7 +57,7 @@ def build_parser():
     p.add_argument("--bin-size", type=int, default=100, help="adaptive calibration bin size (100 in the protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--output", default="outputs/imagenet_a", help="report folder")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     return p

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import dataset_info, json_line, load_model_and_data, parse_list, parse_number, pct, plt_or_none, save_figure, write_report
+from ._common import positive_int, dataset_info, json_line, load_model_and_data, parse_list, parse_number, pct, plt_or_none, save_figure, write_report
 
 
 def _fill(text: str):
@@ -55,7 +55,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--num-figures", type=int, default=4, help="examples in heatmaps.png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--output", default="outputs/roi", help="report folder")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     return p
