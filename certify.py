@@ -46,7 +46,7 @@ from bagcert.empirical import ATTACK_NAMES
 from bagcert.peers.classifiers import FORMAT as PEER_FORMAT
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r5s2.pt"
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r5s2_v2.pt"
 DEFAULT_DATASET = ROOT / "samples" / "cifar10"
 DEFAULT_PATCH_SIZES = "1,2,3,4,5,6,7,8,3x7,7x3"
 
