@@ -133,7 +133,6 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-
 @contextlib.contextmanager
 def restore_model_state(model):
     """Eval mode and frozen parameters inside the block; every module's ``training`` flag and every parameter's

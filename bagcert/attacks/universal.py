@@ -179,7 +179,7 @@ class UniversalPatch(PatchAttack):
         target = self.target if target is None else target
         if target is not None and not (type(target) is int and 0 <= target < C):
             raise ValueError(f"target must be a class index in [0, {C}), got {target!r}")
-        self.target = target if target is None else check_int("target", target, minimum=0)
+        self.target = target
         steps = self.steps if steps is None else steps
         gen = generator if generator is not None else torch.Generator(device=images.device).manual_seed(self.seed)
         dev = images.device

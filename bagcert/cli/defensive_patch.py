@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import positive_int, dataset_info, json_line, load_model_and_data, parse_list, parse_number, pct, plt_or_none, save_figure, write_report
+from ._common import dataset_info, json_line, load_model_and_data, parse_list, parse_number, pct, plt_or_none, positive_int, save_figure, write_report
 
 
 def build_parser():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import positive_int, json_line, pct, plt_or_none, save_figure, subset, write_report
+from ._common import json_line, pct, plt_or_none, positive_int, save_figure, subset, write_report
 
 _WNID = re.compile(r"n\d{8}")
 
