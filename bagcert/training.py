@@ -187,6 +187,26 @@ def replan_total_steps(
     return plan_total_steps(step, elapsed_s, budget_s, step_s, eval_s, eval_every_steps)
 
 
+REPLAN_WINDOW = 3  # evaluation intervals whose steps together give the speed a re-plan uses
+
+
+def window_seconds_per_step(intervals: list[tuple[int, float]], window: int = REPLAN_WINDOW) -> float:
+    """Seconds per step over the last ``window`` intervals between evaluations, each ``(steps, seconds)``.
+
+    The speed of one interval alone is noisy (checkpoint writes, the machine's clock, other processes): on a run
+    alone on the machine it varied by 20 % between intervals, and the 1 % tolerance of
+    :func:`replan_total_steps` then re-planned at most evaluations. The steps of the last few intervals together
+    vary less, and a lasting change of speed (a neighbour job) is fully seen after ``window`` intervals.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 interval, got {window}")
+    recent = intervals[-window:]
+    steps = sum(n for n, _ in recent)
+    if not recent or steps < 1:
+        raise ValueError(f"need at least one interval with steps, got {intervals!r}")
+    return sum(t for _, t in recent) / steps
+
+
 def _sync(device: torch.device) -> None:
     """Wait for queued GPU work, so that wall-clock readings cover it (the loop itself never syncs)."""
     if device.type == "cuda":
@@ -400,7 +420,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
 
     t_start = time.perf_counter()
     last_ckpt = time.perf_counter()
-    seg_t0, seg_step0 = t_start, step  # speed since the last evaluation, for re-planning a budgeted run
+    seg_t0, seg_step0 = t_start, step  # start of the current interval between evaluations
+    intervals = []  # (steps, training seconds) of the intervals since the plan, for re-planning a budgeted run
     t_window, n_window = time.perf_counter(), 0
     win_sum, win_n = {}, {}  # per-key sums (device tensors) and counts of the training stats since the last log record
     per_rank = cfg.batch_size // world
@@ -437,7 +458,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             return
         if step > warmup:  # keep the learning rate continuous across the change
             anchor = (step, _progress(step, total_steps, warmup, anchor))
-        set_total(total, "time_budget_replan", f"{step_s:.3f} s/step over steps since the last evaluation", step_s, eval_s, elapsed,
+        over = f"the last {min(len(intervals), REPLAN_WINDOW)} evaluation interval(s)"
+        set_total(total, "time_budget_replan", f"{step_s:.3f} s/step over {over}", step_s, eval_s, elapsed,
                   previous_total_steps=total_steps,
                   projected_seconds_before=projected_seconds(step, total_steps, elapsed, step_s, eval_s, eval_every_steps))
 
@@ -561,7 +583,8 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
                     writer.add_figure("eval/vote_map", fig, step)
             if budget_s is not None and planned and seg_step0 < step < total_steps_run:
                 _sync(device)
-                replan(step_s=(t_eval0 - seg_t0) / (step - seg_step0), eval_s=time.perf_counter() - t_eval0)
+                intervals.append((step - seg_step0, t_eval0 - seg_t0))
+                replan(step_s=window_seconds_per_step(intervals), eval_s=time.perf_counter() - t_eval0)
                 seg_t0, seg_step0 = time.perf_counter(), step
         # checkpoint decision must be identical on all ranks: rank 0 decides, broadcast
         want = torch.tensor([1 if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60 else 0])

@@ -12,7 +12,9 @@ import torch
 
 import bagcert
 from bagcert.data import synthetic_dataset
-from bagcert.training import TrainConfig, _lr_at, _progress, calibration_window, plan_total_steps, replan_total_steps, train
+from bagcert.training import (
+    TrainConfig, _lr_at, _progress, calibration_window, plan_total_steps, replan_total_steps, train, window_seconds_per_step,
+)
 from conftest import ROOT, load_benchmark
 
 
@@ -284,3 +286,46 @@ def test_training_curves_table_aligns_runs_by_epoch(tmp_path, capsys):
         mod.main([f"A={a}", "--metric", "certified_9"])
     with pytest.raises(SystemExit, match="expected NAME=path"):
         mod.main([str(a)])
+
+
+def test_window_seconds_per_step_weighs_the_last_intervals_by_their_steps():
+    intervals = [(100, 90.0), (100, 20.0), (300, 60.0), (100, 30.0)]
+    assert window_seconds_per_step(intervals, 1) == pytest.approx(0.3)
+    assert window_seconds_per_step(intervals, 3) == pytest.approx((20 + 60 + 30) / 500)  # not the mean of 0.2, 0.2, 0.3
+    assert window_seconds_per_step(intervals[:2], 3) == pytest.approx(110 / 200)  # fewer intervals than the window: all
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        window_seconds_per_step(intervals, 0)
+    with pytest.raises(ValueError, match="at least one interval"):
+        window_seconds_per_step([], 3)
+
+
+def _budgeted_log(path, speeds, budget_s=1000.0, plan_step=105, plan_total=2000, every=100, eval_s=2.0):
+    """A train_log.jsonl of a budgeted run whose intervals between evaluations ran at ``speeds`` s/step."""
+    recs = [{"step": plan_step, "time_budget_plan": {"budget_seconds": budget_s, "seconds_per_step": 0.5, "seconds_per_eval": eval_s,
+                                                      "elapsed_seconds": 50.0, "total_steps": plan_total, "epochs": 1.0}}]
+    step, wall = plan_step, 50.0
+    for v in speeds:
+        n = (step // every + 1) * every - step
+        step, wall = step + n, wall + n * v + eval_s
+        recs.append({"step": step, "epoch": 1.0, "eval": {"n": 10, "clean_accuracy": 0.5}, "wall_seconds": wall})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_replan_replay_reproduces_a_log_and_a_window_re_plans_less_under_noise(tmp_path, capsys):
+    mod = load_benchmark("replan_replay")
+    log = tmp_path / "train_log.jsonl"
+    # alternating fast and slow intervals around 0.47 s/step: on time on average, noisy one by one
+    _budgeted_log(log, [0.42, 0.52] * 12)
+    assert mod.main([str(log), "--windows", "1,3", "--output", str(tmp_path / "r.json")]) == 0
+    one, three = json.loads((tmp_path / "r.json").read_text())[str(log)]["replays"]
+    assert one["window"] == 1 and three["window"] == 3
+    assert three["replans"] < one["replans"]
+    assert abs(three["off_budget_percent"]) < 3 and abs(one["off_budget_percent"]) < 3
+    # a run that resumed and redid steps 205-305: only the later records count
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:4] + lines[2:]) + "\n")
+    run = mod.read_run(log)
+    assert [s for s, _ in run["evals"]] == sorted({s for s, _ in run["evals"]})
+    log.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(SystemExit, match="no time_budget_plan"):
+        mod.main([str(log)])
