@@ -191,3 +191,32 @@ def test_thread_counts_are_validated(value, tmp_path, capsys):
                           output=str(tmp_path / "t"), tensorboard=False, progress=False)
         with pytest.raises(ValueError, match="threads must be a positive int"):
             train_fn(cfg, bagcert.data.synthetic_dataset(16))
+
+
+@pytest.mark.parametrize("module, flag, bad, good", [
+    ("roi", "--num-figures", "-1", "0"),  # was clipped to 0 without a word
+    ("roi", "--batch-size", "0", "1"),
+    ("roi", "--num-images", "0", "1"),
+    ("roi", "--occlusion-stride", "0", "1"),
+    ("roi", "--steps", "-3", "0"),
+    ("defensive_patch", "--stage1-epochs", "-1", "0"),  # was range(-1): a skipped stage without a word
+    ("defensive_patch", "--stage2-epochs", "-1", "0"),
+    ("defensive_patch", "--batch-size", "0", "1"),
+    ("defensive_patch", "--eval-batch-size", "0", "1"),
+    ("defensive_patch", "--attack-restarts", "0", "1"),
+    ("defensive_patch", "--max-shift", "-2", "0"),
+    ("defensive_patch", "--attack-patch-size", "-5", "0"),  # 0 skips the patch attack
+    ("imagenet_a", "--batch-size", "0", "1"),
+    ("imagenet_a", "--bin-size", "0", "1"),
+    ("imagenet_a", "--size", "-32", "32"),
+])
+def test_analysis_cli_counts_are_validated(module, flag, bad, good, capsys):
+    import importlib
+
+    parser = importlib.import_module(f"bagcert.cli.{module}").build_parser()
+    required = ["--checkpoint", "c.pt", "--data" if module == "imagenet_a" else "--dataset", "d"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, flag, bad])
+    err = capsys.readouterr().err
+    assert flag in err and bad in err
+    assert getattr(parser.parse_args([*required, flag, good]), flag.lstrip("-").replace("-", "_")) == int(good)

@@ -16,6 +16,7 @@ from bagcert.defense import (
     frame_mask,
     linf_pgd,
     make_defensive_patches,
+    optimize_global_correlation,
     optimize_local_prior,
     random_patch_attack,
     square_mask,
@@ -249,3 +250,13 @@ def test_evaluate_defensive_patch_with_a_patch_the_model_reads():
     none = evaluate_defensive_patch(model, patch, x, y, corruptions=[], pgd_eps=None, attack_patch_size=None)
     assert none["corruption_mean"] is None and none["pgd"] is None and none["patch_attack"] is None
     assert none["clean"] == res["clean"]
+
+
+@pytest.mark.parametrize("epochs", [-1, 2.5, True])
+def test_stages_refuse_an_epoch_count_that_is_not_an_int_ge_0(epochs):
+    model, patch = tiny_model(), DefensivePatch.create(4, 32, seed=0)
+    with pytest.raises(ValueError, match="epochs must be an int >= 0"):
+        optimize_local_prior(patch, model, torch.arange(4), epochs=epochs)
+    with pytest.raises(ValueError, match="epochs must be an int >= 0"):
+        optimize_global_correlation(patch, model, torch.rand(4, 3, 32, 32), torch.arange(4), epochs=epochs)
+    assert optimize_local_prior(patch, model, torch.arange(4), epochs=0) == []  # 0: the stage is skipped, as asked

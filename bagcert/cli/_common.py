@@ -13,18 +13,27 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["positive_int", "parse_number", "parse_list", "load_model_and_data", "write_report", "plt_or_none", "save_figure", "json_line"]
+__all__ = ["positive_int", "nonnegative_int", "parse_number", "parse_list", "load_model_and_data", "write_report", "plt_or_none", "save_figure", "json_line"]
 
 
-def positive_int(text) -> int:
-    """``"4"`` -> 4; zero, negative or non-integer text is refused (argparse ``type=``)."""
+def _int_at_least(text, minimum: int, expected: str) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {value}")
     return value
+
+
+def positive_int(text) -> int:
+    """``"4"`` -> 4; zero, negative or non-integer text is refused (argparse ``type=``)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text) -> int:
+    """``"0"`` -> 0; negative or non-integer text is refused (argparse ``type=``), for counts where 0 means none."""
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def parse_number(text) -> float:

@@ -42,8 +42,8 @@ def build_parser():
     p.add_argument("--data", required=True, help="folder <root>/<wnid>/<image> (ImageNet-A or any ImageNet-style folder)")
     p.add_argument("--mode", choices=["auto", "imagenet-a", "subset"], default="auto",
                    help="imagenet-a: 1000-class model, 200-class protocol; subset: model classes matched by wnid (default: by class count)")
-    p.add_argument("--size", type=int, help="crop size (default: the checkpoint's input_size, else 224)")
-    p.add_argument("--resize", type=int, help="shorter side before the centre crop (default: checkpoint 'resize', else round(size * 256 / 224))")
+    p.add_argument("--size", type=positive_int, help="crop size (default: the checkpoint's input_size, else 224)")
+    p.add_argument("--resize", type=positive_int, help="shorter side before the centre crop (default: checkpoint 'resize', else round(size * 256 / 224))")
     p.add_argument("--wnids-file", help="imagenet-a mode, partial copies: the 200 ImageNet-A wnids in order, one per line")
     p.add_argument("--indices-json", help="imagenet-a mode, partial copies: JSON {wnid: ImageNet-1k index}")
     p.add_argument("--scores", choices=["mean_logits", "votes"], default="mean_logits",
@@ -52,9 +52,9 @@ def build_parser():
                    help="subset mode, a folder without split folders: the part of the checkpoint's seeded train/test split "
                    "(test, train) or every image (all). auto (default): test when the folder has exactly the image count "
                    "the checkpoint's split was made over (its training folder), else all; the report says which")
-    p.add_argument("--num-images", type=int, help="evaluate only N images (the first N of a seeded permutation)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--bin-size", type=int, default=100, help="adaptive calibration bin size (100 in the protocol)")
+    p.add_argument("--num-images", type=positive_int, help="evaluate only N images (the first N of a seeded permutation)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--bin-size", type=positive_int, default=100, help="adaptive calibration bin size (100 in the protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import dataset_info, json_line, load_model_and_data, parse_list, parse_number, pct, plt_or_none, positive_int, save_figure, write_report
+from ._common import dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct, plt_or_none, positive_int, save_figure, write_report
 
 
 def _fill(text: str):
@@ -34,26 +34,26 @@ def build_parser():
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dataset", required=True, help="CIFAR-10 folder, ImageNet-style folder or synthetic[:N]")
     p.add_argument("--split", default="test")
-    p.add_argument("--num-images", type=int, default=100, help="first N of a seeded permutation")
+    p.add_argument("--num-images", type=positive_int, default=100, help="first N of a seeded permutation")
     g = p.add_argument_group("attack")
     g.add_argument("--attack", choices=["patch", "pgd"], default="patch")
     g.add_argument("--eps", type=parse_number, default=8 / 255, help="pgd: L-inf budget (accepts 8/255)")
-    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--steps", type=nonnegative_int, default=20)
     g.add_argument("--step", type=parse_number, help="step size (default: 0.05 for patch, eps / 4 for pgd)")
-    g.add_argument("--attack-patch-size", type=int, default=5)
+    g.add_argument("--attack-patch-size", type=positive_int, default=5)
     g = p.add_argument_group("regions")
     g.add_argument("--roi", choices=["auto", "local", "occlusion"], default="auto", help="auto: local logits for bagcert models")
     g.add_argument("--reduce", choices=["mean", "max"], default="mean", help="local RoI: mean or max over the locations seeing a pixel")
-    g.add_argument("--occlusion-window", type=int, default=8)
-    g.add_argument("--occlusion-stride", type=int, default=4)
-    g.add_argument("--roa-box", type=int, default=3, help="box filter side (odd)")
+    g.add_argument("--occlusion-window", type=positive_int, default=8)
+    g.add_argument("--occlusion-stride", type=positive_int, default=4)
+    g.add_argument("--roa-box", type=positive_int, default=3, help="box filter side (odd)")
     g.add_argument("--q-roi", type=parse_number, default=20.0, help="percent of pixels kept in the RoI for neutralisation")
     g.add_argument("--q-roa", type=parse_number, default=10.0, help="percent of pixels kept in the RoA for neutralisation")
     g.add_argument("--qs", default="1,2,5,10,20,30,50", help="percentages for the IoU curve")
     g.add_argument("--fill", type=_fill, default="mean", help="zero, mean, blur or a number in [0, 1]")
     p.add_argument("--prediction", choices=["model", "logits"], default="model")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--num-figures", type=int, default=4, help="examples in heatmaps.png")
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--num-figures", type=nonnegative_int, default=4, help="examples in heatmaps.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--output", default="outputs/roi", help="report folder")
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         attack_patch_size=args.attack_patch_size, roi_method=args.roi, reduce=args.reduce,
         occlusion_window=args.occlusion_window, occlusion_stride=args.occlusion_stride, roa_box=args.roa_box,
         q_roi=args.q_roi, q_roa=args.q_roa, qs=qs, fill=args.fill, batch_size=args.batch_size, seed=args.seed,
-        prediction=args.prediction, keep=max(0, args.num_figures),
+        prediction=args.prediction, keep=args.num_figures,
     )
     examples = res.pop("examples", None)
     out = Path(args.output)

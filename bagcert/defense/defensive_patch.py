@@ -65,6 +65,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..attacks.base import check_int
 from ..checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 from ..data import augment_batch
 from .common import as_float_images, check_labels, eval_mode, logits_fn_of
@@ -377,6 +378,7 @@ def optimize_local_prior(
     full pipeline passes the training labels, so classes are weighted as in the data). Returns
     the mean loss of each epoch.
     """
+    epochs = check_int("epochs", epochs, minimum=0)
     models = _as_models(models)
     fns = [logits_fn_of(m) for m in models]
     labels = torch.arange(patch.num_classes) if labels is None else check_labels(labels, torch.as_tensor(labels).numel(), patch.num_classes)
@@ -385,7 +387,7 @@ def optimize_local_prior(
     opt = torch.optim.Adam([param], lr=lr)
     history = []
     with eval_mode(*models):
-        for epoch in range(int(epochs)):
+        for epoch in range(epochs):
             total, count = 0.0, 0
             for idx in _batches(labels.numel(), batch_size, gen):
                 y = labels[idx]
@@ -425,6 +427,7 @@ def optimize_global_correlation(
     Returns one dict per outer epoch: ``lr_scale``, ``ce`` (mean cross-entropy of each copy's pass,
     one per model) and ``correlation`` (mean correlation distance of the shared update's pass).
     """
+    epochs = check_int("epochs", epochs, minimum=0)
     models = _as_models(models)
     fns = [logits_fn_of(m) for m in models]
     y_all = check_labels(labels, images.shape[0], patch.num_classes)
@@ -435,7 +438,7 @@ def optimize_global_correlation(
     shared_opt = torch.optim.Adam([shared], lr=correlation_lr)
     history = []
     with eval_mode(*models):
-        for epoch in range(int(epochs)):
+        for epoch in range(epochs):
             scale = gamma ** sum(1 for m in milestones if m <= epoch)
             # (a) one copy per model, one pass of cross-entropy with a fresh Adam
             copies, ces = [], []
