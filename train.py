@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resize", type=int, help="shorter side before the centre crop (ImageNet-style folders)")
     g.add_argument("--num-classes", type=int)
     g.add_argument("--train-limit", type=int)
-    g.add_argument("--eval-images", type=int, help="held-out images evaluated during training")
+    g.add_argument("--eval-images", type=int, help="held-out images evaluated during training (0: all of them)")
     g.add_argument("--split-seed", type=int, help="seed of the train/test split for datasets without one (default 0)")
     g.add_argument("--test-fraction", type=float, help="test share of that split (default 0.2)")
     g.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=None,
@@ -128,6 +128,11 @@ def resolve_config(args) -> TrainConfig:
                 "(from the command line or the config file) does not apply; give --loss ce"
             )
     cfg = TrainConfig(**values)
+    try:
+        cfg.check()
+    except ValueError as e:
+        name = str(e).split()[0]
+        raise SystemExit(f"{e} (--{name.replace('_', '-')} or {name!r} in the config file)") from None
     try:
         _peer_spec(cfg)
     except ValueError as e:

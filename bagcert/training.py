@@ -103,6 +103,48 @@ class TrainConfig:
     progress: bool = True
     max_steps: int | None = None  # stop after this many global steps (tests, benchmarks)
 
+    def check(self) -> "TrainConfig":
+        """Refuse numbers no run can use, each with what was expected (from flags or a config file alike).
+
+        Without it, ``batch_size 0`` or ``log_every 0`` ended in a ZeroDivisionError, a negative ``epochs`` or
+        ``lr`` trained nothing or uphill, and ``eval_every 0`` was quietly taken as every step.
+        """
+        def number(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            is_int = type(v) is int
+            ok = is_int if integer else (is_int or type(v) is float) and math.isfinite(v)
+            if ok and lo is not None:
+                ok = v > lo if lo_open else v >= lo
+            if ok and hi is not None:
+                ok = v < hi if hi_open else v <= hi
+            if not ok:
+                kind = "an int" if integer else "a finite number"
+                bounds = " and ".join(
+                    f"{op} {b:g}" for op, b in ((">" if lo_open else ">=", lo), ("<" if hi_open else "<=", hi)) if b is not None)
+                raise ValueError(f"{name} must be {kind}{' ' + bounds if bounds else ''}{' (or None)' if optional else ''}, got {v!r}")
+
+        for name in ("image_size", "batch_size", "log_every"):
+            number(name, lo=1, integer=True)
+        number("num_classes", lo=2, integer=True)
+        for name in ("resize", "train_limit"):
+            number(name, lo=1, integer=True, optional=True)
+        number("max_steps", lo=0, integer=True, optional=True)
+        for name in ("eval_images", "pad", "cutout"):  # eval_images 0: every held-out image
+            number(name, lo=0, integer=True)
+        number("test_fraction", lo=0, hi=1, lo_open=True, hi_open=True)
+        for name in ("epochs", "lr", "tau", "bce_pos_weight", "eval_every"):
+            number(name, lo=0, lo_open=True)
+        number("time_budget_minutes", lo=0, lo_open=True, optional=True)
+        for name in ("weight_decay", "warmup_epochs", "margin_weight", "margin_warmup_epochs", "bce_weight", "ce_weight",
+                     "checkpoint_minutes"):
+            number(name, lo=0)
+        number("kappa")
+        for name in ("momentum", "ema", "label_smoothing"):
+            number(name, lo=0, hi=1, hi_open=True)
+        return self
+
 
 def distributed_env():
     """(rank, world_size, local_rank) from torchrun's environment variables."""
@@ -290,6 +332,7 @@ def _vote_figure(model, x, y, classes):
 
 def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = None, resume: bool = False, log=print) -> dict:
     """Train a model with ``cfg``; returns a summary dict. Writes into ``cfg.output``."""
+    cfg.check()
     rank, world, local_rank = distributed_env()
     device = torch.device(cfg.device if cfg.device != "cuda" or world == 1 else f"cuda:{local_rank}")
     if world > 1 and not dist.is_initialized():

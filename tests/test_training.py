@@ -329,3 +329,24 @@ def test_replan_replay_reproduces_a_log_and_a_window_re_plans_less_under_noise(t
     log.write_text("\n".join(lines[1:]) + "\n")
     with pytest.raises(SystemExit, match="no time_budget_plan"):
         mod.main([str(log)])
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("batch_size", 0), ("log_every", 0), ("epochs", -1.0), ("lr", float("nan")), ("eval_every", 0.0), ("ema", 1.0),
+    ("test_fraction", 1.0), ("resize", 0), ("batch_size", True), ("cutout", -4), ("checkpoint_minutes", -1.0),
+    ("label_smoothing", 1.0), ("time_budget_minutes", 0.0), ("max_steps", -1),
+])
+def test_train_refuses_numbers_no_run_can_use(field, bad, tmp_path):
+    cfg = _cfg(tmp_path / "x", **{field: bad})
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        train(cfg, synthetic_dataset(32, seed=1), log=lambda *a: None)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    assert _cfg(tmp_path / "y").check() is not None  # the defaults of these tests pass
+
+
+def test_train_cli_names_the_flag_of_a_bad_number(tmp_path, capsys):
+    import train as train_cli
+
+    with pytest.raises(SystemExit, match=r"batch_size must be an int >= 1, got 0 \(--batch-size or 'batch_size' in the config file\)"):
+        train_cli.main(["--dataset", "synthetic", "--batch-size", "0", "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
