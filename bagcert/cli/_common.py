@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["positive_int", "nonnegative_int", "parse_number", "parse_list", "load_model_and_data", "write_report", "plt_or_none", "save_figure", "json_line"]
+__all__ = ["positive_int", "nonnegative_int", "add_run_arguments", "set_threads", "parse_number", "parse_list", "load_model_and_data", "write_report", "plt_or_none", "save_figure", "json_line"]
 
 
 def _int_at_least(text, minimum: int, expected: str) -> int:
@@ -34,6 +34,20 @@ def positive_int(text) -> int:
 def nonnegative_int(text) -> int:
     """``"0"`` -> 0; negative or non-integer text is refused (argparse ``type=``), for counts where 0 means none."""
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, output: str, seed_help: str | None = None) -> None:
+    """``--seed``, ``--threads``, ``--output`` (default ``output``) and ``--quiet``: the same in every report tool."""
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument("--output", default=output, help="report folder")
+    p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (torch's own choice when it is not given)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def parse_number(text) -> float:

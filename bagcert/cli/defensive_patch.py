@@ -25,7 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ._common import dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct, plt_or_none, positive_int, save_figure, write_report
+from ._common import (
+    add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct, plt_or_none,
+    positive_int, save_figure, set_threads, write_report,
+)
 
 
 def build_parser():
@@ -73,10 +76,7 @@ def build_parser():
     g.add_argument("--attack-restarts", type=positive_int, default=1)
     g.add_argument("--prediction", choices=["model", "logits"], default="model", help="accuracy of argmax model(x) (votes) or of the mean logits")
     g.add_argument("--eval-batch-size", type=positive_int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--output", default="outputs/defensive_patch", help="report folder")
-    p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    add_run_arguments(p, "outputs/defensive_patch")
     return p
 
 
@@ -85,8 +85,7 @@ def main(argv=None) -> int:
     from ..checkpoint import load_checkpoint
     from ..defense import CORRUPTIONS, DefensivePatch, evaluate_defensive_patch, make_defensive_patches
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.corruptions == "all":
         corruptions = list(CORRUPTIONS)
     elif args.corruptions == "none":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import json_line, pct, plt_or_none, positive_int, save_figure, subset, write_report
+from ._common import add_run_arguments, json_line, pct, plt_or_none, positive_int, save_figure, set_threads, subset, write_report
 
 _WNID = re.compile(r"n\d{8}")
 
@@ -55,11 +55,8 @@ def build_parser():
     p.add_argument("--num-images", type=positive_int, help="evaluate only N images (the first N of a seeded permutation)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--bin-size", type=positive_int, default=100, help="adaptive calibration bin size (100 in the protocol)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--output", default="outputs/imagenet_a", help="report folder")
-    p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    add_run_arguments(p, "outputs/imagenet_a")
     return p
 
 
@@ -124,10 +121,7 @@ def main(argv=None) -> int:
     from ..checkpoint import load_checkpoint
     from ..imagenet_a import IMAGENET_A_INDICES, evaluate_imagenet_a, evaluate_subset_model, load_imagenet_a
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch_size < 1 or args.bin_size < 1:
-        raise SystemExit("--batch-size and --bin-size must be >= 1")
+    set_threads(args)
     model, meta = load_checkpoint(args.checkpoint)
     model.to(args.device).eval()
     size = args.size or int(meta.get("input_size", 224))

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from ._common import dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct, plt_or_none, positive_int, save_figure, write_report
+from ._common import (
+    add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct, plt_or_none,
+    positive_int, save_figure, set_threads, write_report,
+)
 
 
 def _fill(text: str):
@@ -54,10 +55,7 @@ def build_parser():
     p.add_argument("--prediction", choices=["model", "logits"], default="model")
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--num-figures", type=nonnegative_int, default=4, help="examples in heatmaps.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--output", default="outputs/roi", help="report folder")
-    p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    add_run_arguments(p, "outputs/roi")
     return p
 
 
@@ -65,8 +63,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..analysis.roi import evaluate_neutralization
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     qs = parse_list(args.qs, float, "qs")
     for name, q in (("q-roi", args.q_roi), ("q-roa", args.q_roa), *(("qs", v) for v in qs)):
         if not 0 <= q <= 100:
