@@ -61,15 +61,17 @@ def intervals_of(run: dict) -> list[dict]:
 
 
 def end_seconds(total: int, intervals: list[dict]) -> float:
-    """Wall seconds at which a run of ``total`` steps ends, at the logged speeds (the last one extrapolated)."""
-    prev_step, prev_wall = None, None
-    for iv in intervals:
-        start = iv["step"] - iv["steps"]
-        if total <= iv["step"]:
-            return iv["wall"] - iv["seconds"] - iv["eval_s"] + (total - start) * iv["seconds"] / iv["steps"] + iv["eval_s"]
-        prev_step, prev_wall = iv["step"], iv["wall"]
-    last = intervals[-1]
-    return prev_wall + (total - prev_step) * last["seconds"] / last["steps"] + last["eval_s"]
+    """Wall seconds at which a run of ``total`` steps ends, at the logged speeds (the last one extrapolated).
+
+    Inside an interval the run ends ``total - start`` steps after the interval's start (its wall time less its
+    training seconds and its evaluation), then evaluates once more.
+    """
+    iv = next((iv for iv in intervals if total <= iv["step"]), None)
+    if iv is None:  # past the log: the last interval's speed, after its evaluation
+        last = intervals[-1]
+        return last["wall"] + (total - last["step"]) * last["seconds"] / last["steps"] + last["eval_s"]
+    start = iv["step"] - iv["steps"]
+    return iv["wall"] - iv["seconds"] + (total - start) * iv["seconds"] / iv["steps"]
 
 
 def replay(run: dict, intervals: list[dict], window: int, eval_every_steps: int, tolerance: float) -> dict:

@@ -36,9 +36,9 @@ def nonnegative_int(text) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
-def add_run_arguments(p: argparse.ArgumentParser, output: str, seed_help: str | None = None) -> None:
+def add_run_arguments(p: argparse.ArgumentParser, output: str) -> None:
     """``--seed``, ``--threads``, ``--output`` (default ``output``) and ``--quiet``: the same in every report tool."""
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--output", default=output, help="report folder")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
