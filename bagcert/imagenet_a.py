@@ -9,7 +9,8 @@ re-implemented here from its description:
 * a 1000-way model's logits are restricted to those 200 columns: the prediction is the argmax and
   the confidence the max softmax probability, both over the 200 columns only;
 * metrics (see :mod:`bagcert.metrics`): top-1 accuracy, RMS calibration error with adaptive bins
-  of 100 samples, and AURRA.
+  of 100 samples, and AURRA. Samples of equal confidence are handled as a group (the metrics do not
+  depend on the order of the images); a metric that is undefined is ``None`` (JSON null).
 
 The real ImageNet-A images are **not available in this environment** (no network, no local copy):
 the loader and the evaluation are tested on small synthetic folders with the same
@@ -298,7 +299,9 @@ def evaluate_imagenet_a(
     Returns:
         dict with ``accuracy`` (top-1), ``calibration_error`` (RMS, adaptive bins of ``bin_size``,
         all bins), ``calibration_error_reference`` (the same without the last bin, as the reference
-        loop does; 0.0 when n < 2 * bin_size), ``aurra`` and ``n`` (number of images).
+        loop does; ``None`` when n < 2 * bin_size, where no bin is left), ``aurra`` and ``n``
+        (number of images). Floats in [0, 1]; ties in confidence are handled as in
+        :mod:`bagcert.metrics`, so the values do not depend on the order of the images.
     """
     columns = torch.as_tensor(list(class_indices), dtype=torch.long)
     if columns.dim() != 1 or columns.numel() == 0 or int(columns.min()) < 0:
@@ -336,7 +339,8 @@ def evaluate_subset_model(
         * ``images_covered`` / ``images_total`` / ``image_coverage``: the same counted in images;
         * ``accuracy``, ``calibration_error``, ``calibration_error_reference``, ``aurra``, ``n``: as
           in :func:`evaluate_imagenet_a`, on the covered images only (``n = images_covered``); these
-          are ``None`` when no image is covered;
+          are ``None`` when no image is covered (``n = 0``), and ``calibration_error_reference`` is
+          ``None`` when fewer than ``2 * bin_size`` images are covered;
         * ``accuracy_all_images``: correct covered predictions / all images (uncovered images count
           as wrong), 0.0 when nothing is covered;
         * ``covered_wnids``: the sorted wnids of the covered classes.

@@ -193,7 +193,7 @@ def test_evaluate_imagenet_a_restricts_to_the_200_columns():
     conf = [math.exp(L) / (math.exp(L) + 199) for L in (10.0, 8.0, 6.0, 4.0)]
     # one bin (4 < 100): |mean confidence - 3/4|
     assert res["calibration_error"] == pytest.approx(abs(sum(conf) / 4 - 0.75), abs=1e-6)
-    assert res["calibration_error_reference"] == 0.0
+    assert res["calibration_error_reference"] is None  # one bin (4 < 2 * 100): undefined
     # confidence order is the image order; correct 1, 0, 1, 1 -> (1 + 1/2 + 2/3 + 3/4) / 4 = 35/48
     assert res["aurra"] == pytest.approx(35 / 48)
     # unrestricted argmax would get images 2 and 3 wrong
@@ -282,7 +282,7 @@ def test_evaluate_subset_model_coverage_and_accuracy():
     assert res["aurra"] == pytest.approx((1 + 0.5 + 2 / 3 + 0.5) / 4)
     conf = [math.exp(m) / (math.exp(m) + 2) for m in (4.0, 3.0, 2.0, 1.0)]
     assert res["calibration_error"] == pytest.approx(abs(sum(conf) / 4 - 0.5), abs=1e-6)
-    assert res["calibration_error_reference"] == 0.0
+    assert res["calibration_error_reference"] is None  # one bin (4 < 2 * 100): undefined
 
 
 def test_evaluate_subset_model_class_coverage_counts_classes_with_images():
@@ -312,3 +312,102 @@ def test_evaluate_subset_model_bad_input():
         evaluate_subset_model(lambda x: torch.zeros(x.shape[0], 5), _id_images(1), labels, MODEL_WNIDS, DATASET_WNIDS)
     with pytest.raises(ValueError, match="distinct"):
         evaluate_subset_model(lambda x: x, _id_images(1), labels, ["n00000001", "n00000001"], DATASET_WNIDS)
+
+
+# --- ties, image order and undefined metrics -----------------------------------------------------------------
+
+
+def test_evaluate_imagenet_a_does_not_depend_on_image_order():
+    # saturated logits (one column at 100, like vote counts): most confidences are exactly 1.0 and tie
+    g = torch.Generator().manual_seed(3)
+    n = 250
+    table = torch.zeros(n, 1000)
+    top = torch.tensor(IMAGENET_A_INDICES)[torch.randint(0, 3, (n,), generator=g)]
+    table[torch.arange(n), top] = torch.where(torch.rand(n, generator=g) < 0.8, 100.0, 1.0)
+    labels = torch.randint(0, 3, (n,), generator=g)
+
+    def logits_fn(x):
+        return table[_ids(x)]
+
+    res = evaluate_imagenet_a(logits_fn, _id_images(n), labels)
+    perm = torch.randperm(n, generator=g)
+    res_perm = evaluate_imagenet_a(logits_fn, _id_images(n)[perm], labels[perm])
+    assert res == res_perm  # exact, every metric
+    conf = table[:, list(IMAGENET_A_INDICES)].softmax(1).max(1).values
+    assert int((conf == 1.0).sum()) > n // 2
+    assert res["calibration_error_reference"] is not None  # 250 >= 2 * 100: two bins
+
+
+def _wnid_checkpoint(path, classes):
+    import bagcert
+
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=len(classes), width=8).eval()
+    bagcert.save_checkpoint(path, model, input_size=32, classes=list(classes))
+    return path
+
+
+def _wnid_folder(root, wnids, per_class):
+    rng = np.random.default_rng(0)
+    for w in wnids:
+        (root / w).mkdir(parents=True)
+        for k in range(per_class):
+            _save(root / w / f"{k}.png", rng.integers(0, 256, (12, 10, 3)), "PNG")
+    return root
+
+
+def _table_rows(summary: str) -> dict:
+    rows = {}
+    for line in summary.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 2:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_cli_report_says_na_and_json_null_for_the_undefined_reference_error(tmp_path, capsys):
+    import json
+
+    from bagcert.cli import imagenet_a as cli_ina
+
+    wnids = ["n01440764", "n02102040"]
+    ckpt = _wnid_checkpoint(tmp_path / "m.pt", wnids)
+    root = _wnid_folder(tmp_path / "data", wnids, 3)  # 6 images < 2 * 100: a single bin
+    out = tmp_path / "out"
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--output", str(out), "--quiet", "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 6 and res["calibration_error_reference"] is None
+    assert '"calibration_error_reference": null' in (out / "results.json").read_text()
+    assert isinstance(res["calibration_error"], float) and isinstance(res["aurra"], float)
+    rows = _table_rows((out / "summary.md").read_text())
+    assert rows["RMS calibration error (reference: last bin dropped)"] == "n/a"
+    assert rows["RMS calibration error (adaptive bins, all)"].endswith(" %")
+    assert rows["AURRA"].endswith(" %")
+    assert "needs at least 2 bins" in (out / "summary.md").read_text()
+    # with bins of 3 images there are two bins and the value is defined
+    out3 = tmp_path / "out3"
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--bin-size", "3", "--output", str(out3), "--quiet", "--threads", "1"]) == 0
+    assert isinstance(json.loads((out3 / "results.json").read_text())["calibration_error_reference"], float)
+    assert _table_rows((out3 / "summary.md").read_text())["RMS calibration error (reference: last bin dropped)"].endswith(" %")
+
+
+def test_cli_report_with_no_covered_image_says_na_everywhere(tmp_path, capsys):
+    import json
+
+    from bagcert.cli import imagenet_a as cli_ina
+
+    ckpt = _wnid_checkpoint(tmp_path / "m.pt", ["n01440764", "n02102040"])
+    root = _wnid_folder(tmp_path / "data", ["n05555555"], 2)  # no class the model knows
+    out = tmp_path / "out"
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--output", str(out), "--quiet", "--threads", "1"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = json.loads((out / "results.json").read_text())
+    for key in ("accuracy", "calibration_error", "calibration_error_reference", "aurra"):
+        assert res[key] is None
+    assert line["accuracy"] is None and line["aurra"] is None and line["n"] == 0
+    rows = _table_rows((out / "summary.md").read_text())
+    for name in ("top-1 accuracy", "RMS calibration error (adaptive bins, all)",
+                 "RMS calibration error (reference: last bin dropped)", "AURRA"):
+        assert rows[name] == "n/a"
+    assert "n/a: no image was evaluated" in (out / "summary.md").read_text()
+    assert not (out / "response_rate.png").exists()

@@ -49,8 +49,8 @@ def test_calibration_error_five_samples_bin_size_two():
 
 def test_calibration_error_last_bin_takes_remainder():
     # n = 250, bin_size = 100 -> bins [0, 100) and [100, 250), not [0,100) [100,200) [200,250).
-    # 100 samples at confidence 0.2, all wrong; then 150 at 0.8: 75 right followed by 75 wrong
-    # (ties keep their order). Bin 1: gap 0.2 -> 100/250 * 0.04 = 0.016.
+    # 100 samples at confidence 0.2, all wrong; then 150 at 0.8: 75 right, 75 wrong.
+    # Bin 1: gap 0.2 -> 100/250 * 0.04 = 0.016.
     # Bin 2: accuracy 0.5, gap 0.3 -> 150/250 * 0.09 = 0.054. Total 0.070.
     # (Three bins would give 0.016 + 100/250 * 0.05**2 + 50/250 * 0.8**2 = 0.145.)
     conf = [0.2] * 100 + [0.8] * 150
@@ -62,10 +62,12 @@ def test_calibration_error_last_bin_takes_remainder():
 def test_calibration_error_fewer_samples_than_bin_size_is_one_bin():
     # one bin: mean confidence 0.6, accuracy 1 -> sqrt(1 * 0.4 ** 2) = 0.4
     assert calibration_error([0.5, 0.7], [1, 1], bin_size=100) == pytest.approx(0.4)
-    # the reference variant drops the only bin -> 0.0
-    assert calibration_error([0.5, 0.7], [1, 1], bin_size=100, skip_last_bin=True) == 0.0
+    # the reference variant drops the only bin -> nothing left: undefined, None (not 0.0)
+    assert calibration_error([0.5, 0.7], [1, 1], bin_size=100, skip_last_bin=True) is None
     # n = 150, bin_size 100 -> still one bin (150 // 100 = 1)
-    assert calibration_error([0.9] * 150, [1] * 150, bin_size=100, skip_last_bin=True) == 0.0
+    assert calibration_error([0.9] * 150, [0] * 150, bin_size=100, skip_last_bin=True) is None
+    # n = 200 -> two bins, the first one kept: 100/200 * 0.9 ** 2
+    assert calibration_error([0.9] * 200, [0] * 200, bin_size=100, skip_last_bin=True) == pytest.approx(math.sqrt(0.405))
 
 
 def test_calibration_error_sorts_by_confidence():
@@ -145,10 +147,10 @@ def test_aurra_perfectly_ranked_and_anti_ranked():
     assert aurra(conf, [0, 0, 0, 0]) == 0.0
 
 
-def test_aurra_ties_keep_given_order():
-    # equal confidences: stable order as given
-    assert aurra([0.5, 0.5], [0, 1]) == pytest.approx(0.25)  # 0, 1/2
-    assert aurra([0.5, 0.5], [1, 0]) == pytest.approx(0.75)  # 1, 1/2
+def test_aurra_ties_do_not_depend_on_given_order():
+    # equal confidences: expected accuracy under a random order of the tie group, 1/2 at k = 1 and k = 2
+    assert aurra([0.5, 0.5], [0, 1]) == 0.5
+    assert aurra([0.5, 0.5], [1, 0]) == 0.5
 
 
 def test_aurra_only_order_matters():

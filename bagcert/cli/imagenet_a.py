@@ -88,15 +88,17 @@ def _scores_fn(model, kind: str, device: str):
 
 
 def _response_curve(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list, list]:
-    """Accuracy of the k most confident predictions, k = 1..N (confidence = max softmax)."""
+    """Accuracy of the k most confident predictions, k = 1..N (confidence = max softmax).
+
+    :func:`bagcert.metrics.response_rate_curve`: tied confidences as a group (expected accuracy under a
+    random order of the group), so the curve does not depend on the image order and its mean is the AURRA."""
+    from ..metrics import response_rate_curve
+
     if logits.numel() == 0:
         return [], []
-    prob = torch.softmax(logits, dim=1)
-    conf = prob.max(dim=1).values
-    correct = (logits.argmax(dim=1) == targets).double()
-    order = torch.sort(-conf.double(), stable=True).indices
-    acc = torch.cumsum(correct[order], 0) / torch.arange(1, len(order) + 1, dtype=torch.float64)
-    rate = torch.arange(1, len(order) + 1, dtype=torch.float64) / len(order)
+    conf = torch.softmax(logits, dim=1).max(dim=1).values.double().clamp_(0.0, 1.0)
+    correct = logits.argmax(dim=1) == targets
+    rate, acc = response_rate_curve(conf, correct)
     return rate.tolist(), acc.tolist()
 
 
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     rate, curve = _response_curve(rec_logits, rec_targets)
     config = dict(vars(args), mode=mode, size=size, resize=resize)
     ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "num_classes": model.num_classes}
-    results = {"mode": mode, "checkpoint": ckpt, "dataset": dataset, "scores": args.scores, **res}
+    results = {"mode": mode, "checkpoint": ckpt, "dataset": dataset, "scores": args.scores, "bin_size": args.bin_size, **res}
     md = _markdown(results, args.scores)
     doc = write_report(args.output, "bagcert.cli.imagenet_a", config, results, md, device=args.device)
     plt = plt_or_none()
@@ -234,6 +236,13 @@ def _markdown(r: dict, scores: str) -> str:
         f"| images evaluated | {r['n']} |",
         "",
     ]
+    if r["n"] == 0:
+        lines += ["n/a: no image was evaluated, so no metric is defined.", ""]
+    elif r["calibration_error_reference"] is None:
+        lines += [f"n/a: the reference variant drops the last bin and needs at least 2 bins, i.e. 2 x bin size "
+                  f"({2 * r['bin_size']}) images; {r['n']} were evaluated.", ""]
+    lines += ["Samples of equal confidence are handled as a group: the metrics do not depend on the image order "
+              "(see bagcert.metrics).", ""]
     if r["mode"] == "subset":
         lines += [f"Accuracy counting uncovered images as wrong: {pct(r['accuracy_all_images'])}.", ""]
     return "\n".join(lines)
