@@ -6,10 +6,14 @@ A checkpoint is a plain dict of tensors and Python builtins::
      "model": {"name": <registry name>, "kwargs": {...}},
      "state_dict": {name: tensor}, "metadata": {...builtins...}}
 
-It is loaded with ``torch.load(weights_only=True)``: a file carrying any other pickled object is
-refused before anything from it runs. The model is rebuilt from the registry and its weights are
-loaded with ``strict=True``. Writes go to a temporary file in the same folder, then
-``os.replace`` (atomic on POSIX), so a killed run never leaves a half-written checkpoint.
+It is stored as torch's zip archive and loaded with ``torch.load(weights_only=True)``: a file that is
+not a zip archive (truncated, random bytes, a bare pickle, torch's legacy format) is refused without
+unpickling anything, the archive's CRC-32 sums are checked, and a file carrying any pickled object
+other than tensors and builtins is refused before anything from it runs. The model is rebuilt from
+the registry, its weights must match the architecture exactly, and the metadata bagcert reads back
+(``input_size``, ``resize``, ``classes``) is checked. Every failure is one :class:`CheckpointError`
+line naming the file, what is wrong and what was expected. Writes go to a temporary file in the same
+folder, then ``os.replace`` (atomic on POSIX), so a killed run never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,11 +30,17 @@ import torch
 FORMAT = "bagcert-checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "atomic_torch_save", "atomic_write_text", "safe_torch_load"]
+__all__ = [
+    "save_checkpoint", "load_checkpoint", "check_metadata", "CheckpointError", "atomic_torch_save", "atomic_write_text",
+    "safe_torch_load",
+]
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, foreign or of an unknown format."""
+    """A checkpoint file is missing, truncated, corrupt, foreign, unsafe, of an unknown format or malformed.
+
+    The message is one line that names the file. A RuntimeError (not a ValueError): it is about a file,
+    not about an argument."""
 
 
 def _plain(value, where: str):
@@ -96,31 +107,99 @@ def atomic_write_text(path, text: str) -> None:
         raise
 
 
-def safe_torch_load(path, what: str = "checkpoint"):
-    """``torch.load(weights_only=True)`` with clear errors for missing, truncated and foreign files."""
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space, cut at ``limit``."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def safe_torch_load(path, what: str = "checkpoint", verify: bool = False):
+    """Read a file written by :func:`atomic_torch_save` with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the messages ("checkpoint", "training checkpoint", ...).
+        verify: also check the CRC-32 of every member of the archive first (reads the file once more), so that
+            flipped bytes inside the tensor data are reported instead of loaded.
+
+    Returns:
+        The stored object (dicts, lists, tensors and builtins only), tensors on the CPU.
+
+    Raises:
+        CheckpointError: one line naming the file and what is wrong with it: missing, a folder, not a torch
+            file (not a zip archive: truncated, random bytes or another format; nothing is unpickled then),
+            a damaged archive, or pickled content other than tensors and builtins (refused by weights-only
+            loading before anything from it runs).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} file {path} is a folder; expected a .pt file")
     if not path.is_file():
         raise CheckpointError(f"{what} file not found: {path}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        is_zip = head == _ZIP_MAGIC and zipfile.is_zipfile(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} file {path}: {_one_line(e)}") from None
+    if not is_zip:
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint file (not a zip archive: truncated, corrupt or another kind of file; "
+            f"size {path.stat().st_size} bytes); expected a {what} written by bagcert"
+        )
+    if verify:
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+            raise CheckpointError(f"{path} is a damaged torch archive (truncated or corrupt: {_one_line(e, 200)})") from None
+        if bad is not None:
+            raise CheckpointError(
+                f"{path} is corrupt: the archive member {bad!r} fails its CRC-32 check (changed bytes); "
+                f"expected an intact {what}"
+            )
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what_found = f" ({found.group(1)})" if found else ""
+        text = str(e)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        if found or "GLOBAL" in text:
+            what_found = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"refusing to load {path}: not a bagcert {what}: it holds a pickled object{what_found} that is not a "
+                "tensor or builtin; weights-only loading refused this unsafe content and nothing from it was run"
+            ) from None
+        found = re.search(r"WeightsUnpickler error: (.*?)(?:Check the documentation|$)", text, re.S)
+        detail = _one_line(found.group(1), 120) if found else "unreadable pickle data"
         raise CheckpointError(
-            f"refusing to load {path}: it contains a pickled object{what_found} that is not a tensor or builtin; "
-            "weights_only=True rejected it and nothing from it was run"
+            f"{path} is a damaged torch checkpoint: its pickle data cannot be read ({detail}); truncated or corrupt, "
+            f"expected a {what} written by bagcert"
         ) from None
-    except Exception as e:  # any other failure of the reader: the bytes are not a complete torch file
-        raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception as e:  # any other failure of the reader: the archive is incomplete or damaged
+        raise CheckpointError(
+            f"{path} is truncated or not a complete torch checkpoint ({type(e).__name__}: {_one_line(e, 200)})"
+        ) from None
 
 
 def save_checkpoint(path, model, **metadata) -> Path:
-    """Save ``model`` (a registry model) and builtin ``metadata`` atomically to ``path``."""
+    """Save ``model`` (a registry model) and builtin ``metadata`` atomically to ``path``.
+
+    Raises:
+        ValueError: the model was not built by :func:`bagcert.create_model`, or a metadata entry bagcert reads
+            back is unusable (see :func:`check_metadata`): nothing is written then.
+        TypeError: metadata that is not tensors and builtins.
+    """
     config = getattr(model, "config", None)
     if not config or "name" not in config:
         raise ValueError("model has no registry config; build it with bagcert.create_model(...)")
     kwargs = _plain(dict(config.get("kwargs", {})), "model kwargs")
     metadata = _plain(metadata, "metadata")
+    problem = _metadata_problem(metadata, getattr(model, "num_classes", None), 1)
+    if problem:
+        raise ValueError(f"cannot save {path}: {problem}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     obj = {
         "format": FORMAT,
@@ -133,27 +212,141 @@ def save_checkpoint(path, model, **metadata) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint safely: returns ``(model, metadata)``; the model is in eval mode."""
-    from .models import create_model  # local import: models import nothing from here
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
 
-    obj = safe_torch_load(path)
+
+def _metadata_problem(metadata, num_classes: int | None, min_input_size: int) -> str | None:
+    """What is wrong with the metadata entries bagcert reads back, or None."""
+    if not isinstance(metadata, dict):
+        return f"'metadata' is {_describe(metadata)}; expected a dict"
+    size = metadata.get("input_size")
+    if "input_size" in metadata and (isinstance(size, bool) or not isinstance(size, int) or size < min_input_size):
+        return (
+            f"metadata 'input_size' is {_describe(size)}; expected an int >= {min_input_size} "
+            "(the image side in pixels the model was trained on)"
+        )
+    resize = metadata.get("resize")
+    if resize is not None:
+        low = size if isinstance(size, int) else 1
+        if isinstance(resize, bool) or not isinstance(resize, int) or resize < low:
+            return (
+                f"metadata 'resize' is {_describe(resize)}; expected None or an int >= {low} "
+                "(the shorter image side before the centre crop of input_size)"
+            )
+    if "classes" in metadata:
+        classes = metadata["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            return f"metadata 'classes' is {_describe(classes)}; expected a list of class names (str)"
+        if num_classes is not None and len(classes) != num_classes:
+            return f"metadata 'classes' names {len(classes)} classes but the model predicts {num_classes}"
+    return None
+
+
+def check_metadata(metadata, path, num_classes: int | None = None, min_input_size: int = 1) -> dict:
+    """Check the metadata entries that bagcert reads back; return ``metadata``.
+
+    Checked when present: ``input_size`` (an int >= ``min_input_size``, the side in pixels of the square images
+    the model was trained on), ``resize`` (None or an int >= ``input_size``, the shorter side before the centre
+    crop), ``classes`` (a list of ``num_classes`` strings). Other entries are free-form builtins.
+
+    Raises:
+        CheckpointError: one line naming ``path``, the entry, what it holds and what was expected.
+    """
+    problem = _metadata_problem(metadata, num_classes, min_input_size)
+    if problem:
+        raise CheckpointError(f"{path} is malformed: {problem}")
+    return metadata
+
+
+def _check_state_dict(path, model, state) -> None:
+    """Compare the stored weights with the rebuilt architecture; one line naming the first differences."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{path} is malformed: 'state_dict' is {_describe(state)}; expected a dict of named tensors")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{path} is malformed: state_dict entries {not_tensors[:3]} are not tensors (the first is {_describe(state[not_tensors[0]])}); expected a dict of named tensors"
+        )
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [
+        f"{k} {list(state[k].shape)} (expected {list(want[k].shape)})"
+        for k in want
+        if k in state and state[k].shape != want[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+    if shapes:
+        problems.append(f"{len(shapes)} of the wrong shape ({'; '.join(shapes[:3])}{'; ...' if len(shapes) > 3 else ''})")
+    if problems:
+        name = getattr(model, "config", {}).get("name", type(model).__name__)
+        raise CheckpointError(
+            f"{path}: weights do not match the architecture {name!r} the file records: " + ", ".join(problems) + " tensors"
+        )
+
+
+_OTHER_FORMATS = {
+    "bagcert-peer-classifier": "a peer classifier: load it with bagcert.peers.load_peer_classifier (certify.py reads it too)",
+    "bagcert-defensive-patch": "a defensive patch: load it with bagcert.defense.DefensivePatch.load",
+}
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint safely: returns ``(model, metadata)``; the model is in eval mode on ``map_location``.
+
+    The file is read with weights-only loading after a CRC-32 check of the archive, the model is rebuilt from
+    the registry name and keyword arguments it records, its weights are loaded strictly (every tensor present,
+    none extra, every shape equal) and the metadata bagcert reads back is checked (:func:`check_metadata`).
+
+    Raises:
+        CheckpointError: one line naming the file, what is wrong and what was expected: missing or unreadable
+            file, not a torch file, damaged archive, unsafe pickled content (refused, never run), not a bagcert
+            checkpoint, another format version, an unknown model name (the known ones are listed), model
+            arguments this version cannot build, weights that do not fit the model, malformed metadata.
+    """
+    from .models import create_model, list_models  # local import: models import nothing from here
+
+    obj = safe_torch_load(path, verify=True)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a bagcert checkpoint (no 'format': '{FORMAT}' entry)")
+        found = f"format {obj.get('format')!r}" if isinstance(obj, dict) and "format" in obj else (
+            "no 'format' entry" if isinstance(obj, dict) else f"a {type(obj).__name__}, not a dict"
+        )
+        other = _OTHER_FORMATS.get(obj.get("format")) if isinstance(obj, dict) else None
+        hint = f"; it is {other}" if other else ""
+        raise CheckpointError(f"{path} is not a bagcert checkpoint ({found}; expected 'format': '{FORMAT}'){hint}")
     version = obj.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {version!r}; this bagcert reads version {FORMAT_VERSION}")
-    for key in ("model", "state_dict", "metadata"):
-        if key not in obj:
-            raise CheckpointError(f"{path} is malformed: missing {key!r}")
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        hint = "; it was written by a newer bagcert: upgrade bagcert to read it" if newer else ""
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}; this bagcert reads version {FORMAT_VERSION}{hint}"
+        )
+    missing = [key for key in ("model", "state_dict", "metadata") if key not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is malformed: missing {', '.join(repr(k) for k in missing)} (expected 'model', 'state_dict' and 'metadata')")
     spec = obj["model"]
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("kwargs", {}), dict):
+        raise CheckpointError(
+            f"{path} is malformed: 'model' is {_describe(spec)}; expected a dict {{'name': <registry name>, 'kwargs': {{...}}}}"
+        )
+    known = list_models()
+    if spec["name"] not in known:
+        raise CheckpointError(f"{path} records an unknown model {spec['name']!r}; this bagcert knows {', '.join(known)}")
     try:
         model = create_model(spec["name"], **spec.get("kwargs", {}))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot rebuild model {spec.get('name')!r}: {e}") from None
+    except Exception as e:  # the recorded arguments are data from the file: any failure is a malformed file
+        raise CheckpointError(f"{path}: cannot rebuild model {spec['name']!r} from its recorded arguments: {_one_line(e, 300)}") from None
+    _check_state_dict(path, model, obj["state_dict"])
     try:
         model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the architecture: {str(e)[:500]}") from None
+        raise CheckpointError(f"{path}: weights do not match the architecture: {_one_line(e, 400)}") from None
+    check_metadata(obj["metadata"], path, getattr(model, "num_classes", None), model.geometry.min_input_size())
     model.to(map_location).eval()
     return model, obj["metadata"]
