@@ -37,7 +37,15 @@ class Aggregation:
         return self.high - self.low
 
     def local_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-location scores [B, C, h, w]; int32 for integer aggregations, float64 otherwise."""
+        """Per-location scores [B, C, h, w]; int32 for integer aggregations, float64 otherwise.
+
+        Args:
+            logits: floating-point local logits [B, C, h, w] (``model.local_logits(x)``).
+
+        Raises:
+            ValueError: ``logits`` is not a floating-point 4-D tensor (e.g. pooled [B, C] logits).
+        """
+        _check_local_logits(logits)
         if self.name == "votes":
             return (logits > 0).to(torch.int32)
         if self.name == "majority":
@@ -48,8 +56,16 @@ class Aggregation:
         raise AssertionError(self.name)
 
     def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Aggregated class scores [B, C] (vote counts for integer aggregations)."""
+        """Aggregated class scores [B, C] (vote counts for integer aggregations) of local logits [B, C, h, w]."""
         return self.local_scores(logits).sum(dim=(2, 3))
+
+
+def _check_local_logits(logits) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"aggregations take local logits [B, C, h, w] (model.local_logits(x)), got {got}")
+    if not logits.is_floating_point():
+        raise ValueError(f"local logits must be floating point, got dtype {logits.dtype}")
 
 
 AGGREGATIONS = {
@@ -60,6 +76,11 @@ AGGREGATIONS = {
 
 
 def get_aggregation(name: str | Aggregation) -> Aggregation:
+    """The :class:`Aggregation` called ``name`` (or ``name`` itself when it already is one).
+
+    Raises:
+        ValueError: an unknown name; the message lists the known ones and close matches.
+    """
     if isinstance(name, Aggregation):
         return name
     if name not in AGGREGATIONS:

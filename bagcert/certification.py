@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .aggregation import get_aggregation, predict
-from .geometry import Geometry, parse_patch_size
+from .geometry import Geometry, normalize_image_size, normalize_patch_sizes, parse_patch_size
 
 __all__ = ["CertResult", "certify", "certify_logits", "integral_image", "window_margins"]
 
@@ -158,6 +158,24 @@ def window_margins(S: torch.Tensor, prediction: torch.Tensor, rows: torch.Tensor
     return margin.amin(dim=3).permute(2, 0, 1)
 
 
+def _checked_sizes(patch_size, patch_sizes, image_size):
+    """``(keys, sizes)``: the result keys as given and the (height, width) of each, all checked against the image."""
+    if (patch_size is None) == (patch_sizes is None):
+        raise ValueError("give exactly one of patch_size= (one size) or patch_sizes= (a list of sizes)")
+    if patch_sizes is None:
+        keys, sizes = [patch_size], [parse_patch_size(patch_size)]
+    else:
+        sizes = normalize_patch_sizes(patch_sizes)
+        keys = list(patch_sizes)
+    H, W = image_size
+    too_big = [f"{ph}x{pw}" for ph, pw in sizes if ph > H or pw > W]
+    if too_big:
+        raise ValueError(
+            f"patch {', '.join(too_big)} is larger than the {H}x{W} image; patch sizes must fit inside the image"
+        )
+    return [tuple(k) if isinstance(k, list) else k for k in keys], sizes
+
+
 def certify_logits(
     local_logits: torch.Tensor,
     labels: torch.Tensor | None,
@@ -172,36 +190,50 @@ def certify_logits(
     """Certify from a local-logit map, with no model.
 
     Args:
-        local_logits: [N, C, h, w] per-location class logits.
-        labels: long [N] in [0, C), or None (then ``correct`` is all False).
+        local_logits: floating-point [N, C, h, w] per-location class logits, N >= 1, C >= 2, all finite.
+        labels: int64 [N] in [0, C) (any integer dtype is converted to int64), or None (then ``correct`` is
+            all False).
         geometry: the model's :class:`~bagcert.geometry.Geometry`.
-        image_size: (H, W) of the images the logits came from.
-        patch_size: int or (height, width); or give ``patch_sizes`` (a list) for a dict of results.
+        image_size: (H, W) in pixels of the images the logits came from.
+        patch_size: int or (height, width) (or ``"5"`` / ``"3x7"``) -> returns a :class:`CertResult`.
+        patch_sizes: a list of sizes -> returns ``{size as given: CertResult}``. Each size once: ``[5, 5]`` and
+            ``[5, (5, 5)]`` are refused. A tuple is a list too: ``patch_sizes=(3, 7)`` means 3x3 and 7x7.
         aggregation: ``"votes"`` (default), ``"majority"`` or ``"clipped"``.
         return_position_margins: also return the margin of every patch position.
 
     Returns:
         A :class:`CertResult`, or ``{(h, w) or int: CertResult}`` when ``patch_sizes`` is given.
+
+    Raises:
+        ValueError: not exactly one of ``patch_size`` / ``patch_sizes``; a logit map that is not
+            [N, C, h, w] with N >= 1 and C >= 2, holds NaN/Inf or does not match ``geometry`` at ``image_size``;
+            labels that are not an integer [N] in [0, C); an empty or duplicated list of patch sizes; a patch
+            larger than the image; an unknown aggregation.
+        TypeError: ``image_size`` not a (height, width) pair of ints; ``patch_sizes`` not a list; a patch size
+            that is not an int or a pair of ints.
     """
-    if (patch_size is None) == (patch_sizes is None):
-        raise ValueError("give exactly one of patch_size= or patch_sizes=")
     agg = get_aggregation(aggregation)
     if not isinstance(local_logits, torch.Tensor) or local_logits.dim() != 4:
-        raise ValueError(
-            f"local logits must be a tensor [N, C, h, w], got "
-            f"{tuple(local_logits.shape) if isinstance(local_logits, torch.Tensor) else type(local_logits)}"
-        )
+        got = tuple(local_logits.shape) if isinstance(local_logits, torch.Tensor) else type(local_logits).__name__
+        raise ValueError(f"local logits must be a tensor [N, C, h, w], got {got}")
+    if not local_logits.is_floating_point():
+        raise ValueError(f"local logits must be floating point (the model's raw logits), got dtype {local_logits.dtype}")
     N, C, h, w = local_logits.shape
+    if N == 0:
+        raise ValueError(f"local logits hold no samples (shape {tuple(local_logits.shape)}); expected [N, C, h, w] with N >= 1")
     if C < 2:
         raise ValueError(f"need at least 2 classes to certify, got {C}")
+    if h == 0 or w == 0:
+        raise ValueError(f"local logits have an empty {h}x{w} location grid; expected at least one location")
     if not torch.isfinite(local_logits).all():
         raise ValueError("local logits contain NaN or Inf; cannot certify")
-    H, W = int(image_size[0]), int(image_size[1])
+    H, W = normalize_image_size(image_size)
     if geometry.layers and geometry.grid_size(H, W) != (h, w):
         raise ValueError(
             f"local-logit map is {h}x{w} but the geometry gives {geometry.grid_size(H, W)} locations "
             f"for a {H}x{W} image: logits and image size do not belong together"
         )
+    keys, sizes = _checked_sizes(patch_size, patch_sizes, (H, W))
     labels = _check_labels(labels, N, C, local_logits.device)
 
     scores = agg.local_scores(local_logits.float() if agg.exact_integer else local_logits)
@@ -209,15 +241,9 @@ def certify_logits(
     correct = prediction == labels if labels is not None else torch.zeros(N, dtype=torch.bool, device=prediction.device)
     label_out = labels if labels is not None else torch.full((N,), -1, dtype=torch.long, device=prediction.device)
 
-    sizes = [patch_size] if patch_sizes is None else list(patch_sizes)
-    if not sizes:
-        raise ValueError("patch_sizes is empty")
     S = integral_image(scores)  # shared by every patch size
     results = {}
-    for key in sizes:
-        ph, pw = parse_patch_size(key)
-        if ph > H or pw > W:
-            raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} image")
+    for key, (ph, pw) in zip(keys, sizes):
         rows, cols = geometry.affected_ranges((H, W), (ph, pw))
         ur, inv_r = _unique_ranges(rows)
         uc, inv_c = _unique_ranges(cols)
@@ -249,7 +275,7 @@ def certify_logits(
             aggregation=agg.name,
             position_margins=pos_maps,
         )
-        results[key if not isinstance(key, list) else tuple(key)] = res
+        results[key] = res
     if patch_sizes is None:
         return next(iter(results.values()))
     return results
@@ -262,15 +288,20 @@ def _first_position(inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
 
 
 def _check_labels(labels, N, C, device):
-    """Labels as long [N] on ``device`` (or None); with ``C`` given, also checked to lie in [0, C)."""
+    """Labels as int64 [N] on ``device`` (or None); with ``C`` given, also checked to lie in [0, C)."""
     if labels is None:
         return None
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    labels = labels.to(device=device, dtype=torch.long).reshape(-1)
-    if labels.numel() != N:
-        raise ValueError(f"got {labels.numel()} labels for {N} images")
+    given = labels
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"labels must be an integer tensor [N] of class indices, got {type(given).__name__}") from None
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices (int64 [N]), got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != N:
+        hint = "; flatten [N, 1] labels with labels.view(-1)" if labels.dim() == 2 and labels.shape == (N, 1) else ""
+        raise ValueError(f"labels must have shape [N] = [{N}] (one class index per image), got shape {list(labels.shape)}{hint}")
+    labels = labels.to(device=device, dtype=torch.long)
     if N and labels.min() < 0:
         raise ValueError(f"labels must be >= 0, found {int(labels.min())}")
     if N and C is not None and labels.max() >= C:
@@ -295,12 +326,24 @@ def certify(
 
     Args:
         model: a bagcert model (has ``local_logits`` and ``geometry``), in eval mode.
-        images: float [N, 3, H, W] in [0, 1].
-        labels: long [N] (or None).
+        images: floating-point [N, 3, H, W] in [0, 1], N >= 1, unnormalised (the model normalises internally).
+            float64, float16 and bfloat16 images are converted to the model's weight dtype (float32) by
+            ``model.local_logits``: float64 is rounded to float32 (the result is the float32 path's), half
+            precision is widened exactly. uint8 images are refused (convert with ``x.float() / 255``).
+        labels: int64 [N] class indices in [0, num_classes) (any integer dtype is converted), or None.
         patch_size: int or (height, width) -> returns a :class:`CertResult`.
-        patch_sizes: list of sizes -> returns ``{size: CertResult}`` from the same forward pass.
+        patch_sizes: list of sizes -> returns ``{size: CertResult}`` from the same forward pass; each size
+            once (see :func:`bagcert.geometry.normalize_patch_sizes`).
         aggregation: defaults to the model's own (``model.aggregation``, ``"votes"``).
-        batch_size: split the forward pass into chunks of this many images.
+        batch_size: split the forward pass into chunks of this many images (an int >= 1; None: one chunk).
+
+    Raises:
+        RuntimeError: the model is in training mode.
+        TypeError: ``model`` is not a bagcert model; ``patch_sizes`` is not a list; ``batch_size`` not an int.
+        ValueError: images that are not a floating-point [N, 3, H, W] batch with N >= 1 (the model's
+            :class:`~bagcert.models.InputError`, a ValueError, also reports values outside [0, 1]); labels that
+            are not an integer [N] in [0, num_classes); ``batch_size < 1``; an empty or duplicated list of patch
+            sizes; a patch larger than the image; an unknown aggregation. All are raised before the forward pass.
     """
     if getattr(model, "training", False):
         raise RuntimeError(
@@ -309,29 +352,39 @@ def certify(
     if not hasattr(model, "local_logits") or not hasattr(model, "geometry"):
         raise TypeError("certify needs a bagcert model with .local_logits() and .geometry")
     if (patch_size is None) == (patch_sizes is None):
-        raise ValueError("give exactly one of patch_size= or patch_sizes=")
-    aggregation = aggregation or getattr(model, "aggregation", "votes")
+        raise ValueError("give exactly one of patch_size= (one size) or patch_sizes= (a list of sizes)")
+    aggregation = get_aggregation(aggregation or getattr(model, "aggregation", "votes")).name
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a float tensor [N, 3, H, W], got {getattr(images, 'shape', type(images))}")
+        got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor [N, 3, H, W] in [0, 1], got {got}")
+    if not images.is_floating_point():
+        hint = "; convert uint8 images with x.float() / 255" if images.dtype == torch.uint8 else ""
+        raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}{hint}")
     N = images.shape[0]
-    bs = batch_size or max(N, 1)
     if N == 0:
-        raise ValueError("no images to certify")
+        raise ValueError(f"no images to certify (batch shape {list(images.shape)}); expected [N, 3, H, W] with N >= 1")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+        raise TypeError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (images per forward pass), got {batch_size}")
+    bs = batch_size or N
+    image_size = tuple(images.shape[-2:])
+    _checked_sizes(patch_size, patch_sizes, image_size)
     # validate labels before spending a forward pass
     num_classes = getattr(model, "num_classes", None)
-    if labels is not None and num_classes is not None:
-        _check_labels(labels, N, num_classes, "cpu")
+    if labels is not None:
+        labels = _check_labels(labels, N, num_classes, "cpu")
     chunks = []
     for start in range(0, N, bs):
         x = images[start : start + bs]
         logits = model.local_logits(x)
-        y = None if labels is None else torch.as_tensor(labels)[start : start + bs]
+        y = None if labels is None else labels[start : start + bs]
         chunks.append(
             certify_logits(
                 logits,
                 y,
                 model.geometry,
-                tuple(images.shape[-2:]),
+                image_size,
                 patch_size,
                 patch_sizes=patch_sizes,
                 aggregation=aggregation,

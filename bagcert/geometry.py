@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["ConvSpec", "Geometry", "parse_patch_size", "axis_ranges"]
+__all__ = ["ConvSpec", "Geometry", "parse_patch_size", "normalize_patch_sizes", "normalize_image_size", "axis_ranges"]
 
 ConvSpec = tuple  # (kernel, stride, padding)
 
@@ -49,7 +49,12 @@ def patch_side_for_area(percent: float, image_size) -> int:
 
 
 def parse_patch_size(patch_size) -> tuple[int, int]:
-    """Normalise a patch size given as ``5``, ``(3, 7)``, ``"5"`` or ``"3x7"`` to ``(height, width)``."""
+    """Normalise a patch size given as ``5``, ``(3, 7)``, ``"5"`` or ``"3x7"`` to ``(height, width)`` in pixels.
+
+    Raises:
+        ValueError: a string that is not ``"5"`` / ``"3x7"``, or a side that is not positive.
+        TypeError: anything else that is not an int or a (height, width) pair of ints (bools included).
+    """
     if isinstance(patch_size, str):
         text = patch_size.strip().lower()
         parts = text.split("x")
@@ -73,6 +78,64 @@ def parse_patch_size(patch_size) -> tuple[int, int]:
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"patch size must be positive, got {size[0]}x{size[1]}")
     return size
+
+
+def _size_text(size) -> str:
+    """A patch size as the user wrote it: strings as typed, everything else as its repr."""
+    return size if isinstance(size, str) else repr(size)
+
+
+def normalize_patch_sizes(patch_sizes) -> list[tuple[int, int]]:
+    """Check a list of patch sizes and return them as ``[(height, width), ...]`` in the given order.
+
+    Each entry is anything :func:`parse_patch_size` accepts (``5``, ``(3, 7)``, ``"5"``, ``"3x7"``).
+
+    Raises:
+        TypeError: ``patch_sizes`` is not a list or tuple (a lone ``5`` or ``"3x7"``: pass ``[5]`` or
+            ``["3x7"]``, or use ``patch_size=`` for a single size), or an entry is not a patch size.
+        ValueError: the list is empty, an entry is not a positive size, or two entries give the same size
+            (``[5, 5]``, ``[5, (5, 5)]``, ``["5", "5x5"]``): the message names the duplicates.
+    """
+    if isinstance(patch_sizes, (str, bytes, int)) or not isinstance(patch_sizes, (list, tuple)):
+        hint = f"; for a single size pass patch_size={patch_sizes!r} instead" if isinstance(patch_sizes, (int, str)) else ""
+        raise TypeError(
+            f"patch_sizes must be a list of patch sizes such as [5] or [1, 2, (3, 7)], got {patch_sizes!r} "
+            f"({type(patch_sizes).__name__}){hint}"
+        )
+    if len(patch_sizes) == 0:
+        raise ValueError("patch_sizes is empty; give at least one size, e.g. [5] or [1, 2, (3, 7)]")
+    sizes = [parse_patch_size(p) for p in patch_sizes]
+    groups: dict[tuple[int, int], list] = {}
+    for given, size in zip(patch_sizes, sizes):
+        groups.setdefault(size, []).append(given)
+    dups = [(size, given) for size, given in groups.items() if len(given) > 1]
+    if dups:
+        text = "; ".join(f"{', '.join(_size_text(g) for g in given)} all mean {h}x{w}" for (h, w), given in dups)
+        raise ValueError(f"duplicate patch sizes: {text}; give each size once")
+    return sizes
+
+
+def normalize_image_size(image_size) -> tuple[int, int]:
+    """Check an image size and return it as ``(height, width)`` in pixels.
+
+    Raises:
+        TypeError: ``image_size`` is not a (height, width) pair of ints (a lone ``32`` included: pass ``(32, 32)``).
+        ValueError: a side is not positive.
+    """
+    import operator
+
+    if isinstance(image_size, (str, bytes)) or not isinstance(image_size, (Sequence, torch.Size)) or len(image_size) != 2:
+        hint = f"; for a square image pass ({image_size}, {image_size})" if isinstance(image_size, int) else ""
+        raise TypeError(f"image_size must be a (height, width) pair of ints, got {image_size!r}{hint}")
+    try:
+        if any(isinstance(v, bool) for v in image_size):
+            raise TypeError
+        H, W = (operator.index(v) for v in image_size)
+    except TypeError:
+        raise TypeError(f"image_size must be a (height, width) pair of ints, got {image_size!r}") from None
+    if H <= 0 or W <= 0:
+        raise ValueError(f"image_size must be positive, got {H}x{W}")
+    return H, W
 
 
 @dataclass(frozen=True)
@@ -141,7 +204,9 @@ class Geometry:
         and ``cols`` the same for the columns.
         """
         ph, pw = parse_patch_size(patch_size)
-        H, W = image_size
+        H, W = normalize_image_size(image_size)
+        if ph > H or pw > W:
+            raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} image; patches must fit inside the image")
         gh, gw = self.grid_size(H, W)
         rows = axis_ranges(H, ph, gh, self.receptive_field[0], self.stride[0], self.padding[0])
         cols = axis_ranges(W, pw, gw, self.receptive_field[1], self.stride[1], self.padding[1])
@@ -163,7 +228,7 @@ class Geometry:
     def affected_mask(self, image_size, patch_size, top: int, left: int) -> torch.Tensor:
         """Boolean [h, w] mask of the locations R(l) affected by the patch at (top, left)."""
         ph, pw = parse_patch_size(patch_size)
-        H, W = image_size
+        H, W = normalize_image_size(image_size)
         if not (0 <= top <= H - ph and 0 <= left <= W - pw):
             raise ValueError(
                 f"patch {ph}x{pw} at ({top}, {left}) is not fully inside the {H}x{W} image"

@@ -18,10 +18,34 @@ class InputError(ValueError):
     """Raised for images that break the model's input contract."""
 
 
+def _range_hint(lo: float, hi: float) -> str:
+    """What values outside [0, 1] most likely mean, as advice (empty when there is no likely cause)."""
+    if lo < 0.0:
+        if lo >= -0.01 and hi <= 1.01:
+            return " (slightly outside, e.g. interpolation overshoot: clamp with x.clamp(0, 1))"
+        return (
+            " (negative values: these look already normalised with a mean/std; the model normalises internally, "
+            "so pass the images in [0, 1] without Normalize)"
+        )
+    if hi <= 1.01:
+        return " (slightly above 1, e.g. interpolation overshoot: clamp with x.clamp(0, 1))"
+    if hi <= 255.0:
+        return " (these look like 0-255 images: divide by 255)"
+    return ""
+
+
 def check_images(x: torch.Tensor, min_size: int | None = None) -> None:
-    """Validate a batch of images against the pixel-space contract: float [B, 3, H, W] in [0, 1]."""
+    """Validate a batch of images against the pixel-space contract: floating-point [B, 3, H, W] in [0, 1].
+
+    Any floating dtype passes (models convert it to their weight dtype, see :meth:`BagModel.local_logits`).
+
+    Raises:
+        InputError (a ValueError): not a tensor, not [B, 3, H, W], not floating point (uint8: divide by 255),
+            empty, NaN/Inf, values outside [0, 1] (with a hint: 0-255 images, already mean/std-normalised
+            images, slight interpolation overshoot), or smaller than ``min_size``.
+    """
     if not isinstance(x, torch.Tensor):
-        raise InputError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        raise InputError(f"images must be a torch.Tensor [B, 3, H, W] in [0, 1], got {type(x).__name__}")
     if x.dim() != 4:
         raise InputError(f"images must have shape [B, 3, H, W], got {tuple(x.shape)}")
     if x.shape[1] != 3:
@@ -30,17 +54,15 @@ def check_images(x: torch.Tensor, min_size: int | None = None) -> None:
             "grey images need to be repeated to 3 channels, and channels-last arrays permuted to [B, 3, H, W]"
         )
     if not x.is_floating_point():
-        raise InputError(
-            f"images must be floating point in [0, 1], got dtype {x.dtype}; convert uint8 images with x.float() / 255"
-        )
+        hint = "convert uint8 images with x.float() / 255" if x.dtype == torch.uint8 else "convert them with x.float()"
+        raise InputError(f"images must be floating point in [0, 1], got dtype {x.dtype}; {hint}")
     if x.numel() == 0:
-        raise InputError(f"empty image batch {tuple(x.shape)}")
+        raise InputError(f"empty image batch {tuple(x.shape)}; expected [B, 3, H, W] with B, H, W >= 1")
     if not torch.isfinite(x).all():
         raise InputError("images contain NaN or Inf values; expected finite values in [0, 1]")
     lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < 0.0 or hi > 1.0:
-        hint = " (these look like 0-255 images: divide by 255)" if hi > 1.5 else ""
-        raise InputError(f"image values must lie in [0, 1], found range [{lo:.4g}, {hi:.4g}]{hint}")
+        raise InputError(f"image values must lie in [0, 1], found range [{lo:.4g}, {hi:.4g}]{_range_hint(lo, hi)}")
     if min_size is not None and min(x.shape[-2:]) < min_size:
         raise InputError(
             f"images of size {tuple(x.shape[-2:])} are smaller than the model's receptive field / minimum input "
@@ -78,12 +100,31 @@ class BagModel(nn.Module):
 
     # -- public API ---------------------------------------------------------------------
     def local_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-location class logits.
+
+        Args:
+            x: floating-point images [B, 3, H, W] in [0, 1], unnormalised (the model applies its mean/std).
+                Images of another floating dtype than the model's weights (float32 unless the model was cast)
+                are converted to it first: float64 is rounded to float32, so the result is exactly that of
+                ``x.float()``; float16 / bfloat16 are widened exactly.
+
+        Returns:
+            [B, num_classes, h, w] logits, ``(h, w) = self.grid_size(H, W)``.
+
+        Raises:
+            InputError (a ValueError): with ``check_inputs`` (the default), images that break the contract
+                (see :func:`check_images`).
+        """
         if self.check_inputs:
             check_images(x, self.geometry.min_input_size())
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if x.is_floating_point() and x.dtype != self.mean.dtype:
+            x = x.to(self.mean.dtype)
+        x = (x - self.mean) / self.std
         return self.features_to_logits(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores [B, num_classes] of the model's aggregation (vote counts by default) for images
+        [B, 3, H, W] in [0, 1]; input contract and dtype conversion as :meth:`local_logits`."""
         return get_aggregation(self.aggregation).class_scores(self.local_logits(x))
 
     def mean_logits(self, x: torch.Tensor) -> torch.Tensor:
