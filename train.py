@@ -175,6 +175,15 @@ def _main(argv=None) -> int:
             "seed": cfg.split_seed, "test_fraction": cfg.test_fraction, "num_images": len(tr) + len(te),
             "num_train": len(tr), "num_test": len(te), "rule": "bagcert.data.seeded_split",
         }
+    if cfg.train_limit is not None and cfg.train_limit < len(train_data):
+        from bagcert.data import stratified_subset  # --train-limit: a seeded class-stratified draw, not the first N files
+
+        full = len(train_data)
+        train_data = stratified_subset(train_data, cfg.train_limit, cfg.seed)
+        if rank == 0:
+            counts = ", ".join(f"{c} {k}" for c, k in train_data.info["stratified_subset"]["per_class"].items())
+            print(f"--train-limit {cfg.train_limit}: a class-stratified draw (seed {cfg.seed}) of {full} training images: "
+                  f"{counts}", file=sys.stderr)
     if len(train_data.classes) != cfg.num_classes:
         raise SystemExit(f"dataset has {len(train_data.classes)} classes but --num-classes is {cfg.num_classes}")
     if cfg.eval_images and eval_data is not None and len(eval_data) > cfg.eval_images:

@@ -163,8 +163,10 @@ def test_load_checkpoint_split_cuts_a_folder_with_the_recorded_split(tmp_path):
         load_checkpoint_split(str(other), "test", record, size=8, resize=8)
     with pytest.raises(DatasetError, match="test, train or all"):
         load_checkpoint_split(str(root), "val", record, size=8, resize=8)
-    # no record (a model trained elsewhere): the whole folder, and the split says so
-    assert load_checkpoint_split(str(other), "test", None, size=8, resize=8).info["split"] == "all"
+    # no record (a model trained elsewhere): its test images cannot be told from its training images
+    with pytest.raises(DatasetError, match="records no seeded split"):
+        load_checkpoint_split(str(other), "test", None, size=8, resize=8)
+    assert load_checkpoint_split(str(other), "all", None, size=8, resize=8).info["split"] == "all"
 
 
 def test_load_checkpoint_split_keeps_split_folders_and_refuses_all_there(tmp_path):
