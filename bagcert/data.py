@@ -670,9 +670,16 @@ def load_checkpoint_split(spec: str, split: str, split_record: dict | None, size
                 raise DatasetError(f"{spec} has split folders ({', '.join(splits)}): name one of them, not 'all'")
             raise _missing_split(root, split, splits)
         return load_dataset(spec, split, size=size, resize=resize, seed=seed, num_classes=num_classes, cache=cache)
+    data = load_dataset(spec, "test" if split == "all" else split, size=size, resize=resize, seed=seed,
+                        num_classes=num_classes, cache=cache)
+    if data.info.get("layout") != "image-folder":  # not a folder on disk (a loader that returns other data): as loaded
+        if split == "all":
+            if data.info.get("split") is not None:
+                raise DatasetError(f"{spec} has splits ({data.info['split']!r} ...): name one of them, not 'all'")
+            data.info["split"] = "all"
+        return data
     if split not in ("test", "train", "all"):
         raise DatasetError(f"split must be {SPLIT_NAMES_HINT} for a folder without split folders, got {split!r}")
-    data = load_dataset(spec, "test", size=size, resize=resize, seed=seed, num_classes=num_classes, cache=cache)
     if split == "all":
         data.info["split"] = "all"
         return data
