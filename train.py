@@ -23,8 +23,9 @@ import dataclasses
 import json
 import sys
 
+from bagcert.checkpoint import CheckpointError
 from bagcert.data import DatasetError, load_dataset, seeded_split
-from bagcert.training import TrainConfig, _peer_spec, distributed_env, train
+from bagcert.training import TrainConfig, TrainingError, _peer_spec, check_output_folder, distributed_env, train
 
 
 def _parse_list(text):
@@ -141,9 +142,20 @@ def resolve_config(args) -> TrainConfig:
 
 
 def main(argv=None) -> int:
+    """Run train.py; returns the exit status (0, or 128 + signal number after a SIGINT/SIGTERM stop).
+
+    A user mistake (a bad number, an unknown model, an unwritable --output, a dataset or checkpoint that cannot be
+    read, a --resume with other settings, a time budget too small) raises SystemExit with one line.
+    """
     from bagcert.training import leave_process_group
 
-    rc = _main(argv)
+    try:
+        rc = _main(argv)
+    except (DatasetError, CheckpointError, TrainingError) as e:
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:  # Ctrl-C before training started (train() itself turns it into a graceful stop)
+        print("interrupted before training started; no checkpoint was written", file=sys.stderr)
+        return 130
     leave_process_group()
     return rc
 
@@ -151,6 +163,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
+    check_output_folder(cfg.output)  # before loading data or building anything
     rank, world, _ = distributed_env()
     if cfg.peer and rank == 0:
         print(f"training the base classifier of peer {cfg.peer} ({cfg.model}) with cross-entropy; the bagcert loss options are unused")
@@ -189,6 +202,11 @@ def _main(argv=None) -> int:
     if cfg.eval_images and eval_data is not None and len(eval_data) > cfg.eval_images:
         eval_data = eval_data.subset(torch_arange(cfg.eval_images, len(eval_data), cfg.seed))
     summary = train(cfg, train_data, eval_data, resume=args.resume)
+    if summary.get("stopped"):
+        if rank == 0:
+            print(f"stopped by {summary['stopped']} after step {summary['steps']}: {summary['output']}/last.pt written; "
+                  f"continue with: train.py --config {summary['output']}/config.json --resume", file=sys.stderr)
+        return summary["exit_status"]
     if rank == 0:
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0

@@ -23,6 +23,9 @@ import copy
 import json
 import math
 import os
+import re
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,12 +36,16 @@ import torch.nn.functional as F
 
 from . import __version__
 from .certification import certify_logits
-from .checkpoint import atomic_torch_save, atomic_write_text, safe_torch_load, save_checkpoint
+from .checkpoint import CheckpointError, atomic_torch_save, atomic_write_text, safe_torch_load, save_checkpoint
 from .data import Dataset, augment_batch
 from .losses import BagCertLoss
 from .models import create_model
 
-__all__ = ["TrainConfig", "train", "evaluate", "distributed_env", "export_checkpoint", "dataset_metadata", "leave_process_group"]
+__all__ = [
+    "TrainConfig", "TrainingError", "train", "evaluate", "distributed_env", "export_checkpoint", "dataset_metadata",
+    "leave_process_group", "resume_config_changes", "RESUME_ALLOWED", "RESUME_REFUSED", "check_output_folder",
+    "remove_stale_temporaries", "cut_log", "log_ends_done", "StopSignals",
+]
 
 
 @dataclass
@@ -143,6 +150,14 @@ class TrainConfig:
         number("kappa")
         for name in ("momentum", "ema", "label_smoothing"):
             number(name, lo=0, hi=1, hi_open=True)
+        for name, allowed in (("optimizer", ("adamw", "adam", "sgd")), ("schedule", ("cosine", "onecycle", "constant")),
+                              ("loss", ("bagcert", "ce")), ("margin_reduce", ("min", "mean"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        from .models import list_models
+
+        if self.model not in list_models():
+            raise ValueError(f"model must be a registered model name, got {self.model!r}; available: {', '.join(list_models())}")
         return self
 
 
@@ -330,8 +345,261 @@ def _vote_figure(model, x, y, classes):
     return fig
 
 
+class TrainingError(ValueError):
+    """A run that cannot start or continue as configured: a resume whose arguments differ from the run's, an
+    output folder that cannot be written or already holds another run, a time budget too small for its
+    calibration, data fewer than one batch. ``train.py`` prints the message as one line and exits non-zero."""
+
+
+# --resume compares the arguments with the config stored in last.pt. Every TrainConfig field is in exactly one of
+# these two sets (tested). Refused: anything that defines the run's trajectory (data and its split, augmentation,
+# model, optimiser and schedule, loss, numerics, seed), because the steps already taken were made with the stored
+# values and the continuation would be another run. Allowed, and recorded in the log: where the run ends, how it is
+# evaluated, logged and checkpointed, where and with how many threads it runs.
+RESUME_REFUSED = frozenset({
+    "dataset", "image_size", "resize", "num_classes", "train_limit", "flip", "pad", "cutout", "random_crop", "split_seed",
+    "test_fraction", "model", "model_kwargs", "peer", "batch_size", "optimizer", "lr", "weight_decay", "momentum",
+    "schedule", "warmup_epochs", "ema", "init_from", "loss", "patch_sizes", "tau", "kappa", "margin_weight",
+    "margin_warmup_epochs", "bce_weight", "bce_pos_weight", "margin_reduce", "ce_weight", "label_smoothing", "amp", "seed",
+})
+RESUME_ALLOWED = frozenset({
+    "epochs", "time_budget_minutes", "max_steps", "eval_images", "eval_every", "eval_patch_sizes", "checkpoint_minutes",
+    "log_every", "threads", "device", "compile", "channels_last", "output", "tensorboard", "progress",
+})
+
+
+def resume_config_changes(stored: dict, cfg: TrainConfig) -> dict:
+    """Compare the config a run was checkpointed with (``last.pt``'s ``"config"``) with ``cfg``.
+
+    Returns ``{key: [stored, new]}`` for the keys of :data:`RESUME_ALLOWED` that differ (a time-budgeted run's
+    ``epochs`` is its plan, not an argument, and is not compared while both have a budget). Raises
+    :class:`TrainingError` naming every key of :data:`RESUME_REFUSED` that differs, with both values. A key
+    missing from ``stored`` (a checkpoint from an older bagcert) counts as its default.
+    """
+    if not isinstance(stored, dict):
+        raise TrainingError(f"last.pt holds no config dict (got {type(stored).__name__}); it cannot be resumed")
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))
+    new = json.loads(json.dumps(asdict(cfg)))
+    old = {k: stored.get(k, defaults[k]) for k in new}
+    differ = [k for k in sorted(new) if old[k] != new[k]]
+    if old["time_budget_minutes"] is not None and new["time_budget_minutes"] is not None and "epochs" in differ:
+        differ.remove("epochs")
+    refused = [k for k in differ if k not in RESUME_ALLOWED]
+    if refused:
+        what = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in refused)
+        raise TrainingError(
+            f"--resume would continue the run in {cfg.output} with other settings ({what}); the steps already taken "
+            f"used the stored ones, so this is another run: resume with the stored values (--config {Path(cfg.output) / 'config.json'}) "
+            f"or train into another --output"
+        )
+    return {k: [old[k], new[k]] for k in differ}
+
+
+def check_output_folder(path) -> Path:
+    """Refuse an output folder that cannot be created or written, before any work is done; creates nothing.
+
+    Raises :class:`TrainingError` when ``path`` is a file, lies under a file, or its nearest existing folder is
+    not writable by this process. Returns ``Path(path)``.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"output {out} is a file; expected a folder (existing or to be created)")
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TrainingError(f"output {out} lies under the file {probe}; expected a path where a folder can be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TrainingError(f"output {out}: the folder {probe} is not writable by this process")
+    return out
+
+
+# atomic_torch_save / atomic_write_text write ``.<name>.<random>.tmp`` next to ``<name>`` (tempfile.mkstemp); these are
+# the names a run writes into its output folder
+RUN_FILES = ("last.pt", "config.json", "train_log.jsonl", "model.pt", "peer_classifier.pt")
+_RUN_TEMPORARY = re.compile(r"\.(?:%s)\.[A-Za-z0-9_]+\.tmp" % "|".join(re.escape(n) for n in RUN_FILES))
+
+
+def remove_stale_temporaries(out) -> list:
+    """Delete the temporary files an interrupted atomic write of a run file (:data:`RUN_FILES`) left in ``out``.
+
+    Only plain files named like the toolkit's own temporaries (``.last.pt.k3j_x9a2.tmp``) are removed; returns
+    their names, sorted. Called at the start of a run, when no write of this run is in progress.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    removed = []
+    for p in sorted(out.iterdir()):
+        if _RUN_TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def _log_lines(path: Path):
+    """(complete lines, partial last line) of a JSON-lines file; a kill during a write can leave the last line partial."""
+    text = path.read_text()
+    lines = text.split("\n")
+    return lines[:-1], lines[-1]
+
+
+def cut_log(path, step: int) -> int:
+    """Cut a run's ``train_log.jsonl`` back to ``step`` (the step a run resumes from; 0 for a fresh start).
+
+    Records written after that step (their ``"step"`` is larger), ``done`` records (the run goes on) and a partial
+    last line are dropped; lines that are not JSON objects are kept as they are. The file is rewritten atomically,
+    and only when something is dropped. Returns the number of lines dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines, partial = _log_lines(path)
+    keep, dropped = [], int(partial != "")
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and ("done" in rec or isinstance(rec.get("step"), (int, float)) and rec["step"] > step):
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return dropped
+
+
+def log_ends_done(path, step: int) -> bool:
+    """Whether a run's log ends with the ``done`` record of a run that ended at ``step`` (written after model.pt)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    lines, partial = _log_lines(path)
+    if partial or not lines:
+        return False
+    try:
+        rec = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return False
+    return isinstance(rec, dict) and rec.get("done") is True and rec.get("steps") == step
+
+
+class StopSignals:
+    """SIGINT and SIGTERM become a request to stop after the current step, for the duration of a ``with`` block.
+
+    ``signum`` is the first signal received (None before). Later signals change nothing: under ``torchrun`` a
+    Ctrl-C reaches every worker and the agent then sends its own SIGTERM, and both must end in the same graceful
+    stop (SIGKILL stops at once, losing the work since the last checkpoint). The handlers are installed only in
+    the main thread (Python allows no other); the previous handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __exit__(self, *exc) -> bool:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+        return False
+
+
+def _from_rank0(values: list, world: int) -> list:
+    """Rank 0's float ``values`` on every rank (decisions every rank must take alike)."""
+    if world > 1:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.broadcast(t, 0)
+        values = t.tolist()
+    return values
+
+
+def _checkpoint_and_stop(checkpoint_due: bool, stop: StopSignals, world: int) -> tuple:
+    """(checkpoint now?, signal number or 0), the same on every rank: one all_reduce (max) of rank 0's checkpoint
+    clock (other ranks pass False) and of each rank's received signal."""
+    flags = torch.tensor([int(bool(checkpoint_due)), int(stop.signum or 0)])
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), int(flags[1])
+
+
+def _stopped_summary(summary: dict, signum: int, step: int, wall: float, out: Path, append_log, pbar, writer) -> dict:
+    """End a run stopped by a signal after ``step`` (last.pt is written): a ``stopped`` log record, the summary
+    with the signal's name and the conventional exit status 128 + signum."""
+    name = signal.Signals(signum).name
+    append_log({"step": step, "stopped": name, "wall_seconds": wall})
+    if pbar is not None:
+        pbar.close()
+    if writer is not None:
+        writer.close()
+    summary.update({"steps": step, "wall_seconds": wall, "output": str(out), "stopped": name, "exit_status": 128 + signum})
+    return summary
+
+
+def _data_record(train_data: Dataset, steps_per_epoch: int) -> dict:
+    """What a checkpoint records about its training data: ``dataset`` (name), ``classes``, the seeded ``split``
+    and ``imagenet_indices`` where they apply (:func:`dataset_metadata`), and ``steps_per_epoch``. Stored in last.pt
+    so that :func:`export_checkpoint` writes the same metadata keys as the model.pt at the end of training."""
+    return {"dataset": train_data.name, "classes": list(train_data.classes), "steps_per_epoch": steps_per_epoch,
+            **dataset_metadata(train_data)}
+
+
+def _data_metadata(record: dict) -> dict:
+    """The checkpoint metadata keys of a :func:`_data_record`."""
+    return {k: v for k, v in record.items() if k != "steps_per_epoch"}
+
+
+def _resume_state(cfg: TrainConfig, ckpt_path: Path, resume: bool):
+    """(last.pt's state or None, allowed config changes) for a run about to start; refuses what cannot continue."""
+    if not ckpt_path.is_file():
+        return None, {}
+    if not resume:
+        raise TrainingError(
+            f"{ckpt_path.parent} already holds a run ({ckpt_path.name}); continue it with --resume (resume=True) or "
+            f"train into another output folder (nothing was overwritten)"
+        )
+    state = safe_torch_load(ckpt_path, "training checkpoint")
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "config"} <= set(state):
+        raise CheckpointError(f"{ckpt_path} is not a bagcert training checkpoint (needs model, optimizer, step and config)")
+    return state, resume_config_changes(state["config"], cfg)
+
+
 def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = None, resume: bool = False, log=print) -> dict:
-    """Train a model with ``cfg``; returns a summary dict. Writes into ``cfg.output``."""
+    """Train a model with ``cfg``; returns a summary dict (``steps``, ``wall_seconds``, ``output``, ``eval``).
+
+    Writes into ``cfg.output``: ``config.json``, ``train_log.jsonl`` (JSON lines), ``last.pt`` (every
+    ``checkpoint_minutes`` and at the end) and ``model.pt`` (``peer_classifier.pt`` for a peer) at the end.
+
+    Stop: SIGINT or SIGTERM during the call finishes the current step, writes ``last.pt`` and a ``stopped`` log
+    record, and returns with ``summary["stopped"]`` (the signal's name) and ``summary["exit_status"]``
+    (128 + signal number); no model.pt is written. Under torch.distributed every rank stops after the same step.
+    The previous signal handlers are restored on return.
+
+    Resume (``resume=True`` with a ``last.pt``): the arguments are compared with the stored config before anything
+    is written (:func:`resume_config_changes`); the log is cut back to the checkpoint's step (:func:`cut_log`) and
+    a ``resumed`` record lists the allowed changes. A finished run (its log ends with the ``done`` record of the
+    checkpoint's step and no later end is asked for) is left byte-identical: ``summary["already_finished"]``.
+
+    Raises :class:`TrainingError` (a ValueError) for a run that cannot start or continue as configured, ValueError
+    from :meth:`TrainConfig.check`, :class:`~bagcert.checkpoint.CheckpointError` for an unreadable ``last.pt``.
+    """
+    with StopSignals() as stop:
+        return _train_run(cfg, train_data, eval_data, resume, log, stop)
+
+
+def _train_run(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None, resume: bool, log, stop: StopSignals) -> dict:
     cfg.check()
     rank, world, local_rank = distributed_env()
     device = torch.device(cfg.device if cfg.device != "cuda" or world == 1 else f"cuda:{local_rank}")
@@ -339,16 +607,68 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.threads is not None:
         if type(cfg.threads) is not int or cfg.threads < 1:
-            raise ValueError(f"threads must be a positive int (or None for torch's default), got {cfg.threads!r}")
+            raise TrainingError(f"threads must be a positive int (or None for torch's default), got {cfg.threads!r}")
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world}")
+        raise TrainingError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world}")
     peer = _peer_spec(cfg)  # None for a bagcert model; checks the spec before anything is written
-    out = Path(cfg.output)
+    out = check_output_folder(cfg.output)
     is_main = rank == 0
+    ckpt_path = out / "last.pt"
+    log_path = out / "train_log.jsonl"
+
+    n = len(train_data) if cfg.train_limit is None else min(cfg.train_limit, len(train_data))
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise TrainingError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
+
+    def run_length(total: int) -> int:
+        """Steps this invocation runs: the schedule's total, cut at --max-steps."""
+        return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+    budget_s = None if cfg.time_budget_minutes is None else 60.0 * cfg.time_budget_minutes
+    planned = budget_s is None  # a budgeted run replaces total_steps once it has measured its speed
+    anchor = None  # (step, progress) where a re-plan changed the total (see _progress)
+    step, wall_before = 0, 0.0
+    state, changes = _resume_state(cfg, ckpt_path, resume)  # refuses before anything is written
+    if state is not None:
+        step = int(state["step"])
+        wall_before = float(state.get("wall_seconds", 0.0))
+        if budget_s is not None and state.get("planned_total_steps") is not None:
+            planned = True
+            cfg = replace(cfg, epochs=int(state["planned_total_steps"]) / steps_per_epoch)  # config.json keeps the plan
+            if state.get("schedule_anchor") is not None:
+                anchor = (int(state["schedule_anchor"][0]), float(state["schedule_anchor"][1]))
+    total_steps = int(round(cfg.epochs * steps_per_epoch))
+    if state is not None and budget_s is not None and state.get("planned_total_steps") is not None:
+        total_steps = int(state["planned_total_steps"])
+    total_steps_run = run_length(total_steps)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    margin_warm = max(1, int(round(cfg.margin_warmup_epochs * steps_per_epoch)))
+    cal_start, cal_end = calibration_window(warmup)
+
+    if state is not None and step >= total_steps_run:
+        finished = _from_rank0([1.0 if is_main and log_ends_done(log_path, step) else 0.0], world)[0]
+        if finished:
+            if is_main:
+                unused = f"; the changed {', '.join(changes)} were not applied" if changes else ""
+                log(f"{out} holds a finished run ({step} steps, model written, log done); nothing to do, nothing changed "
+                    f"(a later end, --epochs or --max-steps, continues it){unused}")
+            return {"steps": step, "wall_seconds": wall_before, "output": str(out), "already_finished": True}
+
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temporaries(out)
+        if removed:
+            log(f"removed {len(removed)} temporary file(s) an interrupted write left in {out}: {', '.join(removed)}")
+        dropped = cut_log(log_path, step)
+        if dropped:
+            log(f"{log_path.name}: dropped {dropped} record(s) written after step {step}, where this run "
+                f"{'resumes' if state is not None else 'starts'}")
         atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+        if state is not None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "resumed": {"wall_seconds": wall_before, "changed": changes}}) + "\n")
 
     torch.manual_seed(cfg.seed)  # model initialisation only; data randomness uses its own generators
     if peer is None:
@@ -379,47 +699,18 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         margin_reduce=cfg.margin_reduce,
     )
 
-    n = len(train_data) if cfg.train_limit is None else min(cfg.train_limit, len(train_data))
-    steps_per_epoch = n // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
-
-    def run_length(total: int) -> int:
-        """Steps this invocation runs: the schedule's total, cut at --max-steps."""
-        return total if cfg.max_steps is None else min(total, cfg.max_steps)
-
-    total_steps = int(round(cfg.epochs * steps_per_epoch))
-    total_steps_run = run_length(total_steps)
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    margin_warm = max(1, int(round(cfg.margin_warmup_epochs * steps_per_epoch)))
-
-    budget_s = None if cfg.time_budget_minutes is None else 60.0 * cfg.time_budget_minutes
-    if budget_s is not None and not budget_s > 0:
-        raise ValueError(f"time_budget_minutes must be > 0, got {cfg.time_budget_minutes}")
-    planned = budget_s is None  # a budgeted run replaces total_steps once it has measured its speed
-    cal_start, cal_end = calibration_window(warmup)
-    anchor = None  # (step, progress) where a re-plan changed the total (see _progress)
-
-    step = 0
-    wall_before = 0.0
-    ckpt_path = out / "last.pt"
-    if resume and ckpt_path.is_file():
-        state = safe_torch_load(ckpt_path, "training checkpoint")
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        step = int(state["step"])
-        wall_before = float(state.get("wall_seconds", 0.0))
-        if budget_s is not None and state.get("planned_total_steps") is not None:
-            total_steps, planned = int(state["planned_total_steps"]), True
-            total_steps_run = run_length(total_steps)
-            if state.get("schedule_anchor") is not None:
-                anchor = (int(state["schedule_anchor"][0]), float(state["schedule_anchor"][1]))
         if is_main:
-            log(f"resumed from {ckpt_path} at step {step}/{total_steps}")
+            log(f"resumed from {ckpt_path} at step {step}/{total_steps}"
+                + (f"; changed: {', '.join(f'{k} {o!r} -> {v!r}' for k, (o, v) in changes.items())}" if changes else ""))
     elif resume and is_main:
         log(f"no checkpoint at {ckpt_path}; starting from scratch")
+    state = None  # the weights are loaded; save_state builds its own
+    data_record = _data_record(train_data, steps_per_epoch)
 
     # forward = local_logits (a peer classifier: its logits), so DDP and torch.compile see the training output
     net = model if peer is not None else _LocalLogits(model)
@@ -432,7 +723,6 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-    log_path = out / "train_log.jsonl"
 
     def save_state(final=False):
         if not is_main:
@@ -445,6 +735,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             "config": json.loads(json.dumps(asdict(cfg))),
             "planned_total_steps": total_steps if budget_s is not None and planned else None,
             "schedule_anchor": list(anchor) if anchor is not None else None,
+            "data": data_record,
         }
         if ema is not None:
             state["ema"] = ema.state_dict()
@@ -489,8 +780,24 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
             evaluate(ema if ema is not None else model, probe, cfg.eval_patch_sizes, device=device, amp=False, rank=rank, world=world)
             eval_s = (time.perf_counter() - t0) * len(eval_data) / len(probe)
         elapsed = wall_before + time.perf_counter() - t_start
+        refuse_budget_below(elapsed + eval_s, elapsed, eval_s)
         total = from_rank0(plan_total_steps(step, elapsed, budget_s, step_s, eval_s, eval_every_steps))
         set_total(total, "time_budget_plan", f"{step_s:.3f} s/step over steps {cal_start}-{cal_end}", step_s, eval_s, elapsed)
+
+    def refuse_budget_below(minimum_s, elapsed, eval_s):
+        """A budget that cannot hold the calibration window and one evaluation: refused (rank 0 decides)."""
+        minimum_s = _from_rank0([minimum_s], world)[0]
+        if budget_s >= minimum_s:
+            return
+        minutes = math.ceil(minimum_s / 60 * 100) / 100
+        append_log({"step": step, "time_budget_refused": {
+            "budget_seconds": budget_s, "minimum_seconds": minimum_s, "elapsed_seconds": elapsed, "seconds_per_eval": eval_s}})
+        raise TrainingError(
+            f"time budget {cfg.time_budget_minutes:g} min is too small: the calibration window (steps {cal_start}-{cal_end}) "
+            f"ended after {elapsed:.1f} s here and one evaluation takes {eval_s:.1f} s, so no budget below {minutes:.2f} min "
+            f"can train past the calibration; give --time-budget-minutes {minutes:.2f} or more (refused at step {step}; "
+            f"no plan, no model written)"
+        )
 
     def replan(step_s, eval_s):
         """After an evaluation: plan again from the speed since the previous one if the run would miss its budget."""
@@ -535,6 +842,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
                 pbar.total = total_steps_run
                 pbar.refresh()
 
+    stopped = 0
     while step < total_steps_run:
         epoch, k = divmod(step, steps_per_epoch)
         perm = torch.randperm(n, generator=_seeded(cfg.seed, epoch))
@@ -629,13 +937,17 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
                 intervals.append((step - seg_step0, t_eval0 - seg_t0))
                 replan(step_s=window_seconds_per_step(intervals), eval_s=time.perf_counter() - t_eval0)
                 seg_t0, seg_step0 = time.perf_counter(), step
-        # checkpoint decision must be identical on all ranks: rank 0 decides, broadcast
-        want = torch.tensor([1 if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60 else 0])
-        if world > 1:
-            dist.broadcast(want, 0)
-        if want.item():
+        # checkpoint and stop decisions must be identical on all ranks: rank 0's clock decides the checkpoint, a
+        # signal on any rank stops every rank after this step (one all_reduce of both flags)
+        due, signum = _checkpoint_and_stop(is_main and time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60, stop, world)
+        if due or signum:
             save_state()
             last_ckpt = time.perf_counter()
+        if signum:
+            stopped = signum
+            break
+    if stopped:
+        return _stopped_summary(summary, stopped, step, wall_before + time.perf_counter() - t_start, out, append_log, pbar, writer)
     save_state(final=True)
     if pbar is not None:
         pbar.close()
@@ -644,8 +956,7 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
     if is_main:
         meta = {
             "config": json.loads(json.dumps(asdict(cfg))),
-            "dataset": train_data.name,
-            "classes": list(train_data.classes),
+            **_data_metadata(data_record),
             "input_size": cfg.image_size,
             "trained_steps": step,
             "epochs": step / steps_per_epoch,
@@ -657,7 +968,6 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
         }
         if cfg.resize is not None:
             meta["resize"] = cfg.resize
-        meta.update(dataset_metadata(train_data))
         if init_info is not None:
             meta["init_from"] = init_info
         final_model = final_model.to(memory_format=torch.contiguous_format)
@@ -679,11 +989,21 @@ def train(cfg: TrainConfig, train_data: Dataset, eval_data: Dataset | None = Non
 def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
     """Write a model checkpoint from a run's ``last.pt`` (e.g. while the run is still going).
 
-    The metadata records that it is an intermediate export and at which step.
+    The metadata carries the same data keys as the model.pt written at the end of training (``dataset``,
+    ``classes``, and the seeded ``split`` and ``imagenet_indices`` where they apply, see :func:`dataset_metadata`),
+    plus that it is an intermediate export and at which step. A ``last.pt`` written before bagcert stored that
+    record needs ``dataset=`` and ``classes=`` (and ``split=`` for a folder without splits) in ``extra_metadata``;
+    without them it raises :class:`~bagcert.checkpoint.CheckpointError`. Returns the written path.
     """
     run_dir = Path(run_dir)
     state = safe_torch_load(run_dir / "last.pt", "training checkpoint")
     cfg = TrainConfig(**state["config"])
+    record = state.get("data")
+    if record is None and not {"dataset", "classes"} <= set(extra_metadata):
+        raise CheckpointError(
+            f"{run_dir / 'last.pt'} carries no record of its training data (written by an older bagcert): pass "
+            f"dataset=..., classes=[...] (and split={{...}} for a folder without splits) to export_checkpoint"
+        )
     peer = _peer_spec(cfg)
     if peer is None:
         model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs)
@@ -694,6 +1014,7 @@ def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
     model.eval()
     meta = {
         "config": state["config"],
+        **(_data_metadata(record) if record is not None else {}),
         "input_size": cfg.image_size,
         "trained_steps": int(state["step"]),
         "wall_seconds": float(state.get("wall_seconds", 0.0)),
@@ -702,6 +1023,8 @@ def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
         "bagcert_version": __version__,
         "torch_version": str(torch.__version__),
     }
+    if record is not None:
+        meta["epochs"] = int(state["step"]) / record["steps_per_epoch"]
     if cfg.resize is not None:
         meta["resize"] = cfg.resize
     meta.update(extra_metadata)
@@ -776,7 +1099,7 @@ def _init_from_checkpoint(model, path) -> dict:
 
     src, src_meta = load_checkpoint(path)
     if src.config != model.config:
-        raise ValueError(
+        raise TrainingError(
             f"--init-from {path}: its model {src.config['name']} {src.config['kwargs']} differs from the configured "
             f"{model.config['name']} {model.config['kwargs']}"
         )

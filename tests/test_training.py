@@ -20,7 +20,8 @@ from conftest import ROOT, load_benchmark
 
 def _cfg(out, **kw):
     base = dict(dataset="synthetic", model="cifar_bagnet5_s2", model_kwargs={"width": 8}, epochs=3, batch_size=16, ema=0.9,
-                output=str(out), tensorboard=False, progress=False, eval_every=1.0, eval_patch_sizes=[2, 5], checkpoint_minutes=0.0)
+                output=str(out), tensorboard=False, progress=False, eval_every=1.0, eval_patch_sizes=[2, 5], checkpoint_minutes=0.0,
+                threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
