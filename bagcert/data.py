@@ -205,8 +205,11 @@ def _list_image_folder(root: Path) -> _Listing:
         raise DatasetError(f"cannot list {root}: {e.strerror or e}") from None
     sources, labels, stats, ignored = [], [], [], 0
     for i, c in enumerate(classes):
-        with os.scandir(root / c) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(root / c) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise DatasetError(f"cannot list the class folder {root / c}: {e.strerror or e}") from None
         for e in entries:
             if not e.name.lower().endswith(IMAGE_EXTENSIONS):
                 ignored += not e.is_dir()
@@ -427,14 +430,17 @@ def _split_folders(root: Path) -> list:
         return []
     for c in children:
         has_dir = False
-        with os.scandir(root / c) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                if e.is_dir():
-                    has_dir = True
-                elif e.name.lower().endswith(IMAGE_EXTENSIONS):
-                    return []
+        try:
+            with os.scandir(root / c) as it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir():
+                        has_dir = True
+                    elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                        return []
+        except OSError:
+            return []  # unreadable: the loader that lists it says so
         if not has_dir:
             return []
     return children
