@@ -151,7 +151,7 @@ def test_two_workers_match_in_process_and_resume(folder):
     assert len(nxt) == 3 and all(torch.equal(u, v) for a, b in zip(nxt, fresh) for u, v in zip(a, b))
 
 
-@pytest.mark.parametrize("name, data", [("broken.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 40), ("broken.png", b"garbage bytes")])
+@pytest.mark.parametrize("name, data", [("broken.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 40), ("broken.png", b"garbage bytes")], ids=["jpeg", "png"])
 def test_bad_file_raises_dataset_error_naming_it(folder, name, data):
     (folder / "train" / "bee" / name).write_bytes(data)
     ds = ImageFolderStream(folder, "train", size=32, resize=36)
@@ -199,3 +199,20 @@ def test_choose_data_path():
     assert path == "memory" and "available memory" in reason
     with pytest.raises(ValueError, match="auto, memory or stream"):
         choose_data_path(1, 10, "disk")
+
+
+def test_benchmark_writes_a_seeded_imagenet_like_folder(tmp_path):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("data_path")
+    a = bench.write_imagenet_like_folder(tmp_path / "a", 4, classes=2, seed=3)
+    b = bench.write_imagenet_like_folder(tmp_path / "b", 4, classes=2, seed=3)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.JPEG"))
+    assert [str(f) for f in files] == ["n0000000/img_000000.JPEG", "n0000000/img_000002.JPEG",
+                                      "n0000001/img_000001.JPEG", "n0000001/img_000003.JPEG"]
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    ds = ImageFolderStream(a, size=224)
+    assert len(ds) == 4 and ds.classes == ["n0000000", "n0000001"]
+    sizes = [Image.open(a / f).size for f in files]
+    assert all(300 <= min(wh) and max(wh) <= 500 for wh in sizes) and len(set(sizes)) == 4
+    assert ds[3][0].shape == (3, 224, 224)
