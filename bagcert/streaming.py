@@ -5,10 +5,10 @@ step: the fast path for CIFAR-10 or Imagenette, impossible for ImageNet at 224 p
 bytes, about 193 GB). This module reads the same layouts one image at a time:
 
 * :class:`ImageFolderStream`: ``<root>/<class>/<image>`` or ``<root>/<split>/<class>/<image>``, classes
-  and files in the order of :func:`bagcert.data.load_image_folder` (sorted names), decoded with
-  ``torchvision.io.decode_image`` (RGB; grayscale, palette and RGBA images converted as PIL's
-  ``convert("RGB")`` does), evaluated with the same shorter-side resize (PIL bilinear, so the pixels are
-  identical to the in-memory path's) and centre crop.
+  and files in the order of :func:`bagcert.data.load_image_folder` (sorted names). The evaluation view
+  goes through the in-memory path's decoder, shorter-side resize (Pillow bilinear) and centre crop, so
+  its pixels are identical to :mod:`bagcert.data`'s; the training view decodes JPEG files with
+  ``torchvision.io.decode_image`` (RGB) and augments with ``torchvision.transforms.v2``.
 * :class:`TensorStream`: any in-memory :class:`bagcert.data.Dataset` (torchvision's
   ``cifar-10-batches-py``, synthetic) behind the same interface.
 * :func:`make_loader`: a ``DataLoader`` over one process's shard of an epoch, a pure function of
@@ -516,8 +516,9 @@ def make_loader(dataset: StreamDataset, batch_size: int, train: bool, seed: int 
     ``train=False`` keeps the dataset order and the evaluation view.
 
     ``workers``: DataLoader worker processes (0 decodes in this process); they persist across epochs:
-    call ``loader.batch_sampler.set_epoch(e)`` instead of building a new loader. ``pin_memory``
-    defaults to whether CUDA is available. Raises ``ValueError`` as :class:`ShardedBatchSampler` does,
+    call ``loader.batch_sampler.set_epoch(e)`` instead of building a new loader. ``prefetch_factor``:
+    batches each worker loads ahead (torch's default 2 when None). ``pin_memory`` defaults to whether
+    CUDA is available. Raises ``ValueError`` as :class:`ShardedBatchSampler` does,
     or for ``workers < 0``.
     """
     if not isinstance(dataset, StreamDataset):
