@@ -21,14 +21,16 @@ forward pass serves every patch size.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .aggregation import get_aggregation, predict
 from .geometry import Geometry, normalize_image_size, normalize_patch_sizes, parse_patch_size
 
-__all__ = ["CertResult", "certify", "certify_logits", "integral_image", "window_margins"]
+__all__ = ["CertResult", "WindowTable", "certify", "certify_logits", "integral_image", "window_margins", "window_table"]
 
 
 @dataclass
@@ -101,10 +103,37 @@ class CertResult:
         )
 
 
-def _unique_ranges(ranges: torch.Tensor):
-    """Deduplicate per-position ranges: many positions share the same affected range."""
-    uniq, inverse = torch.unique(ranges, dim=0, return_inverse=True)
-    return uniq, inverse
+class WindowTable(NamedTuple):
+    """The distinct affected windows of one patch size on one image size, on one device.
+
+    ``rows`` [Ur, 2] / ``cols`` [Uc, 2] are the distinct inclusive location ranges (long), ``inv_rows`` [n_rows] /
+    ``inv_cols`` [n_cols] map every top-left pixel row / column of the patch to its distinct range, and
+    ``first_row`` [Ur] / ``first_col`` [Uc] the first pixel position producing each distinct range. Read-only:
+    the tensors are shared by every call with the same key.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    inv_rows: torch.Tensor
+    inv_cols: torch.Tensor
+    first_row: torch.Tensor
+    first_col: torch.Tensor
+
+
+@functools.lru_cache(maxsize=512)
+def window_table(geometry: Geometry, image_size: tuple[int, int], patch_size: tuple[int, int], device: str = "cpu") -> WindowTable:
+    """The :class:`WindowTable` of ``patch_size`` (height, width) on ``image_size`` (H, W) pixels, cached.
+
+    Built once per (geometry, image size, patch size, device) on the host and copied to ``device``, so certifying
+    a batch does no host-side work and no device synchronisation for it (many positions share one affected range,
+    so the certificate evaluates each distinct window once).
+    """
+    rows, cols = geometry.affected_ranges(image_size, patch_size)
+    ur, inv_r = torch.unique(rows, dim=0, return_inverse=True)
+    uc, inv_c = torch.unique(cols, dim=0, return_inverse=True)
+    first_r, first_c = _first_position(inv_r, ur.shape[0]), _first_position(inv_c, uc.shape[0])
+    dev = torch.device(device)
+    return WindowTable(*(t.to(dev) for t in (ur, uc, inv_r, inv_c, first_r, first_c)))
 
 
 def integral_image(scores: torch.Tensor) -> torch.Tensor:
@@ -186,6 +215,7 @@ def certify_logits(
     patch_sizes=None,
     aggregation="votes",
     return_position_margins: bool = False,
+    check_finite: bool = True,
 ):
     """Certify from a local-logit map, with no model.
 
@@ -200,6 +230,9 @@ def certify_logits(
             ``[5, (5, 5)]`` are refused. A tuple is a list too: ``patch_sizes=(3, 7)`` means 3x3 and 7x7.
         aggregation: ``"votes"`` (default), ``"majority"`` or ``"clipped"``.
         return_position_margins: also return the margin of every patch position.
+        check_finite: refuse logits holding NaN/Inf (ValueError). On an accelerator this check waits for the
+            device; with ``check_finite=False`` nothing is refused and a sample with a non-finite logit is never
+            certified instead (``certified`` False), so the certificate stays sound.
 
     Returns:
         A :class:`CertResult`, or ``{(h, w) or int: CertResult}`` when ``patch_sizes`` is given.
@@ -225,8 +258,12 @@ def certify_logits(
         raise ValueError(f"need at least 2 classes to certify, got {C}")
     if h == 0 or w == 0:
         raise ValueError(f"local logits have an empty {h}x{w} location grid; expected at least one location")
-    if not torch.isfinite(local_logits).all():
-        raise ValueError("local logits contain NaN or Inf; cannot certify")
+    finite_checked = bool(check_finite)
+    if finite_checked:
+        if not torch.isfinite(local_logits).all():
+            raise ValueError("local logits contain NaN or Inf; cannot certify")
+    else:  # no host synchronisation: a sample with a non-finite logit is simply never certified
+        finite = torch.isfinite(local_logits).flatten(1).all(dim=1)
     H, W = normalize_image_size(image_size)
     if geometry.layers and geometry.grid_size(H, W) != (h, w):
         raise ValueError(
@@ -244,9 +281,8 @@ def certify_logits(
     S = integral_image(scores)  # shared by every patch size
     results = {}
     for key, (ph, pw) in zip(keys, sizes):
-        rows, cols = geometry.affected_ranges((H, W), (ph, pw))
-        ur, inv_r = _unique_ranges(rows)
-        uc, inv_c = _unique_ranges(cols)
+        table = window_table(geometry, (H, W), (ph, pw), str(S.device))
+        ur, uc = table.rows, table.cols
         m = window_margins(S, prediction, ur, uc, agg.spread)  # [N, Ur, Uc]
         flat = m.reshape(N, -1)
         margin, arg = flat.min(dim=1)
@@ -256,14 +292,14 @@ def certify_logits(
         else:
             tol = 1e-9 * max(1.0, h * w * agg.spread)
             certified = margin > tol
+        if not finite_checked:
+            certified = certified & finite
         # map the worst distinct window back to the first pixel position that produces it
-        first_r = _first_position(inv_r, ur.shape[0])
-        first_c = _first_position(inv_c, uc.shape[0])
-        wr = first_r.to(arg.device)[arg // uc.shape[0]]
-        wc = first_c.to(arg.device)[arg % uc.shape[0]]
+        wr = table.first_row[arg // uc.shape[0]]
+        wc = table.first_col[arg % uc.shape[0]]
         pos_maps = None
         if return_position_margins:
-            pos_maps = m.index_select(1, inv_r.to(m.device)).index_select(2, inv_c.to(m.device))
+            pos_maps = m.index_select(1, table.inv_rows).index_select(2, table.inv_cols)
         res = CertResult(
             prediction=prediction,
             label=label_out,
@@ -301,13 +337,13 @@ def _check_labels(labels, N, C, device):
     if labels.dim() != 1 or labels.shape[0] != N:
         hint = "; flatten [N, 1] labels with labels.view(-1)" if labels.dim() == 2 and labels.shape == (N, 1) else ""
         raise ValueError(f"labels must have shape [N] = [{N}] (one class index per image), got shape {list(labels.shape)}{hint}")
-    labels = labels.to(device=device, dtype=torch.long)
+    # checked where the labels are (usually the host) before the copy, so an accelerator is not waited for
     if N and labels.min() < 0:
         raise ValueError(f"labels must be >= 0, found {int(labels.min())}")
     if N and C is not None and labels.max() >= C:
         bad = labels[(labels < 0) | (labels >= C)][:5].tolist()
         raise ValueError(f"labels must lie in [0, {C}) for a {C}-class model; found {bad}")
-    return labels
+    return labels.to(device=device, dtype=torch.long, non_blocking=True)
 
 
 @torch.no_grad()

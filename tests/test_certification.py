@@ -192,3 +192,30 @@ def test_certify_logits_rejects_mismatched_map():
         certify_logits(torch.randn(1, 2, 7, 8), None, geometry, (8, 8), 2)
     with pytest.raises(ValueError, match="NaN"):
         certify_logits(torch.full((1, 2, 8, 8), float("nan")), None, geometry, (8, 8), 2)
+
+
+def test_window_table_is_cached_and_matches_the_geometry():
+    from bagcert.certification import window_table
+
+    g = bagcert.create_model("cifar_bagnet5_s2").geometry
+    a = window_table(g, (32, 32), (5, 5))
+    assert window_table(g, (32, 32), (5, 5)) is a  # built once per key
+    rows, cols = g.affected_ranges((32, 32), (5, 5))
+    # every pixel position maps to its distinct range, and first_row is the first position giving it
+    assert torch.equal(a.rows[a.inv_rows], rows) and torch.equal(a.cols[a.inv_cols], cols)
+    for u, first in enumerate(a.first_row.tolist()):
+        assert int((a.inv_rows == u).nonzero()[0]) == first
+
+
+def test_check_finite_false_never_certifies_a_non_finite_sample():
+    g = bagcert.create_model("cifar_bagnet5_s2").geometry
+    z = torch.zeros(3, 10, 16, 16)
+    z[:, 4] = 5.0  # every location votes for class 4: certified against small patches
+    bad = z.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        bagcert.certify_logits(bad, None, g, (32, 32), patch_size=2)
+    ok = bagcert.certify_logits(z, None, g, (32, 32), patch_size=2)
+    res = bagcert.certify_logits(bad, None, g, (32, 32), patch_size=2, check_finite=False)
+    assert ok.certified.tolist() == [True, True, True]
+    assert res.certified.tolist() == [True, False, True]

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import torch
 
-from ..certification import CertResult
+from ..certification import CertResult, window_table
 from ..geometry import Geometry, parse_patch_size
 from .base import PeerCertifier, as_classifier, check_images_for_peer, check_labels, make_result
 
@@ -157,9 +157,8 @@ def patchguard_certify_evidence(
     masked = robust_masking(u, (wh, ww), threshold)
     pred = masked.argmax(dim=1)  # ties to the lower class index
 
-    rows, cols = geometry.affected_ranges((H, W), (ph, pw))
-    ur, inv_r = torch.unique(rows, dim=0, return_inverse=True)
-    uc, inv_c = torch.unique(cols, dim=0, return_inverse=True)
+    table = window_table(geometry, (H, W), (ph, pw))  # distinct affected ranges, on the host
+    ur, uc = table.rows, table.cols
     empty_r = ur[:, 1] < ur[:, 0]
     empty_c = uc[:, 1] < uc[:, 0]
 
@@ -214,16 +213,9 @@ def patchguard_certify_evidence(
     # float sums: demand a margin clearly above the rounding noise of float64 sums
     tol = 1e-9 * torch.clamp(total.abs().amax(dim=1), min=1.0)
     certified = margin > tol
-    first_r = _first_position(inv_r, ur.shape[0])
-    first_c = _first_position(inv_c, uc.shape[0])
+    first_r, first_c = table.first_row.to(arg.device), table.first_col.to(arg.device)
     worst = torch.stack([first_r[arg // uc.shape[0]], first_c[arg % uc.shape[0]]], dim=1)
     return make_result(pred, labels, certified, margin, (ph, pw), name, worst)
-
-
-def _first_position(inverse: torch.Tensor, n_unique: int) -> torch.Tensor:
-    pos = torch.arange(inverse.numel(), dtype=torch.long)
-    first = torch.full((n_unique,), inverse.numel(), dtype=torch.long)
-    return first.scatter_reduce(0, inverse.cpu(), pos, reduce="amin")
 
 
 class PatchGuardMasking(PeerCertifier):
