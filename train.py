@@ -14,6 +14,12 @@ cross-entropy on ablated (de-randomized smoothing) or masked (PatchCleanser) ima
 
 Every option can also come from a JSON config file (``--config``); flags given on the command line
 override it. The resolved config is written to ``<output>/config.json``.
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes <output>/last.pt and exits with 130 / 143 and
+one line; ``--config <output>/config.json --resume`` continues exactly. --resume refuses settings that would
+make it another run (model, data, batch size, optimiser, loss, seed, ...), naming them; a new end (--epochs,
+--time-budget-minutes, --max-steps) and evaluation/logging/system settings are allowed and logged
+(docs/guarantees.md, "Training runs: stop, resume, logs").
 """
 
 from __future__ import annotations
