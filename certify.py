@@ -11,8 +11,13 @@ Examples:
     torchrun --nproc-per-node 2 certify.py --dataset ...     # shards images over processes
     python certify.py --attacks pgd,pgd-adaptive,universal,feature-space --attack-images 100 --patch-sizes 5
 
-Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv,
-summary.md, certified_accuracy.png (with matplotlib). The last line printed is a one-line JSON summary.
+Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv (one row per
+image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). The
+last line printed is a one-line JSON summary. The files are written into a private staging folder beside
+--output and moved into place together, so the folder always holds one run's complete set; a folder that
+already holds a report is refused unless --overwrite (which replaces all of its files). Mistakes in the
+input (arguments, checkpoint, dataset, output folder, an attack that cannot run) end with one line on
+stderr and exit status 1 (2 for argument syntax) before any work and before anything is written.
 
 With --attacks, a seeded subset of the certified images is also attacked for every patch size (see
 docs/attacks.md); the report puts empirical robust accuracy per attack next to certified accuracy, and
@@ -41,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bagcert.cli._common import positive_int
+from bagcert.cli._common import Parser, checkpoint_input_size, device, one_line, positive_int, prepare_output, user_errors
 from bagcert.empirical import ATTACK_NAMES
 from bagcert.peers.classifiers import FORMAT as PEER_FORMAT
 
@@ -64,18 +69,41 @@ def _percent(token: str) -> float:
 def _load_eval_data(args, meta, size, num_classes):
     """The images to certify. A folder without split sub-folders is cut with the seeded split the checkpoint
     was trained with (``meta['split']``): ``--split test`` keeps its test part, ``--split all`` every image
-    (``bagcert.data.load_checkpoint_split``)."""
-    from bagcert.data import DatasetError, load_checkpoint_split
+    (``bagcert.data.load_checkpoint_split``). Any loading error about the input is one line (``SystemExit``)."""
+    from bagcert.data import load_checkpoint_split
 
-    try:
-        return load_checkpoint_split(args.dataset, args.split, meta.get("split"), size=size, resize=meta.get("resize"),
+    with user_errors(f"--dataset {args.dataset} --split {args.split}: "):
+        data = load_checkpoint_split(args.dataset, args.split, meta.get("split"), size=size, resize=meta.get("resize"),
                                      seed=args.seed, num_classes=num_classes)
-    except DatasetError as e:
-        raise SystemExit(f"--dataset {args.dataset} --split {args.split}: {e}") from None
+    if len(data) == 0:
+        raise SystemExit(f"--dataset {args.dataset} --split {args.split}: no images to certify")
+    return data
+
+
+def _resolve_size_tokens(flag: str, tokens, image_size) -> list:
+    """``[(h, w), ...]`` for the size tokens of ``flag`` (percentages resolved for ``image_size``); a size given
+    twice (``5,5`` or ``5,5x5`` or ``2%,5`` when 2 % is 5x5) is refused naming both tokens."""
+    from bagcert.evaluation import size_key
+    from bagcert.geometry import parse_patch_size, patch_side_for_area
+
+    seen, out = {}, []
+    for t in tokens:
+        if t.endswith("%"):
+            side = patch_side_for_area(_percent(t), image_size)
+            size = (side, side)
+        else:
+            size = parse_patch_size(t)
+        key = size_key(size)
+        if key in seen:
+            same = key if "x" in key else f"{key}x{key}"
+            raise SystemExit(f"{flag}: {seen[key]!r} and {t!r} are the same patch size ({same}); give each size once")
+        seen[key] = t
+        out.append(size)
+    return out
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--checkpoint", default=str(DEFAULT_CHECKPOINT),
         help="bagcert checkpoint (default: the shipped CIFAR-10 model) or a peer classifier (peer_classifier.pt of "
@@ -97,12 +125,15 @@ def build_parser():
         f"(default: {DEFAULT_PATCH_SIZES}; for a PatchCleanser peer classifier the patch size of its mask set)",
     )
     p.add_argument("--aggregation", choices=["votes", "majority", "clipped"], help="default: the model's own (bagcert models only)")
-    p.add_argument("--num-images", type=int, help="certify only the first N images of a seeded permutation")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-images", type=positive_int,
+                   help="certify only the first N images of a seeded permutation (N larger than the data set is refused)")
+    p.add_argument("--batch-size", type=positive_int, default=250)
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset (with --num-images) and synthetic data")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--output", default="outputs/certify", help="report folder")
+    p.add_argument("--output", default="outputs/certify", help="report folder (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report already in --output (all of its files) instead of refusing")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
     q = p.add_argument_group("peer classifiers (a --checkpoint written by train.py --peer)")
@@ -118,7 +149,8 @@ def build_parser():
     a.add_argument("--attack-steps", type=int, default=150, help="PGD steps per location; universal-patch optimisation steps")
     a.add_argument("--attack-step-size", type=float, default=0.05, help="signed-gradient step in [0, 1] pixel units")
     a.add_argument("--attack-locations", type=int, default=80, help="PGD patch positions per image; universal-patch poses per image")
-    a.add_argument("--attack-images", type=int, help="attack only the first N images of a seeded permutation (default: all)")
+    a.add_argument("--attack-images", type=int, help="attack only the first N images of a seeded permutation (default: all; "
+                   "at most the number of certified images)")
     a.add_argument("--attack-patch-sizes", help="sizes to attack, a subset of --patch-sizes (default: all of them)")
     a.add_argument("--attack-surrogate", choices=["relaxed_votes", "logits"], default="relaxed_votes", help="differentiable stand-in for the votes")
     a.add_argument("--universal-fit-images", type=int, default=256, help="images outside the attacked subset the universal patch is trained on")
@@ -127,20 +159,22 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    """Run the CLI; returns the exit status (0, or 3 when an attack broke a certified sample). A mistake in
+    the input raises ``SystemExit`` with one line (printed on stderr by Python, exit status 1); argument
+    syntax errors exit with status 2 and one line."""
     from bagcert.training import leave_process_group
 
-    rc = _main(argv)
-    leave_process_group()
-    return rc
+    try:
+        return _main(argv)
+    finally:
+        leave_process_group()
 
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from bagcert.checkpoint import load_checkpoint
     from bagcert.evaluation import certify_dataset, size_key
     from bagcert.peers import certify_peer_dataset
-    from bagcert.geometry import parse_patch_size, patch_side_for_area
-    from bagcert.report import write_certification_report
+    from bagcert.report import ReportFolderError, sample_provenance, write_certification_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,41 +182,14 @@ def _main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
 
-    # a peer classifier (train.py --peer) is recognised by its format; everything it cannot do is refused up front
-    peer = _load_peer(args) if _checkpoint_format(args.checkpoint) == PEER_FORMAT else None
-    if peer is None and args.mask_patch_size:
-        raise SystemExit("--mask-patch-size applies only to a PatchCleanser peer classifier (train.py --peer patchcleanser:P)")
-
-    patch_text = args.patch_sizes
-    if patch_text is None:
-        patch_text = DEFAULT_PATCH_SIZES if peer is None or peer["mask_patch"] is None else size_key(peer["mask_patch"])
-    size_tokens = [s.strip() for s in patch_text.split(",") if s.strip()]
-    if not size_tokens:
-        raise SystemExit("--patch-sizes is empty; give e.g. 1,2,5 or 3x7 or 2%")
-    try:
-        # percentages are resolved once the model's input size is known; checked here so that bad input fails fast
-        [_percent(t) if t.endswith("%") else parse_patch_size(t) for t in size_tokens]
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"--patch-sizes: {e}") from None
-    area_sizes = {}
-
-    def resolve_sizes(tokens, image_size):
-        out = []
-        for t in tokens:
-            if t.endswith("%"):
-                side = patch_side_for_area(_percent(t), image_size)
-                area_sizes[t] = f"{side}x{side}"
-                out.append((side, side))
-            else:
-                out.append(parse_patch_size(t))
-        return out
-
-    sizes = resolve_sizes(size_tokens, 32)  # placeholder keys for the attack-size check below
+    # ---- 1. the arguments alone (nothing read, nothing written) --------------------------------------------
     attacks = _parse_attacks(args.attacks)
-    attack_keys = None
+    if args.peer_batch_size < 1:
+        raise SystemExit(f"--peer-batch-size must be >= 1, got {args.peer_batch_size}")
+    if args.patch_sizes is not None:
+        size_tokens = _size_tokens("--patch-sizes", args.patch_sizes)
+    attack_tokens = _size_tokens("--attack-patch-sizes", args.attack_patch_sizes) if args.attack_patch_sizes else None
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -191,38 +198,69 @@ def _main(argv=None) -> int:
             raise SystemExit(f"--attack-images must be >= 1, got {args.attack_images}")
         if not args.attack_step_size > 0:
             raise SystemExit(f"--attack-step-size must be > 0, got {args.attack_step_size}")
-        keys = [size_key(s) for s in sizes]
-        if args.attack_patch_sizes:
-            attack_tokens = [s.strip() for s in args.attack_patch_sizes.split(",") if s.strip()]
-            try:
-                attack_keys = [size_key(s) for s in resolve_sizes(attack_tokens, 32)]
-            except (TypeError, ValueError) as e:
-                raise SystemExit(f"--attack-patch-sizes: {e}") from None
-            bad = [k for k in attack_keys if k not in keys]
-            if bad:
-                raise SystemExit(f"--attack-patch-sizes {bad} are not among --patch-sizes {keys}")
+        if args.universal_fit_images < 0:
+            raise SystemExit(f"--universal-fit-images must be >= 0, got {args.universal_fit_images}")
+    # ---- 2. the report folder: checked now, written only after the work (staged, then moved into place) --------
+    folder = prepare_output(args.output, args.overwrite) if rank == 0 else None
 
+    # ---- 3. the checkpoint (a peer classifier is recognised by its format) ------------------------------------
+    peer = _load_peer(args) if _checkpoint_format(args.checkpoint) == PEER_FORMAT else None
+    if peer is None and args.mask_patch_size:
+        raise SystemExit("--mask-patch-size applies only to a PatchCleanser peer classifier (train.py --peer patchcleanser:P)")
     if peer is None:
-        model, meta = load_checkpoint(args.checkpoint)
+        from bagcert.checkpoint import load_checkpoint
+
+        with user_errors(f"--checkpoint {args.checkpoint}: "):
+            model, meta = load_checkpoint(args.checkpoint)
     else:
         model, meta = peer["classifier"], peer["metadata"]
-    model.to(args.device).eval()
-    size = int(meta.get("input_size", 32))
-    sizes = resolve_sizes(size_tokens, size)
-    if attack_keys is not None:
-        attack_keys = [size_key(s) for s in resolve_sizes(attack_tokens, size)]
+    size = checkpoint_input_size(meta, args.checkpoint)
+    if args.patch_sizes is None:
+        text = DEFAULT_PATCH_SIZES if peer is None or peer["mask_patch"] is None else size_key(peer["mask_patch"])
+        size_tokens = _size_tokens("--patch-sizes", text)
+
+    # ---- 4. the data, and the sizes against the images --------------------------------------------------------
     data = _load_eval_data(args, meta, size, model.num_classes)
     if len(data.classes) != model.num_classes:
         raise SystemExit(f"dataset has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":
         raise SystemExit(f"dataset classes {data.classes} differ from the checkpoint's classes {meta['classes']}")
+    H, W = (int(v) for v in data.images.shape[-2:])
+    with user_errors("--patch-sizes: "):
+        sizes = _resolve_size_tokens("--patch-sizes", size_tokens, (H, W))
+    area_sizes = {t: f"{s[0]}x{s[1]}" for t, s in zip(size_tokens, sizes) if t.endswith("%")}
+    too_large = [t for t, (ph, pw) in zip(size_tokens, sizes) if ph > H or pw > W]
+    if too_large:
+        raise SystemExit(f"--patch-sizes {', '.join(too_large)}: larger than the {H}x{W} images")
+    keys = [size_key(s) for s in sizes]
+    attack_keys = None
+    if attacks and attack_tokens:
+        with user_errors("--attack-patch-sizes: "):
+            attack_keys = [size_key(s) for s in _resolve_size_tokens("--attack-patch-sizes", attack_tokens, (H, W))]
+        bad = [t for t, k in zip(attack_tokens, attack_keys) if k not in keys]
+        if bad:
+            raise SystemExit(f"--attack-patch-sizes {', '.join(bad)} are not among --patch-sizes {', '.join(size_tokens)}")
     if args.num_images is not None:
-        if args.num_images < 1:
-            raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
+        if args.num_images > len(data):
+            raise SystemExit(f"--num-images {args.num_images} is larger than the data set ({len(data)} images in "
+                             f"{args.dataset}, split {data.info.get('split', args.split)}); give at most {len(data)}")
         if args.num_images < len(data):
             perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
-            data = data.subset(perm[: args.num_images].sort().values)
+            keep = perm[: args.num_images].sort().values
+            data = data.subset(keep)  # keeps each image's index into the whole dataset and its source file
+    if attacks:
+        if args.attack_images is not None and args.attack_images > len(data):
+            raise SystemExit(f"--attack-images {args.attack_images} is larger than the {len(data)} certified images")
+        from bagcert.empirical import check_attacks
 
+        with user_errors("--attacks: "):
+            check_attacks(attacks, model, data, metadata=meta, imagenet_patch_path=args.imagenet_patch_file)
+    method = None
+    if peer is not None:
+        method = _check_peer_sizes(peer, (H, W), sizes)
+    model.to(args.device).eval()
+
+    # ---- 5. the work ----------------------------------------------------------------------------------------
     progress = args.progress and not args.quiet and rank == 0
     if peer is None:
         results, timing = certify_dataset(
@@ -231,8 +269,6 @@ def _main(argv=None) -> int:
         )
         method = {"method": "bagcert", "forward_passes_per_image": 1, "peer": None}
     else:
-        image_size = tuple(int(v) for v in data.images.shape[-2:])
-        method = _check_peer_sizes(peer, image_size, sizes)
         results, timing = certify_peer_dataset(
             peer["certifier"], model, data, sizes, mask_set=peer.get("mask_set"), batch_size=args.batch_size,
             device=args.device, progress=progress, rank=rank, world=world,
@@ -244,9 +280,9 @@ def _main(argv=None) -> int:
     if rank != 0:
         return 0
     config = {k: v for k, v in vars(args).items()}
-    config["patch_sizes"] = [size_key(s) for s in sizes]
+    config["patch_sizes"] = keys
     if area_sizes:
-        config["patch_area_sizes"] = {k: v for k, v in area_sizes.items()}
+        config["patch_area_sizes"] = area_sizes
     config["world_size"] = world
     dataset = {"name": data.name, "root": data.info.get("root"), "split": data.info.get("split", args.split)}
     if "seeded_split" in data.info:
@@ -259,21 +295,30 @@ def _main(argv=None) -> int:
                 "model_kwargs": model.config["model_kwargs"], "in_channels": model.config["in_channels"]}
         summary_keys += ("peer",)
     ckpt["metadata_summary"] = {k: meta[k] for k in summary_keys if k in meta}
-    empirical = None
-    if attacks:
-        from bagcert.empirical import run_empirical_evaluation
+    stage = folder.stage()
+    try:
+        empirical = None
+        if attacks:
+            from bagcert.empirical import run_empirical_evaluation
 
-        empirical = run_empirical_evaluation(
-            model, data, results, attacks, patch_sizes=attack_keys, num_images=args.attack_images, steps=args.attack_steps,
-            step_size=args.attack_step_size, locations=args.attack_locations, surrogate=args.attack_surrogate, seed=args.seed,
-            universal_fit_images=args.universal_fit_images, metadata=meta, imagenet_patch_path=args.imagenet_patch_file,
-            device=args.device, output=args.output, log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
+            empirical = run_empirical_evaluation(
+                model, data, results, attacks, patch_sizes=attack_keys, num_images=args.attack_images, steps=args.attack_steps,
+                step_size=args.attack_step_size, locations=args.attack_locations, surrogate=args.attack_surrogate, seed=args.seed,
+                universal_fit_images=args.universal_fit_images, metadata=meta, imagenet_patch_path=args.imagenet_patch_file,
+                device=args.device, output=stage, log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
+            )
+        summary = write_certification_report(
+            stage, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical, method=method,
+            provenance=sample_provenance(data), run_id=folder.run_id,
         )
-    summary = write_certification_report(
-        args.output, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical, method=method
-    )
+        markdown = (stage / "summary.md").read_text()
+        folder.commit()
+    except ReportFolderError as e:
+        raise SystemExit(f"--output: {one_line(e)}") from None
+    finally:
+        folder.discard()  # after a failure: no half-written report anywhere (a kept report is handed over)
     if not args.quiet:
-        print((Path(args.output) / "summary.md").read_text())
+        print(markdown)
         print(f"report written to {args.output}/ (results.json, per_sample.csv, summary.md)")
     line = {
         "method": summary["method"],
@@ -298,6 +343,20 @@ def _main(argv=None) -> int:
         print(f"FAILED: certified samples were broken by attacks ({broken}); see {args.output}/results.json", file=sys.stderr)
         return 3
     return 0
+
+
+def _size_tokens(flag: str, text: str) -> list:
+    """The comma-separated size tokens of ``flag``, each checked alone (``SystemExit`` with one line otherwise);
+    duplicates are found once the image size is known (:func:`_resolve_size_tokens`)."""
+    from bagcert.geometry import parse_patch_size
+
+    tokens = [s.strip() for s in text.split(",") if s.strip()]
+    if not tokens:
+        raise SystemExit(f"{flag} is empty; give e.g. 1,2,5 or 3x7 or 2%")
+    with user_errors(f"{flag}: "):
+        for t in tokens:
+            _percent(t) if t.endswith("%") else parse_patch_size(t)
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,12 +388,8 @@ def _load_peer(args) -> dict:
             "need a bagcert model (local logits and receptive-field geometry) and attack its own prediction, not a "
             "peer's defended prediction; certify without --attacks"
         )
-    if args.peer_batch_size < 1:
-        raise SystemExit(f"--peer-batch-size must be >= 1, got {args.peer_batch_size}")
-    try:
+    with user_errors(f"--checkpoint {args.checkpoint}: "):  # unreadable file, or a recorded spec this version cannot parse
         cert, clf, meta = load_peer_certifier(args.checkpoint, batch_size=args.peer_batch_size)
-    except (ValueError, TypeError) as e:  # a recorded spec this version cannot parse (CheckpointError passes through)
-        raise SystemExit(f"{args.checkpoint}: cannot rebuild the peer certifier from its spec: {e}") from None
     spec = PeerSpec.from_dict(meta["peer"])
     peer = {"certifier": cert, "classifier": clf, "metadata": meta, "spec": spec, "mask_patch": None}
     if isinstance(cert, PatchCleanser):

@@ -31,6 +31,8 @@ from .geometry import parse_patch_size
 
 __all__ = [
     "ATTACK_NAMES",
+    "AttackUnavailableError",
+    "check_attacks",
     "EmpiricalResult",
     "SoundnessError",
     "build_attack",
@@ -46,6 +48,41 @@ ATTACK_NAMES = ("pgd", "pgd-adaptive", "universal", "imagenet-patch", "feature-s
 
 class SoundnessError(AssertionError):
     """A sample the certificate declares robust was broken by an attack inside the threat model."""
+
+
+class AttackUnavailableError(ValueError):
+    """A requested attack cannot run on this model, data or attack file; the message says why."""
+
+
+def _imagenet_patch_plan(model, data, metadata, imagenet_patch_path):
+    """``(patch_set, label_mapping, note)`` for the ImageNet-Patch attack, or :class:`AttackUnavailableError`."""
+    from .attacks.imagenet_patch import PatchFileError, load_imagenet_patch
+    from .attacks.imagenet_patch_attack import imagenet_label_mapping
+
+    # the checkpoint's own class list decides (a synthetic data set has placeholder class names)
+    classes = None if (metadata or {}).get("classes") else getattr(data, "classes", None)
+    ok, mapping, reason = imagenet_label_mapping(metadata, classes, model.num_classes)
+    if not ok:
+        raise AttackUnavailableError(f"imagenet-patch cannot run: {reason}")
+    try:
+        patch_set = load_imagenet_patch(imagenet_patch_path)
+    except PatchFileError as e:
+        raise AttackUnavailableError(f"imagenet-patch cannot run: patch file unavailable: {e}") from None
+    note = (f"imagenet-patch: {reason}; a transfer attack with 50/224 of the image side before scaling, "
+            "larger than most certified patches (see in_threat_model)")
+    return patch_set, mapping, note
+
+
+def check_attacks(attacks, model, data, metadata: dict | None = None, imagenet_patch_path=None) -> None:
+    """Check, before any image is certified or attacked, that every attack in ``attacks`` can run on ``model``
+    and ``data``: unknown names are a ``ValueError``, an attack that cannot run (ImageNet-Patch on a model
+    whose labels are not ImageNet classes, or with a missing, truncated or refused patch file) an
+    :class:`AttackUnavailableError` saying why."""
+    unknown = [a for a in attacks if a not in ATTACK_NAMES]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; expected names from {', '.join(ATTACK_NAMES)}")
+    if "imagenet-patch" in attacks:
+        _imagenet_patch_plan(model, data, metadata, imagenet_patch_path)
 
 
 @dataclass
@@ -319,6 +356,7 @@ def run_empirical_evaluation(
     output=None,
     figure_images: int = 4,
     log=None,
+    allow_skip: bool = False,
 ) -> dict:
     """The empirical half of ``certify.py``: attack a seeded subset of ``data`` for each patch size and compare
     with the certificate already computed for the whole set.
@@ -336,6 +374,9 @@ def run_empirical_evaluation(
         metadata: checkpoint metadata (decides whether ImageNet-Patch applies).
         output: folder for figures (None: no figures).
         log: callable for progress lines (None: silent).
+        allow_skip: an attack that cannot run (see :func:`check_attacks`) is recorded in
+            ``summary["skipped"]`` with the reason and the others run; False (default): it raises
+            :class:`AttackUnavailableError` before anything is attacked.
 
     Returns ``{"summary": <JSON object "empirical" of the report>, "indices": [...], "robust": {size: {attack:
     bool tensor}}, "results": {size: EmpiricalResult}}``; never raises on a soundness violation (read
@@ -343,8 +384,7 @@ def run_empirical_evaluation(
     """
     from pathlib import Path
 
-    from .attacks.imagenet_patch import PatchFileError, load_imagenet_patch
-    from .attacks.imagenet_patch_attack import ImageNetPatchAttack, imagenet_label_mapping
+    from .attacks.imagenet_patch_attack import ImageNetPatchAttack
     from .report import plot_attack_examples, plot_uncertified_positions
 
     log = log or (lambda msg: None)
@@ -369,18 +409,13 @@ def run_empirical_evaluation(
 
     imagenet_set, mapping = None, None
     if "imagenet-patch" in attacks:
-        # the checkpoint's own class list decides (a synthetic data set has placeholder class names)
-        classes = None if (metadata or {}).get("classes") else getattr(data, "classes", None)
-        ok, mapping, reason = imagenet_label_mapping(metadata, classes, model.num_classes)
-        if not ok:
-            skipped["imagenet-patch"] = reason
-        else:
-            try:
-                imagenet_set = load_imagenet_patch(imagenet_patch_path)
-                notes.append(f"imagenet-patch: {reason}; a transfer attack with 50/224 of the image side before scaling, "
-                             "larger than most certified patches (see in_threat_model)")
-            except PatchFileError as e:
-                skipped["imagenet-patch"] = f"patch file unavailable: {e}"
+        try:
+            imagenet_set, mapping, note = _imagenet_patch_plan(model, data, metadata, imagenet_patch_path)
+            notes.append(note)
+        except AttackUnavailableError as e:
+            if not allow_skip:
+                raise
+            skipped["imagenet-patch"] = str(e).removeprefix("imagenet-patch cannot run: ")
     if "universal" in attacks:
         if fit_idx.numel():
             notes.append(f"universal: patch trained on {fit_idx.numel()} images disjoint from the attacked ones")

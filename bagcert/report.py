@@ -53,20 +53,35 @@
       }
     }
 
-``per_sample.csv``: one row per image: index, label, prediction, correct, then for each patch size
-``certified_<size>``, ``margin_<size>``, ``worst_row_<size>``, ``worst_col_<size>``; with attacks also
-``attacked`` (1/0) and ``robust_<attack>_<size>`` (1/0, empty for images that were not attacked).
+``results.json`` also holds ``run_id`` (a random hex string, new for every run), and ``dataset`` holds
+``index_base`` (``"dataset"``: ``dataset_index`` below points into the whole dataset; see :func:`sample_provenance`).
+
+``per_sample.csv``: one row per image: index (the row, 0..N-1, as in ``broken_by``), dataset_index (the
+image's index in the whole dataset as loaded: the torchvision index for CIFAR-10 batches, the position in
+the class-then-file-name listing for image folders, before any seeded split or ``--num-images`` subset),
+source (the image file relative to ``dataset.root`` of results.json, ``<batch file>:<row>`` for CIFAR-10
+batches, empty for synthetic data), label,
+prediction, correct, then for each patch size ``certified_<size>``, ``margin_<size>``, ``worst_row_<size>``,
+``worst_col_<size>``; with attacks also ``attacked`` (1/0) and ``robust_<attack>_<size>`` (1/0, empty for
+images that were not attacked).
+
+Report folders: :class:`ReportFolder` writes a report into a private staging folder beside ``--output`` and
+moves the finished set into place, so a report folder always holds the complete files of one run.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as _dt
+import errno
 import io
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -77,6 +92,9 @@ from .checkpoint import atomic_write_text
 SCHEMA_VERSION = 1
 
 __all__ = [
+    "ReportFolder",
+    "ReportFolderError",
+    "sample_provenance",
     "write_certification_report",
     "git_sha",
     "hardware_string",
@@ -126,14 +144,210 @@ def environment_info(device="cpu") -> dict:
     }
 
 
-def write_certification_report(output, results: dict, timing: dict, config: dict, dataset: dict, checkpoint: dict | None, device="cpu", empirical: dict | None = None, method: dict | None = None) -> dict:
-    """Write results.json, per_sample.csv, summary.md and certified_accuracy.png into ``output``.
+# ------------------------------------------------------------------------------------------------
+# report folders: one run's complete set, moved into place at once
+# ------------------------------------------------------------------------------------------------
+class ReportFolderError(ValueError):
+    """A report folder cannot be written: the path is a file or lies under one, its parent is not writable,
+    it holds files that are not a bagcert report, or it holds another run's report and overwriting was not asked."""
+
+
+def _one_report_tool(folder: Path) -> str | None:
+    """The ``tool`` of ``folder/results.json`` when that file is a bagcert report, else None."""
+    try:
+        doc = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    tool = doc.get("tool") if isinstance(doc, dict) else None
+    return tool if isinstance(tool, str) and tool.startswith("bagcert") else None
+
+
+class ReportFolder:
+    """A report folder that always holds the complete files of one run, or nothing.
+
+    The run writes into a private staging folder (``.<name>.staging-<random>``, made with
+    :func:`tempfile.mkdtemp` in the same parent folder, so on the same file system), and :meth:`commit`
+    moves the finished set into place with :func:`os.rename` of the whole folder. Readers and concurrent
+    runs therefore never see a mix of two runs' files, and a rerun that writes fewer files (fewer patch
+    sizes) leaves no stale file of the previous run behind. Replacing an existing report (``overwrite``)
+    renames the old folder aside (``.<name>.old-<random>``), renames the new one into place and then
+    deletes the old one: between the two renames (microseconds) the path does not exist, and a run killed
+    exactly there leaves the old report in the ``.old-`` folder. A run killed before :meth:`commit` leaves
+    its staging folder (hidden, beside the report), never a half-written report.
+
+    Staging was chosen over a lock file (``fcntl.flock``): a lock serialises writers but not readers,
+    leaves a half-written or mixed folder when a run dies mid-write, and does not remove stale files.
+
+    Args:
+        path: the report folder (``--output``). A symbolic link to a folder is followed.
+        overwrite: allow replacing a folder that already holds a bagcert report (all of its files).
+
+    Construction checks, without leaving anything behind, that the folder can be written: the path is not a
+    file, no component of it is a file, the nearest existing folder takes a new folder (an empty probe folder
+    is made and removed there), and an existing folder is empty or (with ``overwrite``) holds a bagcert report
+    (a ``results.json`` with a ``bagcert`` tool).
+    Raises :class:`ReportFolderError` with one line saying what is wrong.
+    """
+
+    def __init__(self, path, overwrite: bool = False):
+        p = Path(os.path.abspath(os.fspath(path)))
+        if p.is_symlink() and p.is_dir():
+            p = p.resolve()
+        if not p.name:
+            raise ReportFolderError(f"report folder {path}: give a folder path below the file system root")
+        self.path, self.overwrite = p, bool(overwrite)
+        self.run_id = uuid.uuid4().hex
+        self._stage: Path | None = None
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`ReportFolderError` when the report could not be written into :attr:`path` now."""
+        p, shown = self.path, self.path
+        if os.path.lexists(p):
+            if not p.is_dir():
+                raise ReportFolderError(f"report folder {shown} is an existing file, not a folder; give a new folder path")
+            self._check_existing_contents()
+            writable = p.parent
+        else:
+            writable = p.parent
+            while not os.path.lexists(writable) and writable != writable.parent:
+                writable = writable.parent
+            if not writable.is_dir():
+                raise ReportFolderError(f"report folder {shown} lies under {writable}, which is a file, not a folder")
+        if not os.access(writable, os.W_OK | os.X_OK):
+            raise ReportFolderError(f"report folder {shown} cannot be created: {writable} is not writable (permission denied or read-only)")
+        try:  # the real test (read-only mounts, /proc, ACLs, root): make and remove an empty folder there
+            os.rmdir(tempfile.mkdtemp(prefix=".bagcert-write-probe-", dir=writable))
+        except OSError as e:
+            raise ReportFolderError(f"report folder {shown} cannot be created: cannot write into {writable} ({e.strerror})") from None
+
+    def _check_existing_contents(self) -> None:
+        p = self.path
+        try:
+            entries = sorted(os.listdir(p))
+        except OSError as e:
+            raise ReportFolderError(f"report folder {p} cannot be read: {e.strerror}") from None
+        if not entries:
+            return
+        tool = _one_report_tool(p)
+        if tool is None:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ReportFolderError(
+                f"report folder {p} holds files that are not a bagcert report ({shown}); give a new or empty folder "
+                "(--overwrite replaces only a folder holding a bagcert report)"
+            )
+        if not self.overwrite:
+            raise ReportFolderError(f"report folder {p} already holds a report ({tool}); pass --overwrite to replace it, or give another folder")
+
+    def stage(self) -> Path:
+        """Create (once) and return the private staging folder the run writes its files into."""
+        if self._stage is None:
+            self.check()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.staging-", dir=self.path.parent))
+            except OSError as e:
+                raise ReportFolderError(f"report folder {self.path} cannot be created: {e.strerror} ({e.filename})") from None
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(self._stage, 0o777 & ~mask)  # mkdtemp makes 0700; the report gets the usual permissions
+        return self._stage
+
+    def commit(self) -> Path:
+        """Move the staging folder into place as :attr:`path`; returns the path.
+
+        If another run filled :attr:`path` meanwhile, it is replaced when ``overwrite`` was given and the
+        folder holds a bagcert report; otherwise :class:`ReportFolderError` says where this run's report was
+        left (the staging folder is kept; :meth:`discard` no longer removes it)."""
+        if self._stage is None:
+            raise RuntimeError("nothing to commit: stage() was never called")
+        stage, target = self._stage, self.path
+        for _ in range(20):  # another run may swap the folder between our renames: try again
+            try:
+                os.rename(stage, target)  # succeeds when the target is missing or an empty folder
+                self._stage = None
+                return target
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    self._stage = None  # handed over to the user: discard() keeps it
+                    raise ReportFolderError(f"cannot move the report into {target}: {e.strerror} (it is kept in {stage})") from None
+            if not target.is_dir() or not self.overwrite or _one_report_tool(target) is None:
+                self._stage = None
+                raise ReportFolderError(
+                    f"report folder {target} was filled by something else while this run worked"
+                    f"{'' if self.overwrite else ' (another run?)'}; nothing there was changed and this run's complete "
+                    f"report is in {stage}"
+                )
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            try:
+                os.rename(target, old)  # replaces the empty placeholder folder `old`
+            except FileNotFoundError:  # another run moved it first
+                os.rmdir(old)
+                continue
+            try:
+                os.rename(stage, target)
+            except OSError:
+                if not os.path.lexists(target):  # put the old report back rather than leave nothing
+                    os.rename(old, target)
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            self._stage = None
+            return target
+        self._stage = None
+        raise ReportFolderError(f"report folder {target} kept changing under this run; its report is in {stage}")
+
+    @property
+    def staging(self) -> Path | None:
+        """The staging folder while the run owns it (None before :meth:`stage`, after :meth:`commit` or :meth:`keep`)."""
+        return self._stage
+
+    def keep(self) -> Path | None:
+        """Hand the staging folder over to the user (a failed run's finished files): :meth:`discard` no longer
+        removes it. Returns its path (None when there is none)."""
+        stage, self._stage = self._stage, None
+        return stage
+
+    def discard(self) -> None:
+        """Remove the staging folder (a failed run leaves nothing behind)."""
+        if self._stage is not None:
+            shutil.rmtree(self._stage, ignore_errors=True)
+            self._stage = None
+
+
+def sample_provenance(data) -> dict:
+    """Where each image of ``data`` (a :class:`bagcert.data.Dataset`) came from, for ``per_sample.csv``.
+
+    Returns ``{"dataset_index": [int] * N, "source": [str] * N, "index_base": str}``: ``data.indices`` (the
+    image's index in the whole dataset as loaded, before any seeded split or subset; ``index_base``
+    ``"dataset"``) and ``data.sources`` (the image file relative to the dataset root, ``<batch file>:<row>``
+    for CIFAR-10 batches; empty strings when the dataset records none, e.g. synthetic data). A dataset object
+    without ``indices`` gets its row numbers (``index_base`` ``"loaded"``).
+    """
+    n = len(data)
+    indices = getattr(data, "indices", None)
+    sources = getattr(data, "sources", None)
+    if indices is not None and len(indices) == n:
+        index = [int(v) for v in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        base = "dataset"
+    else:
+        index, base = list(range(n)), "loaded"
+    source = ["" if s is None else str(s) for s in sources] if sources is not None and len(sources) == n else [""] * n
+    return {"dataset_index": index, "source": source, "index_base": base}
+
+
+def write_certification_report(output, results: dict, timing: dict, config: dict, dataset: dict, checkpoint: dict | None, device="cpu", empirical: dict | None = None, method: dict | None = None, provenance: dict | None = None, run_id: str | None = None) -> dict:
+    """Write results.json, per_sample.csv, summary.md and certified_accuracy.png into the folder ``output``.
+
+    The files are written into ``output`` as given: to write a report folder as one set, pass the staging
+    folder of a :class:`ReportFolder` and commit it afterwards (``certify.py`` does).
 
     ``results`` maps size keys ('5', '3x7') to :class:`~bagcert.certification.CertResult`.
     ``method`` (optional): ``{"method": str, "forward_passes_per_image": int, "peer": dict | None}``; the
     default describes a bagcert model (``"bagcert"``, 1 pass, no peer).
     ``empirical`` (optional): ``{"summary": <the "empirical" JSON object>, "indices": [attacked image indices],
     "robust": {size_key: {attack: bool tensor over the attacked images}}}``.
+    ``provenance`` (optional): :func:`sample_provenance` of the certified images (default: row numbers as
+    ``dataset_index`` and empty sources). ``run_id`` (optional): recorded as ``run_id`` (default: a new random one).
     Returns the JSON summary dict.
     """
     out = Path(output)
@@ -141,12 +355,17 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
     first = next(iter(results.values()))
     n = first.num_samples
     method = method or {"method": "bagcert", "forward_passes_per_image": 1, "peer": None}
-    summary = {"schema_version": SCHEMA_VERSION, "tool": "bagcert.certify", **environment_info(device)}
+    if provenance is None:
+        provenance = {"dataset_index": list(range(n)), "source": [""] * n, "index_base": "loaded"}
+    if len(provenance["dataset_index"]) != n or len(provenance["source"]) != n:
+        raise ValueError(f"provenance describes {len(provenance['dataset_index'])} images, the results {n}")
+    summary = {"schema_version": SCHEMA_VERSION, "tool": "bagcert.certify", "run_id": run_id or uuid.uuid4().hex,
+               **environment_info(device)}
     summary.update(
         {
             "config": config,
             "checkpoint": checkpoint,
-            "dataset": dict(dataset, num_images=n),
+            "dataset": dict(dataset, num_images=n, index_base=provenance["index_base"]),
             "aggregation": first.aggregation,
             "method": method["method"],
             "forward_passes_per_image": int(method["forward_passes_per_image"]),
@@ -164,21 +383,23 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
         }
     )
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "per_sample.csv", _per_sample_csv(results, empirical))
+    atomic_write_text(out / "per_sample.csv", _per_sample_csv(results, empirical, provenance))
     atomic_write_text(out / "summary.md", _markdown(summary))
     _plot(out / "certified_accuracy.png", summary)
     return summary
 
 
-def _per_sample_csv(results, empirical=None) -> str:
+def _per_sample_csv(results, empirical=None, provenance=None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     keys = list(results)
     first = results[keys[0]]
-    header = ["index", "label", "prediction", "correct"]
+    n = first.num_samples
+    provenance = provenance or {"dataset_index": list(range(n)), "source": [""] * n}
+    header = ["index", "dataset_index", "source", "label", "prediction", "correct"]
     for k in keys:
         header += [f"certified_{k}", f"margin_{k}", f"worst_row_{k}", f"worst_col_{k}"]
-    cols = [first.label.tolist(), first.prediction.tolist(), first.correct.int().tolist()]
+    cols = [provenance["dataset_index"], provenance["source"], first.label.tolist(), first.prediction.tolist(), first.correct.int().tolist()]
     per = []
     for k in keys:
         r = results[k]
@@ -311,10 +532,7 @@ def _plot(path: Path, s: dict) -> None:
     ax.legend()
     ax.set_title(f"{s['dataset'].get('name')}, n={s['num_images']}")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path, plt, dpi=120)
 
 
 def _pyplot():
@@ -328,11 +546,19 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path, plt) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+def _save(fig, path: Path, plt, dpi: int = 110) -> None:
+    """Save ``fig`` atomically under a unique temporary name in the same folder (two runs saving the same
+    figure name never share a temporary file), then rename it to ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _name(classes, i) -> str:

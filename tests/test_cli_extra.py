@@ -220,14 +220,15 @@ def test_imagenet_a_cli_subset_mode_never_evaluates_the_training_images(tmp_path
     assert res["accuracy"] == pytest.approx(direct["accuracy"]) and res["aurra"] == pytest.approx(direct["aurra"])
     assert "split test of the checkpoint's seeded split" in (out / "summary.md").read_text()
     assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(root), "--resize", "32", "--split", "all",
-                         "--output", str(out), "--quiet"]) == 0
+                         "--output", str(out), "--overwrite", "--quiet"]) == 0
     assert json.loads((out / "results.json").read_text())["n"] == 10
     # another folder (e.g. ImageNet-A itself): auto takes every image, an explicit test part does not exist
     other = _image_folder(tmp_path / "other", wnids, 3)
-    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(other), "--resize", "32", "--output", str(out), "--quiet"]) == 0
+    assert cli_ina.main(["--checkpoint", str(ckpt), "--data", str(other), "--resize", "32", "--output", str(out), "--overwrite",
+                         "--quiet"]) == 0
     assert json.loads((out / "results.json").read_text())["dataset"]["split"] == "all"
     with pytest.raises(SystemExit, match="6 images but the checkpoint's seeded split was made over 10"):
-        cli_ina.main(["--checkpoint", str(ckpt), "--data", str(other), "--split", "test", "--output", str(out), "--quiet"])
+        cli_ina.main(["--checkpoint", str(ckpt), "--data", str(other), "--split", "test", "--output", str(tmp_path / "o2"), "--quiet"])
 
 
 def test_analysis_clis_load_the_checkpoint_split_part(tmp_path):

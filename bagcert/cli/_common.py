@@ -1,19 +1,71 @@
-"""Shared pieces of the ``python -m bagcert.cli.*`` tools: argument parsing helpers, data loading,
-and the report writer (results.json + summary.md + figures, each written atomically)."""
+"""Shared pieces of the ``python -m bagcert.cli.*`` tools and ``certify.py``: argument parsing helpers,
+one-line errors, data loading, and the report folder (results.json + summary.md + figures, written into a
+private staging folder and moved into place as one set, see :class:`bagcert.report.ReportFolder`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 
-__all__ = ["positive_int", "nonnegative_int", "add_run_arguments", "set_threads", "parse_number", "parse_list", "load_model_and_data", "write_report", "plt_or_none", "save_figure", "json_line"]
+__all__ = ["Parser", "positive_int", "nonnegative_int", "device", "add_run_arguments", "set_threads", "parse_number", "parse_list",
+           "one_line", "user_errors", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
+           "plt_or_none", "save_figure", "json_line"]
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line on stderr (``prog: error: ...; see --help``)
+    and exit status 2, instead of the whole usage block followed by the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def one_line(text) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def user_errors(prefix: str = ""):
+    """Turn the library's errors about the user's input -- :class:`~bagcert.checkpoint.CheckpointError`,
+    :class:`~bagcert.data.DatasetError`, :class:`~bagcert.report.ReportFolderError`, the ImageNet-Patch
+    ``PatchFileError`` and the ``ValueError`` / ``TypeError`` of argument checks -- raised inside the block
+    into ``SystemExit("<prefix><message>")``: one line on stderr and exit status 1, no traceback. Wrap only
+    the steps that read and check the user's input, never the computation."""
+    from ..checkpoint import CheckpointError
+
+    try:
+        yield
+    except (CheckpointError, ValueError, TypeError) as e:  # DatasetError, ReportFolderError, PatchFileError are ValueErrors
+        raise SystemExit(one_line(f"{prefix}{e}")) from None
+
+
+def device(text) -> str:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... -> the same text, checked (argparse ``type=``): an unknown device
+    type or an accelerator this machine does not have is refused."""
+    try:
+        dev = torch.device(str(text).strip())
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (expected cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine (use cpu)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r}: bagcert runs on cpu, cuda or mps, not {dev.type}")
+    return str(dev)
 
 
 def _int_at_least(text, minimum: int, expected: str) -> int:
@@ -37,11 +89,27 @@ def nonnegative_int(text) -> int:
 
 
 def add_run_arguments(p: argparse.ArgumentParser, output: str) -> None:
-    """``--seed``, ``--threads``, ``--output`` (default ``output``) and ``--quiet``: the same in every report tool."""
+    """``--seed``, ``--threads``, ``--output`` (default ``output``), ``--overwrite`` and ``--quiet``: the same in
+    every report tool."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--output", default=output, help="report folder")
+    p.add_argument("--output", default=output, help="report folder (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report already in --output (all of its files) instead of refusing")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+
+
+def prepare_output(path, overwrite: bool = False):
+    """Check, before any work, that the report folder ``path`` can be written, and return its
+    :class:`~bagcert.report.ReportFolder` (nothing is created yet). A path that is a file or lies under
+    one, an unwritable parent, a folder of other files, or a folder holding a report without ``overwrite``
+    is ``SystemExit`` with one line."""
+    from ..report import ReportFolder, ReportFolderError
+
+    try:
+        return ReportFolder(path, overwrite=overwrite)
+    except ReportFolderError as e:
+        raise SystemExit(f"--output: {one_line(e)}") from None
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -69,34 +137,62 @@ def parse_list(text: str, kind=int, name: str = "list") -> list:
         raise SystemExit(f"--{name}: cannot read {text!r} as a comma-separated list of {kind.__name__} values") from None
 
 
-def subset(data, num: int | None, seed: int):
-    """The first ``num`` images of a seeded permutation (sorted), or all."""
-    if num is None or num >= len(data):
-        return data
+def subset(data, num: int | None, seed: int, flag: str = "the number of images", default: int | None = None):
+    """The first ``num`` images of a seeded permutation (sorted), or all when ``num`` is None.
+
+    A ``num`` larger than the data set is refused (``SystemExit`` naming ``flag``): nothing is silently
+    clipped. ``default`` is the value used when ``num`` is None; a default larger than the data set takes
+    every image and says so on stderr."""
+    if num is None:
+        if default is None or default >= len(data):
+            if default is not None and default > len(data):
+                print(f"{flag} (default {default}): the data set has only {len(data)} images; using all of them", file=sys.stderr)
+            return data
+        num = default
     if num < 1:
-        raise SystemExit(f"the number of images must be >= 1, got {num}")
+        raise SystemExit(f"{flag} must be >= 1, got {num}")
+    if num > len(data):
+        raise SystemExit(f"{flag} {num} is larger than the data set ({len(data)} images); give at most {len(data)}")
+    if num == len(data):
+        return data
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     return data.subset(perm[:num].sort().values)
 
 
-def load_model_and_data(checkpoint: str, dataset: str, split: str, seed: int, num: int | None):
-    """``(model, meta, data)``; the dataset is resized to the checkpoint's ``input_size`` / ``resize``, and a
-    folder without split folders is cut with the checkpoint's seeded split (``bagcert.data.load_checkpoint_split``)."""
-    from ..checkpoint import load_checkpoint
-    from ..data import DatasetError, load_checkpoint_split
+def checkpoint_input_size(meta: dict, path, default: int = 32) -> int:
+    """The checkpoint's ``input_size`` metadata (``default`` when absent), checked: an int >= 1, else
+    ``SystemExit`` with one line naming the file."""
+    size = meta.get("input_size", default) if isinstance(meta, dict) else default
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise SystemExit(f"{path}: malformed metadata: input_size is {size!r}, expected a positive int (pixels)")
+    resize = meta.get("resize") if isinstance(meta, dict) else None
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < size):
+        raise SystemExit(f"{path}: malformed metadata: resize is {resize!r}, expected a positive int >= input_size {size}")
+    return size
 
-    model, meta = load_checkpoint(checkpoint)
-    size = int(meta.get("input_size", 32))
-    try:  # a folder without split folders: the part of the checkpoint's seeded split ('all': every image)
+
+def load_model_and_data(checkpoint: str, dataset: str, split: str, seed: int, num: int | None, flag: str = "the number of images",
+                        default: int | None = None):
+    """``(model, meta, data)``; the dataset is resized to the checkpoint's ``input_size`` / ``resize``, and a
+    folder without split folders is cut with the checkpoint's seeded split (``bagcert.data.load_checkpoint_split``).
+    ``num`` / ``flag`` / ``default``: see :func:`subset`. A bad checkpoint or dataset is ``SystemExit`` with one line."""
+    from ..checkpoint import load_checkpoint
+    from ..data import load_checkpoint_split
+
+    with user_errors(f"--checkpoint {checkpoint}: "):
+        model, meta = load_checkpoint(checkpoint)
+    size = checkpoint_input_size(meta, checkpoint)
+    # a folder without split folders: the part of the checkpoint's seeded split ('all': every image)
+    with user_errors(f"dataset {dataset}, split {split}: "):
         data = load_checkpoint_split(dataset, split, meta.get("split"), size=size, resize=meta.get("resize"), seed=seed,
                                      num_classes=model.num_classes)
-    except DatasetError as e:
-        raise SystemExit(f"dataset {dataset}, split {split}: {e}") from None
+    if len(data) == 0:
+        raise SystemExit(f"dataset {dataset}, split {split}: no images")
     if len(data.classes) != model.num_classes:
         raise SystemExit(f"dataset {dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":
         raise SystemExit(f"dataset classes {data.classes} differ from the checkpoint's classes {meta['classes']}")
-    return model, meta, subset(data, num, seed)
+    return model, meta, subset(data, num, seed, flag, default)
 
 
 def dataset_info(data, split: str) -> dict:
@@ -115,16 +211,43 @@ def json_line(obj: dict) -> str:
     return json.dumps(obj, default=_default, separators=(", ", ": "))
 
 
-def write_report(output, tool: str, config: dict, results: dict, markdown: str, device: str = "cpu") -> dict:
-    """Write ``results.json`` (environment, tool, config, results) and ``summary.md`` into ``output``."""
-    from ..checkpoint import atomic_write_text
-    from ..report import environment_info
+def commit_report(folder) -> Path:
+    """Move ``folder``'s staged report into place (:meth:`bagcert.report.ReportFolder.commit`); a folder taken
+    meanwhile is ``SystemExit`` with one line saying where this run's report was left."""
+    from ..report import ReportFolderError
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"schema_version": 1, "tool": tool, **environment_info(device), "config": config, **results}
+    try:
+        return folder.commit()
+    except ReportFolderError as e:
+        raise SystemExit(f"--output: {one_line(e)}") from None
+
+
+def write_report(output, tool: str, config: dict, results: dict, markdown: str, device: str = "cpu", overwrite: bool | None = None,
+                 extra=None) -> dict:
+    """Write ``results.json`` (environment, tool, run id, config, results) and ``summary.md``.
+
+    ``output`` is either a :class:`~bagcert.report.ReportFolder` (from :func:`prepare_output`): the files go
+    into its staging folder and the caller writes the rest there and commits it; or a path: the report is
+    staged and moved into place here as one set, with ``extra(folder)`` (optional) writing further files
+    (figures) into the same staging folder first. ``overwrite`` (path only; default ``config["overwrite"]``):
+    replace a report already there. A folder that cannot take the report is ``SystemExit`` with one line."""
+    from ..checkpoint import atomic_write_text
+    from ..report import ReportFolder, environment_info
+
+    folder = output if isinstance(output, ReportFolder) else None
+    if folder is None:
+        folder = prepare_output(output, bool(config.get("overwrite", False)) if overwrite is None else overwrite)
+    out = folder.stage()
+    doc = {"schema_version": 1, "tool": tool, "run_id": folder.run_id, **environment_info(device), "config": config, **results}
     atomic_write_text(out / "results.json", json.dumps(doc, indent=2, default=_default) + "\n")
     atomic_write_text(out / "summary.md", markdown)
+    if not isinstance(output, ReportFolder):
+        try:
+            if extra is not None:
+                extra(out)
+            commit_report(folder)
+        finally:
+            folder.discard()
     return doc
 
 

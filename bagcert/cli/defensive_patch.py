@@ -13,26 +13,29 @@ Examples:
     python -m bagcert.cli.defensive_patch --checkpoint a.pt --ensemble-checkpoint b.pt --transfer-checkpoint c.pt ...
 
 Outputs in --output: results.json, summary.md, defensive_patch.pt (reload with
-bagcert.defense.DefensivePatch.load), patches.png and corruptions.png (matplotlib); the last
-printed line is a one-line JSON summary.
+bagcert.defense.DefensivePatch.load), patches.png and corruptions.png (matplotlib), written into a private
+staging folder and moved into place as one set (a folder that already holds a report needs --overwrite); the
+last printed line is a one-line JSON summary. Input mistakes end with one line on stderr before any work.
+When an evaluation fails after a patch was made, the patch is kept in the staging folder (its path is printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ._common import (
-    add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct, plt_or_none,
-    positive_int, save_figure, set_threads, write_report,
+    Parser, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
+    plt_or_none, positive_int, commit_report, prepare_output, save_figure, set_threads, user_errors, write_report,
 )
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m bagcert.cli.defensive_patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m bagcert.cli.defensive_patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--checkpoint", required=True, help="the model the patches are made for")
     g.add_argument("--ensemble-checkpoint", action="append", default=[],
@@ -42,8 +45,10 @@ def build_parser():
     g.add_argument("--dataset", required=True, help="CIFAR-10 folder, ImageNet-style folder or synthetic[:N]")
     g.add_argument("--train-split", default="train", help="split the patches are made on (default: train)")
     g.add_argument("--eval-split", default="test", help="split they are evaluated on (default: test)")
-    g.add_argument("--num-train", type=positive_int, default=1000, help="training images (first N of a seeded permutation)")
-    g.add_argument("--num-eval", type=positive_int, default=200, help="evaluation images (first N of a seeded permutation)")
+    g.add_argument("--num-train", type=positive_int,
+                   help="training images (first N of a seeded permutation; default 1000 or all when fewer; more than the split has is refused)")
+    g.add_argument("--num-eval", type=positive_int,
+                   help="evaluation images (first N of a seeded permutation; default 200 or all when fewer; more than the split has is refused)")
     g.add_argument("--patch", help="evaluate this saved patch instead of making one")
     g = p.add_argument_group("patch shape")
     g.add_argument("--shape", choices=["frame", "square"], default="frame")
@@ -83,7 +88,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..checkpoint import load_checkpoint
-    from ..defense import CORRUPTIONS, DefensivePatch, evaluate_defensive_patch, make_defensive_patches
+    from ..defense import CORRUPTIONS, DefensivePatch, make_defensive_patches
 
     set_threads(args)
     if args.corruptions == "all":
@@ -99,10 +104,14 @@ def main(argv=None) -> int:
     if any(not 1 <= s <= 5 for s in severities):
         raise SystemExit(f"--severities must lie in 1..5, got {severities}")
     milestones = parse_list(args.milestones, int, "milestones")
+    folder = prepare_output(args.output, args.overwrite)  # before any work; written at the end as one set
 
-    model, meta, test = load_model_and_data(args.checkpoint, args.dataset, args.eval_split, args.seed, args.num_eval)
+    model, meta, test = load_model_and_data(args.checkpoint, args.dataset, args.eval_split, args.seed, args.num_eval,
+                                            "--num-eval", default=200)
+
     def other_model(path, role):
-        m, _ = load_checkpoint(path)
+        with user_errors(f"--{role}-checkpoint {path}: "):
+            m, _ = load_checkpoint(path)
         if m.num_classes != model.num_classes:
             raise SystemExit(f"{role} model {path} has {m.num_classes} classes, the source model {model.num_classes}")
         return m.eval()
@@ -116,10 +125,12 @@ def main(argv=None) -> int:
         raise SystemExit("--ensemble-checkpoint makes a patch; it cannot be combined with --patch")
     t0 = time.perf_counter()
     if args.patch:
-        patch = DefensivePatch.load(args.patch)
+        with user_errors(f"--patch {args.patch}: "):
+            patch = DefensivePatch.load(args.patch)
         made = None
     else:
-        _, _, train = load_model_and_data(args.checkpoint, args.dataset, args.train_split, args.seed, args.num_train)
+        _, _, train = load_model_and_data(args.checkpoint, args.dataset, args.train_split, args.seed, args.num_train,
+                                          "--num-train", default=1000)
         patch = make_defensive_patches(
             [model, *ensemble.values()], train.images, train.labels, num_classes=model.num_classes, shape=args.shape, outer=args.outer,
             width=args.width, size=args.size, corner=args.corner, stage1_epochs=args.stage1_epochs, stage1_lr=args.stage1_lr,
@@ -131,9 +142,24 @@ def main(argv=None) -> int:
     if patch.num_classes != model.num_classes or patch.image_size != tuple(test.images.shape[-2:]):
         raise SystemExit(f"patch is for {patch.num_classes} classes at {patch.image_size}; model/data need {model.num_classes} at {tuple(test.images.shape[-2:])}")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    patch.save(out / "defensive_patch.pt")
+    stage = folder.stage()
+    patch.save(stage / "defensive_patch.pt")
+    try:
+        return _evaluate_and_report(args, folder, patch, made, model, ensemble, transfer, test, corruptions, severities, milestones)
+    except BaseException:
+        if made is not None and folder.staging is not None:  # an hour of patch making is not thrown away
+            kept = folder.keep()
+            print(f"the run failed after making the patch; the patch is kept in {kept / 'defensive_patch.pt'}", file=sys.stderr)
+        raise
+    finally:
+        folder.discard()
 
+
+def _evaluate_and_report(args, folder, patch, made, model, ensemble, transfer, test, corruptions, severities, milestones) -> int:
+    """Evaluate ``patch`` on every model, write the report into ``folder``'s staging folder and commit it."""
+    from ..defense import evaluate_defensive_patch
+
+    out = Path(args.output)
     kw = dict(
         corruptions=corruptions, severities=severities, pgd_eps=args.pgd_eps if args.pgd_eps > 0 else None,
         pgd_steps=args.pgd_steps, pgd_step=args.pgd_step,
@@ -157,8 +183,9 @@ def main(argv=None) -> int:
         "evaluations": evaluations,
     }
     md = _markdown(results)
-    doc = write_report(out, "bagcert.cli.defensive_patch", config, results, md)
-    _figures(out, patch, evaluations, list(test.classes))
+    doc = write_report(folder, "bagcert.cli.defensive_patch", config, results, md)
+    _figures(folder.stage(), patch, evaluations, list(test.classes))
+    commit_report(folder)
     if not args.quiet:
         print(md)
         print(f"report written to {out}/ (results.json, summary.md, defensive_patch.pt)")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import add_run_arguments, json_line, pct, plt_or_none, positive_int, save_figure, set_threads, subset, write_report
+from ._common import add_run_arguments, json_line, pct, plt_or_none, positive_int, prepare_output, save_figure, set_threads, subset, write_report
 
 _WNID = re.compile(r"n\d{8}")
 
@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     from ..imagenet_a import IMAGENET_A_INDICES, evaluate_imagenet_a, evaluate_subset_model, load_imagenet_a
 
     set_threads(args)
+    prepare_output(args.output, args.overwrite)  # an unwritable --output or another run's report: refused before any work
     model, meta = load_checkpoint(args.checkpoint)
     model.to(args.device).eval()
     size = args.size or int(meta.get("input_size", 224))

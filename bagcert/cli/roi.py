@@ -6,8 +6,9 @@ Examples:
         --num-images 200 --attack patch --output outputs/roi
     python -m bagcert.cli.roi --checkpoint m.pt --dataset synthetic:16 --attack pgd --roi occlusion --output outputs/roi-pgd
 
-Outputs in --output: results.json, summary.md, heatmaps.png and iou.png (matplotlib); the last
-printed line is a one-line JSON summary.
+Outputs in --output: results.json, summary.md, heatmaps.png and iou.png (matplotlib), written into a private
+staging folder and moved into place as one set (a folder that already holds a report needs --overwrite); the
+last printed line is a one-line JSON summary. Input mistakes end with one line on stderr before any work.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import argparse
 from pathlib import Path
 
 from ._common import (
-    add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct, plt_or_none,
-    positive_int, save_figure, set_threads, write_report,
+    Parser, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
+    commit_report, plt_or_none, positive_int, prepare_output, save_figure, set_threads, write_report,
 )
 
 
@@ -31,7 +32,7 @@ def _fill(text: str):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m bagcert.cli.roi", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m bagcert.cli.roi", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dataset", required=True, help="CIFAR-10 folder, ImageNet-style folder or synthetic[:N]")
     p.add_argument("--split", default="test")
@@ -41,7 +42,7 @@ def build_parser():
     g.add_argument("--eps", type=parse_number, default=8 / 255, help="pgd: L-inf budget (accepts 8/255)")
     g.add_argument("--steps", type=nonnegative_int, default=20)
     g.add_argument("--step", type=parse_number, help="step size (default: 0.05 for patch, eps / 4 for pgd)")
-    g.add_argument("--attack-patch-size", type=positive_int, default=5)
+    g.add_argument("--attack-patch-size", type=positive_int, default=5, help="patch side in pixels (at most the image side)")
     g = p.add_argument_group("regions")
     g.add_argument("--roi", choices=["auto", "local", "occlusion"], default="auto", help="auto: local logits for bagcert models")
     g.add_argument("--reduce", choices=["mean", "max"], default="mean", help="local RoI: mean or max over the locations seeing a pixel")
@@ -70,7 +71,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name} values are percentages in [0, 100], got {q}")
     if args.roa_box < 1 or args.roa_box % 2 == 0:
         raise SystemExit(f"--roa-box must be an odd integer >= 1, got {args.roa_box}")
-    model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images)
+    folder = prepare_output(args.output, args.overwrite)  # before any work; written at the end as one set
+    model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images, "--num-images")
+    H, W = data.images.shape[-2:]
+    if args.attack == "patch" and args.attack_patch_size > min(H, W):
+        raise SystemExit(f"--attack-patch-size {args.attack_patch_size} is larger than the {H}x{W} images")
     res = evaluate_neutralization(
         model, data.images, data.labels, attack=args.attack, eps=args.eps, steps=args.steps, step=args.step,
         attack_patch_size=args.attack_patch_size, roi_method=args.roi, reduce=args.reduce,
@@ -83,8 +88,12 @@ def main(argv=None) -> int:
     config = dict(vars(args), qs=qs)
     results = {"checkpoint": {"path": str(args.checkpoint), "model": model.config["name"]}, "dataset": dataset_info(data, args.split), **res}
     md = _markdown(results)
-    doc = write_report(out, "bagcert.cli.roi", config, results, md)
-    _figures(out, results, examples)
+    doc = write_report(folder, "bagcert.cli.roi", config, results, md)
+    try:
+        _figures(folder.stage(), results, examples)
+        commit_report(folder)
+    finally:
+        folder.discard()
     if not args.quiet:
         print(md)
         print(f"report written to {out}/ (results.json, summary.md)")
