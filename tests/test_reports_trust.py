@@ -407,3 +407,17 @@ def test_split_test_without_a_split_record_is_refused_end_to_end(tmp_path, capsy
     assert certify.main(["--checkpoint", str(exported), "--dataset", str(root), "--split", "all", "--patch-sizes", "3",
                          "--output", str(out), *FAST]) == 0
     assert json.loads((out / "results.json").read_text())["num_images"] == 6
+
+
+def test_analysis_clis_refuse_more_images_than_the_split_has(tiny_checkpoint, tmp_path, capsys):
+    from bagcert.cli import defensive_patch as cli_dp
+    from bagcert.cli import roi as cli_roi
+
+    common = ["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:8", "--output", str(tmp_path / "rep"), "--threads", "1", "--quiet"]
+    with pytest.raises(SystemExit) as exc:
+        cli_roi.main(common + ["--num-images", "9"])
+    assert "--num-images 9 is larger than the data set (8 images)" in _one_line_failure(exc, capsys)
+    with pytest.raises(SystemExit) as exc:
+        cli_dp.main(common + ["--num-eval", "20"])
+    assert "--num-eval 20 is larger than the data set (8 images)" in _one_line_failure(exc, capsys)
+    assert not (tmp_path / "rep").exists()

@@ -36,7 +36,8 @@ def build_parser():
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dataset", required=True, help="CIFAR-10 folder, ImageNet-style folder or synthetic[:N]")
     p.add_argument("--split", default="test")
-    p.add_argument("--num-images", type=positive_int, default=100, help="first N of a seeded permutation")
+    p.add_argument("--num-images", type=positive_int,
+                   help="first N of a seeded permutation (default 100 or all when fewer; more than the split has is refused)")
     g = p.add_argument_group("attack")
     g.add_argument("--attack", choices=["patch", "pgd"], default="patch")
     g.add_argument("--eps", type=parse_number, default=8 / 255, help="pgd: L-inf budget (accepts 8/255)")
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     if args.roa_box < 1 or args.roa_box % 2 == 0:
         raise SystemExit(f"--roa-box must be an odd integer >= 1, got {args.roa_box}")
     folder = prepare_output(args.output, args.overwrite)  # before any work; written at the end as one set
-    model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images, "--num-images")
+    model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images, "--num-images",
+                                            default=100)
     H, W = data.images.shape[-2:]
     if args.attack == "patch" and args.attack_patch_size > min(H, W):
         raise SystemExit(f"--attack-patch-size {args.attack_patch_size} is larger than the {H}x{W} images")
