@@ -6,6 +6,13 @@ Only the first block of a stage may keep a 3x3 kernel; where the residual and th
 in size the residual is cropped at the bottom/right. Receptive field 9 / 17 / 33, stride 8.
 The classifier is applied per location (a 1x1 convolution), giving the local logits.
 ``width`` scales every channel count (``width=0.25`` gives a CPU-sized variant).
+
+At width 1 the modules, their names and every weight shape are those of the original implementation
+(``bagnets/pytorchnet.py`` of wielandbrendel/bag-of-local-features-models), except that its classifier
+``fc`` is an ``nn.Linear`` [classes, 2048] where this one is the same matrix as a 1x1 convolution
+[classes, 2048, 1, 1]; :func:`bagcert.models.convert.load_bagnet_state_dict` loads the public ImageNet
+weights. One difference does not touch the weights: the original's stem BatchNorm (``bn1``) updates its
+running statistics with momentum 0.001, this one with PyTorch's default 0.1 (only training changes them).
 """
 
 from __future__ import annotations
