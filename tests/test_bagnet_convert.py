@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import bagcert
 from bagcert.checkpoint import CheckpointError, save_checkpoint
-from bagcert.models.convert import PUBLIC_WEIGHT_FILES, load_bagnet_state_dict, original_layout
+from bagcert.models.convert import PUBLIC_WEIGHT_FILES, load_bagnet_state_dict, original_layout, read_weights_file
 
 KERNEL3 = {9: (1, 1, 0, 0), 17: (1, 1, 1, 0), 33: (1, 1, 1, 1)}
 BLOCKS = (3, 4, 6, 3)
@@ -219,6 +219,9 @@ def test_files_with_a_wrapper_key_and_either_torch_format_load(tmp_path, wrapper
     report = load_bagnet_state_dict(path, model)
     assert report["wrapper"] == wrapper and report["path"] == str(path) and report["loaded"] == len(sd)
     assert torch.equal(model.bn1.running_var, sd["bn1.running_var"])
+    # read once, converted from the loaded object (how a caller that inspects the file first uses it)
+    again = load_bagnet_state_dict(read_weights_file(path), small(), name=str(path))
+    assert again["path"] == str(path) and again["wrapper"] == wrapper and str(path) in again["summary"]
 
 
 @pytest.mark.parametrize("legacy", [False, True])

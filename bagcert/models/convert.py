@@ -191,7 +191,7 @@ def _unwrap(obj, name: str):
     return obj[inner[0]], inner[0]
 
 
-def load_bagnet_state_dict(source, model: BagNet, strict: bool = True) -> dict:
+def load_bagnet_state_dict(source, model: BagNet, strict: bool = True, name: str | None = None) -> dict:
     """Copy BagNet weights in the original implementation's layout into a bagcert BagNet, after checking them all.
 
     Accepted: the public files as published (a state dict), the same dict saved by ``nn.DataParallel`` (every
@@ -214,9 +214,11 @@ def load_bagnet_state_dict(source, model: BagNet, strict: bool = True) -> dict:
             width must be that of the weights: 1.0 for the public ones). On any device.
         strict: refuse keys the model lacks (unexpected) and model tensors the file lacks (missing). With
             ``strict=False`` both are only reported, and missing tensors keep the model's values.
+        name: for a mapping, the file it was read from (e.g. with :func:`read_weights_file`): named in the
+            messages and returned as ``path``.
 
     Returns:
-        A dict of builtins: ``path`` (str, or None for a mapping), ``source_receptive_field`` (9 / 17 / 33),
+        A dict of builtins: ``path`` (str; for a mapping ``name``, or None), ``source_receptive_field`` (9 / 17 / 33),
         ``wrapper`` (``'state_dict'``, ``'model'`` or None), ``prefix_stripped`` (``'module.'`` or None),
         ``loaded`` (number of tensors copied), ``skipped`` (keys in the file not loaded, here the classifier),
         ``skip_reason`` (str or None), ``missing`` and ``unexpected`` (lists, empty when strict), ``kept`` (model
@@ -234,7 +236,7 @@ def load_bagnet_state_dict(source, model: BagNet, strict: bool = True) -> dict:
         path, name = str(source), str(source)
         obj = read_weights_file(source)
     elif isinstance(source, Mapping):
-        path, name = None, "<state dict>"
+        path, name = (None, "<state dict>") if name is None else (str(name), str(name))
         obj = source
     else:
         raise TypeError(f"source must be a path or a state dict (a mapping of names to tensors), got {type(source).__name__}")
