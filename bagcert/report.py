@@ -458,7 +458,8 @@ def _markdown_method(s: dict) -> list:
     method = s.get("method")
     if method is None:
         return []
-    lines = [f"- method: {method} ({s.get('forward_passes_per_image')} network evaluations per image)"]
+    n = s.get("forward_passes_per_image")
+    lines = [f"- method: {method} ({n} network evaluation{'' if n == 1 else 's'} per image)"]
     peer = s.get("peer")
     if peer:
         lines.append(f"- peer spec: `{peer.get('spec')}`")

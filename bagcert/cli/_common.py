@@ -16,14 +16,33 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Parser", "positive_int", "nonnegative_int", "device", "add_run_arguments", "set_threads", "parse_number", "parse_list",
+__all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "device", "add_run_arguments", "set_threads", "parse_number", "parse_list",
            "one_line", "user_errors", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
-           "plt_or_none", "save_figure", "json_line"]
+           "plt_or_none", "save_figure", "json_line", "add_output_arguments", "output_is_default", "show_path",
+           "written_message", "progress_bar"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The tools' ``--help``: the description as written (examples keep their lines) and every option's
+    default after its help (``(default: ...)``; options without a default show none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or "default:" in text or action.default in (None, argparse.SUPPRESS) or action.default is False:
+            return text  # the help already says it, or there is nothing to show (a flag, an optional value)
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return (text + " " if text else "") + "(default: %(default)s)"
+        return text
 
 
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line on stderr (``prog: error: ...; see --help``)
-    and exit status 2, instead of the whole usage block followed by the error."""
+    and exit status 2, instead of the whole usage block followed by the error; ``--help`` shows every
+    default (:class:`HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
@@ -88,28 +107,86 @@ def nonnegative_int(text) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+class _ExplicitOutput(argparse.Action):
+    """``--output PATH``: stores the path and records that the user gave it (see :func:`output_is_default`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, "output_given", True)
+
+
+def add_output_arguments(p, output: str) -> None:
+    """``--output`` (default ``output``) and ``--overwrite``, the same in every report tool. A folder left at
+    its default is replaced by the next run (said on stderr); a folder given with ``--output`` that holds
+    another run's report needs ``--overwrite`` (:func:`prepare_output`)."""
+    p.add_argument("--output", default=output, action=_ExplicitOutput,
+                   help="report folder, new or empty (a report already there needs --overwrite); left at its default, "
+                   "the previous report there is replaced")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report already in --output (all of its files) instead of refusing")
+    p.set_defaults(output_given=False)
+
+
+def output_is_default(args: argparse.Namespace) -> bool:
+    """Whether ``--output`` was left at its default (not given on the command line)."""
+    return not getattr(args, "output_given", True)
+
+
 def add_run_arguments(p: argparse.ArgumentParser, output: str) -> None:
     """``--seed``, ``--threads``, ``--output`` (default ``output``), ``--overwrite`` and ``--quiet``: the same in
     every report tool."""
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--output", default=output, help="report folder (new or empty; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the report already in --output (all of its files) instead of refusing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image subset and of any random draw")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
+    add_output_arguments(p, output)
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
 
 
-def prepare_output(path, overwrite: bool = False):
+def prepare_output(path, overwrite: bool = False, default_folder: bool = False):
     """Check, before any work, that the report folder ``path`` can be written, and return its
     :class:`~bagcert.report.ReportFolder` (nothing is created yet). A path that is a file or lies under
     one, an unwritable parent, a folder of other files, or a folder holding a report without ``overwrite``
-    is ``SystemExit`` with one line."""
-    from ..report import ReportFolder, ReportFolderError
+    is ``SystemExit`` with one line.
 
+    ``default_folder``: ``path`` is the tool's default folder, not one the user named (``args`` from
+    :func:`add_output_arguments`: :func:`output_is_default`). A bagcert report already there is then
+    replaced without ``overwrite``, and stderr says so (``replacing the previous report in outputs/certify
+    (default folder; pass --output to keep reports)``); a folder holding other files is still refused."""
+    from ..report import ReportFolder, ReportFolderError, _one_report_tool
+
+    if default_folder and not overwrite and Path(path).is_dir() and _one_report_tool(Path(path)) is not None:
+        overwrite = True
+        print(f"replacing the previous report in {show_path(path)} (default folder; pass --output to keep reports)",
+              file=sys.stderr, flush=True)
     try:
         return ReportFolder(path, overwrite=overwrite)
     except ReportFolderError as e:
         raise SystemExit(f"--output: {one_line(e)}") from None
+
+
+def show_path(path) -> str:
+    """``path`` as the tools print it: relative to the working directory when it lies inside it, else absolute."""
+    p = Path(os.path.abspath(os.fspath(path)))
+    cwd = Path(os.getcwd())
+    try:
+        return str(p.relative_to(cwd)) or "."
+    except ValueError:
+        return str(p)
+
+
+def written_message(folder) -> str:
+    """``report written to <folder>/ (<every file in it>)`` for a committed report folder (path as :func:`show_path`)."""
+    folder = Path(folder)
+    names = sorted(f.name for f in folder.iterdir() if not f.name.startswith(".")) if folder.is_dir() else []
+    return f"report written to {show_path(folder)}/ ({', '.join(names)})"
+
+
+def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None, unit: str = "it"):
+    """``iterable`` wrapped in a tqdm bar on stderr when ``enabled`` (else unchanged)."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, mininterval=1.0, file=sys.stderr)
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -236,7 +313,8 @@ def write_report(output, tool: str, config: dict, results: dict, markdown: str, 
 
     folder = output if isinstance(output, ReportFolder) else None
     if folder is None:
-        folder = prepare_output(output, bool(config.get("overwrite", False)) if overwrite is None else overwrite)
+        folder = prepare_output(output, bool(config.get("overwrite", False)) if overwrite is None else overwrite,
+                                default_folder=config.get("output_given") is False)
     out = folder.stage()
     doc = {"schema_version": 1, "tool": tool, "run_id": folder.run_id, **environment_info(device), "config": config, **results}
     atomic_write_text(out / "results.json", json.dumps(doc, indent=2, default=_default) + "\n")

@@ -5,17 +5,19 @@ bagcert.defense.defensive_patch) and evaluated on --eval-split images of the sam
 common corruptions x severities, L-inf PGD and a random-position adversarial patch, on the source
 model and on every --transfer-checkpoint.
 
-Examples:
-    python -m bagcert.cli.defensive_patch --checkpoint checkpoints/bagcert_cifar10_r9s2.pt \\
+Examples (`bagcert defensive-patch ...` and `python -m bagcert.cli.defensive_patch ...` are the same command):
+    # the shipped default model, bagcert-cifar10-r5 (v2)
+    bagcert defensive-patch --checkpoint checkpoints/bagcert_cifar10_r5s2_v2.pt \\
         --dataset ../shared/data/cifar10 --num-train 2000 --num-eval 500 --output outputs/defpatch
-    python -m bagcert.cli.defensive_patch --checkpoint a.pt --transfer-checkpoint b.pt --patch outputs/defpatch/defensive_patch.pt ...
+    bagcert defensive-patch --checkpoint a.pt --transfer-checkpoint b.pt --patch outputs/defpatch/defensive_patch.pt ...
     # stage 2 with several models (per-model copies, then correlation matching), evaluated on a held-out model
-    python -m bagcert.cli.defensive_patch --checkpoint a.pt --ensemble-checkpoint b.pt --transfer-checkpoint c.pt ...
+    bagcert defensive-patch --checkpoint a.pt --ensemble-checkpoint b.pt --transfer-checkpoint c.pt ...
 
 Outputs in --output: results.json, summary.md, defensive_patch.pt (reload with
 bagcert.defense.DefensivePatch.load), patches.png and corruptions.png (matplotlib), written into a private
 staging folder and moved into place as one set (a folder that already holds a report needs --overwrite); the
-last printed line is a one-line JSON summary. Input mistakes end with one line on stderr before any work.
+last printed line is a one-line JSON summary. The default folder (outputs/defensive_patch, --output not given)
+is replaced by each run, saying so on stderr. Input mistakes end with one line on stderr before any work.
 When an evaluation fails after a patch was made, the patch is kept in the staging folder (its path is printed).
 """
 
@@ -30,12 +32,12 @@ import torch
 
 from ._common import (
     Parser, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
-    plt_or_none, positive_int, commit_report, prepare_output, save_figure, set_threads, user_errors, write_report,
+    plt_or_none, positive_int, progress_bar, commit_report, output_is_default, prepare_output, show_path, written_message, save_figure, set_threads, user_errors, write_report,
 )
 
 
-def build_parser():
-    p = Parser(prog="python -m bagcert.cli.defensive_patch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "bagcert defensive-patch"):
+    p = Parser(prog=prog, description=__doc__)
     g = p.add_argument_group("model and data")
     g.add_argument("--checkpoint", required=True, help="the model the patches are made for")
     g.add_argument("--ensemble-checkpoint", action="append", default=[],
@@ -85,8 +87,8 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
+    args = build_parser(prog).parse_args(argv)
     from ..checkpoint import load_checkpoint
     from ..defense import CORRUPTIONS, DefensivePatch, make_defensive_patches
 
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
     if any(not 1 <= s <= 5 for s in severities):
         raise SystemExit(f"--severities must lie in 1..5, got {severities}")
     milestones = parse_list(args.milestones, int, "milestones")
-    folder = prepare_output(args.output, args.overwrite)  # before any work; written at the end as one set
+    # before any work; written at the end as one set (a default folder is replaced, an explicit one needs --overwrite)
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args))
 
     model, meta, test = load_model_and_data(args.checkpoint, args.dataset, args.eval_split, args.seed, args.num_eval,
                                             "--num-eval", default=200)
@@ -131,13 +134,22 @@ def main(argv=None) -> int:
     else:
         _, _, train = load_model_and_data(args.checkpoint, args.dataset, args.train_split, args.seed, args.num_train,
                                           "--num-train", default=1000)
+        bar = None
+        if not args.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=args.stage1_epochs + args.stage2_epochs, unit="epoch", desc="defensive patch", mininterval=1.0,
+                       file=sys.stderr)
         patch = make_defensive_patches(
             [model, *ensemble.values()], train.images, train.labels, num_classes=model.num_classes, shape=args.shape, outer=args.outer,
             width=args.width, size=args.size, corner=args.corner, stage1_epochs=args.stage1_epochs, stage1_lr=args.stage1_lr,
             stage2_epochs=args.stage2_epochs, stage2_lr=args.stage2_lr, correlation_lr=args.correlation_lr,
             milestones=milestones, gamma=args.gamma, batch_size=args.batch_size, blank=args.blank, eot=args.eot,
             max_shift=args.max_shift, brightness=args.brightness, seed=args.seed, classes=list(test.classes),
+            progress=None if bar is None else (lambda stage, epoch, history: bar.update(1)),
         )
+        if bar is not None:
+            bar.close()
         made = {"dataset": dataset_info(train, args.train_split), "seconds": time.perf_counter() - t0}
     if patch.num_classes != model.num_classes or patch.image_size != tuple(test.images.shape[-2:]):
         raise SystemExit(f"patch is for {patch.num_classes} classes at {patch.image_size}; model/data need {model.num_classes} at {tuple(test.images.shape[-2:])}")
@@ -167,11 +179,14 @@ def _evaluate_and_report(args, folder, patch, made, model, ensemble, transfer, t
         attack_step=args.attack_step, attack_restarts=args.attack_restarts, batch_size=args.eval_batch_size,
         seed=args.seed, prediction=args.prediction,
     )
-    evaluations = {"source": evaluate_defensive_patch(model, patch, test.images, test.labels, **kw)}
-    for name, m in {**ensemble, **transfer}.items():
+    evaluations = {}
+    models = progress_bar({"source": model, **ensemble, **transfer}.items(), not args.quiet, "evaluate patch",
+                          total=1 + len(ensemble) + len(transfer), unit="model")
+    for name, m in models:
         evaluations[name] = evaluate_defensive_patch(m, patch, test.images, test.labels, **kw)
 
     config = dict(vars(args), corruptions=corruptions, severities=severities, milestones=milestones)
+    config.pop("output_given", None)
     results = {
         "checkpoint": {"path": str(args.checkpoint), "model": model.config["name"], "num_classes": model.num_classes},
         "ensemble_checkpoints": list(ensemble),
@@ -188,13 +203,13 @@ def _evaluate_and_report(args, folder, patch, made, model, ensemble, transfer, t
     commit_report(folder)
     if not args.quiet:
         print(md)
-        print(f"report written to {out}/ (results.json, summary.md, defensive_patch.pt)")
+        print(written_message(out))
     src = doc["evaluations"]["source"]
     line = {"clean": src["clean"], "corruption_mean": src["corruption_mean"],
             "pgd": {k: src["pgd"][k] for k in ("without", "with")} if src["pgd"] else None,
             "patch_attack": {k: src["patch_attack"][k] for k in ("without", "with")} if src["patch_attack"] else None,
             "num_images": src["n"], "ensemble": {k: evaluations[k]["clean"] for k in ensemble},
-            "transfer": {k: evaluations[k]["clean"] for k in transfer}, "output": str(out)}
+            "transfer": {k: evaluations[k]["clean"] for k in transfer}, "output": show_path(out)}
     print(json_line(line))
     return 0
 

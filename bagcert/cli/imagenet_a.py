@@ -14,12 +14,14 @@ Two modes (``--mode auto`` picks by the model's number of classes):
 
 The real ImageNet-A images are not available in this environment; the tests use synthetic folders.
 
-Examples:
-    python -m bagcert.cli.imagenet_a --checkpoint in1k.pt --data /data/imagenet-a --output outputs/ina
-    python -m bagcert.cli.imagenet_a --checkpoint imagenette.pt --data ../shared/data/imagenette/images-160 --output outputs/inette
+Examples (`bagcert imagenet-a ...` and `python -m bagcert.cli.imagenet_a ...` are the same command):
+    bagcert imagenet-a --checkpoint in1k.pt --dataset /data/imagenet-a --output outputs/ina
+    bagcert imagenet-a --checkpoint checkpoints/bagcert_imagenette_r17s8.pt --dataset ../shared/data/imagenette/images-160 \
+        --output outputs/inette          # bagcert-imagenette-r17 (its held-out split of that folder)
 
 Outputs in --output: results.json, summary.md, response_rate.png (matplotlib); the last printed
-line is a one-line JSON summary.
+line is a one-line JSON summary. The default folder (outputs/imagenet_a, --output not given) is replaced
+by each run, saying so on stderr; a folder given with --output that holds a report needs --overwrite.
 """
 
 from __future__ import annotations
@@ -27,19 +29,22 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 
-from ._common import add_run_arguments, json_line, pct, plt_or_none, positive_int, prepare_output, save_figure, set_threads, subset, write_report
+from ._common import (Parser, add_run_arguments, commit_report, device, json_line, output_is_default, pct, plt_or_none, positive_int,
+                      prepare_output, save_figure, set_threads, show_path, subset, user_errors, write_report, written_message)
 
 _WNID = re.compile(r"n\d{8}")
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m bagcert.cli.imagenet_a", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "bagcert imagenet-a"):
+    p = Parser(prog=prog, description=__doc__)
     p.add_argument("--checkpoint", required=True, help="bagcert checkpoint")
-    p.add_argument("--data", required=True, help="folder <root>/<wnid>/<image> (ImageNet-A or any ImageNet-style folder)")
+    p.add_argument("--dataset", help="folder <root>/<wnid>/<image> (ImageNet-A or any ImageNet-style folder); required")
+    p.add_argument("--data", dest="dataset", help=argparse.SUPPRESS)  # the earlier name of --dataset, still accepted
     p.add_argument("--mode", choices=["auto", "imagenet-a", "subset"], default="auto",
                    help="imagenet-a: 1000-class model, 200-class protocol; subset: model classes matched by wnid (default: by class count)")
     p.add_argument("--size", type=positive_int, help="crop size (default: the checkpoint's input_size, else 224)")
@@ -47,15 +52,16 @@ def build_parser():
     p.add_argument("--wnids-file", help="imagenet-a mode, partial copies: the 200 ImageNet-A wnids in order, one per line")
     p.add_argument("--indices-json", help="imagenet-a mode, partial copies: JSON {wnid: ImageNet-1k index}")
     p.add_argument("--scores", choices=["mean_logits", "votes"], default="mean_logits",
-                   help="what the softmax is taken over for bagcert models: mean local logits (default) or vote counts")
+                   help="what the softmax is taken over for bagcert models: mean local logits or vote counts")
     p.add_argument("--split", choices=["auto", "test", "train", "all"], default="auto",
                    help="subset mode, a folder without split folders: the part of the checkpoint's seeded train/test split "
                    "(test, train) or every image (all). auto (default): test when the folder has exactly the image count "
                    "the checkpoint's split was made over (its training folder), else all; the report says which")
-    p.add_argument("--num-images", type=positive_int, help="evaluate only N images (the first N of a seeded permutation)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--num-images", type=positive_int, help="evaluate only N images (the first N of a seeded permutation; default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call")
     p.add_argument("--bin-size", type=positive_int, default=100, help="adaptive calibration bin size (100 in the protocol)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     add_run_arguments(p, "outputs/imagenet_a")
     return p
 
@@ -63,12 +69,14 @@ def build_parser():
 class _Recorder:
     """Wraps a logits function and keeps its outputs (for the per-image response-rate curve)."""
 
-    def __init__(self, fn):
-        self.fn, self.outputs = fn, []
+    def __init__(self, fn, bar=None):
+        self.fn, self.outputs, self.bar = fn, [], bar
 
     def __call__(self, x):
         out = self.fn(x)
         self.outputs.append(out.detach().float().cpu())
+        if self.bar is not None:
+            self.bar.update(int(x.shape[0]))
         return out
 
     def logits(self) -> torch.Tensor:
@@ -115,17 +123,24 @@ def _subset_mode_data(root: Path, split: str, record: dict | None, size: int, re
             return cut_seeded_split(data, split, record, str(root))
         return load_checkpoint_split(str(root), split, record, size=size, resize=resize)
     except DatasetError as e:
-        raise SystemExit(f"--data {root} --split {split}: {e}") from None
+        raise SystemExit(f"--dataset {root} --split {split}: {e}") from None
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "bagcert imagenet-a") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.dataset is None:
+        parser.error("the following argument is required: --dataset")
     from ..checkpoint import load_checkpoint
     from ..imagenet_a import IMAGENET_A_INDICES, evaluate_imagenet_a, evaluate_subset_model, load_imagenet_a
 
+    if any(a == "--data" or a.startswith("--data=") for a in (sys.argv[1:] if argv is None else argv)):
+        print("--data is deprecated: use --dataset (same meaning)", file=sys.stderr)
     set_threads(args)
-    prepare_output(args.output, args.overwrite)  # an unwritable --output or another run's report: refused before any work
-    model, meta = load_checkpoint(args.checkpoint)
+    # an unwritable --output or another run's report: refused before any work; written at the end as one set
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args))
+    with user_errors(f"--checkpoint {args.checkpoint}: "):
+        model, meta = load_checkpoint(args.checkpoint)
     model.to(args.device).eval()
     size = args.size or int(meta.get("input_size", 224))
     resize = args.resize or meta.get("resize") or round(size * 256 / 224)
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
     mode = args.mode
     if mode == "auto":
         mode = "imagenet-a" if model.num_classes == 1000 else "subset"
-    root = Path(args.data)
+    root = Path(args.dataset)
     recorder = _Recorder(_scores_fn(model, args.scores, args.device))
 
     if mode == "imagenet-a":
@@ -149,7 +164,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[: args.num_images].sort().values
             images, labels = images[keep], labels[keep]
-        with torch.no_grad():
+        with torch.no_grad(), _bar(args, int(labels.numel())) as recorder.bar:
             res = evaluate_imagenet_a(recorder, images, labels, batch_size=args.batch_size, bin_size=args.bin_size)
         columns = torch.tensor(IMAGENET_A_INDICES)
         rec_logits, rec_targets = recorder.logits()[:, columns], labels
@@ -164,7 +179,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"checkpoint lists {len(model_wnids)} classes for a {model.num_classes}-class model")
         data = _subset_mode_data(root, args.split, meta.get("split"), size, resize)
         data = subset(data, args.num_images, args.seed)
-        with torch.no_grad():
+        with torch.no_grad(), _bar(args, len(data)) as recorder.bar:
             res = evaluate_subset_model(recorder, data.images, data.labels, model_wnids, data.classes,
                                         batch_size=args.batch_size, bin_size=args.bin_size)
         to_model = torch.tensor([model_wnids.index(w) if w in model_wnids else -1 for w in data.classes])
@@ -180,7 +195,42 @@ def main(argv=None) -> int:
     ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "num_classes": model.num_classes}
     results = {"mode": mode, "checkpoint": ckpt, "dataset": dataset, "scores": args.scores, "bin_size": args.bin_size, **res}
     md = _markdown(results, args.scores)
-    doc = write_report(args.output, "bagcert.cli.imagenet_a", config, results, md, device=args.device)
+    config.pop("output_given", None)
+    doc = write_report(folder, "bagcert.cli.imagenet_a", config, results, md, device=args.device)
+    try:
+        _figure(folder.stage(), mode, rate, curve, res)
+        commit_report(folder)
+    finally:
+        folder.discard()
+    if not args.quiet:
+        print(md)
+        print(written_message(args.output))
+    line = {k: doc.get(k) for k in ("mode", "accuracy", "calibration_error", "aurra", "n")}
+    if mode == "subset":
+        line.update(image_coverage=doc["image_coverage"], class_coverage=doc["class_coverage"])
+    line["output"] = show_path(args.output)
+    print(json_line(line))
+    return 0
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bar(args, total: int):
+    """A tqdm bar over the evaluated images (stderr), or nothing with --no-progress / --quiet."""
+    if not args.progress or args.quiet:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="imagenet-a", mininterval=1.0, file=sys.stderr)
+
+
+def _figure(out: Path, mode: str, rate, curve, res) -> None:
     plt = plt_or_none()
     if plt is not None and rate:
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -192,16 +242,7 @@ def main(argv=None) -> int:
         ax.set_title(f"{mode}: AURRA {pct(res['aurra'])}, n={res['n']}")
         ax.legend()
         fig.tight_layout()
-        save_figure(fig, Path(args.output) / "response_rate.png")
-    if not args.quiet:
-        print(md)
-        print(f"report written to {args.output}/ (results.json, summary.md)")
-    line = {k: doc.get(k) for k in ("mode", "accuracy", "calibration_error", "aurra", "n")}
-    if mode == "subset":
-        line.update(image_coverage=doc["image_coverage"], class_coverage=doc["class_coverage"])
-    line["output"] = str(args.output)
-    print(json_line(line))
-    return 0
+        save_figure(fig, out / "response_rate.png")
 
 
 def _split_text(d: dict) -> str:

@@ -1,14 +1,16 @@
 """Region of Importance / Region of Attack report: accuracy on clean, adversarial and neutralised
 images, the IoU of RoI and RoA across q, and heat-map figures (bagcert.analysis.roi).
 
-Examples:
-    python -m bagcert.cli.roi --checkpoint checkpoints/bagcert_cifar10_r9s2.pt --dataset ../shared/data/cifar10 \\
+Examples (`bagcert roi ...` and `python -m bagcert.cli.roi ...` are the same command):
+    # the shipped default model, bagcert-cifar10-r5 (v2)
+    bagcert roi --checkpoint checkpoints/bagcert_cifar10_r5s2_v2.pt --dataset ../shared/data/cifar10 \\
         --num-images 200 --attack patch --output outputs/roi
-    python -m bagcert.cli.roi --checkpoint m.pt --dataset synthetic:16 --attack pgd --roi occlusion --output outputs/roi-pgd
+    bagcert roi --checkpoint m.pt --dataset synthetic:16 --attack pgd --roi occlusion --output outputs/roi-pgd
 
 Outputs in --output: results.json, summary.md, heatmaps.png and iou.png (matplotlib), written into a private
 staging folder and moved into place as one set (a folder that already holds a report needs --overwrite); the
-last printed line is a one-line JSON summary. Input mistakes end with one line on stderr before any work.
+last printed line is a one-line JSON summary. The default folder (outputs/roi, --output not given) is replaced
+by each run, saying so on stderr. Input mistakes end with one line on stderr before any work.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from ._common import (
     Parser, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
-    commit_report, plt_or_none, positive_int, prepare_output, save_figure, set_threads, write_report,
+    commit_report, output_is_default, plt_or_none, show_path, written_message, positive_int, prepare_output, save_figure, set_threads, write_report,
 )
 
 
@@ -31,8 +33,8 @@ def _fill(text: str):
     return value
 
 
-def build_parser():
-    p = Parser(prog="python -m bagcert.cli.roi", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "bagcert roi"):
+    p = Parser(prog=prog, description=__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--dataset", required=True, help="CIFAR-10 folder, ImageNet-style folder or synthetic[:N]")
     p.add_argument("--split", default="test")
@@ -61,8 +63,8 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "bagcert roi") -> int:
+    args = build_parser(prog).parse_args(argv)
     from ..analysis.roi import evaluate_neutralization
 
     set_threads(args)
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{name} values are percentages in [0, 100], got {q}")
     if args.roa_box < 1 or args.roa_box % 2 == 0:
         raise SystemExit(f"--roa-box must be an odd integer >= 1, got {args.roa_box}")
-    folder = prepare_output(args.output, args.overwrite)  # before any work; written at the end as one set
+    # before any work; written at the end as one set (a default folder is replaced, an explicit one needs --overwrite)
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args))
     model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images, "--num-images",
                                             default=100)
     H, W = data.images.shape[-2:]
@@ -88,6 +91,7 @@ def main(argv=None) -> int:
     examples = res.pop("examples", None)
     out = Path(args.output)
     config = dict(vars(args), qs=qs)
+    config.pop("output_given", None)
     results = {"checkpoint": {"path": str(args.checkpoint), "model": model.config["name"]}, "dataset": dataset_info(data, args.split), **res}
     md = _markdown(results)
     doc = write_report(folder, "bagcert.cli.roi", config, results, md)
@@ -98,9 +102,9 @@ def main(argv=None) -> int:
         folder.discard()
     if not args.quiet:
         print(md)
-        print(f"report written to {out}/ (results.json, summary.md)")
+        print(written_message(out))
     line = {k: doc[k] for k in ("clean_accuracy", "adversarial_accuracy", "neutralized_accuracy_oracle", "neutralized_accuracy_gradient", "neutralized_clean_accuracy")}
-    line.update(roi_method=doc["roi_method"], num_images=doc["n"], output=str(out))
+    line.update(roi_method=doc["roi_method"], num_images=doc["n"], output=show_path(out))
     print(json_line(line))
     return 0
 

@@ -1,0 +1,676 @@
+"""Certify a checkpoint against adversarial patches, in batch, and write a report.
+
+With no arguments it certifies the shipped default model, bagcert-cifar10-r5 (v2)
+(checkpoints/bagcert_cifar10_r5s2_v2.pt), on the 200 CIFAR-10 test images bundled in samples/cifar10 and
+prints the report (into outputs/certify, replaced by the next run that leaves --output at its default).
+
+Examples (`bagcert certify ...` and `python certify.py ...` are the same command):
+    bagcert certify
+    bagcert certify --dataset ../shared/data/cifar10 --patch-sizes 1,2,3,4,5,6,7,8,3x7 --output outputs/c10-full
+    bagcert certify --checkpoint checkpoints/bagcert_imagenette_r17s8.pt --dataset ../shared/data/imagenette/images-160 --patch-sizes 1%,2%,3%
+                                            # the Imagenette model, bagcert-imagenette-r17
+    bagcert certify --checkpoint my.pt --dataset /data/imagenet/val --num-images 5000 --data-path stream --workers 8
+    torchrun --nproc-per-node 2 certify.py --dataset ...     # shards images over processes, one report
+    bagcert certify --attacks pgd,pgd-adaptive,universal,feature-space --attack-images 100 --patch-sizes 5
+
+Data path (--data-path): "memory" decodes the whole split into one uint8 tensor first (fast for CIFAR-10 and
+Imagenette); "stream" decodes batch by batch in --workers DataLoader processes and keeps only the per-sample
+result rows, so memory does not grow with the number of images (ImageNet); "auto" (default) holds the set in
+memory while it fits 25 % of the available memory (bagcert.streaming.choose_data_path). Both paths give the
+same results.json numbers and per_sample.csv. The choice and its reason are printed on stderr and recorded
+in results.json (config.data_path, config.data_path_reason). --attacks need the images in memory.
+
+Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv (one row per
+image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). The
+last line printed is a one-line JSON summary. The files are written into a private staging folder beside
+--output and moved into place together, so the folder always holds one run's complete set; a folder that
+already holds a report is refused unless --overwrite (which replaces all of its files). Mistakes in the
+input (arguments, checkpoint, dataset, output folder, an attack that cannot run) end with one line on
+stderr and exit status 1 (2 for argument syntax) before any work and before anything is written. The
+default folder (outputs/certify, --output not given) is replaced by each run, saying so on stderr.
+
+With --attacks, a seeded subset of the certified images is also attacked for every patch size (see
+docs/attacks.md); the report puts empirical robust accuracy per attack next to certified accuracy, and
+the run exits with status 3 if any certified sample was broken (a soundness bug).
+
+Peer classifiers (docs/peers.md): --checkpoint also takes the peer_classifier.pt that
+`bagcert train --peer SPEC` writes (recognised by its format, no extra flag). The certifier is rebuilt from
+the spec recorded in the file (de-randomized smoothing: band, mode, encoding; PatchCleanser: k, fill
+and the patch size of its mask set), and the report has the same schema, plus the method's name and
+its network evaluations per image:
+    bagcert certify --checkpoint runs/drs-column-b4/peer_classifier.pt --dataset ../shared/data/cifar10 --patch-sizes 1,3,5
+    bagcert certify --checkpoint runs/patchcleanser-p5/peer_classifier.pt --dataset ../shared/data/cifar10
+A PatchCleanser classifier is certified with the mask set of its spec, for patch sizes up to that
+patch (default: exactly it); a larger size is an error unless --mask-patch-size rebuilds the mask set
+for a larger patch. --aggregation and --attacks apply to bagcert models only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ._common import (Parser, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
+                      positive_int, prepare_output, show_path, user_errors, written_message)
+from ..empirical import ATTACK_NAMES
+from ..peers.classifiers import FORMAT as PEER_FORMAT
+
+__all__ = ["build_parser", "main", "run_certification", "DEFAULT_CHECKPOINT", "DEFAULT_DATASET", "DEFAULT_PATCH_SIZES"]
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r5s2_v2.pt"
+DEFAULT_DATASET = ROOT / "samples" / "cifar10"
+DEFAULT_PATCH_SIZES = "1,2,3,4,5,6,7,8,3x7,7x3"
+DEFAULT_OUTPUT = "outputs/certify"
+DATA_PATHS = ("auto", "memory", "stream")
+
+
+def _percent(token: str) -> float:
+    try:
+        value = float(token[:-1])
+    except ValueError:
+        raise ValueError(f"patch size {token!r} is not understood: expected a percentage of the image area like '2%'") from None
+    if not 0 < value <= 100:
+        raise ValueError(f"patch area {token!r} must lie in (0, 100] %")
+    return value
+
+
+def _load_eval_data(args, meta, size, num_classes):
+    """The images to certify, decoded into memory. A folder without split sub-folders is cut with the seeded
+    split the checkpoint was trained with (``meta['split']``): ``--split test`` keeps its test part, ``--split
+    all`` every image (``bagcert.data.load_checkpoint_split``). Any loading error about the input is one line
+    (``SystemExit``)."""
+    from ..data import load_checkpoint_split
+
+    with user_errors(f"--dataset {args.dataset} --split {args.split}: "):
+        data = load_checkpoint_split(args.dataset, args.split, meta.get("split"), size=size, resize=meta.get("resize"),
+                                     seed=args.seed, num_classes=num_classes)
+    if len(data) == 0:
+        raise SystemExit(f"--dataset {args.dataset} --split {args.split}: no images to certify")
+    return data
+
+
+def _open_eval_stream(args, meta, size, num_classes):
+    """The images to certify as a :mod:`bagcert.streaming` dataset, resolving ``--dataset`` / ``--split`` to the
+    same images in the same order as :func:`_load_eval_data` (the checkpoint's seeded split included) without
+    decoding them. Data that is held in memory by any loader (``synthetic[:N]``, torchvision's CIFAR-10
+    batches) is loaded and wrapped (:class:`~bagcert.streaming.TensorStream`, attribute ``loaded``)."""
+    from ..data import (SPLIT_NAMES_HINT, DatasetError, _find_cifar_batches, _is_synthetic, _missing_split, _spec_root,
+                        _split_folders, seeded_split)
+    from ..streaming import TensorStream, open_stream
+
+    spec, split, record = args.dataset, args.split, meta.get("split")
+    root = None if _is_synthetic(spec) else _spec_root(spec)
+    if root is None or not root.is_dir() or _find_cifar_batches(root) is not None:
+        data = _load_eval_data(args, meta, size, num_classes)
+        stream = TensorStream(data)
+        stream.loaded = data
+        return stream
+    with user_errors(f"--dataset {spec} --split {split}: "):
+        splits = _split_folders(root)
+        if splits:
+            if split not in splits:
+                if split == "all":
+                    raise DatasetError(f"{spec} has split folders ({', '.join(splits)}): name one of them, not 'all'")
+                raise _missing_split(root, split, splits)
+            return open_stream(spec, split, size=size, resize=meta.get("resize"), seed=args.seed, num_classes=num_classes)
+        if split not in ("test", "train", "all"):
+            raise DatasetError(f"split must be {SPLIT_NAMES_HINT} for a folder without split folders, got {split!r}")
+        stream = open_stream(spec, split, size=size, resize=meta.get("resize"), seed=args.seed, num_classes=num_classes)
+        if split == "all":
+            stream.info["split"] = "all"
+            return stream
+        if not record:
+            raise DatasetError(
+                f"{spec} has no split folders and the checkpoint records no seeded split, so its {split} images cannot be "
+                "told from the images it was trained on; retrain (train.py records its split in the checkpoint) or export "
+                "the checkpoint with a split record, or ask for split 'all' to use every image knowingly"
+            )
+        n = int(record["num_images"])
+        if len(stream) != n:
+            raise DatasetError(
+                f"{spec} has {len(stream)} images but the checkpoint's seeded split was made over {n}: not the folder it "
+                f"was trained on, so it has no {split!r} part (use split 'all' to take every image)"
+            )
+        tr, te = seeded_split(n, float(record["test_fraction"]), int(record["seed"]))
+        part = stream.subset(te if split == "test" else tr)
+        part.info.update(split=split, seeded_split={k: record[k] for k in ("seed", "test_fraction", "num_images") if k in record})
+        return part
+
+
+def _open_data(args, meta, size, num_classes, attacks, world):
+    """``(data, streamed, reason)``: the images to certify on the path ``--data-path`` asks for. ``auto`` decides
+    with :func:`bagcert.streaming.choose_data_path` on the decoded size of the whole split (times the processes
+    on this machine); ``--attacks`` need the images in memory (``auto`` then takes memory, ``stream`` is refused)."""
+    from ..streaming import choose_data_path
+
+    if args.data_path == "stream" and attacks:
+        raise SystemExit("--data-path stream: --attacks need the images in memory; use --data-path memory (or auto)")
+    if args.data_path == "memory" or attacks:
+        data = _load_eval_data(args, meta, size, num_classes)
+        c, h, w = data.images.shape[1:]
+        if args.data_path == "memory":
+            return data, False, choose_data_path(len(data) * c * h * w, override="memory")[1]
+        return data, False, "memory: --attacks need the images in memory"
+    stream = _open_eval_stream(args, meta, size, num_classes)
+    if len(stream) == 0:
+        raise SystemExit(f"--dataset {args.dataset} --split {args.split}: no images to certify")
+    base = stream
+    while hasattr(base, "base"):
+        base = base.base  # the decoded size of the whole folder: what the in-memory path would hold
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    with user_errors("--data-path: "):
+        path, reason = choose_data_path(base.decoded_bytes, override=args.data_path, copies=max(1, copies))
+    if path == "memory":
+        loaded = getattr(stream, "loaded", None)
+        return (loaded if loaded is not None else _load_eval_data(args, meta, size, num_classes)), False, reason
+    return stream, True, reason
+
+
+def _stream_provenance(stream) -> dict:
+    """:func:`bagcert.report.sample_provenance` of a stream: each item's index in the whole dataset and its source
+    file, through any subsets."""
+    from ..streaming import ImageFolderStream, TensorStream
+
+    pos = torch.arange(len(stream))
+    while hasattr(stream, "base"):
+        pos, stream = stream.index[pos], stream.base
+    if isinstance(stream, TensorStream):
+        from ..report import sample_provenance
+
+        whole = sample_provenance(stream.data)
+        return {"dataset_index": [whole["dataset_index"][i] for i in pos.tolist()],
+                "source": [whole["source"][i] for i in pos.tolist()], "index_base": whole["index_base"]}
+    if isinstance(stream, ImageFolderStream):
+        return {"dataset_index": pos.tolist(), "source": [stream.source(i) for i in pos.tolist()], "index_base": "dataset"}
+    return {"dataset_index": pos.tolist(), "source": [""] * len(pos), "index_base": "dataset"}
+
+
+def _image_hw(data) -> tuple:
+    shape = data.image_shape if hasattr(data, "image_shape") else tuple(data.images.shape[1:])
+    return int(shape[-2]), int(shape[-1])
+
+
+def _resolve_size_tokens(flag: str, tokens, image_size) -> list:
+    """``[(h, w), ...]`` for the size tokens of ``flag`` (percentages resolved for ``image_size``); a size given
+    twice (``5,5`` or ``5,5x5`` or ``2%,5`` when 2 % is 5x5) is refused naming both tokens."""
+    from ..evaluation import size_key
+    from ..geometry import parse_patch_size, patch_side_for_area
+
+    seen, out = {}, []
+    for t in tokens:
+        if t.endswith("%"):
+            side = patch_side_for_area(_percent(t), image_size)
+            size = (side, side)
+        else:
+            size = parse_patch_size(t)
+        key = size_key(size)
+        if key in seen:
+            same = key if "x" in key else f"{key}x{key}"
+            raise SystemExit(f"{flag}: {seen[key]!r} and {t!r} are the same patch size ({same}); give each size once")
+        seen[key] = t
+        out.append(size)
+    return out
+
+
+def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
+    """The argument parser of ``bagcert certify`` (every option's default is shown by ``--help``)."""
+    p = Parser(prog=prog, description=__doc__)
+    p.add_argument(
+        "--checkpoint", default=str(DEFAULT_CHECKPOINT.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_CHECKPOINT),
+        help="bagcert checkpoint (the default is the shipped default model, bagcert-cifar10-r5 (v2)) or a peer classifier "
+        "(peer_classifier.pt of bagcert train --peer: de-randomized smoothing or PatchCleanser, certified with the spec "
+        "recorded in the file)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=str(DEFAULT_DATASET.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_DATASET),
+        help="CIFAR-10 folder (torchvision cifar-10-batches-py or <root>/test/<class>/*), an ImageNet-style folder, or "
+        "synthetic[:N] (the default is the 200 bundled CIFAR-10 test images)",
+    )
+    p.add_argument(
+        "--split", default="test",
+        help="split folder for datasets that have one. For a folder without splits, 'test' is the seeded test split "
+        "recorded in the checkpoint (if any) and 'all' every image",
+    )
+    p.add_argument(
+        "--patch-sizes",
+        help="comma-separated sizes: 5 for 5x5, 3x7 for height 3 x width 7, 2%% for a square of 2%% of the image area "
+        f"(default: {DEFAULT_PATCH_SIZES}; for a PatchCleanser peer classifier the patch size of its mask set)",
+    )
+    p.add_argument("--aggregation", choices=["votes", "majority", "clipped"],
+                   help="(default: the model's own) bagcert models only")
+    p.add_argument("--num-images", type=positive_int,
+                   help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
+                   "default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=250, help="images per batch and process")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--data-path", choices=DATA_PATHS, default="auto",
+                   help="memory: decode the whole split first; stream: decode batch by batch in --workers processes, "
+                   "memory independent of the number of images; auto: memory while the decoded set fits 25%% of the "
+                   "available memory")
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes of the stream path "
+                   "(0 decodes in the main process)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image subset (with --num-images) and synthetic data")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
+    add_output_arguments(p, DEFAULT_OUTPUT)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars on stderr")
+    p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    q = p.add_argument_group("peer classifiers (a --checkpoint written by bagcert train --peer)")
+    q.add_argument(
+        "--mask-patch-size",
+        help="PatchCleanser only: build the mask set for this patch (5 or HxW) instead of the one the spec records. The "
+        "certificate then covers patch sizes up to it (sound for any classifier), but it certifies double masking with "
+        "that mask set, which the classifier was not trained with (default: the spec's patch size)",
+    )
+    q.add_argument("--peer-batch-size", type=int, default=512, help="ablated / masked images per classifier call")
+    a = p.add_argument_group("empirical attacks")
+    a.add_argument("--attacks", default="", help="comma-separated list from: " + ", ".join(ATTACK_NAMES) + " (default: none)")
+    a.add_argument("--attack-steps", type=int, default=150, help="PGD steps per location; universal-patch optimisation steps")
+    a.add_argument("--attack-step-size", type=float, default=0.05, help="signed-gradient step in [0, 1] pixel units")
+    a.add_argument("--attack-locations", type=int, default=80, help="PGD patch positions per image; universal-patch poses per image")
+    a.add_argument("--attack-images", type=int, help="attack only the first N images of a seeded permutation (default: all; "
+                   "at most the number of certified images)")
+    a.add_argument("--attack-patch-sizes", help="sizes to attack, a subset of --patch-sizes (default: all of them)")
+    a.add_argument("--attack-surrogate", choices=["relaxed_votes", "logits"], default="relaxed_votes", help="differentiable stand-in for the votes")
+    a.add_argument("--universal-fit-images", type=int, default=256, help="images outside the attacked subset the universal patch is trained on")
+    a.add_argument("--imagenet-patch-file", help="imagenet_patch.gz (default: $BAGCERT_IMAGENET_PATCH or ../shared/data/imagenet-patch/)")
+    return p
+
+
+def main(argv=None, prog: str = "bagcert certify") -> int:
+    """Run the CLI; returns the exit status (0, or 3 when an attack broke a certified sample). A mistake in
+    the input raises ``SystemExit`` with one line (printed on stderr by Python, exit status 1); argument
+    syntax errors exit with status 2 and one line."""
+    args = build_parser(prog).parse_args(argv)
+    out = _run_cli(args)
+    if out is None:  # a rank other than 0 under torchrun
+        return 0
+    summary, empirical, markdown = out
+    if not args.quiet:
+        print(markdown)
+        print(written_message(args.output))
+    line = {
+        "method": summary["method"],
+        "forward_passes_per_image": summary["forward_passes_per_image"],
+        "clean_accuracy": round(summary["clean_accuracy"], 6),
+        "certified_accuracy": {k: round(v, 6) for k, v in summary["certified_accuracy"].items()},
+        "num_images": summary["num_images"],
+        "images_per_s": round(summary["images_per_s"], 2),
+        "output": show_path(args.output),
+    }
+    if empirical:
+        per = empirical["summary"]["per_size"]
+        line["empirical_robust_accuracy"] = {k: {a: round(v, 6) for a, v in r["robust_accuracy"].items()} for k, r in per.items()}
+        line["certified_broken"] = summary["certified_broken"]
+    print(json.dumps(line))
+    broken = {k: v for k, v in summary["certified_broken"].items() if v}
+    if broken:
+        from ..empirical import soundness_message
+
+        for k in broken:
+            print(soundness_message(empirical["results"][k]), file=sys.stderr)
+        print(f"FAILED: certified samples were broken by attacks ({broken}); see {show_path(args.output)}/results.json", file=sys.stderr)
+        return 3
+    return 0
+
+
+def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, patch_sizes=None, *, output=None,
+                      overwrite: bool = False, **options) -> dict:
+    """Certify ``checkpoint`` on ``dataset`` and return the report's summary (the ``results.json`` document).
+
+    The same run as ``bagcert certify`` without an argument vector: ``patch_sizes`` is a list of sizes (``5``,
+    ``"3x7"``, ``(3, 7)``, ``"2%"``) or a comma-separated string (default: the CLI's); ``output`` the report
+    folder (None: the report is built in a temporary folder and removed, only the summary is returned);
+    ``overwrite``: replace a report already in ``output``. ``options`` are the CLI's other options by their
+    argument names (``split``, ``num_images``, ``batch_size``, ``device``, ``aggregation``, ``data_path``,
+    ``workers``, ``seed``, ``threads``, ``attacks``, ``attack_images``, ...); progress bars are off unless
+    ``progress=True``. Nothing is printed. Under torchrun every rank must call it; ranks other than 0 return
+    an empty dict.
+
+    Raises ``ValueError`` with the CLI's one-line message for any mistake in the input (unknown option, bad
+    checkpoint, dataset, patch size, output folder, ...).
+    """
+    args = build_parser().parse_args([])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise ValueError(f"run_certification: unknown option(s) {', '.join(unknown)}; expected CLI option names such as "
+                         "split, num_images, batch_size, device, data_path")
+    args.progress = False
+    for k, v in options.items():
+        setattr(args, k, v)
+    args.checkpoint, args.dataset, args.overwrite, args.output_given, args.quiet = str(checkpoint), str(dataset), bool(overwrite), True, True
+    if patch_sizes is not None:
+        if not isinstance(patch_sizes, str):
+            patch_sizes = ",".join(p if isinstance(p, str) else f"{p[0]}x{p[1]}" if isinstance(p, (tuple, list)) else str(p)
+                                   for p in patch_sizes)
+        args.patch_sizes = patch_sizes
+    if isinstance(args.attacks, (list, tuple)):
+        args.attacks = ",".join(args.attacks)
+    try:
+        if output is not None:
+            args.output = str(output)
+            out = _run_cli(args)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bagcert-certify-") as tmp:
+                args.output = str(Path(tmp) / "report")
+                out = _run_cli(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise ValueError(e.code) from None
+        raise
+    return {} if out is None else out[0]
+
+
+def _run_cli(args):
+    """The whole run for parsed ``args``: ``(summary, empirical, markdown)`` on rank 0, None on other ranks;
+    always leaves the process group it joined."""
+    from ..training import leave_process_group
+
+    try:
+        return _run(args)
+    finally:
+        leave_process_group()
+
+
+def _run(args):
+    from ..evaluation import StreamSource, certify_dataset, size_key
+    from ..peers import certify_peer_dataset
+    from ..report import ReportFolderError, sample_provenance, write_certification_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+    # ---- 1. the arguments alone (nothing read, nothing written) --------------------------------------------
+    attacks = _parse_attacks(args.attacks)
+    if args.peer_batch_size < 1:
+        raise SystemExit(f"--peer-batch-size must be >= 1, got {args.peer_batch_size}")
+    if args.data_path not in DATA_PATHS:
+        raise SystemExit(f"--data-path must be one of {', '.join(DATA_PATHS)}, got {args.data_path!r}")
+    if args.patch_sizes is not None:
+        size_tokens = _size_tokens("--patch-sizes", args.patch_sizes)
+    attack_tokens = _size_tokens("--attack-patch-sizes", args.attack_patch_sizes) if args.attack_patch_sizes else None
+    if attacks:
+        for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
+            if value < (0 if flag == "--attack-steps" else 1):
+                raise SystemExit(f"{flag} must be {'>= 0' if flag == '--attack-steps' else '>= 1'}, got {value}")
+        if args.attack_images is not None and args.attack_images < 1:
+            raise SystemExit(f"--attack-images must be >= 1, got {args.attack_images}")
+        if not args.attack_step_size > 0:
+            raise SystemExit(f"--attack-step-size must be > 0, got {args.attack_step_size}")
+        if args.universal_fit_images < 0:
+            raise SystemExit(f"--universal-fit-images must be >= 0, got {args.universal_fit_images}")
+        if args.data_path == "stream":
+            raise SystemExit("--data-path stream: --attacks need the images in memory; use --data-path memory (or auto)")
+    # ---- 2. the report folder: checked now, written only after the work (staged, then moved into place) --------
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args)) if rank == 0 else None
+
+    # ---- 3. the checkpoint (a peer classifier is recognised by its format) ------------------------------------
+    peer = _load_peer(args) if _checkpoint_format(args.checkpoint) == PEER_FORMAT else None
+    if peer is None and args.mask_patch_size:
+        raise SystemExit("--mask-patch-size applies only to a PatchCleanser peer classifier (bagcert train --peer patchcleanser:P)")
+    if peer is None:
+        from ..checkpoint import load_checkpoint
+
+        with user_errors(f"--checkpoint {args.checkpoint}: "):
+            model, meta = load_checkpoint(args.checkpoint)
+    else:
+        model, meta = peer["classifier"], peer["metadata"]
+    size = checkpoint_input_size(meta, args.checkpoint)
+    if args.patch_sizes is None:
+        text = DEFAULT_PATCH_SIZES if peer is None or peer["mask_patch"] is None else size_key(peer["mask_patch"])
+        size_tokens = _size_tokens("--patch-sizes", text)
+
+    # ---- 4. the data (in memory or streamed), and the sizes against the images ------------------------------
+    data, streamed, data_reason = _open_data(args, meta, size, model.num_classes, attacks, world)
+    if rank == 0:
+        print(f"data path: {data_reason}", file=sys.stderr, flush=True)
+    if len(data.classes) != model.num_classes:
+        raise SystemExit(f"dataset has {len(data.classes)} classes but the model predicts {model.num_classes}")
+    if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":
+        raise SystemExit(f"dataset classes {data.classes} differ from the checkpoint's classes {meta['classes']}")
+    H, W = _image_hw(data)
+    with user_errors("--patch-sizes: "):
+        sizes = _resolve_size_tokens("--patch-sizes", size_tokens, (H, W))
+    area_sizes = {t: f"{s[0]}x{s[1]}" for t, s in zip(size_tokens, sizes) if t.endswith("%")}
+    too_large = [t for t, (ph, pw) in zip(size_tokens, sizes) if ph > H or pw > W]
+    if too_large:
+        raise SystemExit(f"--patch-sizes {', '.join(too_large)}: larger than the {H}x{W} images")
+    keys = [size_key(s) for s in sizes]
+    attack_keys = None
+    if attacks and attack_tokens:
+        with user_errors("--attack-patch-sizes: "):
+            attack_keys = [size_key(s) for s in _resolve_size_tokens("--attack-patch-sizes", attack_tokens, (H, W))]
+        bad = [t for t, k in zip(attack_tokens, attack_keys) if k not in keys]
+        if bad:
+            raise SystemExit(f"--attack-patch-sizes {', '.join(bad)} are not among --patch-sizes {', '.join(size_tokens)}")
+    if args.num_images is not None:
+        if args.num_images > len(data):
+            raise SystemExit(f"--num-images {args.num_images} is larger than the data set ({len(data)} images in "
+                             f"{args.dataset}, split {data.info.get('split', args.split)}); give at most {len(data)}")
+        if args.num_images < len(data):
+            perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+            keep = perm[: args.num_images].sort().values
+            info = dict(data.info)
+            data = data.subset(keep)  # keeps each image's index into the whole dataset and its source file
+            if streamed:
+                data.info = dict(info, subset=len(data))
+    if attacks:
+        if args.attack_images is not None and args.attack_images > len(data):
+            raise SystemExit(f"--attack-images {args.attack_images} is larger than the {len(data)} certified images")
+        from ..empirical import check_attacks
+
+        with user_errors("--attacks: "):
+            check_attacks(attacks, model, data, metadata=meta, imagenet_patch_path=args.imagenet_patch_file)
+    method = None
+    if peer is not None:
+        method = _check_peer_sizes(peer, (H, W), sizes)
+    model.to(args.device).eval()
+
+    # ---- 5. the work ----------------------------------------------------------------------------------------
+    progress = args.progress and not args.quiet and rank == 0
+    source = StreamSource(data, workers=args.workers) if streamed else data
+    if peer is None:
+        results, timing = certify_dataset(
+            model, source, sizes, batch_size=args.batch_size, device=args.device, aggregation=args.aggregation,
+            progress=progress, rank=rank, world=world,
+        )
+        method = {"method": "bagcert", "forward_passes_per_image": 1, "peer": None}
+    else:
+        results, timing = certify_peer_dataset(
+            peer["certifier"], model, source, sizes, mask_set=peer.get("mask_set"), batch_size=args.batch_size,
+            device=args.device, progress=progress, rank=rank, world=world,
+        )
+    if world > 1:
+        t = torch.tensor([timing["forward_s"], timing["certify_s"], timing["total_s"]], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        timing.update(forward_s=float(t[0]), certify_s=float(t[1]), total_s=float(t[2]))
+    if rank != 0:
+        return None
+    config = {k: v for k, v in vars(args).items() if k != "output_given"}
+    config["patch_sizes"] = keys
+    if area_sizes:
+        config["patch_area_sizes"] = area_sizes
+    config["world_size"] = world
+    config["data_path"] = "stream" if streamed else "memory"
+    config["data_path_requested"] = args.data_path
+    config["data_path_reason"] = data_reason
+    config["output"] = str(args.output)
+    dataset = {"name": data.name, "root": data.info.get("root"), "split": data.info.get("split", args.split)}
+    if "seeded_split" in data.info:
+        dataset["seeded_split"] = data.info["seeded_split"]
+    summary_keys = ("dataset", "epochs", "wall_seconds", "eval")
+    if peer is None:
+        ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "model_kwargs": model.config["kwargs"]}
+    else:
+        ckpt = {"path": str(args.checkpoint), "format": PEER_FORMAT, "model": model.config["backbone"],
+                "model_kwargs": model.config["model_kwargs"], "in_channels": model.config["in_channels"]}
+        summary_keys += ("peer",)
+    ckpt["metadata_summary"] = {k: meta[k] for k in summary_keys if k in meta}
+    stage = folder.stage()
+    try:
+        empirical = None
+        if attacks:
+            from ..empirical import run_empirical_evaluation
+
+            empirical = run_empirical_evaluation(
+                model, data, results, attacks, patch_sizes=attack_keys, num_images=args.attack_images, steps=args.attack_steps,
+                step_size=args.attack_step_size, locations=args.attack_locations, surrogate=args.attack_surrogate, seed=args.seed,
+                universal_fit_images=args.universal_fit_images, metadata=meta, imagenet_patch_path=args.imagenet_patch_file,
+                device=args.device, output=stage, log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
+                **_progress_kwarg(progress),
+            )
+        provenance = _stream_provenance(data) if streamed else sample_provenance(data)
+        summary = write_certification_report(
+            stage, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical, method=method,
+            provenance=provenance, run_id=folder.run_id,
+        )
+        markdown = (stage / "summary.md").read_text()
+        folder.commit()
+    except ReportFolderError as e:
+        raise SystemExit(f"--output: {one_line(e)}") from None
+    finally:
+        folder.discard()  # after a failure: no half-written report anywhere (a kept report is handed over)
+    return summary, empirical, markdown
+
+
+def _progress_kwarg(progress: bool) -> dict:
+    """``{"progress": progress}`` when :func:`bagcert.empirical.run_empirical_evaluation` takes a progress flag."""
+    import inspect
+
+    from ..empirical import run_empirical_evaluation
+
+    return {"progress": progress} if "progress" in inspect.signature(run_empirical_evaluation).parameters else {}
+
+
+def _size_tokens(flag: str, text: str) -> list:
+    """The comma-separated size tokens of ``flag``, each checked alone (``SystemExit`` with one line otherwise);
+    duplicates are found once the image size is known (:func:`_resolve_size_tokens`)."""
+    from ..geometry import parse_patch_size
+
+    tokens = [s.strip() for s in text.split(",") if s.strip()]
+    if not tokens:
+        raise SystemExit(f"{flag} is empty; give e.g. 1,2,5 or 3x7 or 2%")
+    with user_errors(f"{flag}: "):
+        for t in tokens:
+            _percent(t) if t.endswith("%") else parse_patch_size(t)
+    return tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# peer classifiers (bagcert train --peer): de-randomized smoothing and PatchCleanser
+# ------------------------------------------------------------------------------------------------
+def _checkpoint_format(path) -> str | None:
+    """The ``format`` entry of a checkpoint file, read without loading its tensors (memory-mapped,
+    ``weights_only=True``); None when it cannot be read this way (the real loader then says why)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, truncated, foreign: load_checkpoint reports it with a clear message
+        return None
+    return obj.get("format") if isinstance(obj, dict) else None
+
+
+def _load_peer(args) -> dict:
+    """Load a peer classifier and its certifier, and refuse the options that do not apply to it."""
+    from ..geometry import parse_patch_size
+    from ..peers import PatchCleanser, PeerSpec, load_peer_certifier
+
+    if args.aggregation:
+        raise SystemExit(
+            f"--aggregation {args.aggregation} applies to bagcert models only; {args.checkpoint} is a peer classifier, "
+            "certified by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)"
+        )
+    if _parse_attacks(args.attacks):
+        raise SystemExit(
+            f"--attacks does not apply to peer classifiers ({args.checkpoint}): the attacks and their soundness check "
+            "need a bagcert model (local logits and receptive-field geometry) and attack its own prediction, not a "
+            "peer's defended prediction; certify without --attacks"
+        )
+    with user_errors(f"--checkpoint {args.checkpoint}: "):  # unreadable file, or a recorded spec this version cannot parse
+        cert, clf, meta = load_peer_certifier(args.checkpoint, batch_size=args.peer_batch_size)
+    spec = PeerSpec.from_dict(meta["peer"])
+    peer = {"certifier": cert, "classifier": clf, "metadata": meta, "spec": spec, "mask_patch": None}
+    if isinstance(cert, PatchCleanser):
+        mask_patch = tuple(spec.patch_size)
+        if args.mask_patch_size:
+            try:
+                mask_patch = parse_patch_size(args.mask_patch_size)
+            except (TypeError, ValueError) as e:
+                raise SystemExit(f"--mask-patch-size: {e}") from None
+        peer["mask_patch"] = mask_patch
+        peer["mask_patch_rebuilt"] = mask_patch != tuple(spec.patch_size)
+    elif args.mask_patch_size:
+        raise SystemExit(f"--mask-patch-size applies only to PatchCleanser; {args.checkpoint} is {spec}")
+    return peer
+
+
+def _check_peer_sizes(peer: dict, image_size, sizes) -> dict:
+    """Check the requested patch sizes against the peer (PatchCleanser: at most its mask set's patch), build
+    PatchCleanser's mask set into ``peer``, and return the report's method record."""
+    from ..evaluation import size_key
+    from ..peers import MaskSet, affected_ablations
+
+    cert, spec = peer["certifier"], peer["spec"]
+    H, W = image_size
+    try:
+        spec.check_image_size((H, W))
+    except ValueError as e:
+        raise SystemExit(f"the {H}x{W} images do not fit the peer classifier: {e}") from None
+    too_large = [size_key(s) for s in sizes if s[0] > H or s[1] > W]
+    if too_large:
+        raise SystemExit(f"--patch-sizes {too_large} are larger than the {H}x{W} images")
+    info = dict(peer["metadata"]["peer"])
+    if peer["mask_patch"] is None:  # de-randomized smoothing: any patch size, Δ affected ablations
+        info["affected_ablations"] = {size_key(s): affected_ablations((H, W), s, cert.band_size, cert.mode) for s in sizes}
+        return {"method": cert.name, "forward_passes_per_image": cert.forward_passes_per_image((H, W), sizes[0]), "peer": info}
+    mh, mw = peer["mask_patch"]
+    if mh > H or mw > W:
+        raise SystemExit(f"--mask-patch-size {mh}x{mw} is larger than the {H}x{W} images")
+    bad = [f"{s[0]}x{s[1]}" for s in sizes if s[0] > mh or s[1] > mw]
+    if bad:
+        trained = "{}x{}".format(*spec.patch_size)
+        hint = (
+            f"give --patch-sizes within {mh}x{mw} (every smaller patch lies inside one of its masks), or --mask-patch-size "
+            "to rebuild the mask set for a larger patch (sound for any classifier, but a different mask set than the "
+            f"classifier was trained with, so expect lower accuracy)"
+        )
+        raise SystemExit(
+            f"PatchCleanser classifier {peer['metadata']['peer'].get('spec', spec)} certifies with the mask set built for "
+            f"{mh}x{mw} patches{'' if not peer['mask_patch_rebuilt'] else f' (--mask-patch-size; trained for {trained})'}: "
+            f"its certificate covers patches up to {mh}x{mw} only, not {', '.join(bad)}; {hint}"
+        )
+    ms = MaskSet.for_patch((H, W), (mh, mw), cert.k)
+    peer["mask_set"] = ms
+    info["mask_set"] = {
+        "patch_size": [mh, mw], "rebuilt": peer["mask_patch_rebuilt"], "k": list(ms.k), "num_masks": ms.num_masks,
+        "mask_size": list(ms.mask_size), "stride": list(ms.stride), "row_starts": list(ms.row_starts),
+        "col_starts": list(ms.col_starts), "fill": cert.fill,
+    }
+    return {"method": cert.name, "forward_passes_per_image": cert.forward_passes_per_image((H, W), (mh, mw)), "peer": info}
+
+
+def _parse_attacks(text: str) -> list:
+    import difflib
+
+    names = [a.strip() for a in (text or "").split(",") if a.strip()]
+    for a in names:
+        if a not in ATTACK_NAMES:
+            close = difflib.get_close_matches(a, ATTACK_NAMES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SystemExit(f"--attacks: unknown attack {a!r}{hint}; choose from {', '.join(ATTACK_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m bagcert.cli.certify"))
