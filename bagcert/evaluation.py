@@ -178,16 +178,17 @@ def certify_batches(data, keys, certify_batch, *, batch_size: int = 250, device=
     cuda = dev.type == "cuda"
     if isinstance(data, StreamSource):
         loader = data.loader(batch_size, rank, world, pin_memory=cuda)
-        batches, total = iter(loader), len(loader)
+        batches, total = iter(loader), sum(len(b) for b in loader.batch_sampler.index_batches())
     else:
         idx = torch.arange(rank, len(data), world)
         starts = range(0, len(idx), batch_size)
         batches = ((data.images[b], data.labels[b], b) for b in (idx[s : s + batch_size] for s in starts))
-        total = len(starts)
+        total = len(idx)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=total, unit="batch", desc=desc, mininterval=1.0)
+        bar = tqdm(total=total, unit="img", desc=desc, mininterval=1.0)  # images of this rank
     chunks: list[dict] = []
     positions: list[torch.Tensor] = []
     t_fwd = t_cert = 0.0
@@ -203,9 +204,13 @@ def certify_batches(data, keys, certify_batch, *, batch_size: int = 250, device=
         t_fwd, t_cert = t_fwd + f, t_cert + c
         chunks.append({k: _rows(res[k]) for k in keys})  # the small per-sample rows only (on the device until the end)
         positions.append(ib)
+        if bar is not None:
+            bar.update(int(ib.numel()))
     if cuda:
         torch.cuda.synchronize(dev)
     total_s = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
     results = {k: _rows(CertResult.concat([c[k] for c in chunks]), "cpu") for k in keys} if chunks else {}
     index = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
     n_local = int(index.numel())

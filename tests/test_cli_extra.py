@@ -247,3 +247,166 @@ def test_analysis_clis_load_the_checkpoint_split_part(tmp_path):
     whole = bagcert.data.load_image_folder(root, size=32, resize=32)
     tr, te = bagcert.data.seeded_split(10, 0.3, 2)
     assert torch.equal(test.images, whole.images[te]) and torch.equal(train.images, whole.images[tr])
+
+
+# ------------------------------------------------------------------------------------------------ certify: data paths
+from bagcert.cli import certify as cli_certify  # noqa: E402
+
+FAST = ["--threads", "1", "--no-progress", "--quiet"]
+
+
+def _png_folder(root, classes, per_class, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / c / f"img{k}.png")
+    return root
+
+
+def _split_checkpoint(tmp_path, classes, n):
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=len(classes), width=8).eval()
+    return bagcert.save_checkpoint(tmp_path / "m.pt", model, input_size=32, resize=32, classes=classes,
+                                   split={"seed": 1, "test_fraction": 0.5, "num_images": n})
+
+
+_NUMBERS = ("num_images", "correct_count", "clean_accuracy", "certified_accuracy", "certified_count", "dataset", "method",
+            "forward_passes_per_image", "aggregation", "certified_broken")
+
+
+@pytest.mark.parametrize("extra", [["--split", "all"], ["--num-images", "5", "--batch-size", "2"]])
+def test_stream_and_memory_paths_give_the_same_report(extra, tmp_path, capsys):
+    """The same folder of PNGs certified in memory and streamed: the same results.json numbers and the same
+    per_sample.csv, whose dataset_index / source are the whole folder's index and file on both paths."""
+    classes = ["ant", "bee", "cat"]
+    root = _png_folder(tmp_path / "folder", classes, 6)
+    ckpt = _split_checkpoint(tmp_path, classes, 18)
+    docs, csvs = {}, {}
+    for path in ("memory", "stream"):
+        out = tmp_path / path
+        assert cli_certify.main(["--checkpoint", str(ckpt), "--dataset", str(root), "--patch-sizes", "3,5", "--data-path", path,
+                                 "--output", str(out), *extra, *FAST]) == 0
+        assert f"data path: {path}: forced" in capsys.readouterr().err
+        docs[path] = json.loads((out / "results.json").read_text())
+        csvs[path] = (out / "per_sample.csv").read_text()
+        assert docs[path]["config"]["data_path"] == path and docs[path]["config"]["data_path_reason"].startswith(f"{path}: forced")
+    assert {k: docs["memory"][k] for k in _NUMBERS} == {k: docs["stream"][k] for k in _NUMBERS}
+    assert csvs["memory"] == csvs["stream"]
+    rows = csvs["stream"].splitlines()[1:]
+    whole = bagcert.data.load_image_folder(root, size=32, resize=32)
+    for row in rows:
+        i, src = int(row.split(",")[1]), row.split(",")[2]
+        assert whole.sources[i] == src  # the whole folder's index and file
+    if "--num-images" in extra:
+        _, test_part = bagcert.data.seeded_split(18, 0.5, 1)
+        assert len(rows) == 5 and {int(r.split(",")[1]) for r in rows} <= set(test_part.tolist())
+    else:
+        assert len(rows) == 18
+
+
+def test_auto_data_path_is_recorded_and_attacks_stay_in_memory(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert cli_certify.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:6", "--patch-sizes", "2",
+                             "--output", str(out), *FAST]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["data_path_requested"] == "auto" and doc["config"]["data_path"] == "memory"  # 18 KB fits
+    assert "fits the budget" in doc["config"]["data_path_reason"]
+    with pytest.raises(SystemExit, match="--attacks need the images in memory"):
+        cli_certify.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:6", "--data-path", "stream",
+                          "--attacks", "pgd", "--output", str(tmp_path / "x"), *FAST])
+
+
+def test_streamed_certification_holds_no_images(tiny_checkpoint, tmp_path):
+    """The stream source handed to the batch loop has no pixels (a shape on the meta device); its batches are
+    decoded by the loader one at a time and the results equal the in-memory ones."""
+    from bagcert.evaluation import StreamSource, certify_dataset
+    from bagcert.streaming import TensorStream
+
+    data = bagcert.data.synthetic_dataset(7, 10, 32, seed=3)
+    model, _ = bagcert.load_checkpoint(tiny_checkpoint)
+    source = StreamSource(TensorStream(data))
+    assert source.images.device.type == "meta" and source.images.shape == data.images.shape
+    streamed, timing = certify_dataset(model, source, [2, (3, 5)], batch_size=3)
+    held, _ = certify_dataset(model, data, [2, (3, 5)], batch_size=3)
+    assert timing["images"] == 7
+    for k in held:
+        for f in ("prediction", "label", "correct", "certified", "margin", "worst_position"):
+            assert torch.equal(getattr(streamed[k], f), getattr(held[k], f)), (k, f)
+        assert streamed[k].position_margins is None  # only the per-sample rows are kept
+
+
+def test_run_certification_is_the_cli_without_argv(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli_certify.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:9", "--patch-sizes", "2,3x5",
+                             "--output", str(out), *FAST]) == 0
+    cli = json.loads((out / "results.json").read_text())
+    summary = cli_certify.run_certification(tiny_checkpoint, "synthetic:9", [2, (3, 5)], threads=1)
+    assert {k: summary[k] for k in _NUMBERS} == {k: cli[k] for k in _NUMBERS}
+    assert capsys.readouterr().out.count("\n") == 1  # the CLI's JSON line only; the library prints nothing to stdout
+    kept = cli_certify.run_certification(tiny_checkpoint, "synthetic:9", "2", output=tmp_path / "lib", data_path="stream")
+    assert (tmp_path / "lib" / "per_sample.csv").is_file() and kept["config"]["data_path"] == "stream"
+    with pytest.raises(ValueError, match="unknown option"):
+        cli_certify.run_certification(tiny_checkpoint, "synthetic:9", [2], batchsize=3)
+    with pytest.raises(ValueError, match="already holds a report"):
+        cli_certify.run_certification(tiny_checkpoint, "synthetic:9", [2], output=tmp_path / "lib")
+
+
+# ------------------------------------------------------------------------------------------------ default report folders
+def test_default_report_folder_is_replaced_and_an_explicit_one_is_refused(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:4", "--patch-sizes", "2", "--threads", "1", "--no-progress"]
+    assert cli_certify.main(argv) == 0
+    first = json.loads((tmp_path / "outputs" / "certify" / "results.json").read_text())["run_id"]
+    assert "replacing" not in capsys.readouterr().err
+    assert cli_certify.main(argv) == 0  # the README's plain rerun
+    captured = capsys.readouterr()
+    assert ("replacing the previous report in outputs/certify (default folder; pass --output to keep reports)"
+            in captured.err)
+    assert "report written to outputs/certify/ (certified_accuracy.png, per_sample.csv, results.json, summary.md)" in captured.out
+    assert json.loads((tmp_path / "outputs" / "certify" / "results.json").read_text())["run_id"] != first
+    with pytest.raises(SystemExit, match="already holds a report"):  # named by the user: kept unless --overwrite
+        cli_certify.main(argv + ["--output", "outputs/certify"])
+    assert cli_certify.main(argv + ["--output", "outputs/certify", "--overwrite"]) == 0
+
+
+def test_default_folder_of_the_analysis_tools_is_replaced(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:4", "--steps", "0", "--num-figures", "0",
+            "--threads", "1", "--quiet"]
+    assert cli_roi.main(argv) == 0
+    assert cli_roi.main(argv) == 0
+    assert "replacing the previous report in outputs/roi (default folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="already holds a report"):
+        cli_roi.main(argv + ["--output", "outputs/roi"])
+
+
+def test_distributed_streamed_certification_matches_one_process(tmp_path):
+    """torchrun, 2 processes (gloo), --data-path stream: disjoint shards, and the merged report equals a
+    one-process run on the same folder."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    classes = ["ant", "bee", "cat"]
+    root = _png_folder(tmp_path / "folder", classes, 5)
+    ckpt = _split_checkpoint(tmp_path, classes, 15)
+    args = [str(ROOT / "certify.py"), "--checkpoint", str(ckpt), "--dataset", str(root), "--split", "all", "--patch-sizes", "3,5",
+            "--data-path", "stream", "--batch-size", "4", *FAST]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                          "--master-port", str(port)] + args + ["--output", str(tmp_path / "ddp")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert cli_certify.main(args[1:] + ["--output", str(tmp_path / "one")]) == 0
+    r2 = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert r2["config"]["world_size"] == 2 and r2["config"]["data_path"] == "stream"
+    assert {k: r2[k] for k in _NUMBERS} == {k: r1[k] for k in _NUMBERS}
+    assert (tmp_path / "ddp" / "per_sample.csv").read_text() == (tmp_path / "one" / "per_sample.csv").read_text()
