@@ -42,11 +42,11 @@ cp "$run/model.pt" "$OUT/model_gpu_long.pt"
 
 # 2. certify the full test set, then attack a subset (certify.py raises if a certified image is broken)
 "$PY" certify.py --checkpoint "$run/model.pt" --dataset "$DATA" --patch-sizes 1,2,3,4,5,6,7,8,3x7,7x3,2x8,8x2 \
-    --batch-size 1000 --device "$DEVICE" --no-progress --output "$WORK/report"
+    --batch-size 1000 --device "$DEVICE" --no-progress --output "$WORK/report" --overwrite
 cp "$WORK/report/results.json" "$WORK/report/summary.md" "$OUT/"
 timeout 90 "$PY" certify.py --checkpoint "$run/model.pt" --dataset "$DATA" --patch-sizes 5 --num-images 200 \
     --attacks pgd --attack-steps 100 --attack-locations 40 --batch-size 200 --device "$DEVICE" --no-progress \
-    --output "$WORK/attack" && cp "$WORK/attack/summary.md" "$OUT/attack_summary.md" || echo "attack check did not finish"
+    --output "$WORK/attack" --overwrite && cp "$WORK/attack/summary.md" "$OUT/attack_summary.md" || echo "attack check did not finish"
 
 # 3. training throughput on this device: certified loss vs cross-entropy, fp32 vs bf16
 timeout 60 "$PY" benchmarks/train_throughput.py --device "$DEVICE" --rounds 5 --steps-per-round 20 \
