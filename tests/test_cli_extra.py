@@ -410,3 +410,25 @@ def test_distributed_streamed_certification_matches_one_process(tmp_path):
     assert r2["config"]["world_size"] == 2 and r2["config"]["data_path"] == "stream"
     assert {k: r2[k] for k in _NUMBERS} == {k: r1[k] for k in _NUMBERS}
     assert (tmp_path / "ddp" / "per_sample.csv").read_text() == (tmp_path / "one" / "per_sample.csv").read_text()
+
+
+@pytest.mark.parametrize("tool", ["certify", "roi"])
+def test_no_cache_flag_neither_reads_nor_writes_the_decode_cache(tool, tmp_path, monkeypatch, capsys):
+    """--no-cache decodes afresh: no entry appears in $BAGCERT_CACHE; without it the folder is cached there."""
+    classes = ["ant", "bee", "cat"]
+    root = _png_folder(tmp_path / "folder", classes, 4)
+    ckpt = _split_checkpoint(tmp_path, classes, 12)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BAGCERT_CACHE", str(cache))
+    monkeypatch.delenv("BAGCERT_NO_CACHE", raising=False)
+    if tool == "certify":
+        run = lambda out, *flags: cli_certify.main(["--checkpoint", str(ckpt), "--dataset", str(root), "--patch-sizes", "3",
+                                                    "--data-path", "memory", "--output", str(out), *flags, *FAST])
+    else:
+        run = lambda out, *flags: cli_roi.main(["--checkpoint", str(ckpt), "--dataset", str(root), "--split", "all",
+                                                "--num-images", "2", "--attack-patch-size", "3", "--steps", "1", "--num-figures", "0",
+                                                "--output", str(out), "--threads", "1", "--quiet", *flags])
+    assert run(tmp_path / "a", "--no-cache") == 0
+    assert not cache.exists() or not any(cache.rglob("*.pt"))
+    assert run(tmp_path / "b") == 0
+    assert any(cache.rglob("*.pt"))

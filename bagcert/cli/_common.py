@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "device", "add_run_arguments", "set_threads", "parse_number", "parse_list",
+__all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
            "one_line", "user_errors", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
            "plt_or_none", "save_figure", "json_line", "add_output_arguments", "output_is_default", "show_path",
            "written_message", "progress_bar"]
@@ -139,6 +139,14 @@ def add_run_arguments(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     add_output_arguments(p, output)
     p.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    add_cache_argument(p)
+
+
+def add_cache_argument(p: argparse.ArgumentParser) -> None:
+    """``--no-cache``: decode the dataset afresh and neither read nor write the decode cache
+    (``$BAGCERT_CACHE``, default ``~/.cache/bagcert``; docs/guarantees.md "Dataset cache")."""
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="decode the images afresh; neither read nor write the decode cache ($BAGCERT_CACHE, default ~/.cache/bagcert)")
 
 
 def prepare_output(path, overwrite: bool = False, default_folder: bool = False):
@@ -249,10 +257,10 @@ def checkpoint_input_size(meta: dict, path, default: int = 32) -> int:
 
 
 def load_model_and_data(checkpoint: str, dataset: str, split: str, seed: int, num: int | None, flag: str = "the number of images",
-                        default: int | None = None):
+                        default: int | None = None, cache: bool = True):
     """``(model, meta, data)``; the dataset is resized to the checkpoint's ``input_size`` / ``resize``, and a
     folder without split folders is cut with the checkpoint's seeded split (``bagcert.data.load_checkpoint_split``).
-    ``num`` / ``flag`` / ``default``: see :func:`subset`. A bad checkpoint or dataset is ``SystemExit`` with one line."""
+    ``num`` / ``flag`` / ``default``: see :func:`subset`; ``cache=False`` bypasses the decode cache. A bad checkpoint or dataset is ``SystemExit`` with one line."""
     from ..checkpoint import load_checkpoint
     from ..data import load_checkpoint_split
 
@@ -262,7 +270,7 @@ def load_model_and_data(checkpoint: str, dataset: str, split: str, seed: int, nu
     # a folder without split folders: the part of the checkpoint's seeded split ('all': every image)
     with user_errors(f"dataset {dataset}, split {split}: "):
         data = load_checkpoint_split(dataset, split, meta.get("split"), size=size, resize=meta.get("resize"), seed=seed,
-                                     num_classes=model.num_classes)
+                                     num_classes=model.num_classes, cache=cache)
     if len(data) == 0:
         raise SystemExit(f"dataset {dataset}, split {split}: no images")
     if len(data.classes) != model.num_classes:

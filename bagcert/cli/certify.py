@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._common import (Parser, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
+from ._common import (Parser, add_cache_argument, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
                       positive_int, prepare_output, show_path, user_errors, written_message)
 from ..empirical import ATTACK_NAMES
 from ..peers.classifiers import FORMAT as PEER_FORMAT
@@ -91,7 +91,7 @@ def _load_eval_data(args, meta, size, num_classes):
 
     with user_errors(f"--dataset {args.dataset} --split {args.split}: "):
         data = load_checkpoint_split(args.dataset, args.split, meta.get("split"), size=size, resize=meta.get("resize"),
-                                     seed=args.seed, num_classes=num_classes)
+                                     seed=args.seed, num_classes=num_classes, cache=args.cache)
     if len(data) == 0:
         raise SystemExit(f"--dataset {args.dataset} --split {args.split}: no images to certify")
     return data
@@ -258,6 +258,7 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    "available memory")
     p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes of the stream path "
                    "(0 decodes in the main process)")
+    add_cache_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset (with --num-images) and synthetic data")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     add_output_arguments(p, DEFAULT_OUTPUT)

@@ -110,7 +110,7 @@ def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
     folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args))
 
     model, meta, test = load_model_and_data(args.checkpoint, args.dataset, args.eval_split, args.seed, args.num_eval,
-                                            "--num-eval", default=200)
+                                            "--num-eval", default=200, cache=args.cache)
 
     def other_model(path, role):
         with user_errors(f"--{role}-checkpoint {path}: "):
@@ -133,7 +133,7 @@ def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
         made = None
     else:
         _, _, train = load_model_and_data(args.checkpoint, args.dataset, args.train_split, args.seed, args.num_train,
-                                          "--num-train", default=1000)
+                                          "--num-train", default=1000, cache=args.cache)
         bar = None
         if not args.quiet:
             from tqdm.auto import tqdm

@@ -110,18 +110,18 @@ def _response_curve(logits: torch.Tensor, targets: torch.Tensor) -> tuple[list, 
     return rate.tolist(), acc.tolist()
 
 
-def _subset_mode_data(root: Path, split: str, record: dict | None, size: int, resize: int):
+def _subset_mode_data(root: Path, split: str, record: dict | None, size: int, resize: int, cache: bool = True):
     """The images of subset mode: ``split`` of the folder as cut by the checkpoint's seeded split record."""
     from ..data import DatasetError, cut_seeded_split, load_checkpoint_split
 
     try:
         if split == "auto":
-            data = load_checkpoint_split(str(root), "all", record, size=size, resize=resize)
+            data = load_checkpoint_split(str(root), "all", record, size=size, resize=resize, cache=cache)
             if not record or len(data) != int(record["num_images"]):
                 return data
             split = "test"  # the checkpoint's own training folder: never evaluate on its training images
             return cut_seeded_split(data, split, record, str(root))
-        return load_checkpoint_split(str(root), split, record, size=size, resize=resize)
+        return load_checkpoint_split(str(root), split, record, size=size, resize=resize, cache=cache)
     except DatasetError as e:
         raise SystemExit(f"--dataset {root} --split {split}: {e}") from None
 
@@ -177,7 +177,7 @@ def main(argv=None, prog: str = "bagcert imagenet-a") -> int:
             raise SystemExit("--mode subset needs a checkpoint whose metadata 'classes' are ImageNet wnids (n + 8 digits)")
         if len(model_wnids) != model.num_classes:
             raise SystemExit(f"checkpoint lists {len(model_wnids)} classes for a {model.num_classes}-class model")
-        data = _subset_mode_data(root, args.split, meta.get("split"), size, resize)
+        data = _subset_mode_data(root, args.split, meta.get("split"), size, resize, cache=args.cache)
         data = subset(data, args.num_images, args.seed)
         with torch.no_grad(), _bar(args, len(data)) as recorder.bar:
             res = evaluate_subset_model(recorder, data.images, data.labels, model_wnids, data.classes,

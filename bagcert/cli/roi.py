@@ -77,7 +77,7 @@ def main(argv=None, prog: str = "bagcert roi") -> int:
     # before any work; written at the end as one set (a default folder is replaced, an explicit one needs --overwrite)
     folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args))
     model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images, "--num-images",
-                                            default=100)
+                                            default=100, cache=args.cache)
     H, W = data.images.shape[-2:]
     if args.attack == "patch" and args.attack_patch_size > min(H, W):
         raise SystemExit(f"--attack-patch-size {args.attack_patch_size} is larger than the {H}x{W} images")
