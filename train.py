@@ -20,6 +20,12 @@ one line; ``--config <output>/config.json --resume`` continues exactly. --resume
 make it another run (model, data, batch size, optimiser, loss, seed, ...), naming them; a new end (--epochs,
 --time-budget-minutes, --max-steps) and evaluation/logging/system settings are allowed and logged
 (docs/guarantees.md, "Training runs: stop, resume, logs").
+
+--data-path auto|memory|stream (default auto): the in-memory uint8 path while the decoded set fits 25 % of
+the available memory, else images decoded per batch by --workers loader processes (bagcert.streaming);
+the choice and its reason are printed and logged (a data_path record in train_log.jsonl). ImageNet recipe
+options: --grad-accum K, --lr-scale-batch N, --amp (bf16), --channels-last, --compile; multi-node commands
+are in docs/imagenet.md.
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ import sys
 
 from bagcert.checkpoint import CheckpointError
 from bagcert.data import DatasetError, load_dataset, seeded_split
-from bagcert.training import TrainConfig, TrainingError, _peer_spec, check_output_folder, distributed_env, train
+from bagcert.streaming import choose_data_path, decoded_size_bytes, open_stream
+from bagcert.training import (
+    TrainConfig, TrainingError, _peer_spec, check_output_folder, distributed_env, stream_augmentation, train,
+)
 
 
 def _parse_list(text):
@@ -61,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageNet-style: decode training images at --resize x --resize and train on random "
                         "--image-size crops (evaluation uses the centre crop)")
     g.add_argument("--cutout", type=int)
+    g.add_argument("--data-path", choices=["auto", "memory", "stream"],
+                   help="memory: decode the whole set into one uint8 tensor (the fast path for CIFAR-10, Imagenette); "
+                        "stream: decode per batch in --workers loader processes (ImageNet); auto (default): memory while "
+                        "the decoded set fits 25%% of the available memory (bagcert.streaming.choose_data_path)")
+    g.add_argument("--workers", type=int, help="loader processes of the stream path (default min(8, CPUs))")
     g.add_argument("--pad", type=int)
     g = p.add_argument_group("model")
     g.add_argument("--model")
@@ -73,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-budget-minutes", type=float,
                    help="wall-clock budget for the whole run: measure the speed during the first steps and replace "
                         "--epochs by what fits (written to <output>/config.json; --resume keeps the plan)")
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help="global batch of one micro-step, summed over all processes")
+    g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per optimiser step (default 1): a step sees "
+                   "batch-size x grad-accum images; under DDP gradients are all-reduced once per step")
+    g.add_argument("--lr-scale-batch", type=int, help="linear learning-rate rule: the peak lr is --lr x batch-size x "
+                   "grad-accum / N (N: the batch --lr was tuned for, e.g. 256); logged as an lr_rule record")
     g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"])
     g.add_argument("--lr", type=float)
     g.add_argument("--weight-decay", type=float)
@@ -177,9 +195,13 @@ def _main(argv=None) -> int:
     if cfg.random_crop and (cfg.resize is None or cfg.resize < size):
         raise SystemExit(f"--random-crop needs --resize >= --image-size ({size}), got resize {cfg.resize}")
     train_size = cfg.resize if cfg.random_crop else size
-    train_data = load_dataset(cfg.dataset, "train", size=train_size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
+    path, reason, train_data = _choose_data_path(cfg, train_size)
     try:
-        eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
+        if path == "memory":
+            eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
+        else:
+            eval_data = open_stream(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes,
+                                    augment="none")
     except DatasetError as e:  # no test split: a seeded split below, said out loud; any other failure is raised
         if rank == 0:
             print(f"no test split in {cfg.dataset} ({e}); holding out a seeded {cfg.test_fraction:g} of the training images "
@@ -207,7 +229,7 @@ def _main(argv=None) -> int:
         raise SystemExit(f"dataset has {len(train_data.classes)} classes but --num-classes is {cfg.num_classes}")
     if cfg.eval_images and eval_data is not None and len(eval_data) > cfg.eval_images:
         eval_data = eval_data.subset(torch_arange(cfg.eval_images, len(eval_data), cfg.seed))
-    summary = train(cfg, train_data, eval_data, resume=args.resume)
+    summary = train(cfg, train_data, eval_data, resume=args.resume, data_path_reason=reason)
     if summary.get("stopped"):
         if rank == 0:
             print(f"stopped by {summary['stopped']} after step {summary['steps']}: {summary['output']}/last.pt written; "
@@ -216,6 +238,34 @@ def _main(argv=None) -> int:
     if rank == 0:
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
+
+
+def _choose_data_path(cfg, train_size):
+    """``(path, reason, training data)``: ``"memory"`` with a decoded :class:`bagcert.data.Dataset`, or ``"stream"``
+    with a :mod:`bagcert.streaming` dataset (only its file list is read). ``--data-path auto`` decides with
+    :func:`bagcert.streaming.choose_data_path` on the decoded size of the in-memory path (every process on this
+    machine holds a copy) against the memory budget; a forced path is said as such."""
+    import os
+
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    load = lambda: load_dataset(cfg.dataset, "train", size=train_size, resize=cfg.resize, seed=cfg.seed,  # noqa: E731
+                                num_classes=cfg.num_classes)
+    if cfg.data_path == "memory":
+        data = load()
+        return ("memory", choose_data_path(data.images.numel(), override="memory", copies=copies)[1], data)
+    try:
+        augment, refused = stream_augmentation(cfg), None
+    except TrainingError as e:  # an augmentation only the in-memory path has: fine unless the stream path is needed
+        augment, refused = "none", e
+    stream = open_stream(cfg.dataset, "train", size=cfg.image_size, resize=cfg.resize, seed=cfg.seed,
+                         num_classes=cfg.num_classes, augment=augment)
+    decoded = decoded_size_bytes(len(stream), train_size) if cfg.random_crop else stream.decoded_bytes
+    path, reason = choose_data_path(decoded, override=cfg.data_path, copies=copies)
+    if path == "memory":
+        return path, reason, load()
+    if refused is not None:
+        raise SystemExit(f"{refused} ({reason})")
+    return path, reason, stream
 
 
 def torch_arange(k, n, seed):
