@@ -351,3 +351,21 @@ def test_train_cli_names_the_flag_of_a_bad_number(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"batch_size must be an int >= 1, got 0 \(--batch-size or 'batch_size' in the config file\)"):
         train_cli.main(["--dataset", "synthetic", "--batch-size", "0", "--output", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_distributed_stream_path_with_grad_accum_matches_one_process_without(tmp_path):
+    """torchrun (2 gloo processes) on the stream path with two accumulated micro-batches of 8 (no_sync on the
+    first) against one process on the stream path with one batch of 16: the same images, augmentations and steps."""
+    common = ["--dataset", "synthetic:64", "--model", "cifar_bagnet5_s2", "--model-kwargs", '{"width": 8, "norm": "gn"}',
+              "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05", "--eval-images", "16", "--margin-weight", "0",
+              "--data-path", "stream", "--workers", "0", "--no-progress", "--no-tensorboard", "--threads", "1"]
+    ddp = _torchrun([str(ROOT / "train.py")] + common + ["--batch-size", "8", "--grad-accum", "2", "--output", str(tmp_path / "ddp")], ROOT)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(ROOT / "train.py")] + common + ["--batch-size", "16", "--output", str(tmp_path / "one")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = _weights(tmp_path / "ddp" / "model.pt"), _weights(tmp_path / "one" / "model.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    rec = [json.loads(l) for l in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines() if '"data_path"' in l]
+    assert rec[0]["data_path"]["path"] == "stream" and bagcert.load_checkpoint(tmp_path / "ddp" / "model.pt")[1]["trained_steps"] == 8
