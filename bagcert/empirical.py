@@ -336,6 +336,59 @@ def soundness_message(res: EmpiricalResult, below: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _method_title(model, aggregation: str, attack_info: dict, size) -> str:
+    """The attacks and the certified model of an attack figure, e.g. ``"pgd (10 steps, 5 locations), 5x5 patch;
+    BagCert (votes aggregation), cifar_bagnet5_s2"``."""
+    from .report import certificate_method
+
+    parts = []
+    for name, info in attack_info.items():
+        bits = [f"{info[k]} {k}" for k in ("steps", "locations") if isinstance(info.get(k), int) and not isinstance(info.get(k), bool)]
+        parts.append(f"{name} ({', '.join(bits)})" if bits else name)
+    config = getattr(model, "config", None)
+    model_name = config.get("name") if isinstance(config, dict) else None
+    what = f"{', '.join(parts)}, {size[0]}x{size[1]} patch; " if parts else f"{size[0]}x{size[1]} patch; "
+    return what + certificate_method(aggregation, model_name)
+
+
+def _write_figures(model, x, y, cert, res, key, figure_images, metadata, data, out_dir, notes) -> list:
+    """Write ``attack_examples_<key>.png`` and ``uncertified_positions_<key>.png`` for up to ``figure_images``
+    attacked images chosen by :func:`bagcert.report.select_example_rows` (correct on clean input, images an
+    attack broke first) and return the file names written. Classes are named from the checkpoint metadata's
+    ``classes`` (else the data set's). When no attacked image is correct on clean input the first ones are
+    shown, and the figure's title and a note say that they were wrong already."""
+    from .report import certificate_method, plot_attack_examples, plot_uncertified_positions, select_example_rows
+
+    size = cert.patch_size
+    attacked = {a: r for a, r in res.results.items() if isinstance(r, AttackResult)}
+    preds = torch.stack([r.predictions.cpu() for r in attacked.values()]) if attacked else cert.prediction.cpu().unsqueeze(0)
+    rows = select_example_rows(cert.correct, preds, cert.label, cert.certified, figure_images)
+    caveat = "\nrows: images correct on clean input, those an attack broke first"
+    if rows.numel() == 0:
+        rows = torch.arange(min(int(figure_images), cert.num_samples))
+        caveat = "; none of the attacked images is correct on clean input: the rows shown were wrong already"
+        notes.append(f"patch {key}: figures show images misclassified on clean input (none of the attacked images is correct)")
+    classes = (metadata or {}).get("classes") or getattr(data, "classes", None)
+    xs, ys = x[rows.to(x.device)], y[rows.to(y.device)]
+    config = getattr(model, "config", None)
+    model_name = config.get("name") if isinstance(config, dict) else None
+    figures = []
+    if attacked:
+        adv = {a: (r.adv_images[rows.to(r.adv_images.device)], r.predictions[rows.to(r.predictions.device)],
+                   r.masks[rows.to(r.masks.device)]) for a, r in attacked.items()}
+        title = _method_title(model, cert.aggregation, {a: r.info for a, r in attacked.items()}, size) + caveat
+        if plot_attack_examples(out_dir / f"attack_examples_{key}.png", xs, ys, cert.prediction.cpu()[rows], adv, classes,
+                                title=title, certified=cert.certified.cpu()[rows]):
+            figures.append(f"attack_examples_{key}.png")
+    with restore_model_state(model):
+        maps = certify(model, xs, ys, size, return_position_margins=True)
+    if plot_uncertified_positions(out_dir / f"uncertified_positions_{key}.png", xs, maps.position_margins, ys, maps.prediction,
+                                  maps.certified, size, classes, aggregation=maps.aggregation,
+                                  method=certificate_method(maps.aggregation, model_name)):
+        figures.append(f"uncertified_positions_{key}.png")
+    return figures
+
+
 def run_empirical_evaluation(
     model,
     data,
@@ -385,7 +438,6 @@ def run_empirical_evaluation(
     from pathlib import Path
 
     from .attacks.imagenet_patch_attack import ImageNetPatchAttack
-    from .report import plot_attack_examples, plot_uncertified_positions
 
     log = log or (lambda msg: None)
     attacks = list(dict.fromkeys(attacks))
@@ -451,17 +503,7 @@ def run_empirical_evaluation(
         summ = res.summary()
         figures = []
         if out_dir is not None and figure_images > 0:
-            k = min(figure_images, m)
-            adv = {a: (r.adv_images[:k], r.predictions[:k]) for a, r in res.results.items() if isinstance(r, AttackResult)}
-            classes = getattr(data, "classes", None)
-            if adv and plot_attack_examples(out_dir / f"attack_examples_{key}.png", x[:k], y[:k], cert.prediction[:k], adv, classes,
-                                            title=f"{size[0]}x{size[1]} patch: clean and attacked images (red: wrong prediction)"):
-                figures.append(f"attack_examples_{key}.png")
-            with restore_model_state(model):
-                maps = certify(model, x[:k], y[:k], size, return_position_margins=True)
-            if plot_uncertified_positions(out_dir / f"uncertified_positions_{key}.png", x[:k], maps.position_margins, y[:k],
-                                          maps.prediction, maps.certified, size, classes):
-                figures.append(f"uncertified_positions_{key}.png")
+            figures = _write_figures(model, x, y, cert, res, key, figure_images, metadata, data, out_dir, notes)
         summ["figures"] = figures
         per_size[key] = summ
         robust[key] = dict(res.robust)

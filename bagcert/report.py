@@ -102,6 +102,12 @@ __all__ = [
     "environment_info",
     "plot_attack_examples",
     "plot_uncertified_positions",
+    "attack_examples_figure",
+    "uncertified_positions_figure",
+    "accuracy_figure",
+    "select_example_rows",
+    "class_name",
+    "WNID_NAMES",
 ]
 
 
@@ -514,26 +520,50 @@ def _markdown_empirical(e: dict) -> list:
 
 
 def _plot(path: Path, s: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """Write ``certified_accuracy.png`` for the report summary ``s`` (nothing when matplotlib is missing)."""
+    plt = _pyplot()
+    if plt is None:
         return
-    keys = list(s["certified_accuracy"])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(range(len(keys)), [100 * s["certified_accuracy"][k] for k in keys], color="tab:blue", label="certified")
-    ax.axhline(100 * s["clean_accuracy"], color="tab:gray", ls="--", label="clean")
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([k if "x" in k else f"{k}x{k}" for k in keys])
-    ax.set_xlabel("patch size (pixels)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    ax.set_title(f"{s['dataset'].get('name')}, n={s['num_images']}")
-    fig.tight_layout()
-    _save(fig, path, plt, dpi=120)
+    _save(accuracy_figure(s), path, plt, dpi=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------
+#: Readable names of the ImageNet wnids this package knows: the ten Imagenette classes (names from the
+#: ImageNet-1k class list). A class named by another wnid is shown as the wnid.
+WNID_NAMES = {
+    "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+    "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
+    "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball", "n03888257": "parachute",
+}
+
+
+def class_name(classes, i) -> str:
+    """The readable name of class index ``i``: ``classes[i]`` (a wnid listed in :data:`WNID_NAMES` becomes its
+    name), or the index as text when ``classes`` is None or too short."""
+    i = int(i)
+    if classes is None or not 0 <= i < len(classes):
+        return str(i)
+    c = str(classes[i])
+    return WNID_NAMES.get(c, c)
+
+
+_name = class_name
+
+
+def margin_unit(aggregation: str) -> str:
+    """The unit of a certificate margin of ``aggregation``: ``"votes"`` for votes / majority, else the
+    summed clipped scores."""
+    return "votes" if aggregation in ("votes", "majority") else f"{aggregation} score sum"
+
+
+def certificate_method(aggregation: str | None = None, model: str | None = None, method: str | None = None) -> str:
+    """A figure title's name of the certification method, e.g. ``"BagCert (votes aggregation), cifar_bagnet5_s2"``."""
+    name = "BagCert" if method in (None, "bagcert") else str(method)
+    if aggregation and method in (None, "bagcert"):
+        name += f" ({aggregation} aggregation)"
+    return f"{name}, {model}" if model else name
 
 
 def _pyplot():
@@ -544,6 +574,21 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def _wrap_title(text: str, width_in: float, fontsize: float = 9) -> str:
+    """``text`` broken into lines (at spaces) that fit a figure ``width_in`` inches wide at ``fontsize`` points."""
+    import textwrap
+
+    per_line = max(20, int(width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, per_line, break_on_hyphens=False) for line in text.split("\n"))
+
+
+def _require_pyplot():
+    plt = _pyplot()
+    if plt is None:
+        raise ImportError("figures need matplotlib: pip install 'bagcert[plots]'")
     return plt
 
 
@@ -562,61 +607,187 @@ def _save(fig, path: Path, plt, dpi: int = 110) -> None:
             os.unlink(tmp)
 
 
-def _name(classes, i) -> str:
-    i = int(i)
-    return str(classes[i]) if classes is not None and 0 <= i < len(classes) else str(i)
+def accuracy_figure(s: dict):
+    """The bar chart of ``certified_accuracy.png`` (a matplotlib Figure) for a report summary ``s``; its
+    title names the method (certifier, aggregation, model), the data set and the image count."""
+    plt = _require_pyplot()
+    keys = list(s["certified_accuracy"])
+    fig, ax = plt.subplots(figsize=(5, 3.4), layout="constrained")
+    ax.bar(range(len(keys)), [100 * s["certified_accuracy"][k] for k in keys], color="tab:blue", label="certified")
+    ax.axhline(100 * s["clean_accuracy"], color="tab:gray", ls="--", label="clean")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([k if "x" in k else f"{k}x{k}" for k in keys])
+    ax.set_xlabel("patch size (pixels)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    model = (s.get("checkpoint") or {}).get("model")
+    ax.set_title(f"{certificate_method(s.get('aggregation'), model, s.get('method'))}\n"
+                 f"certified accuracy on {s['dataset'].get('name')}, n={s['num_images']}", fontsize=9)
+    return fig
 
 
-def plot_attack_examples(path, images, labels, clean_pred, adversarial: dict, classes=None, title: str = "") -> bool:
-    """One row per image: the clean image, then each attack's patched image, titled with the predictions.
+def select_example_rows(correct, attacked_pred, labels, certified, k: int) -> torch.Tensor:
+    """The images an attack example figure shows, best first.
 
-    ``adversarial`` maps attack names to ``(adv_images [k, 3, H, W], predictions [k])``. Returns False when
-    matplotlib is not installed (nothing written)."""
+    Args:
+        correct: bool [N], the clean prediction is the label.
+        attacked_pred: long [N] or [A, N], the prediction on the attacked image (one row per attack).
+        labels: long [N].
+        certified: bool [N], the certificate's flag (shown, not used to choose).
+        k: the most rows wanted, >= 0.
+
+    Returns:
+        long [min(k, number correct)]: indices of images classified correctly on clean input only (an image
+        that is wrong already shows nothing about the attack), first those some attack broke (an attacked
+        prediction differs from the label), then those every attack left correct; each group in index order.
+
+    Raises:
+        ValueError: shapes that do not match, or a negative ``k``.
+    """
+    correct = torch.as_tensor(correct).bool().cpu().flatten()
+    labels = torch.as_tensor(labels).long().cpu().flatten()
+    certified = torch.as_tensor(certified).bool().cpu().flatten()
+    pred = torch.as_tensor(attacked_pred).long().cpu()
+    if pred.dim() == 1:
+        pred = pred.unsqueeze(0)
+    n = correct.numel()
+    if pred.dim() != 2 or pred.shape[1] != n or labels.numel() != n or certified.numel() != n:
+        raise ValueError(f"select_example_rows: expected correct, labels, certified [N] and attacked_pred [N] or [A, N]; got "
+                         f"{n}, {labels.numel()}, {certified.numel()} and {tuple(pred.shape)}")
+    if isinstance(k, bool) or int(k) != k or k < 0:
+        raise ValueError(f"select_example_rows: k must be an integer >= 0, got {k!r}")
+    broken = (pred != labels.unsqueeze(0)).any(dim=0)
+    order = torch.cat([(correct & broken).nonzero().flatten(), (correct & ~broken).nonzero().flatten()])
+    return order[: int(k)]
+
+
+def _image(t) -> "object":
+    return t.detach().cpu().float().permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def _mask_box(mask):
+    """(top, left, bottom, right) of the nonzero pixels of ``mask`` [1, H, W] or [H, W], None when empty."""
+    m = torch.as_tensor(mask).detach().cpu()
+    m = m.reshape(m.shape[-2:]) != 0
+    if not bool(m.any()):
+        return None
+    rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+
+
+def attack_examples_figure(images, labels, clean_pred, adversarial: dict, classes=None, title: str = "", certified=None):
+    """The attack example figure (a matplotlib Figure): one row per image, the clean image with the clean
+    prediction, then each attack's patched image with the prediction on it (red and "(wrong)" when it is not
+    the label; the patch's bounding box outlined in yellow when masks are given); the row is labelled with the
+    true class and, with ``certified``, whether the certificate holds.
+
+    Args:
+        images: float [k, 3, H, W] in [0, 1]; labels, clean_pred: long [k].
+        adversarial: ``{attack name: (adv_images [k, 3, H, W], predictions [k])}`` or
+            ``(adv_images, predictions, masks [k, 1, H, W])``.
+        classes: class names (wnids are shown by name, see :func:`class_name`); None shows indices.
+        title: the method (attack, patch size, model, aggregation): the figure's title.
+        certified: optional bool [k].
+    """
+    plt = _require_pyplot()
+    k = images.shape[0]
+    if k < 1:
+        raise ValueError("attack_examples_figure: no images to show")
+    names = list(adversarial)
+    cols = 1 + len(names)
+    width = max(2.3 * cols, 5.0)
+    fig, axes = plt.subplots(k, cols, figsize=(width, 2.05 * k + 1.1), squeeze=False, layout="constrained")
+    for i in range(k):
+        panels = [("clean", images[i], clean_pred[i], None)]
+        for n in names:
+            entry = adversarial[n]
+            panels.append((n, entry[0][i], entry[1][i], entry[2][i] if len(entry) > 2 and entry[2] is not None else None))
+        for j, (name, img, pred, mask) in enumerate(panels):
+            ax = axes[i][j]
+            ax.imshow(_image(img), interpolation="nearest")
+            ok = int(pred) == int(labels[i])
+            ax.set_title(f"{name}\npred: {class_name(classes, pred)}{'' if ok else ' (wrong)'}", fontsize=8,
+                         color="black" if ok else "tab:red")
+            box = _mask_box(mask) if mask is not None else None
+            if box is not None:
+                t, l, b, r = box
+                ax.add_patch(plt.Rectangle((l - 0.5, t - 0.5), r - l + 1, b - t + 1, fill=False, edgecolor="yellow", lw=1.0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        state = "" if certified is None else ("\ncertified" if bool(certified[i]) else "\nnot certified")
+        axes[i][0].set_ylabel(f"true: {class_name(classes, labels[i])}{state}", fontsize=8)
+    fig.suptitle(_wrap_title(f"{title}\nred: the prediction is not the true class; yellow box: the patch", width), fontsize=9)
+    return fig
+
+
+def plot_attack_examples(path, images, labels, clean_pred, adversarial: dict, classes=None, title: str = "", certified=None) -> bool:
+    """Write :func:`attack_examples_figure` to ``path`` (PNG). Returns False when matplotlib is not installed
+    (nothing written)."""
     plt = _pyplot()
     if plt is None:
         return False
-    k = images.shape[0]
-    names = list(adversarial)
-    cols = 1 + len(names)
-    fig, axes = plt.subplots(k, cols, figsize=(1.9 * cols, 2.0 * k), squeeze=False)
-    for i in range(k):
-        panels = [("clean", images[i], clean_pred[i])] + [(n, adversarial[n][0][i], adversarial[n][1][i]) for n in names]
-        for j, (name, img, pred) in enumerate(panels):
-            ax = axes[i][j]
-            ax.imshow(img.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ok = int(pred) == int(labels[i])
-            ax.set_title(f"{name}\npred {_name(classes, pred)}", fontsize=7, color="black" if ok else "red")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[i][0].set_ylabel(f"label {_name(classes, labels[i])}", fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    _save(fig, Path(path), plt)
+    _save(attack_examples_figure(images, labels, clean_pred, adversarial, classes, title, certified), Path(path), plt)
     return True
 
 
-def plot_uncertified_positions(path, images, position_margins, labels, predictions, certified, patch_size, classes=None) -> bool:
-    """Per image: the image and the map of patch positions (top-left pixel) the certificate cannot rule out
-    (``position_margins <= 0``); ``certified`` is the certificate's flag (of the prediction, right or wrong).
-    Returns False when matplotlib is not installed."""
+def uncertified_positions_figure(images, position_margins, labels, predictions, certified, patch_size, classes=None,
+                                 aggregation: str = "votes", method: str = ""):
+    """The certificate-margin figure (a matplotlib Figure): per image (columns) the image and the margin of
+    every patch position (top-left pixel) as a heatmap with one shared colour bar in ``margin_unit``:
+    red where the margin is <= 0 (a patch there may change the prediction), blue where it is > 0.
+
+    Args:
+        images: float [k, 3, H, W]; position_margins: [k, H - ph + 1, W - pw + 1] (``return_position_margins``);
+        labels, predictions: long [k]; certified: bool [k] (the certificate's flag, right class or wrong);
+        patch_size: (ph, pw) pixels; classes: class names or None; aggregation: the certified aggregation
+        (decides the unit); method: the method's name for the title (default from ``aggregation``).
+    """
+    plt = _require_pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+
+    k = images.shape[0]
+    if k < 1:
+        raise ValueError("uncertified_positions_figure: no images to show")
+    ph, pw = patch_size
+    maps = torch.as_tensor(position_margins).detach().cpu().double()
+    integer = bool(torch.equal(maps, maps.round()))
+    center = 0.5 if integer else 0.0  # integer margins: 0 (not certified) is red, 1 blue
+    lo, hi = float(maps.min()), float(maps.max())
+    norm = TwoSlopeNorm(vcenter=center, vmin=min(lo, center - 1), vmax=max(hi, center + 1))
+    width = max(2.1 * k + 1.2, 5.0)
+    fig, axes = plt.subplots(2, k, figsize=(width, 5.4), squeeze=False, layout="constrained")
+    im = None
+    for i in range(k):
+        axes[0][i].imshow(_image(images[i]), interpolation="nearest")
+        axes[0][i].set_title(f"true: {class_name(classes, labels[i])}\npred: {class_name(classes, predictions[i])}", fontsize=8)
+        axes[0][i].set_xticks([])
+        axes[0][i].set_yticks([])
+        m = maps[i].numpy()
+        im = axes[1][i].imshow(m, cmap="RdBu", norm=norm, interpolation="nearest")
+        open_ = int((maps[i] <= 0).sum())
+        state = "not certified" if not bool(certified[i]) else ("certified" if int(predictions[i]) == int(labels[i]) else "certified, wrong class")
+        axes[1][i].set_title(f"{state}\n{open_} of {m.size} positions <= 0", fontsize=8)
+        axes[1][i].tick_params(labelsize=6)
+    axes[1][0].set_xlabel("patch left column (px)", fontsize=7)
+    axes[1][0].set_ylabel("patch top row (px)", fontsize=7)
+    cb = fig.colorbar(im, ax=list(axes[1]), shrink=0.9)
+    cb.set_label(f"certificate margin ({margin_unit(aggregation)})", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    name = method or certificate_method(aggregation)
+    fig.suptitle(_wrap_title(f"{name}: margin of every {ph}x{pw} patch position (top-left pixel)\n"
+                             "red (<= 0): a patch there may change the prediction", width), fontsize=9)
+    return fig
+
+
+def plot_uncertified_positions(path, images, position_margins, labels, predictions, certified, patch_size, classes=None,
+                               aggregation: str = "votes", method: str = "") -> bool:
+    """Write :func:`uncertified_positions_figure` to ``path`` (PNG). Returns False when matplotlib is not
+    installed (nothing written)."""
     plt = _pyplot()
     if plt is None:
         return False
-    k = images.shape[0]
-    fig, axes = plt.subplots(2, k, figsize=(2.0 * k, 4.2), squeeze=False)
-    ph, pw = patch_size
-    for i in range(k):
-        axes[0][i].imshow(images[i].detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-        axes[0][i].set_title(f"label {_name(classes, labels[i])}\npred {_name(classes, predictions[i])}", fontsize=7)
-        bad = (position_margins[i] <= 0).float().cpu().numpy()
-        axes[1][i].imshow(bad, cmap="Reds", vmin=0, vmax=1, interpolation="nearest")
-        state = "not certified" if not bool(certified[i]) else ("certified" if int(predictions[i]) == int(labels[i]) else "certified, wrong class")
-        axes[1][i].set_title(f"{state}\n{int(bad.sum())} open positions", fontsize=7)
-        for ax in (axes[0][i], axes[1][i]):
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"{ph}x{pw} patch: positions (top-left pixel) the certificate cannot rule out, in red", fontsize=8)
-    fig.tight_layout()
+    fig = uncertified_positions_figure(images, position_margins, labels, predictions, certified, patch_size, classes,
+                                       aggregation, method)
     _save(fig, Path(path), plt)
     return True

@@ -73,6 +73,9 @@ __all__ = [
     "iou",
     "iou_across_q",
     "evaluate_neutralization",
+    "roi_method_title",
+    "iou_figure",
+    "roi_heatmap_figure",
 ]
 
 
@@ -437,3 +440,95 @@ def evaluate_neutralization(
     if keep > 0:
         out["examples"] = examples
     return out
+
+
+# --- figures ----------------------------------------------------------------------------------
+def roi_method_title(results: dict) -> str:
+    """The method of a RoI / RoA figure from :func:`evaluate_neutralization`'s ``results`` (optionally with
+    ``"checkpoint": {"model": name}``), e.g. ``"RoI local (mean), RoA, patch 5x5 attack (20 steps); cifar_bagnet5_s2"``."""
+    a = results["attack"]
+    attack = f"patch {a['patch_size']}x{a['patch_size']} attack" if a["kind"] == "patch" else f"L-inf PGD eps {a['eps']:.4g}"
+    roi = f"RoI {results['roi_method']}" + (f" ({results['reduce']})" if results.get("reduce") else "")
+    model = (results.get("checkpoint") or {}).get("model")
+    return f"{roi} vs RoA, {attack} ({a['steps']} steps)" + (f"; {model}" if model else "")
+
+
+def _roi_unit(roi_method: str) -> str:
+    return ("local logit of the predicted class" if roi_method == "local"
+            else "drop of the predicted class's logit when occluded")
+
+
+def iou_figure(results: dict, method: str | None = None):
+    """The mean IoU of RoI and RoA against q (a matplotlib Figure) from :func:`evaluate_neutralization`'s
+    ``results``; the title names ``method`` (default :func:`roi_method_title`). Needs matplotlib."""
+    from ..report import _require_pyplot, _wrap_title
+
+    plt = _require_pyplot()
+    qs = [float(q) for q in results["iou_oracle"]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    ax.plot(qs, list(results["iou_oracle"].values()), marker="o", label="RoA = |x_adv - x| (oracle)")
+    ax.plot(qs, list(results["iou_gradient"].values()), marker="s", label="RoA = input gradient")
+    ax.set_xlabel("q (% of pixels kept in each mask)")
+    ax.set_ylabel("mean per-image IoU(RoI clean, RoA)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(_wrap_title(f"{method or roi_method_title(results)}\noverlap of RoI and RoA, n={results['n']}", 5.5), fontsize=9)
+    return fig
+
+
+def roi_heatmap_figure(examples: dict, results: dict, classes=None, method: str | None = None):
+    """RoI / RoA heatmaps of the kept examples (a matplotlib Figure): per image (rows) the clean and the
+    adversarial image with their predictions, the RoI of both (one shared colour scale and bar, in the RoI's
+    unit), the oracle RoA ``|x_adv - x|`` and the gradient RoA (a colour bar each), and the neutralised image.
+
+    Args:
+        examples: ``evaluate_neutralization(..., keep=k)["examples"]`` (tensors of k >= 1 images).
+        results: the rest of that result (attack, roi_method, roa_box, ...).
+        classes: class names (wnids shown by name, :func:`bagcert.report.class_name`) or None (indices).
+        method: the title's method (default :func:`roi_method_title`).
+    """
+    from ..report import _require_pyplot, _wrap_title, class_name
+
+    plt = _require_pyplot()
+    ex = examples
+    k = int(ex["x"].shape[0])
+    if k < 1:
+        raise ValueError("roi_heatmap_figure: no examples to show")
+    box = results.get("roa_box", 3)
+    heads = ["clean image", "adversarial image", "RoI (clean)", "RoI (adversarial)", "RoA |x_adv - x|", "RoA gradient (adv.)",
+             "neutralised (oracle)"]
+    width = 1.75 * len(heads) + 0.4
+    fig, axes = plt.subplots(k, len(heads), figsize=(width, 1.9 * k + 2.0), squeeze=False, layout="constrained")
+    roi_all = torch.cat([ex["roi_clean"][:k], ex["roi_adv"][:k]])
+    scales = {2: (float(roi_all.min()), float(roi_all.max())), 3: (float(roi_all.min()), float(roi_all.max())),
+              4: (0.0, float(ex["roa_oracle"][:k].max())), 5: (0.0, float(ex["roa_gradient"][:k].max()))}
+    ims = {}
+    for i in range(k):
+        y = int(ex["label"][i])
+        panels = [ex["x"][i], ex["x_adv"][i], ex["roi_clean"][i], ex["roi_adv"][i], ex["roa_oracle"][i], ex["roa_gradient"][i],
+                  ex["neutralized"][i]]
+        preds = {0: ex["pred_clean"][i], 1: ex["pred_adv"][i], 6: ex["pred_neutralized"][i]}
+        for j, (ax, img) in enumerate(zip(axes[i], panels)):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if img.dim() == 3:
+                ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            else:
+                lo, hi = scales[j]
+                ims[j] = ax.imshow(img.numpy(), cmap="magma", vmin=lo, vmax=hi if hi > lo else lo + 1e-12, interpolation="nearest")
+            lines = [heads[j]] if i == 0 else []
+            if j in preds:
+                p = int(preds[j])
+                lines.append(f"pred: {class_name(classes, p)}" + ("" if p == y else " (wrong)"))
+            if lines:
+                ax.set_title("\n".join(lines), fontsize=7, color="black" if j not in preds or int(preds[j]) == y else "tab:red")
+        axes[i][0].set_ylabel(f"true: {class_name(classes, y)}", fontsize=8)
+    bars = [([2, 3], f"RoI: {_roi_unit(results['roi_method'])}"),
+            ([4], f"RoA: |x_adv - x|\n(channel sum, {box}x{box} mean)"),
+            ([5], f"RoA: |d CE / d x_adv|\n(channel sum, {box}x{box} mean)")]
+    for cols, label in bars:
+        cb = fig.colorbar(ims[cols[0]], ax=[axes[r][c] for r in range(k) for c in cols], location="bottom", shrink=0.9, aspect=15)
+        cb.set_label(label, fontsize=7)
+        cb.ax.tick_params(labelsize=6)
+    fig.suptitle(_wrap_title(f"{method or roi_method_title(results)}\nred: prediction differs from the true class", width), fontsize=9)
+    return fig

@@ -199,7 +199,7 @@ def _evaluate_and_report(args, folder, patch, made, model, ensemble, transfer, t
     }
     md = _markdown(results)
     doc = write_report(folder, "bagcert.cli.defensive_patch", config, results, md)
-    _figures(folder.stage(), patch, evaluations, list(test.classes))
+    _figures(folder.stage(), patch, evaluations, list(test.classes), model.config["name"])
     commit_report(folder)
     if not args.quiet:
         print(md)
@@ -247,38 +247,16 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _figures(out: Path, patch, evaluations: dict, classes: list) -> None:
+def _figures(out: Path, patch, evaluations: dict, classes: list, model: str | None = None) -> None:
     plt = plt_or_none()
     if plt is None:
         return
-    imgs = patch.patch_only(torch.arange(patch.num_classes))
-    cols = min(10, patch.num_classes)
-    rows = (patch.num_classes + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < patch.num_classes:
-            ax.imshow(imgs[k].permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_title(str(classes[k])[:10] if k < len(classes) else str(k), fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, out / "patches.png")
+    from ..defense.figures import corruptions_figure, defensive_patch_method, patches_figure
+
+    method = defensive_patch_method(patch, model)
+    save_figure(patches_figure(patch, classes, method), out / "patches.png")
     if any(e["corruptions"] for e in evaluations.values()):
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for i, (name, e) in enumerate(evaluations.items()):
-            if not e["corruptions"]:
-                continue
-            sev = e["severities"]
-            label = "source" if name == "source" else Path(name).stem
-            for key, ls in (("without", "--"), ("with", "-")):
-                mean = [sum(v[key][j] for v in e["corruptions"].values()) / len(e["corruptions"]) for j in range(len(sev))]
-                ax.plot(sev, [100 * m for m in mean], ls=ls, marker="o", color=f"C{i}", label=f"{label}, {key} patch")
-        ax.set_xticks(sorted({s for e in evaluations.values() for s in e["severities"]}))
-        ax.set_xlabel("severity")
-        ax.set_ylabel("mean accuracy over corruptions (%)")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        save_figure(fig, out / "corruptions.png")
+        save_figure(corruptions_figure(evaluations, method), out / "corruptions.png")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def main(argv=None, prog: str = "bagcert roi") -> int:
     md = _markdown(results)
     doc = write_report(folder, "bagcert.cli.roi", config, results, md)
     try:
-        _figures(folder.stage(), results, examples)
+        _figures(folder.stage(), results, examples, (meta or {}).get("classes") or data.classes)
         commit_report(folder)
     finally:
         folder.discard()
@@ -140,38 +140,15 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _figures(out: Path, r: dict, ex) -> None:
+def _figures(out: Path, r: dict, ex, classes=None) -> None:
     plt = plt_or_none()
     if plt is None:
         return
-    qs = [float(q) for q in r["iou_oracle"]]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(qs, list(r["iou_oracle"].values()), marker="o", label="RoA = |x_adv - x|")
-    ax.plot(qs, list(r["iou_gradient"].values()), marker="s", label="RoA = input gradient")
-    ax.set_xlabel("q (% of pixels kept)")
-    ax.set_ylabel("mean IoU(RoI, RoA)")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, out / "iou.png")
-    if not ex or ex["x"].shape[0] == 0:
-        return
-    k = ex["x"].shape[0]
-    titles = ["image", "adversarial", "RoI (clean)", "RoI (adversarial)", "RoA |x_adv - x|", "RoA gradient", "neutralised (oracle)"]
-    fig, axes = plt.subplots(k, len(titles), figsize=(1.7 * len(titles), 1.8 * k), squeeze=False)
-    for i in range(k):
-        panels = [ex["x"][i].permute(1, 2, 0), ex["x_adv"][i].permute(1, 2, 0), ex["roi_clean"][i], ex["roi_adv"][i],
-                  ex["roa_oracle"][i], ex["roa_gradient"][i], ex["neutralized"][i].permute(1, 2, 0)]
-        notes = {0: f"y={int(ex['label'][i])} pred={int(ex['pred_clean'][i])}", 1: f"pred={int(ex['pred_adv'][i])}",
-                 6: f"pred={int(ex['pred_neutralized'][i])}"}
-        for j, (ax, img) in enumerate(zip(axes[i], panels)):
-            ax.axis("off")
-            ax.imshow(img.numpy(), cmap=None if img.dim() == 3 else "magma", interpolation="nearest")
-            text = "\n".join(t for t in ((titles[j] if i == 0 else ""), notes.get(j, "")) if t)
-            if text:
-                ax.set_title(text, fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, out / "heatmaps.png")
+    from ..analysis.roi import iou_figure, roi_heatmap_figure
+
+    save_figure(iou_figure(r), out / "iou.png")
+    if ex and ex["x"].shape[0] > 0:
+        save_figure(roi_heatmap_figure(ex, r, classes), out / "heatmaps.png")
 
 
 if __name__ == "__main__":
