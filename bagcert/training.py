@@ -8,7 +8,15 @@ equal those of an uninterrupted run with the same seed (tested).
 
 Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DDP (gloo on CPU,
 nccl on CUDA) and each rank takes every WORLD_SIZE-th sample of the global batch; the global batch
-size stays the configured one. Only rank 0 writes files.
+size stays the configured one. Only rank 0 writes files. ``grad_accum = K`` runs K micro-batches of
+``batch_size`` per optimiser step (DDP's ``no_sync`` on all but the last): the step's images and
+augmentation are those of one batch of ``K * batch_size``.
+
+The loop (:func:`train`) is made of the parts in :mod:`bagcert.training_parts`: the training data as
+batches of a step (:class:`MemoryBatches`, the uint8 tensor in memory; :class:`StreamBatches`,
+:mod:`bagcert.streaming` loaders with worker processes, for sets that do not fit in memory),
+:func:`train_step`, :class:`RunState`, :class:`Checkpointer`, :class:`TimeBudget`, :class:`TrainLog`,
+:class:`StatWindow` and :class:`Evaluator`.
 
 Peer base classifiers (``cfg.peer``, e.g. ``"drs-column:4"`` or ``"patchcleanser:5"``; see
 :mod:`bagcert.peers.spec`): the model is the peer's :class:`~bagcert.peers.PooledClassifier`, the loss
