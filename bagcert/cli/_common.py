@@ -24,12 +24,15 @@ __all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "device
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The tools' ``--help``: the description as written (examples keep their lines) and every option's
-    default after its help (``(default: ...)``; options without a default show none)."""
+    default after its help (``(default: ...)``; options without a default and flags that take no value, such as
+    ``--no-cache``, show none)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default" in text or "default:" in text or action.default in (None, argparse.SUPPRESS) or action.default is False:
-            return text  # the help already says it, or there is nothing to show (a flag, an optional value)
+        if "(default" in text or "default:" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            # the help already says it, or there is nothing to show: an optional value, or a flag (a flag's default
+            # is its absence; the stored value of --no-cache is True, which would read as "on by default")
+            return text
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return (text + " " if text else "") + "(default: %(default)s)"
         return text
