@@ -1,20 +1,20 @@
 """Probes of the command line as a new user meets it: help texts and one-line errors."""
 
+import argparse
 import re
 
 import pytest
 
 from bagcert.cli import certify as certify_cli
+from bagcert.cli import defensive_patch as defensive_patch_cli
 from bagcert.cli import imagenet_a as imagenet_a_cli
 from bagcert.cli import roi as roi_cli
 
 
 def _option_help(parser, option):
-    """The help text of ``option`` in ``parser.format_help()``, whitespace collapsed."""
-    text = " ".join(parser.format_help().split())
-    match = re.search(re.escape(option) + r"\s(.*?)(?= --[a-z]|$)", text)
-    assert match, option
-    return match.group(1)
+    """The --help entry of ``option`` (its line(s) in the options list), whitespace collapsed."""
+    action = next(a for a in parser._actions if option in a.option_strings)
+    return " ".join(parser._get_formatter()._format_action(action).split())
 
 
 @pytest.mark.parametrize("module,flags", [
@@ -27,3 +27,13 @@ def test_flags_show_no_default_in_help(module, flags):
     parser = module.build_parser()
     for flag in flags:
         assert not re.search(r"\(default: (True|False)\)", _option_help(parser, flag)), flag
+
+
+@pytest.mark.parametrize("module", [certify_cli, imagenet_a_cli, roi_cli, defensive_patch_cli])
+def test_every_option_with_a_default_shows_it(module):
+    """Options without help text (roi --steps, --batch-size, ...) still show their default in --help."""
+    parser = module.build_parser()
+    for action in parser._actions:
+        if not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+            continue
+        assert "default" in _option_help(parser, action.option_strings[-1]), action.option_strings

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -36,6 +37,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return (text + " " if text else "") + "(default: %(default)s)"
         return text
+
+    def _format_action(self, action):
+        # argparse prints no help line at all for an option without help text, so its default would not show:
+        # give such an option an empty help, which _get_help_string turns into "(default: ...)"
+        if not action.help and action.option_strings and self._get_help_string(action):
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
 
 
 class Parser(argparse.ArgumentParser):
