@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--ema", type=float, help="EMA decay per step (0 disables)")
     g.add_argument("--init-from", help="start from this model checkpoint's weights (same model and kwargs), e.g. to "
-                   "continue a finished run with a new schedule; --resume takes precedence once the run has a last.pt")
+                   "continue a finished run with a new schedule, or from the public BagNet ImageNet weights in the original "
+                   "layout for bagnet9/17/33 (e.g. bagnet16-105524de.pth.tar: docs/imagenet.md); --resume takes precedence "
+                   "once the run has a last.pt")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=["bagcert", "ce"])
     g.add_argument("--patch-sizes", type=_parse_list, help="training patch sizes, e.g. 5 or 3,5")

@@ -494,6 +494,8 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
 
     # --- model, optimiser, EMA, loss ---
     model, init_info = _build_model(cfg, peer, device)
+    if is_main and init_info and init_info.get("summary"):
+        log(f"--init-from: {init_info['summary']}")
     opt = _make_optimizer(cfg, model)
     ema = copy.deepcopy(model).eval() if cfg.ema > 0 else None
     loss_of = _loss_function(cfg, model, peer, margin_warm)
@@ -717,9 +719,24 @@ def leave_process_group() -> None:
 
 def _init_from_checkpoint(model, path) -> dict:
     """Load a model checkpoint's weights into ``model`` (a warm start, e.g. to continue a finished run with a
-    new schedule). The architectures must match exactly. Returns what the metadata records about the source."""
-    from .checkpoint import load_checkpoint
+    new schedule): a bagcert checkpoint of exactly the same architecture, or the public BagNet-9/17/33 ImageNet
+    weights in the original repository's state-dict layout (Brendel & Bethge, ICLR 2019) for ``bagnet9/17/33``,
+    converted by :func:`bagcert.models.convert.load_bagnet_state_dict` (the 1000-class head is loaded only when
+    the class count matches). Returns what is known about the source. Raises CheckpointError / TrainingError."""
+    from .checkpoint import FORMAT, load_checkpoint
+    from .models import BagNet
+    from .models.convert import load_bagnet_state_dict, read_weights_file
 
+    obj = read_weights_file(path)  # weights-only; a refused or unreadable file is a CheckpointError
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+        if not isinstance(model, BagNet):
+            raise TrainingError(
+                f"--init-from {path}: not a bagcert checkpoint; weights in the original BagNet layout load only into "
+                f"bagnet9/bagnet17/bagnet33, not {model.config['name']}"
+            )
+        report = load_bagnet_state_dict(obj, model, name=str(path))
+        return {"path": str(path), "source": "bagnet-original",
+                **{k: report[k] for k in ("source_receptive_field", "loaded", "skipped", "skip_reason", "summary")}}
     src, src_meta = load_checkpoint(path)
     if src.config != model.config:
         raise TrainingError(

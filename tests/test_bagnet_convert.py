@@ -272,3 +272,23 @@ def test_non_finite_weights_and_wrong_models_are_refused():
         load_bagnet_state_dict(sd, small())
     with pytest.raises(TypeError, match="only into a bagcert BagNet.*image_bagnet17_s8"):
         load_bagnet_state_dict(small_state(), meta_model("image_bagnet17_s8", num_classes=10))
+
+
+def test_train_init_from_the_original_layout(tmp_path):
+    """train.py --init-from with a file in the original layout starts from its weights (the 1000-class head is
+    skipped for a 3-class model) and records the source in model.pt; a non-BagNet model refuses such a file."""
+    import train as train_cli
+
+    sd = small_state(17, num_classes=1000, seed=3)
+    path = tmp_path / "bagnet16-original.pth.tar"
+    torch.save(sd, path)
+    common = ["--dataset", "synthetic:24", "--num-classes", "3", "--image-size", "33", "--epochs", "1", "--max-steps", "1",
+              "--batch-size", "8", "--lr", "1e-9", "--ema", "0", "--threads", "1", "--no-progress", "--no-tensorboard",
+              "--data-path", "memory", "--init-from", str(path)]
+    out = tmp_path / "run"
+    assert train_cli.main(["--model", "bagnet17", "--model-kwargs", f'{{"width": {SMALL}}}', *common, "--output", str(out)]) == 0
+    model, meta = bagcert.load_checkpoint(out / "model.pt")
+    assert meta["init_from"]["source"] == "bagnet-original" and meta["init_from"]["skipped"] == ["fc.weight", "fc.bias"]
+    torch.testing.assert_close(model.layer4[2].conv3.weight, sd["layer4.2.conv3.weight"], rtol=0, atol=1e-6)
+    with pytest.raises(SystemExit, match="original BagNet layout"):
+        train_cli.main(["--model", "cifar_bagnet5_s2", "--model-kwargs", '{"width": 8}', *common, "--output", str(tmp_path / "no")])
