@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import inspect
 import sys
 
@@ -56,10 +55,6 @@ def main(argv=None) -> int:
         sys.stderr.write(f"bagcert: unknown command {name!r}{hint}; choose from {', '.join(COMMANDS)} (see bagcert --help)\n")
         return 2
     module_name = COMMANDS[name][0]
-    if importlib.util.find_spec(module_name) is None:
-        sys.stderr.write(f"bagcert {name}: not available in this version ({module_name} is missing); run python train.py "
-                         "from the repository instead\n")
-        return 1
     run = importlib.import_module(module_name).main
     kwargs = {"prog": f"bagcert {name}"} if "prog" in inspect.signature(run).parameters else {}
     rc = run(argv[1:], **kwargs)

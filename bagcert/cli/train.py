@@ -1,0 +1,279 @@
+"""``bagcert train`` (also ``python train.py``): train a BagNet-style model with the certified-robustness loss.
+
+Examples:
+    python train.py --dataset ../shared/data/cifar10 --model cifar_bagnet9_s2 --epochs 30 --amp --output runs/c10
+    python train.py --config runs/c10/config.json --resume           # continue a killed run exactly
+    torchrun --nproc-per-node 2 train.py --dataset ... --amp          # DDP (gloo on CPU, nccl on CUDA)
+    python train.py --dataset ../shared/data/cifar10 --peer drs-column:4 --output runs/drs    # a peer's base classifier
+    python train.py --dataset ../shared/data/cifar10 --peer patchcleanser:5 --output runs/pc
+
+--peer SPEC trains the base classifier of a model-agnostic peer defense (docs/peers.md) with
+cross-entropy on ablated (de-randomized smoothing) or masked (PatchCleanser) images and writes
+<output>/peer_classifier.pt (bagcert.peers.load_peer_certifier) instead of model.pt.
+
+Every option can also come from a JSON config file (``--config``); flags given on the command line
+override it. The resolved config is written to ``<output>/config.json``.
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes <output>/last.pt and exits with 130 / 143 and
+one line; ``--config <output>/config.json --resume`` continues exactly. --resume refuses settings that would
+make it another run (model, data, batch size, optimiser, loss, seed, ...), naming them; a new end (--epochs,
+--time-budget-minutes, --max-steps) and evaluation/logging/system settings are allowed and logged
+(docs/guarantees.md, "Training runs: stop, resume, logs").
+
+--data-path auto|memory|stream (default auto): the in-memory uint8 path while the decoded set fits 25 % of
+the available memory, else images decoded per batch by --workers loader processes (bagcert.streaming);
+the choice and its reason are printed and logged (a data_path record in train_log.jsonl). ImageNet recipe
+options: --grad-accum K, --lr-scale-batch N, --amp (bf16), --channels-last, --compile; multi-node commands
+are in docs/imagenet.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ..checkpoint import CheckpointError
+from ..data import DatasetError, load_dataset, seeded_split
+from ..streaming import choose_data_path, decoded_size_bytes, open_stream
+from ..training import (
+    TrainConfig, TrainingError, _peer_spec, check_output_folder, distributed_env, stream_augmentation, train,
+)
+
+
+def _parse_list(text):
+    out = []
+    for t in str(text).split(","):
+        t = t.strip()
+        if t:
+            out.append(int(t) if t.isdigit() else t)
+    return out
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON config file (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from <output>/last.pt if it exists")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="synthetic[:N], a CIFAR-10 folder (torchvision or image folders), or an ImageNet-style folder")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--resize", type=int, help="shorter side before the centre crop (ImageNet-style folders)")
+    g.add_argument("--num-classes", type=int)
+    g.add_argument("--train-limit", type=int)
+    g.add_argument("--eval-images", type=int, help="held-out images evaluated during training (0: all of them)")
+    g.add_argument("--split-seed", type=int, help="seed of the train/test split for datasets without one (default 0)")
+    g.add_argument("--test-fraction", type=float, help="test share of that split (default 0.2)")
+    g.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="ImageNet-style: decode training images at --resize x --resize and train on random "
+                        "--image-size crops (evaluation uses the centre crop)")
+    g.add_argument("--cutout", type=int)
+    g.add_argument("--data-path", choices=["auto", "memory", "stream"],
+                   help="memory: decode the whole set into one uint8 tensor (the fast path for CIFAR-10, Imagenette); "
+                        "stream: decode per batch in --workers loader processes (ImageNet); auto (default): memory while "
+                        "the decoded set fits 25%% of the available memory (bagcert.streaming.choose_data_path)")
+    g.add_argument("--workers", type=int, help="loader processes of the stream path (default min(8, CPUs))")
+    g.add_argument("--pad", type=int)
+    g = p.add_argument_group("model")
+    g.add_argument("--model")
+    g.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"width": 128, "receptive_field": 9}\'')
+    g.add_argument("--peer", help="train the base classifier of a peer defense instead of a bagcert model: drs-column:B, "
+                   "drs-block:B [,encoding=mask|levine_feizi|fill] (de-randomized smoothing, band B) or patchcleanser:P "
+                   "[,k=6,masks=2,fill=0.5] (mask set for PxP patches); --model is its backbone, the loss cross-entropy")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--time-budget-minutes", type=float,
+                   help="wall-clock budget for the whole run: measure the speed during the first steps and replace "
+                        "--epochs by what fits (written to <output>/config.json; --resume keeps the plan)")
+    g.add_argument("--batch-size", type=int, help="global batch of one micro-step, summed over all processes")
+    g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per optimiser step (default 1): a step sees "
+                   "batch-size x grad-accum images; under DDP gradients are all-reduced once per step")
+    g.add_argument("--lr-scale-batch", type=int, help="linear learning-rate rule: the peak lr is --lr x batch-size x "
+                   "grad-accum / N (N: the batch --lr was tuned for, e.g. 256); logged as an lr_rule record")
+    g.add_argument("--optimizer", choices=["adamw", "adam", "sgd"])
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--schedule", choices=["cosine", "onecycle", "constant"])
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--ema", type=float, help="EMA decay per step (0 disables)")
+    g.add_argument("--init-from", help="start from this model checkpoint's weights (same model and kwargs), e.g. to "
+                   "continue a finished run with a new schedule, or from the public BagNet ImageNet weights in the original "
+                   "layout for bagnet9/17/33 (e.g. bagnet16-105524de.pth.tar: docs/imagenet.md); --resume takes precedence "
+                   "once the run has a last.pt")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=["bagcert", "ce"])
+    g.add_argument("--patch-sizes", type=_parse_list, help="training patch sizes, e.g. 5 or 3,5")
+    g.add_argument("--tau", type=float)
+    g.add_argument("--kappa", type=float)
+    g.add_argument("--margin-weight", type=float)
+    g.add_argument("--margin-warmup-epochs", type=float)
+    g.add_argument("--bce-weight", type=float)
+    g.add_argument("--ce-weight", type=float)
+    g.add_argument("--bce-pos-weight", type=float, help="weight of the true-class BCE term (lowers the vote threshold)")
+    g.add_argument("--margin-reduce", choices=["min", "mean"], help="hinge the worst window (min) or every window (mean)")
+    g.add_argument("--label-smoothing", type=float)
+    g = p.add_argument_group("system")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CPU with AMX, CUDA)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--device")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--eval-every", type=float, help="epochs between evaluations")
+    g.add_argument("--eval-patch-sizes", type=_parse_list)
+    g.add_argument("--checkpoint-minutes", type=float)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--output")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    return p
+
+
+def resolve_config(args) -> TrainConfig:
+    values = {}
+    if args.config:
+        with open(args.config) as f:
+            values.update(json.load(f))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - fields
+    if unknown:
+        raise SystemExit(f"config file {args.config} has unknown keys {sorted(unknown)}")
+    for name in fields:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    if values.get("peer"):
+        # a peer's base classifier is a plain classifier: cross-entropy on its logits
+        if "loss" not in values:
+            values["loss"] = "ce"
+        elif values["loss"] != "ce":
+            raise SystemExit(
+                f"--peer {values['peer']} trains a base classifier with cross-entropy: --loss {values['loss']} "
+                "(from the command line or the config file) does not apply; give --loss ce"
+            )
+    cfg = TrainConfig(**values)
+    try:
+        cfg.check()
+    except ValueError as e:
+        name = str(e).split()[0]
+        raise SystemExit(f"{e} (--{name.replace('_', '-')} or {name!r} in the config file)") from None
+    try:
+        _peer_spec(cfg)
+    except ValueError as e:
+        raise SystemExit(f"--peer: {e}") from None
+    return cfg
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    """Run ``bagcert train`` / ``train.py``; returns the exit status (0, or 128 + signal number after a SIGINT/SIGTERM stop).
+
+    A user mistake (a bad number, an unknown model, an unwritable --output, a dataset or checkpoint that cannot be
+    read, a --resume with other settings, a time budget too small) raises SystemExit with one line.
+    """
+    from ..training import leave_process_group
+
+    try:
+        rc = _main(argv, prog)
+    except (DatasetError, CheckpointError, TrainingError) as e:
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:  # Ctrl-C before training started (train() itself turns it into a graceful stop)
+        print("interrupted before training started; no checkpoint was written", file=sys.stderr)
+        return 130
+    leave_process_group()
+    return rc
+
+
+def _main(argv=None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    cfg = resolve_config(args)
+    check_output_folder(cfg.output)  # before loading data or building anything
+    rank, world, _ = distributed_env()
+    if cfg.peer and rank == 0:
+        print(f"training the base classifier of peer {cfg.peer} ({cfg.model}) with cross-entropy; the bagcert loss options are unused")
+    size = cfg.image_size
+    if cfg.random_crop and (cfg.resize is None or cfg.resize < size):
+        raise SystemExit(f"--random-crop needs --resize >= --image-size ({size}), got resize {cfg.resize}")
+    train_size = cfg.resize if cfg.random_crop else size
+    path, reason, train_data = _choose_data_path(cfg, train_size)
+    try:
+        if path == "memory":
+            eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
+        else:
+            eval_data = open_stream(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes,
+                                    augment="none")
+    except DatasetError as e:  # no test split: a seeded split below, said out loud; any other failure is raised
+        if rank == 0:
+            print(f"no test split in {cfg.dataset} ({e}); holding out a seeded {cfg.test_fraction:g} of the training images "
+                  f"(--test-fraction, --split-seed {cfg.split_seed})", file=sys.stderr)
+        eval_data = None
+    if eval_data is None or eval_data.info.get("root") == train_data.info.get("root") and cfg.dataset != "synthetic" and not cfg.dataset.startswith("synthetic"):
+        # no split in the dataset: make a seeded one and record it (in the checkpoint metadata too)
+        tr, te = seeded_split(len(train_data), cfg.test_fraction, cfg.split_seed)
+        full_eval = eval_data if eval_data is not None else train_data
+        train_data, eval_data = train_data.subset(tr), full_eval.subset(te)
+        train_data.info["seeded_split"] = {
+            "seed": cfg.split_seed, "test_fraction": cfg.test_fraction, "num_images": len(tr) + len(te),
+            "num_train": len(tr), "num_test": len(te), "rule": "bagcert.data.seeded_split",
+        }
+    if cfg.train_limit is not None and cfg.train_limit < len(train_data):
+        from bagcert.data import stratified_subset  # --train-limit: a seeded class-stratified draw, not the first N files
+
+        full = len(train_data)
+        train_data = stratified_subset(train_data, cfg.train_limit, cfg.seed)
+        if rank == 0:
+            counts = ", ".join(f"{c} {k}" for c, k in train_data.info["stratified_subset"]["per_class"].items())
+            print(f"--train-limit {cfg.train_limit}: a class-stratified draw (seed {cfg.seed}) of {full} training images: "
+                  f"{counts}", file=sys.stderr)
+    if len(train_data.classes) != cfg.num_classes:
+        raise SystemExit(f"dataset has {len(train_data.classes)} classes but --num-classes is {cfg.num_classes}")
+    if cfg.eval_images and eval_data is not None and len(eval_data) > cfg.eval_images:
+        eval_data = eval_data.subset(torch_arange(cfg.eval_images, len(eval_data), cfg.seed))
+    summary = train(cfg, train_data, eval_data, resume=args.resume, data_path_reason=reason)
+    if summary.get("stopped"):
+        if rank == 0:
+            print(f"stopped by {summary['stopped']} after step {summary['steps']}: {summary['output']}/last.pt written; "
+                  f"continue with: train.py --config {summary['output']}/config.json --resume", file=sys.stderr)
+        return summary["exit_status"]
+    if rank == 0:
+        print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return 0
+
+
+def _choose_data_path(cfg, train_size):
+    """``(path, reason, training data)``: ``"memory"`` with a decoded :class:`bagcert.data.Dataset`, or ``"stream"``
+    with a :mod:`bagcert.streaming` dataset (only its file list is read). ``--data-path auto`` decides with
+    :func:`bagcert.streaming.choose_data_path` on the decoded size of the in-memory path (every process on this
+    machine holds a copy) against the memory budget; a forced path is said as such."""
+    import os
+
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    load = lambda: load_dataset(cfg.dataset, "train", size=train_size, resize=cfg.resize, seed=cfg.seed,  # noqa: E731
+                                num_classes=cfg.num_classes)
+    if cfg.data_path == "memory":
+        data = load()
+        return ("memory", choose_data_path(data.images.numel(), override="memory", copies=copies)[1], data)
+    try:
+        augment, refused = stream_augmentation(cfg), None
+    except TrainingError as e:  # an augmentation only the in-memory path has: fine unless the stream path is needed
+        augment, refused = "none", e
+    stream = open_stream(cfg.dataset, "train", size=cfg.image_size, resize=cfg.resize, seed=cfg.seed,
+                         num_classes=cfg.num_classes, augment=augment)
+    decoded = decoded_size_bytes(len(stream), train_size) if cfg.random_crop else stream.decoded_bytes
+    path, reason = choose_data_path(decoded, override=cfg.data_path, copies=copies)
+    if path == "memory":
+        return path, reason, load()
+    if refused is not None:
+        raise SystemExit(f"{refused} ({reason})")
+    return path, reason, stream
+
+
+def torch_arange(k, n, seed):
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+if __name__ == "__main__":
+    sys.exit(main())
