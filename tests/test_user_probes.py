@@ -2,6 +2,7 @@
 
 import argparse
 import re
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,21 @@ def test_every_option_with_a_default_shows_it(module):
         if not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
             continue
         assert "default" in _option_help(parser, action.option_strings[-1]), action.option_strings
+
+
+def test_defensive_patch_refuses_to_evaluate_on_the_images_it_is_made_on(tmp_path):
+    """--train-split equal to --eval-split picks the same seeded images for making and evaluating the patch: the
+    run is refused before the patch is made, and nothing is written."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "dp"
+    with pytest.raises(SystemExit) as exc:
+        defensive_patch_cli.main([
+            "--checkpoint", str(root / "checkpoints" / "bagcert_cifar10_r5s2_v2.pt"),
+            "--dataset", str(root / "samples" / "cifar10"), "--train-split", "test", "--eval-split", "test",
+            "--num-train", "4", "--num-eval", "4", "--stage1-epochs", "1", "--stage2-epochs", "1",
+            "--corruptions", "none", "--threads", "1", "--quiet", "--output", str(out),
+        ])
+    message = str(exc.value.code)
+    assert "--train-split and --eval-split" in message and "4 of the 4" in message
+    assert "\n" not in message
+    assert not out.exists() and list(tmp_path.iterdir()) == []

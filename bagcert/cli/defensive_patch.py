@@ -134,6 +134,13 @@ def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
     else:
         _, _, train = load_model_and_data(args.checkpoint, args.dataset, args.train_split, args.seed, args.num_train,
                                           "--num-train", default=1000, cache=args.cache)
+        if args.train_split == args.eval_split:
+            common = set(train.indices.tolist()) & set(test.indices.tolist())
+            if common:
+                raise SystemExit(
+                    f"--train-split and --eval-split are both {args.train_split!r}: {len(common)} of the {len(test)} "
+                    f"evaluation images would also be images the patch is made on; give splits that do not overlap "
+                    f"(e.g. --train-split train --eval-split test)")
         bar = None
         if not args.quiet:
             from tqdm.auto import tqdm
