@@ -299,7 +299,7 @@ def test_stratified_subset_is_balanced_seeded_and_keeps_provenance():
 
 
 def test_train_limit_takes_a_stratified_draw(tmp_path, monkeypatch, capsys):
-    import train as train_cli
+    import bagcert.cli.train as train_cli
 
     root = tmp_path / "sorted"
     for i in range(10):
@@ -308,7 +308,7 @@ def test_train_limit_takes_a_stratified_draw(tmp_path, monkeypatch, capsys):
             Image.fromarray(_rgb(10 * i + k)).save(root / f"class{i}" / f"{k}.png")
     seen = {}
 
-    def fake_train(cfg, train_data, eval_data, resume=False):
+    def fake_train(cfg, train_data, eval_data, resume=False, **kwargs):
         seen["train"], seen["eval"] = train_data, eval_data
         return {"steps": 0}
 

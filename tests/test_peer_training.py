@@ -302,7 +302,8 @@ def _free_port():
 def test_distributed_peer_training_matches_single_process(tmp_path):
     common = [str(ROOT / "train.py"), "--dataset", "synthetic:64", "--model", "cifar_bagnet5_s2", "--model-kwargs",
               '{"width": 8, "norm": "gn"}', "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd", "--lr", "0.05",
-              "--eval-images", "32", "--peer", "drs-column:3", "--no-progress", "--no-tensorboard", "--threads", "1"]
+              "--eval-images", "32", "--peer", "drs-column:3", "--no-amp", "--ema", "0", "--no-progress", "--no-tensorboard",
+              "--threads", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                           "--master-port", str(_free_port())] + common + ["--output", str(tmp_path / "ddp")],

@@ -186,7 +186,7 @@ def test_distributed_training_matches_single_process(tmp_path):
               # the hard votes and the min over windows are discontinuous: a 1e-7 reduction-order difference
               # can flip a vote, so the exact comparison uses the continuous terms (BCE + CE) only
               "--margin-weight", "0",
-              "--no-progress", "--no-tensorboard", "--threads", "1"]
+              "--no-amp", "--ema", "0", "--no-progress", "--no-tensorboard", "--threads", "1"]
     ddp = _torchrun([str(ROOT / "train.py")] + common + ["--output", str(tmp_path / "ddp")], ROOT)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run([sys.executable, str(ROOT / "train.py")] + common + ["--output", str(tmp_path / "single")],
@@ -358,7 +358,9 @@ def test_distributed_stream_path_with_grad_accum_matches_one_process_without(tmp
     first) against one process on the stream path with one batch of 16: the same images, augmentations and steps."""
     common = ["--dataset", "synthetic:64", "--model", "cifar_bagnet5_s2", "--model-kwargs", '{"width": 8, "norm": "gn"}',
               "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05", "--eval-images", "16", "--margin-weight", "0",
-              "--data-path", "stream", "--workers", "0", "--no-progress", "--no-tensorboard", "--threads", "1"]
+              "--data-path", "stream", "--workers", "0", "--no-amp", "--ema", "0", "--margin-reduce", "min", "--bce-pos-weight", "1",
+              "--no-progress", "--no-tensorboard",
+              "--threads", "1"]
     ddp = _torchrun([str(ROOT / "train.py")] + common + ["--batch-size", "8", "--grad-accum", "2", "--output", str(tmp_path / "ddp")], ROOT)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run([sys.executable, str(ROOT / "train.py")] + common + ["--batch-size", "16", "--output", str(tmp_path / "one")],

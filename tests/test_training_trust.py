@@ -130,7 +130,7 @@ def test_resume_refuses_other_settings_before_writing_and_records_allowed_ones(t
                            "--max-steps", "3"]) == 0
     resumed = [r for r in _records(out) if "resumed" in r]
     assert resumed == [{"step": 2, "resumed": {"wall_seconds": pytest.approx(resumed[0]["resumed"]["wall_seconds"]),
-                                               "changed": {"epochs": [3.0, 1.0], "eval_every": [1.0, 0.5], "max_steps": [2, 3]}}}]
+                                               "changed": {"epochs": [3.0, 1.0], "eval_every": [2.0, 0.5], "max_steps": [2, 3]}}}]  # 2.0: the recipe default
     assert json.loads((out / "config.json").read_text())["epochs"] == 1.0
     # the run is finished (done at its --max-steps): resuming it again says so, exits 0 and changes no byte
     files = _snapshot(out)

@@ -128,14 +128,59 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--output")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _show_defaults(p)
     return p
 
 
+#: The defaults of ``train.py`` / ``bagcert train``: the recipe of the shipped bagcert-cifar10-r5 (v2) model
+#: (docs/model_card.md; it trained for 91.5 epochs in a 140-minute --time-budget-minutes run on 2 CPU cores).
+#: A config file overrides them and flags override both; the library's TrainConfig keeps its own neutral defaults.
+RECIPE = {
+    "dataset": "../shared/data/cifar10",
+    "model": "cifar_bagnet5_s2",
+    "model_kwargs": {"width": 128},
+    "epochs": 92.0,
+    "lr": 2e-3,
+    "margin_reduce": "mean",
+    "bce_pos_weight": 3.0,
+    "ema": 0.999,
+    "amp": True,
+    "eval_every": 2.0,
+    "eval_images": 1000,
+    "checkpoint_minutes": 4.0,
+}
+
+
+def _read_json(path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"--config {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a JSON object of TrainConfig keys, got {type(data).__name__}")
+    return data
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append each option's default (the recipe's, else TrainConfig's) to its help, so --help shows every default."""
+    base = TrainConfig()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for action in p._actions:
+        if action.dest in fields:
+            value = RECIPE.get(action.dest, getattr(base, action.dest))
+            shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+            text = (action.help or "").rstrip()
+            action.help = (text + " " if text else "") + f"(default: {shown})".replace("%", "%%")
+
+
 def resolve_config(args) -> TrainConfig:
-    values = {}
+    """TrainConfig from :data:`RECIPE`, then the ``--config`` file, then the flags (each overriding the one before)."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPE.items()}
     if args.config:
-        with open(args.config) as f:
-            values.update(json.load(f))
+        values.update(_read_json(args.config))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - fields
     if unknown:
@@ -144,6 +189,9 @@ def resolve_config(args) -> TrainConfig:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
+    if values["model"] != RECIPE["model"] and values["model_kwargs"] == RECIPE["model_kwargs"] and not (
+            getattr(args, "model_kwargs", None) is not None or (args.config and "model_kwargs" in _read_json(args.config))):
+        values["model_kwargs"] = {}  # the recipe's width belongs to the recipe's model
     if values.get("peer"):
         # a peer's base classifier is a plain classifier: cross-entropy on its logits
         if "loss" not in values:
