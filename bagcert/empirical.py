@@ -410,6 +410,7 @@ def run_empirical_evaluation(
     figure_images: int = 4,
     log=None,
     allow_skip: bool = False,
+    progress: bool = False,
 ) -> dict:
     """The empirical half of ``certify.py``: attack a seeded subset of ``data`` for each patch size and compare
     with the certificate already computed for the whole set.
@@ -430,6 +431,7 @@ def run_empirical_evaluation(
         allow_skip: an attack that cannot run (see :func:`check_attacks`) is recorded in
             ``summary["skipped"]`` with the reason and the others run; False (default): it raises
             :class:`AttackUnavailableError` before anything is attacked.
+        progress: a tqdm bar on stderr counting the attacked images of each patch size.
 
     Returns ``{"summary": <JSON object "empirical" of the report>, "indices": [...], "robust": {size: {attack:
     bool tensor}}, "results": {size: EmpiricalResult}}``; never raises on a soundness violation (read
@@ -481,9 +483,13 @@ def run_empirical_evaluation(
     out_dir = Path(output) if output is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(keys) * m, unit="img", desc="attacks", disable=not progress, leave=False)
     for key in keys:
         cert = subset_cert_result(cert_results[key], idx)
         size = cert.patch_size
+        bar.set_postfix_str(f"patch {key}")
         objs = {}
         for name in attacks:
             if name in skipped:
@@ -510,6 +516,8 @@ def run_empirical_evaluation(
         raw[key] = res
         if res.certified_broken:
             log(soundness_message(res))
+        bar.update(m)
+    bar.close()
     summary = {
         "attacks": attacks,
         "num_images_attacked": int(m),

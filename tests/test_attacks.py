@@ -549,3 +549,17 @@ def test_cli_imagenet_patch_on_an_imagenet_like_checkpoint(tmp_path, capsys, mon
 def test_cli_rejects_unknown_attack(tiny_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="did you mean pgd"):
         certify.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:8", "--output", str(tmp_path), "--attacks", "pgdd"])
+
+
+def test_run_empirical_evaluation_shows_a_progress_bar_only_when_asked(capsys):
+    from bagcert.data import synthetic_dataset
+    from bagcert.empirical import run_empirical_evaluation
+
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", width=8).eval()
+    data = synthetic_dataset(6, size=32)
+    cert = bagcert.certify(model, data.float_images(), data.labels, patch_sizes=[3])
+    for progress in (False, True):
+        run_empirical_evaluation(model, data, cert, ["pgd"], steps=1, locations=1, figure_images=0, progress=progress)
+        err = capsys.readouterr().err
+        assert ("attacks" in err and "img" in err) == progress
