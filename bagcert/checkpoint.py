@@ -289,6 +289,14 @@ def _check_state_dict(path, model, state) -> None:
         raise CheckpointError(
             f"{path}: weights do not match the architecture {name!r} the file records: " + ", ".join(problems) + " tensors"
         )
+    # NaN/Inf weights give NaN logits on every image: a damaged or diverged model, refused here with its name
+    # rather than as a NaN error in the middle of a certification
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or Inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+            f"expected finite weights (a diverged or damaged model)"
+        )
 
 
 _OTHER_FORMATS = {
@@ -308,7 +316,8 @@ def load_checkpoint(path, map_location="cpu"):
         CheckpointError: one line naming the file, what is wrong and what was expected: missing or unreadable
             file, not a torch file, damaged archive, unsafe pickled content (refused, never run), not a bagcert
             checkpoint, another format version, an unknown model name (the known ones are listed), model
-            arguments this version cannot build, weights that do not fit the model, malformed metadata.
+            arguments this version cannot build, weights that do not fit the model, NaN or Inf weights, malformed
+            metadata.
     """
     from .models import create_model, list_models  # local import: models import nothing from here
 

@@ -5,6 +5,9 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+
+import bagcert
 
 from bagcert.cli import certify as certify_cli
 from bagcert.cli import defensive_patch as defensive_patch_cli
@@ -56,3 +59,14 @@ def test_defensive_patch_refuses_to_evaluate_on_the_images_it_is_made_on(tmp_pat
     assert "--train-split and --eval-split" in message and "4 of the 4" in message
     assert "\n" not in message
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_with_nan_weights_is_a_checkpoint_error_naming_the_tensor(tmp_path):
+    """NaN weights used to load and then fail mid-certification with a traceback (NaN local logits)."""
+    model = bagcert.create_model("cifar_bagnet5_s2", num_classes=3, width=8).eval()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    bagcert.save_checkpoint(path, model, classes=["a", "b", "c"])
+    with pytest.raises(bagcert.CheckpointError, match=r"NaN or Inf \(head\.weight\)"):
+        bagcert.load_checkpoint(path)
