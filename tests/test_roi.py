@@ -248,3 +248,16 @@ def test_evaluate_neutralization_rejects_empty_input_and_bad_batch_size():
     for bs in (0, -1):  # -1 used to skip every batch and report 0 % everywhere
         with pytest.raises(ValueError, match="batch_size"):
             evaluate_neutralization(model, data.images, data.labels, steps=1, qs=(5,), batch_size=bs)
+
+
+def test_neutralization_progress_bar_counts_every_image(capsys):
+    from bagcert.analysis import evaluate_neutralization
+
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet5_s2", width=8).eval()
+    x, y = torch.rand(5, 3, 32, 32), torch.zeros(5, dtype=torch.long)
+    evaluate_neutralization(model, x, y, steps=1, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "roi" in err and "/5 " in err  # a bar over the 5 images
+    evaluate_neutralization(model, x, y, steps=1, batch_size=2)
+    assert "roi" not in capsys.readouterr().err

@@ -337,6 +337,7 @@ def evaluate_neutralization(
     seed: int = 0,
     prediction: str = "model",
     keep: int = 0,
+    progress: bool = False,
 ) -> dict:
     """Attack, RoI / RoA, neutralisation and overlap on ``images`` (uint8 or float [N, 3, H, W]).
 
@@ -360,7 +361,8 @@ def evaluate_neutralization(
     over the images (not pooled).
 
     With ``keep > 0`` the result has ``"examples"``: tensors of the first ``keep`` images (x, x_adv,
-    roi_adv, roa_oracle, neutralized) for figures (drop it before writing JSON).
+    roi_adv, roa_oracle, neutralized) for figures (drop it before writing JSON). ``progress``: a tqdm bar
+    on stderr counting the images done.
     """
     t0 = time.perf_counter()
     if attack not in ("patch", "pgd"):
@@ -386,8 +388,13 @@ def evaluate_neutralization(
     iou_o = {float(q): 0.0 for q in qs}
     iou_g = {float(q): 0.0 for q in qs}
     examples = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, unit="img", desc="roi", disable=not progress, leave=False)
     with eval_mode(model):
         for bi, start in enumerate(range(0, n, batch_size)):
+            if bi:
+                bar.update(batch_size)  # the previous batch (only the last one can be short)
             x = as_float_images(images[start : start + batch_size]).clone()
             y = y_all[start : start + batch_size]
             sd = _seed(seed, bi)
@@ -420,6 +427,8 @@ def evaluate_neutralization(
                         "pred_neutralized": predict(x_n_oracle[:k]).cpu()}
                 for name, v in part.items():
                     examples[name] = torch.cat([examples[name], v.detach().cpu()]) if name in examples else v.detach().cpu()
+    bar.update(n - bar.n)
+    bar.close()
     out = {
         "n": n,
         "attack": {"kind": attack, "eps": eps if attack == "pgd" else None, "steps": steps,

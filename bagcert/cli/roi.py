@@ -86,7 +86,7 @@ def main(argv=None, prog: str = "bagcert roi") -> int:
         attack_patch_size=args.attack_patch_size, roi_method=args.roi, reduce=args.reduce,
         occlusion_window=args.occlusion_window, occlusion_stride=args.occlusion_stride, roa_box=args.roa_box,
         q_roi=args.q_roi, q_roa=args.q_roa, qs=qs, fill=args.fill, batch_size=args.batch_size, seed=args.seed,
-        prediction=args.prediction, keep=args.num_figures,
+        prediction=args.prediction, keep=args.num_figures, progress=not args.quiet,
     )
     examples = res.pop("examples", None)
     out = Path(args.output)
