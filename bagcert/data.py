@@ -298,7 +298,7 @@ def decode_image(data: bytes, name="image", size: int | None = None, resize: int
         DatasetError: empty, truncated or undecodable bytes, an unsupported pixel mode, or an image
             smaller than ``size`` without a ``resize``.
     """
-    from PIL import Image, ImageFile
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     if not data:
         raise DatasetError(f"{name} is empty (0 bytes): not an image")
@@ -314,7 +314,11 @@ def decode_image(data: bytes, name="image", size: int | None = None, resize: int
     except DatasetError:
         raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ... for bad bytes
-        raise DatasetError(f"{name} cannot be decoded as an image ({type(e).__name__}: {str(e)[:200]})") from None
+        if isinstance(e, UnidentifiedImageError):  # Pillow names its in-memory buffer, not the file: say what it means
+            why = "not a known image format, or not an image at all"
+        else:
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise DatasetError(f"{name} cannot be decoded as an image ({why})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     if resize is not None:
