@@ -59,6 +59,7 @@ __all__ = [
     "DatasetError",
     "load_cifar10",
     "load_image_folder",
+    "resolve_image_folder",
     "synthetic_dataset",
     "seeded_split",
     "stratified_subset",
@@ -498,16 +499,11 @@ def load_cifar10(root, split: str = "test", cache: bool = True) -> Dataset:
                    list(listing.sources))
 
 
-def load_image_folder(root, size: int = 224, resize: int | None = None, split: str | None = None, cache: bool = True) -> Dataset:
-    """ImageNet-style ImageFolder: ``<root>/<class>/<image>`` (or ``<root>/<split>/<class>/<image>``).
+def resolve_image_folder(root, split: str | None = None) -> Path:
+    """The class-folder root of an ImageFolder: ``<root>/<split>`` with ``split``, else ``root``.
 
-    Each image's shorter side is resized to ``resize`` (default ``round(size * 256 / 224)``) and the
-    centre ``size`` x ``size`` crop kept: uint8 [N, 3, size, size], labels in sorted class-folder order.
-    ``cache=False`` (or ``BAGCERT_NO_CACHE=1``) decodes without the decode cache.
-
-    Raises :class:`DatasetError` for a missing folder or split, a folder without class folders (or with
-    split folders and no ``split``), no images, or an unusable image file (named); ValueError for
-    ``resize < size``.
+    Raises :class:`DatasetError` for a missing split (naming the ones that exist), a missing folder, a folder
+    without class sub-folders, or one holding split folders when no ``split`` was named.
     """
     root = Path(root)
     if split is not None:
@@ -524,6 +520,21 @@ def load_image_folder(root, size: int = 224, resize: int | None = None, split: s
         splits = _split_folders(root)
         if splits:
             raise DatasetError(f"{root} has split folders ({', '.join(splits)}), not class folders: name the split to load")
+    return root
+
+
+def load_image_folder(root, size: int = 224, resize: int | None = None, split: str | None = None, cache: bool = True) -> Dataset:
+    """ImageNet-style ImageFolder: ``<root>/<class>/<image>`` (or ``<root>/<split>/<class>/<image>``).
+
+    Each image's shorter side is resized to ``resize`` (default ``round(size * 256 / 224)``) and the
+    centre ``size`` x ``size`` crop kept: uint8 [N, 3, size, size], labels in sorted class-folder order.
+    ``cache=False`` (or ``BAGCERT_NO_CACHE=1``) decodes without the decode cache.
+
+    Raises :class:`DatasetError` for a missing folder or split, a folder without class folders (or with
+    split folders and no ``split``), no images, or an unusable image file (named); ValueError for
+    ``resize < size``.
+    """
+    root = resolve_image_folder(root, split)
     resize = resize if resize is not None else round(size * 256 / 224)
     if resize < size:
         raise ValueError(f"resize ({resize}) must be >= the crop size ({size})")

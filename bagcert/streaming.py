@@ -43,6 +43,7 @@ from .data import (
     _split_folders,
     _synthetic_size,
     load_cifar10,
+    resolve_image_folder,
     synthetic_dataset,
 )
 from .data import decode_image as _pil_decode
@@ -242,21 +243,7 @@ class ImageFolderStream(StreamDataset):
 
     def __init__(self, root, split: str | None = None, size: int | None = 224, resize: int | None = None, augment: str = "auto"):
         _check_augment(augment)
-        root = Path(root)
-        if split is not None:
-            if not (root / split).is_dir():
-                splits = _split_folders(root) if root.is_dir() else []
-                if splits:
-                    raise _missing_split(root, split, splits)
-            root = root / split
-        if not root.is_dir():
-            raise DatasetError(f"image folder not found: {root}; expected ImageFolder layout <root>/<class>/<image>.jpg")
-        if not any(p.is_dir() for p in root.iterdir()):
-            raise DatasetError(f"{root} has no class sub-folders; expected ImageFolder layout <root>/<class>/<image>.jpg")
-        if split is None:
-            splits = _split_folders(root)
-            if splits:
-                raise DatasetError(f"{root} has split folders ({', '.join(splits)}), not class folders: name the split to load")
+        root = resolve_image_folder(root, split)
         if size is not None:
             if int(size) < 1:
                 raise ValueError(f"size must be a positive number of pixels, got {size}")
