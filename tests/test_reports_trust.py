@@ -357,6 +357,7 @@ ARGUMENT_CASES = {
     "missing split folder": (["--split", "val"], "val"),
     "more images than the set": (["--num-images", "50"], "50"),
     "attack size not certified": (["--attacks", "pgd", "--attack-patch-sizes", "3"], "3"),
+    "attack step above one": (["--attacks", "pgd", "--attack-step-size", "2"], "(0, 1]"),
 }
 
 
@@ -421,3 +422,29 @@ def test_analysis_clis_refuse_more_images_than_the_split_has(tiny_checkpoint, tm
         cli_dp.main(common + ["--num-eval", "20"])
     assert "--num-eval 20 is larger than the data set (8 images)" in _one_line_failure(exc, capsys)
     assert not (tmp_path / "rep").exists()
+
+
+def test_sigterm_during_a_run_leaves_no_staging_folder(tmp_path):
+    """certify.py stopped with SIGTERM while its report is staged: exit 143, one line, neither the report nor its
+    hidden staging folder left beside --output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "rep"
+    proc = subprocess.Popen([sys.executable, str(root / "certify.py"), "--checkpoint", str(root / "checkpoints/bagcert_cifar10_r5s2_v2.pt"),
+                             "--dataset", "synthetic:64", "--patch-sizes", "5", "--attacks", "pgd", "--attack-steps", "100000",
+                             "--attack-locations", "50", "--threads", "1", "--no-progress", "--quiet", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".rep.staging-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".rep.staging-*")), "the run never staged its report"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert "SIGTERM" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".rep*"))

@@ -7,18 +7,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 
 __all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
-           "one_line", "user_errors", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
+           "one_line", "exit_on_sigterm", "user_errors", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
            "plt_or_none", "save_figure", "json_line", "add_output_arguments", "output_is_default", "show_path",
            "written_message", "progress_bar"]
 
@@ -58,6 +61,29 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+def exit_on_sigterm(main):
+    """Decorate a CLI ``main`` so that SIGTERM (``kill``, a job scheduler, ``timeout``) ends it like Ctrl-C would:
+    a one-line message, ``SystemExit(143)`` raised in the main thread, so every ``finally`` runs and a staging
+    report folder is removed instead of being left beside ``--output``. The previous handler is restored after."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return main(*args, **kwargs)
+
+        def stop(signum, frame):
+            sys.stderr.write("stopped by SIGTERM; no report was written\n")
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
 
 
 def one_line(text) -> str:

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._common import (Parser, add_cache_argument, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
+from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
                       positive_int, prepare_output, show_path, user_errors, written_message)
 from ..empirical import ATTACK_NAMES
 from ..peers.classifiers import FORMAT as PEER_FORMAT
@@ -286,6 +286,7 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     return p
 
 
+@exit_on_sigterm
 def main(argv=None, prog: str = "bagcert certify") -> int:
     """Run the CLI; returns the exit status (0, or 3 when an attack broke a certified sample). A mistake in
     the input raises ``SystemExit`` with one line (printed on stderr by Python, exit status 1); argument
@@ -408,8 +409,9 @@ def _run(args):
                 raise SystemExit(f"{flag} must be {'>= 0' if flag == '--attack-steps' else '>= 1'}, got {value}")
         if args.attack_images is not None and args.attack_images < 1:
             raise SystemExit(f"--attack-images must be >= 1, got {args.attack_images}")
-        if not args.attack_step_size > 0:
-            raise SystemExit(f"--attack-step-size must be > 0, got {args.attack_step_size}")
+        if not 0 < args.attack_step_size <= 1:
+            raise SystemExit(f"--attack-step-size is a signed-gradient step in [0, 1] pixel units and must lie in (0, 1], "
+                             f"got {args.attack_step_size}")
         if args.universal_fit_images < 0:
             raise SystemExit(f"--universal-fit-images must be >= 0, got {args.universal_fit_images}")
         if args.data_path == "stream":

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ._common import (
-    Parser, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
+    Parser, exit_on_sigterm, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
     plt_or_none, positive_int, progress_bar, commit_report, output_is_default, prepare_output, show_path, written_message, save_figure, set_threads, user_errors, write_report,
 )
 
@@ -87,6 +87,7 @@ def build_parser(prog: str = "bagcert defensive-patch"):
     return p
 
 
+@exit_on_sigterm
 def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
     args = build_parser(prog).parse_args(argv)
     from ..checkpoint import load_checkpoint

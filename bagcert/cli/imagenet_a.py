@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import (Parser, add_run_arguments, commit_report, device, json_line, output_is_default, pct, plt_or_none, positive_int,
+from ._common import (Parser, exit_on_sigterm, add_run_arguments, commit_report, device, json_line, output_is_default, pct, plt_or_none, positive_int,
                       prepare_output, save_figure, set_threads, show_path, subset, user_errors, write_report, written_message)
 
 _WNID = re.compile(r"n\d{8}")
@@ -126,6 +126,7 @@ def _subset_mode_data(root: Path, split: str, record: dict | None, size: int, re
         raise SystemExit(f"--dataset {root} --split {split}: {e}") from None
 
 
+@exit_on_sigterm
 def main(argv=None, prog: str = "bagcert imagenet-a") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)

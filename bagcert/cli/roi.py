@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from ._common import (
-    Parser, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
+    Parser, exit_on_sigterm, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
     commit_report, output_is_default, plt_or_none, show_path, written_message, positive_int, prepare_output, save_figure, set_threads, write_report,
 )
 
@@ -63,6 +63,7 @@ def build_parser(prog: str = "bagcert roi"):
     return p
 
 
+@exit_on_sigterm
 def main(argv=None, prog: str = "bagcert roi") -> int:
     args = build_parser(prog).parse_args(argv)
     from ..analysis.roi import evaluate_neutralization
