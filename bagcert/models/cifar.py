@@ -18,6 +18,7 @@ Everything is plain conv/BN/ReLU, so it runs fast in channels_last with bf16 aut
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..geometry import Geometry
@@ -27,16 +28,22 @@ from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel
 class _Block(nn.Module):
     def __init__(self, ch: int, k: int, pad: int, norm: str):
         super().__init__()
-        self.conv1 = nn.Conv2d(ch, ch, k, padding=pad, bias=False)
+        bias = norm in _NORM_FREE
+        self.conv1 = nn.Conv2d(ch, ch, k, padding=pad, bias=bias)
         self.n1 = _norm(norm, ch)
-        self.conv2 = nn.Conv2d(ch, ch, 1, bias=False)
+        self.conv2 = nn.Conv2d(ch, ch, 1, bias=bias)
         self.n2 = _norm(norm, ch)
         self.act = nn.ReLU(inplace=True)
         self.crop = (k - 1) // 2 if pad == 0 else 0
+        # SkipInit (De & Smith, NeurIPS 2020): no normalisation; the residual branch is scaled by a learnable
+        # scalar that starts at zero, so every block starts as the identity, as zero-initialised BN does
+        self.gain = nn.Parameter(torch.zeros(())) if norm == "skipinit" else None
 
     def forward(self, x):
         y = self.act(self.n1(self.conv1(x)))
         y = self.n2(self.conv2(y))
+        if self.gain is not None:
+            y = y * self.gain
         if self.crop:
             # centre crop of the skip: the kept pixels lie in the middle of the conv window
             c = self.crop
@@ -44,14 +51,17 @@ class _Block(nn.Module):
         return self.act(x + y)
 
 
+_NORM_FREE = ("none", "skipinit")  # convolutions carry a bias where no normalisation follows them
+
+
 def _norm(kind: str, ch: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(ch)
     if kind == "gn":
         return nn.GroupNorm(min(32, ch), ch)
-    if kind == "none":
+    if kind in _NORM_FREE:
         return nn.Identity()
-    raise ValueError(f"norm must be 'bn', 'gn' or 'none', got {kind!r}")
+    raise ValueError(f"norm must be 'bn', 'gn', 'none' or 'skipinit', got {kind!r}")
 
 
 def stem_kernel(receptive_field: int, stride: int) -> tuple[int, int]:
@@ -109,7 +119,7 @@ class CifarBagNet(BagModel):
         same = padding == "same"
         p0 = (k0 - 1) // 2 if same else 0  # even kernels pad one pixel less on the right: rf box is exact
         if stride == 1:
-            self.stem = nn.Sequential(nn.Conv2d(3, width, k0, padding=p0, bias=False), _norm(norm, width), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(nn.Conv2d(3, width, k0, padding=p0, bias=norm in _NORM_FREE), _norm(norm, width), nn.ReLU(inplace=True))
             chain = [(k0, 1, p0)]
         else:
             # full-resolution first conv with a fraction of the width, then strided 3x3 convs that double
@@ -117,12 +127,12 @@ class CifarBagNet(BagModel):
             # 1 + log2(stride) spatial layers before the blocks (stride 2: c0 = width / 2, one strided conv)
             levels = stride.bit_length() - 1
             c0 = max(8, width // stride)
-            layers = [nn.Conv2d(3, c0, k0, padding=p0, bias=False), _norm(norm, c0), nn.ReLU(inplace=True)]
+            layers = [nn.Conv2d(3, c0, k0, padding=p0, bias=norm in _NORM_FREE), _norm(norm, c0), nn.ReLU(inplace=True)]
             chain = [(k0, 1, p0)]
             c = c0
             for i in range(levels):
                 c_out = width if i == levels - 1 else max(8, width >> (levels - 1 - i))
-                layers += [nn.Conv2d(c, c_out, 3, stride=2, padding=1 if same else 0, bias=False), _norm(norm, c_out), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c, c_out, 3, stride=2, padding=1 if same else 0, bias=norm in _NORM_FREE), _norm(norm, c_out), nn.ReLU(inplace=True)]
                 chain.append((3, 2, 1 if same else 0))
                 c = c_out
             self.stem = nn.Sequential(*layers)
