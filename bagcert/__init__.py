@@ -34,7 +34,7 @@ __all__ = [
     "save_checkpoint",
 ]
 
-# issue 5: defensive patches + corruptions (bagcert.defense), RoI / RoA analysis (bagcert.analysis)
+# defensive patches + corruptions (bagcert.defense), RoI / RoA analysis (bagcert.analysis)
 from . import analysis, defense  # noqa: E402
 
 __all__ += ["analysis", "defense"]

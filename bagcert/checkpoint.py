@@ -116,6 +116,23 @@ def _one_line(text: str, limit: int = 300) -> str:
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
+def _is_zip_file(path: Path, label: str, expected: str) -> bool:
+    """Whether ``path`` is a zip archive (torch's file format since 1.6), read from its first bytes only.
+
+    Raises CheckpointError (one line, naming ``label`` and the path) for a folder (``expected`` says what was
+    wanted), a missing file or one that cannot be read."""
+    if path.is_dir():
+        raise CheckpointError(f"{label} {path} is a folder; expected {expected}")
+    if not path.is_file():
+        raise CheckpointError(f"{label} not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        return head == _ZIP_MAGIC and zipfile.is_zipfile(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {label} {path}: {_one_line(e)}") from None
+
+
 def safe_torch_load(path, what: str = "checkpoint", verify: bool = False):
     """Read a file written by :func:`atomic_torch_save` with ``torch.load(weights_only=True)``.
 
@@ -135,16 +152,7 @@ def safe_torch_load(path, what: str = "checkpoint", verify: bool = False):
             loading before anything from it runs).
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{what} file {path} is a folder; expected a .pt file")
-    if not path.is_file():
-        raise CheckpointError(f"{what} file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        is_zip = head == _ZIP_MAGIC and zipfile.is_zipfile(path)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {what} file {path}: {_one_line(e)}") from None
+    is_zip = _is_zip_file(path, f"{what} file", "a .pt file")
     if not is_zip:
         raise CheckpointError(
             f"{path} is not a torch checkpoint file (not a zip archive: truncated, corrupt or another kind of file; "

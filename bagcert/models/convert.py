@@ -34,14 +34,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import FORMAT as _BAGCERT_FORMAT
-from ..checkpoint import CheckpointError, _one_line, safe_torch_load
+from ..checkpoint import CheckpointError, _is_zip_file, _one_line, safe_torch_load
 from .bagnet import _KERNEL3, BagNet
 
 __all__ = ["load_bagnet_state_dict", "read_weights_file", "original_layout", "PUBLIC_WEIGHT_FILES"]
@@ -57,7 +56,6 @@ PUBLIC_WEIGHT_FILES = {
 _BAGCERT_ONLY = ("mean", "std")
 # torch's legacy (pre-1.6) serialisation starts with a protocol-2 pickle of its magic number (a 10-byte long)
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"
-_ZIP_MAGIC = b"PK\x03\x04"
 _WRAPPERS = ("state_dict", "model")
 _PREFIX = "module."
 
@@ -79,19 +77,12 @@ def read_weights_file(path):
     """
     path = Path(path)
     what = "BagNet weights file"
-    if path.is_dir():
-        raise CheckpointError(f"{what} {path} is a folder; expected a torch file such as bagnet16-105524de.pth.tar")
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        is_zip = head == _ZIP_MAGIC and zipfile.is_zipfile(path)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {what} {path}: {_one_line(e)}") from None
+    is_zip = _is_zip_file(path, what, "a torch file such as bagnet16-105524de.pth.tar")
     if is_zip:
         return safe_torch_load(path, what=what, verify=True)
-    if head != _LEGACY_MAGIC:
+    with open(path, "rb") as f:  # the file was just found readable
+        legacy = f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+    if not legacy:
         raise CheckpointError(
             f"{path} is not a torch file (neither a zip archive nor torch's legacy format; size "
             f"{path.stat().st_size} bytes); expected BagNet weights saved with torch.save, e.g. bagnet16-105524de.pth.tar"

@@ -1,4 +1,4 @@
-"""Peer certified patch defenses behind one interface (issue 6).
+"""Peer certified patch defenses behind one interface.
 
 Every certifier has ``name``, ``certify(model_or_fn, images, labels, patch_size) -> CertResult``,
 ``predict(model_or_fn, images, patch_size=None)`` and ``forward_passes_per_image(image_size, patch_size)``:
