@@ -102,8 +102,8 @@ def _open_eval_stream(args, meta, size, num_classes):
     same images in the same order as :func:`_load_eval_data` (the checkpoint's seeded split included) without
     decoding them. Data that is held in memory by any loader (``synthetic[:N]``, torchvision's CIFAR-10
     batches) is loaded and wrapped (:class:`~bagcert.streaming.TensorStream`, attribute ``loaded``)."""
-    from ..data import (SPLIT_NAMES_HINT, DatasetError, _find_cifar_batches, _is_synthetic, _missing_split, _spec_root,
-                        _split_folders, seeded_split)
+    from ..data import (SPLIT_NAMES_HINT, DatasetError, _find_cifar_batches, cut_seeded_split, _is_synthetic, _missing_split, _spec_root,
+                        _split_folders)
     from ..streaming import TensorStream, open_stream
 
     spec, split, record = args.dataset, args.split, meta.get("split")
@@ -133,16 +133,7 @@ def _open_eval_stream(args, meta, size, num_classes):
                 "told from the images it was trained on; retrain (train.py records its split in the checkpoint) or export "
                 "the checkpoint with a split record, or ask for split 'all' to use every image knowingly"
             )
-        n = int(record["num_images"])
-        if len(stream) != n:
-            raise DatasetError(
-                f"{spec} has {len(stream)} images but the checkpoint's seeded split was made over {n}: not the folder it "
-                f"was trained on, so it has no {split!r} part (use split 'all' to take every image)"
-            )
-        tr, te = seeded_split(n, float(record["test_fraction"]), int(record["seed"]))
-        part = stream.subset(te if split == "test" else tr)
-        part.info.update(split=split, seeded_split={k: record[k] for k in ("seed", "test_fraction", "num_images") if k in record})
-        return part
+        return cut_seeded_split(stream, split, record, spec)  # the same cut as the in-memory path
 
 
 def _open_data(args, meta, size, num_classes, attacks, world):
