@@ -719,7 +719,8 @@ def leave_process_group() -> None:
 
 def _init_from_checkpoint(model, path) -> dict:
     """Load a model checkpoint's weights into ``model`` (a warm start, e.g. to continue a finished run with a
-    new schedule): a bagcert checkpoint of exactly the same architecture, or the public BagNet-9/17/33 ImageNet
+    new schedule): a bagcert checkpoint of the same architecture (``dense`` may differ: a strided model
+    fine-tuned as its dense evaluation, see :class:`bagcert.models.CifarBagNet`), or the public BagNet-9/17/33 ImageNet
     weights in the original repository's state-dict layout (Brendel & Bethge, ICLR 2019) for ``bagnet9/17/33``,
     converted by :func:`bagcert.models.convert.load_bagnet_state_dict` (the 1000-class head is loaded only when
     the class count matches). Returns what is known about the source. Raises CheckpointError / TrainingError."""
@@ -738,10 +739,10 @@ def _init_from_checkpoint(model, path) -> dict:
         return {"path": str(path), "source": "bagnet-original",
                 **{k: report[k] for k in ("source_receptive_field", "loaded", "skipped", "skip_reason", "summary")}}
     src, src_meta = load_checkpoint(path)
-    if src.config != model.config:
+    if _weights_config(src) != _weights_config(model):
         raise TrainingError(
             f"--init-from {path}: its model {src.config['name']} {src.config['kwargs']} differs from the configured "
-            f"{model.config['name']} {model.config['kwargs']}"
+            f"{model.config['name']} {model.config['kwargs']} (only \"dense\" may differ)"
         )
     model.load_state_dict(src.state_dict())
     return {
@@ -749,7 +750,16 @@ def _init_from_checkpoint(model, path) -> dict:
         "trained_steps": src_meta.get("trained_steps"),
         "epochs": src_meta.get("epochs"),
         "wall_seconds": src_meta.get("wall_seconds"),
+        "dense": bool(src.config["kwargs"].get("dense", False)),
     }
+
+
+def _weights_config(model) -> dict:
+    """A model's config without its ``dense`` switch and with its class count: a strided network and its dense
+    (a trous) evaluation share every weight, so either initialises the other."""
+    kwargs = {k: v for k, v in model.config["kwargs"].items() if k != "dense"}
+    kwargs["num_classes"] = model.num_classes
+    return {"name": model.config["name"], "kwargs": kwargs}
 
 
 def ema_decay(decay: float, step: int) -> float:

@@ -238,6 +238,9 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     )
     p.add_argument("--aggregation", choices=["votes", "majority", "clipped"],
                    help="(default: the model's own) bagcert models only")
+    p.add_argument("--dense", action="store_true",
+                   help="certify a strided model's dense evaluation: the same weights at every pixel (stride 1, "
+                   "bagcert.models.to_dense); more locations, a smaller share of them under a patch. bagcert models only")
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
@@ -419,6 +422,11 @@ def _run(args):
 
         with user_errors(f"--checkpoint {args.checkpoint}: "):
             model, meta = load_checkpoint(args.checkpoint)
+        if args.dense:
+            from ..models import to_dense
+
+            with user_errors(f"--dense: {args.checkpoint}: "):
+                model = to_dense(model)
     else:
         model, meta = peer["classifier"], peer["metadata"]
     size = checkpoint_input_size(meta, args.checkpoint)
@@ -585,6 +593,8 @@ def _load_peer(args) -> dict:
             f"--aggregation {args.aggregation} applies to bagcert models only; {args.checkpoint} is a peer classifier, "
             "certified by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)"
         )
+    if args.dense:
+        raise SystemExit(f"--dense applies to bagcert models only; {args.checkpoint} is a peer classifier")
     if _parse_attacks(args.attacks):
         raise SystemExit(
             f"--attacks does not apply to peer classifiers ({args.checkpoint}): the attacks and their soundness check "

@@ -13,7 +13,8 @@ from .bagnet import BagNet
 from .base import IMAGENET_MEAN, IMAGENET_STD, BagModel, InputError, check_images
 from .cifar import CifarBagNet
 
-__all__ = ["create_model", "list_models", "register_model", "BagModel", "BagNet", "CifarBagNet", "InputError", "check_images"]
+__all__ = ["create_model", "list_models", "register_model", "to_dense", "BagModel", "BagNet", "CifarBagNet", "InputError",
+           "check_images"]
 
 _REGISTRY: dict[str, tuple[Callable, dict, str]] = {}
 
@@ -44,6 +45,39 @@ def create_model(name: str, num_classes: int | None = None, **kwargs) -> BagMode
     model = factory(**args)
     model.config = {"name": name, "kwargs": {k: v for k, v in args.items()}}
     return model
+
+
+def to_dense(model: BagModel) -> BagModel:
+    """The dense (a trous) evaluation of a strided :class:`CifarBagNet`: the same weights, every pixel a location.
+
+    The strided convolutions run at stride 1 and every later spatial convolution is dilated by the stride it
+    followed (the "a trous" algorithm, Holschneider et al. 1989; Shensa, IEEE Trans. Signal Processing 1992), so
+    the returned model's local logits [B, C, H', W'] hold the strided model's [B, C, h, w] at every ``stride``-th
+    location (``dense[..., ::s, ::s] == strided``) and the locations in between. Its geometry has stride 1 and the
+    same receptive field: a 5x5 patch reaches 81 of the 1,024 dense locations of a 32 px image where it reaches
+    up to 25 of the 256 strided ones, and the vote margin is counted over four times as many locations.
+    Costs about ``stride**2`` times the compute of the strided forward pass after the stem.
+
+    Args:
+        model: a bagcert model built from the registry with stride 2, 4 or 8 (``model.config`` names it), in
+            either mode; a model that is already dense is returned as a new copy.
+
+    Returns:
+        a new model in eval mode on the same device, ``config["kwargs"]["dense"] = True``, weights copied.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`CifarBagNet` (the BagNets of ``bagnet9/17/33`` are not converted).
+        ValueError: the model has stride 1 (it already is dense).
+    """
+    if not isinstance(model, CifarBagNet) or not getattr(model, "config", None):
+        raise TypeError(f"to_dense converts registry CifarBagNet models (cifar_bagnet*, image_bagnet*), got "
+                        f"{type(model).__name__}")
+    kwargs = {**model.config["kwargs"], "dense": True}
+    dense = create_model(model.config["name"], **kwargs)
+    dense.load_state_dict(model.state_dict())
+    dense.aggregation = model.aggregation
+    p = next(model.parameters())
+    return dense.to(device=p.device).eval()
 
 
 # --- ImageNet-sized BagNets (stride 8, unpadded) ---------------------------------------------

@@ -31,15 +31,15 @@ from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel
 
 
 class _Block(nn.Module):
-    def __init__(self, ch: int, k: int, pad: int, norm: str):
+    def __init__(self, ch: int, k: int, pad: int, norm: str, dilation: int = 1):
         super().__init__()
         bias = norm in _NORM_FREE
-        self.conv1 = nn.Conv2d(ch, ch, k, padding=pad, bias=bias)
+        self.conv1 = nn.Conv2d(ch, ch, k, padding=pad * dilation, dilation=dilation, bias=bias)
         self.n1 = _norm(norm, ch)
         self.conv2 = nn.Conv2d(ch, ch, 1, bias=bias)
         self.n2 = _norm(norm, ch)
         self.act = nn.ReLU(inplace=True)
-        self.crop = (k - 1) // 2 if pad == 0 else 0
+        self.crop = dilation * (k - 1) // 2 if pad == 0 else 0
         # SkipInit (De & Smith, NeurIPS 2020): no normalisation; the residual branch is scaled by a learnable
         # scalar that starts at zero, so every block starts as the identity, as zero-initialised BN does
         self.gain = nn.Parameter(torch.zeros(())) if norm == "skipinit" else None
@@ -105,8 +105,13 @@ class CifarBagNet(BagModel):
         aggregation: str = "votes",
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
+        dense: bool = False,
     ):
         super().__init__(num_classes, mean, std, aggregation)
+        if not isinstance(dense, bool):
+            raise ValueError(f"dense must be True or False, got {dense!r}")
+        if dense and stride == 1:
+            raise ValueError("dense=True evaluates a strided network at every pixel; it needs stride 2, 4 or 8, got stride 1")
         if stride not in (1, 2, 4, 8):
             raise ValueError(f"stride must be 1, 2, 4 or 8, got {stride}")
         if padding not in ("same", "valid"):
@@ -137,16 +142,21 @@ class CifarBagNet(BagModel):
             c = c0
             for i in range(levels):
                 c_out = width if i == levels - 1 else max(8, width >> (levels - 1 - i))
-                layers += [nn.Conv2d(c, c_out, 3, stride=2, padding=1 if same else 0, bias=norm in _NORM_FREE), _norm(norm, c_out), nn.ReLU(inplace=True)]
-                chain.append((3, 2, 1 if same else 0))
+                # dense: the strided conv runs at stride 1 and every later spatial conv is dilated by the stride
+                # it would have followed (a trous), so location 2^(i+1) * o of the dense map is location o here
+                d, p = 1 << i if dense else 1, (1 if same else 0)
+                conv = nn.Conv2d(c, c_out, 3, stride=1 if dense else 2, padding=p * d, dilation=d, bias=norm in _NORM_FREE)
+                layers += [conv, _norm(norm, c_out), nn.ReLU(inplace=True)]
+                chain.append((2 * d + 1, 1, p * d) if dense else (3, 2, p))
                 c = c_out
             self.stem = nn.Sequential(*layers)
+        dil = stride if dense else 1
         blocks = []
         for b in range(depth):
             k = 3 if b < n3 else 1
             pad = (k - 1) // 2 if same else 0
-            blocks.append(_Block(width, k, pad, norm))
-            chain.append((k, 1, pad))
+            blocks.append(_Block(width, k, pad, norm, dilation=dil if k > 1 else 1))
+            chain.append(((k - 1) * dil + 1, 1, pad * dil) if k > 1 else (k, 1, pad))
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Conv2d(width, num_classes, 1)
         self.geometry = Geometry.from_layers(chain)
