@@ -43,6 +43,15 @@ its network evaluations per image:
 A PatchCleanser classifier is certified with the mask set of its spec, for patch sizes up to that
 patch (default: exactly it); a larger size is an error unless --mask-patch-size rebuilds the mask set
 for a larger patch. --aggregation and --attacks apply to bagcert models only.
+
+Robust masking of the votes (--robust-masking, bagcert models only; docs/peers.md): the model's votes
+(local logits > 0, in {0, 1}) are certified with PatchGuard robust masking (bagcert.peers.PatchGuardMasking
+with evidence="votes") instead of the vote count: for each class the window of the largest affected set that
+holds the most votes is masked before the votes are counted, so the votes a patch adds fall into the masked
+window and only the prediction's lost votes count. One forward pass per image; it combines with --dense. The
+report's method is "patchguard-votes". It is refused with --attacks (the attacks optimise the vote count, not
+the masked prediction) and with --aggregation:
+    bagcert certify --checkpoint checkpoints/bagcert_cifar10_r5s2_dense.pt --dataset ../shared/data/cifar10 --patch-sizes 5 --robust-masking
 """
 
 from __future__ import annotations
@@ -241,6 +250,10 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true",
                    help="certify a strided model's dense evaluation: the same weights at every pixel (stride 1, "
                    "bagcert.models.to_dense); more locations, a smaller share of them under a patch. bagcert models only")
+    p.add_argument("--robust-masking", action="store_true",
+                   help="certify with PatchGuard robust masking of the votes (report method patchguard-votes) instead of "
+                   "the vote count; one forward pass per image; combines with --dense, not with --attacks or "
+                   "--aggregation. bagcert models only")
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
@@ -397,6 +410,12 @@ def _run(args):
     if args.patch_sizes is not None:
         size_tokens = _size_tokens("--patch-sizes", args.patch_sizes)
     attack_tokens = _size_tokens("--attack-patch-sizes", args.attack_patch_sizes) if args.attack_patch_sizes else None
+    if args.robust_masking and attacks:
+        raise SystemExit("--robust-masking cannot be combined with --attacks: the attacks optimise the vote count, not "
+                         "the masked prediction, so they would not test its certificate; certify without --attacks")
+    if args.robust_masking and args.aggregation:
+        raise SystemExit(f"--robust-masking cannot be combined with --aggregation {args.aggregation}: robust masking "
+                         "certifies the votes with its own rule; give one of the two")
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -414,7 +433,11 @@ def _run(args):
     folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args)) if rank == 0 else None
 
     # ---- 3. the checkpoint (a peer classifier is recognised by its format) ------------------------------------
-    peer = _load_peer(args) if _checkpoint_format(args.checkpoint) == PEER_FORMAT else None
+    is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
+    if is_peer and args.robust_masking:
+        raise SystemExit(f"--robust-masking applies to bagcert models only; {args.checkpoint} is a peer classifier, "
+                         "certified by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)")
+    peer = _load_peer(args) if is_peer else None
     if peer is None and args.mask_patch_size:
         raise SystemExit("--mask-patch-size applies only to a PatchCleanser peer classifier (bagcert train --peer patchcleanser:P)")
     if peer is None:
@@ -483,7 +506,19 @@ def _run(args):
     # ---- 5. the work ----------------------------------------------------------------------------------------
     progress = args.progress and not args.quiet and rank == 0
     source = StreamSource(data, workers=args.workers) if streamed else data
-    if peer is None:
+    if args.robust_masking:
+        from ..peers import PatchGuardMasking
+
+        masking = PatchGuardMasking(evidence="votes")
+        if rank == 0:
+            print(f"certificate: {masking.name}, PatchGuard robust masking of the votes (not the vote count)",
+                  file=sys.stderr, flush=True)
+        results, timing = certify_peer_dataset(
+            masking, model, source, sizes, batch_size=args.batch_size, device=args.device, progress=progress,
+            rank=rank, world=world,
+        )
+        method = {"method": masking.name, "forward_passes_per_image": masking.forward_passes_per_image(), "peer": None}
+    elif peer is None:
         results, timing = certify_dataset(
             model, source, sizes, batch_size=args.batch_size, device=args.device, aggregation=args.aggregation,
             progress=progress, rank=rank, world=world,

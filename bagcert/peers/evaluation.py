@@ -9,6 +9,7 @@ import torch
 from ..evaluation import certify_batches, check_patch_sizes
 from .base import make_result
 from .patchcleanser import PatchCleanser, double_masking_from_pairs
+from .patchguard import PatchGuardMasking
 from .smoothing import affected_ablations, certify_counts
 
 __all__ = ["certify_peer_dataset"]
@@ -17,13 +18,15 @@ __all__ = ["certify_peer_dataset"]
 @torch.no_grad()
 def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, batch_size: int = 250, device="cpu",
                          progress: bool = False, rank: int = 0, world: int = 1):
-    """``bagcert.evaluation.certify_dataset`` for a peer certifier (de-randomized smoothing or PatchCleanser):
+    """``bagcert.evaluation.certify_dataset`` for a peer certifier (de-randomized smoothing, PatchCleanser or
+    PatchGuard robust masking of a bagcert model):
     the same batches, the same sharding over ranks and the same ``(results, timing)``.
 
     The network evaluations of a batch are made once for all patch sizes and timed as ``forward_s``: the
     ablation votes (de-randomized smoothing: each size only changes Δ) or the two-mask prediction table of
     ``mask_set`` (PatchCleanser: one mask set for every size, each at most its patch, so the certificate is
-    the same for all of them). ``certify_s`` times the certificates computed from them, with the
+    the same for all of them), or the evidence map (PatchGuard: one pass of the model, every size masks its
+    own window). ``certify_s`` times the certificates computed from them, with the
     certifier's own rules (``certify_counts``; ``double_masking_from_pairs`` and the all-pairs check), so
     the results equal ``cert.certify(classifier, x, y, size)`` (PatchCleanser: with ``mask_set``'s patch).
     """
@@ -32,18 +35,22 @@ def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, 
     H, W = data.images.shape[-2:]
     keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     pc = isinstance(cert, PatchCleanser)
+    pg = isinstance(cert, PatchGuardMasking)
     if pc:
         if mask_set is None:
             raise ValueError("PatchCleanser needs the mask set to certify with")
         big = [k for k, (ph, pw) in zip(keys, sizes) if ph > mask_set.patch_size[0] or pw > mask_set.patch_size[1]]
         if big:
             raise ValueError(f"patch sizes {big} are larger than the {mask_set.patch_size} patch the mask set covers")
-    else:
+    elif not pg:
         deltas = [affected_ablations((H, W), s, cert.band_size, cert.mode) for s in sizes]
 
     def certify_batch(x, y):
         t = time.perf_counter()
-        if pc:
+        if pg:
+            evidence = cert.evidence(classifier, x)  # [B, C, h, w], one forward pass
+            C = evidence.shape[1]
+        elif pc:
             table, C = cert.two_mask_predictions(classifier, x, mask_set)  # F(x ⊙ r ⊙ r') for every pair of masks
         else:
             votes, C = cert.votes(classifier, x, return_num_classes=True)  # the class of every ablation
@@ -51,7 +58,9 @@ def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, 
         t = time.perf_counter()
         if y.numel() and int(y.max()) >= C:
             raise ValueError(f"labels must lie in [0, {C})")
-        if pc:
+        if pg:
+            res = {k: cert.certify_evidence(evidence, y, classifier.geometry, (H, W), s) for k, s in zip(keys, sizes)}
+        elif pc:
             pred = double_masking_from_pairs(table, C)
             M = table.shape[1]
             iu = torch.triu_indices(M, M, device=table.device)

@@ -2,6 +2,10 @@ r"""PatchGuard robust masking (Xiang, Bhagoji, Sehwag, Mittal, USENIX Security 2
 
 Evidence. ``u[c, l] = clip(z[c, l], low, high) >= 0``: the model's local logit of class c at
 location l, clipped to be non-negative (``low = 0``; ``high = None`` means no upper clip, i.e. ReLU).
+Or the BagCert votes themselves, ``u[c, l] = 1 if z[c, l] > 0 else 0`` (``evidence="votes"`` of
+:class:`PatchGuardMasking`): the certificate below holds for any evidence in ``[0, inf)``, so it holds
+for binary evidence unchanged (an attacker who can write any value is at least as strong as one who
+can write only 0 or 1).
 
 Windows. ``𝒲`` is the set of every ``wh x ww`` window fully inside the ``h x w`` evidence map. The
 window size is the largest affected set of a patch of the requested size, read from the model's
@@ -67,6 +71,7 @@ from ..geometry import Geometry, parse_patch_size
 from .base import PeerCertifier, as_classifier, check_images_for_peer, check_labels, make_result
 
 __all__ = [
+    "EVIDENCE_KINDS",
     "PatchGuardMasking",
     "evidence_window_size",
     "robust_masking",
@@ -127,7 +132,25 @@ def patchguard_certify_evidence(
     threshold: float = 0.0,
     name: str = "patchguard",
 ) -> CertResult:
-    """Robust-masking prediction and certificate from a non-negative evidence map [N, C, h, w]."""
+    """Robust-masking prediction and certificate from a non-negative evidence map.
+
+    Args:
+        evidence: float [N, C, h, w], every entry in ``[0, inf)`` (clipped local logits, or votes in
+            {0, 1}); ``(h, w)`` must be ``geometry.grid_size(*image_size)``.
+        labels: int64 [N] in [0, C), or None.
+        geometry: the model's receptive-field geometry; image_size: ``(H, W)`` pixels; patch_size: int
+            or ``(h, w)`` pixels, at most the image.
+        threshold: detection threshold tau in [0, 1); name: written into ``CertResult.aggregation``.
+
+    Returns a ``CertResult``: prediction int64 [N] (argmax of the masked evidence, ties to the lower
+    class), certified bool [N], margin float64 [N] (evidence units; > 0 iff certified), worst_position
+    int64 [N, 2]. The certificate is proven for any evidence in ``[0, inf)`` (module docstring).
+
+    Raises:
+        ValueError: evidence that is not 4-D, holds NaN / Inf or negative values, has fewer than 2
+            classes or a map size the geometry does not give; a threshold outside [0, 1); a patch
+            larger than the image; labels of the wrong shape or outside [0, C).
+    """
     if not isinstance(evidence, torch.Tensor) or evidence.dim() != 4:
         raise ValueError("evidence must be a tensor [N, C, h, w]")
     if not 0.0 <= threshold < 1.0:
@@ -177,7 +200,7 @@ def patchguard_certify_evidence(
     uc_ne[empty_c] = torch.tensor([nw - 1, 0])
     cov = cover_max(cover_max(ws, ur_ne, nh, 2), uc_ne, nw, 3)  # [N, C, Ur, Uc]
     any_empty = empty_r[:, None] | empty_c[None, :]  # R(p) is empty if either axis range is empty
-    cov = torch.where(any_empty, ws.flatten(2).amax(2)[:, :, None, None], cov)
+    cov = torch.where(any_empty.to(cov.device), ws.flatten(2).amax(2)[:, :, None, None], cov)
     ub = (total[:, :, None, None] - cov) / (1.0 - threshold)  # [N, C, Ur, Uc]
     ub.scatter_(1, pred.view(N, 1, 1, 1).expand(N, 1, ub.shape[2], ub.shape[3]), float("-inf"))
     ub_other = ub.amax(dim=1)  # [N, Ur, Uc]  max over c != y
@@ -218,45 +241,81 @@ def patchguard_certify_evidence(
     return make_result(pred, labels, certified, margin, (ph, pw), name, worst)
 
 
+EVIDENCE_KINDS = ("logits", "votes")
+
+
 class PatchGuardMasking(PeerCertifier):
-    """PatchGuard robust masking on a bagcert model's clipped local logits (one forward pass).
+    """PatchGuard robust masking on a bagcert model's local logits or votes (one forward pass).
 
     Args:
-        clip: ``(low, high)`` clipping of the local logits into evidence; ``low >= 0`` (default
-            ``(0, None)``: ReLU, no upper clip; the certificate does not need one).
+        clip: ``(low, high)`` clipping of the local logits into evidence, ``low >= 0``; only with
+            ``evidence="logits"``. ``None`` (default) means ``(0, None)``: ReLU, no upper clip (the
+            certificate does not need one).
         threshold: detection threshold tau in [0, 1) (default 0: always mask the top window).
-        batch_size: forward pass in chunks of this many images.
+        batch_size: forward pass in chunks of this many images (default: all at once).
+        evidence: ``"logits"`` (default): the clipped local logits, float32 [N, C, h, w] in
+            ``[low, high]``; ``"votes"``: BagCert's votes ``(local_logits > 0)`` as float32 {0, 1}
+            [N, C, h, w] (robust masking of the votes; ``clip`` must then be left at ``None``).
 
-    See the module docstring for the rule and the derivation of both bounds.
+    ``name``: ``"patchguard"`` / ``"patchguard-votes"``, with ``-t<tau>`` appended for a threshold
+    (``"patchguard-votes-t0.1"``). The certificate is the module's (:func:`patchguard_certify_evidence`),
+    proven for any evidence in ``[0, inf)``, so it covers both kinds; margins are in evidence units
+    (votes for ``"votes"``). See the module docstring for the rule and the derivation of both bounds.
+
+    Raises:
+        ValueError: an unknown ``evidence``, a ``clip`` together with ``evidence="votes"``, a clip
+            with ``low < 0`` or ``high <= low``, or a threshold outside [0, 1).
     """
 
-    def __init__(self, clip=(0.0, None), threshold: float = 0.0, batch_size: int | None = None):
-        self.clip = _check_clip(clip)
+    def __init__(self, clip=None, threshold: float = 0.0, batch_size: int | None = None, evidence: str = "logits"):
+        if evidence not in EVIDENCE_KINDS:
+            raise ValueError(f"evidence must be one of {', '.join(EVIDENCE_KINDS)}, got {evidence!r}")
+        if evidence == "votes" and clip is not None:
+            raise ValueError(
+                f"clip applies to evidence='logits' only; evidence='votes' is already {{0, 1}}, leave clip at its "
+                f"default None (got clip={clip!r})"
+            )
+        self.evidence_kind = evidence
+        self.clip = _check_clip((0.0, None) if clip is None else clip) if evidence == "logits" else None
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"detection threshold must lie in [0, 1), got {threshold}")
         self.threshold = float(threshold)
         self.batch_size = batch_size
-        self.name = "patchguard" if threshold == 0 else f"patchguard-t{threshold:g}"
+        base = "patchguard" if evidence == "logits" else "patchguard-votes"
+        self.name = base if threshold == 0 else f"{base}-t{threshold:g}"
 
     def evidence(self, model, images: torch.Tensor) -> torch.Tensor:
+        """The evidence map of ``images`` (float [N, 3, H, W] in [0, 1]): float32 [N, C, h, w], non-negative
+        (clipped logits, or votes in {0, 1}). Raises ``TypeError`` for a model without ``local_logits`` and
+        ``geometry``, ``RuntimeError`` for a model in training mode, ``ValueError`` for malformed images."""
         model = as_classifier(model)
         if not hasattr(model, "local_logits") or not hasattr(model, "geometry"):
             raise TypeError("PatchGuard needs a bagcert model with .local_logits() and .geometry")
         check_images_for_peer(images)
         bs = self.batch_size or images.shape[0]
-        low, high = self.clip
         chunks = [model.local_logits(images[i : i + bs]) for i in range(0, images.shape[0], bs)]
-        return torch.cat(chunks).clamp(min=low, max=high)
+        z = torch.cat(chunks)
+        if self.evidence_kind == "votes":
+            return (z > 0).to(z.dtype)
+        low, high = self.clip
+        return z.clamp(min=low, max=high)
+
+    def certify_evidence(self, evidence: torch.Tensor, labels, geometry: Geometry, image_size, patch_size) -> CertResult:
+        """:func:`patchguard_certify_evidence` with this certifier's threshold and name, for an ``evidence``
+        map [N, C, h, w] made by :meth:`evidence` (one forward pass serves every patch size)."""
+        return patchguard_certify_evidence(evidence, labels, geometry, image_size, patch_size, self.threshold, self.name)
 
     @torch.no_grad()
     def certify(self, model, images: torch.Tensor, labels, patch_size) -> CertResult:
+        """Robust-masking prediction and certificate of ``images`` float [N, 3, H, W] in [0, 1] against a patch
+        of ``patch_size`` (int or (h, w) pixels); ``labels`` int64 [N] or None. Returns a ``CertResult`` with
+        float64 margins in evidence units."""
         ev = self.evidence(model, images)
-        return patchguard_certify_evidence(
-            ev, labels, model.geometry, tuple(images.shape[-2:]), patch_size, self.threshold, self.name
-        )
+        return self.certify_evidence(ev, labels, model.geometry, tuple(images.shape[-2:]), patch_size)
 
     @torch.no_grad()
     def predict(self, model, images: torch.Tensor, patch_size=None) -> torch.Tensor:
+        """The robust-masking prediction, int64 [N] (ties to the lower class); the window depends on ``patch_size``."""
         if patch_size is None:
             raise ValueError("PatchGuard's masking window depends on the patch size: pass patch_size")
         ev = self.evidence(model, images).double()
