@@ -28,12 +28,12 @@ def _load(filename):
 
 
 def bagcert_cifar10(pretrained=True):
-    """bagcert-cifar10-r5 (v2): the shipped CIFAR-10 model, ``checkpoints/bagcert_cifar10_r5s2_v2.pt``.
+    """bagcert-cifar10-r5-dense: the shipped CIFAR-10 model, ``checkpoints/bagcert_cifar10_r5s2_dense.pt``.
 
     10 CIFAR-10 classes (``model.metadata["classes"]``: airplane, automobile, ..., truck); input float
-    [B, 3, 32, 32] in [0, 1]. ``cifar_bagnet5_s2`` (receptive field 5, stride 2, 16 x 16 locations, width 128),
-    votes aggregation. On the full CIFAR-10 (JPEG q75 copy) test set: 57.34 % clean, 30.56 % certified against
-    5x5 patches (docs/model_card.md).
+    [B, 3, 32, 32] in [0, 1]. The weights of bagcert-cifar10-r5 (v2) (``cifar_bagnet5_s2``, receptive field 5,
+    width 128) evaluated densely (``dense=True``: 32 x 32 locations, stride 1), votes aggregation. On the full
+    CIFAR-10 (JPEG q75 copy) test set: 57.95 % clean, 33.87 % certified against 5x5 patches (docs/model_card.md).
 
     Args:
         pretrained: must be True; only the shipped weights are offered.
@@ -46,7 +46,7 @@ def bagcert_cifar10(pretrained=True):
         bagcert.CheckpointError: the checkpoint file is missing or damaged.
     """
     _check_pretrained(pretrained)
-    return _load("bagcert_cifar10_r5s2_v2.pt")
+    return _load("bagcert_cifar10_r5s2_dense.pt")
 
 
 def bagcert_imagenette(pretrained=True):

@@ -1,7 +1,7 @@
 """Certify a checkpoint against adversarial patches, in batch, and write a report.
 
-With no arguments it certifies the shipped default model, bagcert-cifar10-r5 (v2)
-(checkpoints/bagcert_cifar10_r5s2_v2.pt), on the 200 CIFAR-10 test images bundled in samples/cifar10 and
+With no arguments it certifies the shipped default model, bagcert-cifar10-r5-dense
+(checkpoints/bagcert_cifar10_r5s2_dense.pt), on the 200 CIFAR-10 test images bundled in samples/cifar10 and
 prints the report (into outputs/certify, replaced by the next run that leaves --output at its default).
 
 Examples (`bagcert certify ...` and `python certify.py ...` are the same command):
@@ -74,7 +74,7 @@ from ..peers.classifiers import FORMAT as PEER_FORMAT
 __all__ = ["build_parser", "main", "run_certification", "DEFAULT_CHECKPOINT", "DEFAULT_DATASET", "DEFAULT_PATCH_SIZES"]
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r5s2_v2.pt"
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r5s2_dense.pt"
 DEFAULT_DATASET = ROOT / "samples" / "cifar10"
 DEFAULT_PATCH_SIZES = "1,2,3,4,5,6,7,8,3x7,7x3"
 DEFAULT_OUTPUT = "outputs/certify"
@@ -225,7 +225,7 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description=__doc__)
     p.add_argument(
         "--checkpoint", default=str(DEFAULT_CHECKPOINT.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_CHECKPOINT),
-        help="bagcert checkpoint (the default is the shipped default model, bagcert-cifar10-r5 (v2)) or a peer classifier "
+        help="bagcert checkpoint (the default is the shipped default model, bagcert-cifar10-r5-dense) or a peer classifier "
         "(peer_classifier.pt of bagcert train --peer: de-randomized smoothing or PatchCleanser, certified with the spec "
         "recorded in the file)",
     )
