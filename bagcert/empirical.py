@@ -336,6 +336,15 @@ def soundness_message(res: EmpiricalResult, below: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _model_name(model) -> str | None:
+    """The registry name of a model for figure titles, with " (dense)" for a dense evaluation; None if unknown."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) or not config.get("name"):
+        return None
+    dense = isinstance(config.get("kwargs"), dict) and config["kwargs"].get("dense") is True
+    return config["name"] + (" (dense)" if dense else "")
+
+
 def _method_title(model, aggregation: str, attack_info: dict, size) -> str:
     """The attacks and the certified model of an attack figure, e.g. ``"pgd (10 steps, 5 locations), 5x5 patch;
     BagCert (votes aggregation), cifar_bagnet5_s2"``."""
@@ -345,8 +354,7 @@ def _method_title(model, aggregation: str, attack_info: dict, size) -> str:
     for name, info in attack_info.items():
         bits = [f"{info[k]} {k}" for k in ("steps", "locations") if isinstance(info.get(k), int) and not isinstance(info.get(k), bool)]
         parts.append(f"{name} ({', '.join(bits)})" if bits else name)
-    config = getattr(model, "config", None)
-    model_name = config.get("name") if isinstance(config, dict) else None
+    model_name = _model_name(model)
     what = f"{', '.join(parts)}, {size[0]}x{size[1]} patch; " if parts else f"{size[0]}x{size[1]} patch; "
     return what + certificate_method(aggregation, model_name)
 
@@ -370,8 +378,7 @@ def _write_figures(model, x, y, cert, res, key, figure_images, metadata, data, o
         notes.append(f"patch {key}: figures show images misclassified on clean input (none of the attacked images is correct)")
     classes = (metadata or {}).get("classes") or getattr(data, "classes", None)
     xs, ys = x[rows.to(x.device)], y[rows.to(y.device)]
-    config = getattr(model, "config", None)
-    model_name = config.get("name") if isinstance(config, dict) else None
+    model_name = _model_name(model)
     figures = []
     if attacked:
         adv = {a: (r.adv_images[rows.to(r.adv_images.device)], r.predictions[rows.to(r.predictions.device)],

@@ -621,7 +621,10 @@ def accuracy_figure(s: dict):
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
-    model = (s.get("checkpoint") or {}).get("model")
+    ckpt = s.get("checkpoint") or {}
+    model = ckpt.get("model")
+    if model and isinstance(ckpt.get("model_kwargs"), dict) and ckpt["model_kwargs"].get("dense") is True:
+        model += " (dense)"
     ax.set_title(f"{certificate_method(s.get('aggregation'), model, s.get('method'))}\n"
                  f"certified accuracy on {s['dataset'].get('name')}, n={s['num_images']}", fontsize=9)
     return fig

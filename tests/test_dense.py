@@ -86,3 +86,12 @@ def test_dense_checkpoint_round_trip_and_fine_tuning_from_the_strided_model(tmp_
     with pytest.raises(ValueError, match="only \"dense\" may differ"):
         train(TrainConfig(output=str(tmp_path / "e"), model_kwargs={"width": 16, "dense": True}, **cfg), data, held,
               log=lambda *a: None)
+
+
+def test_figure_titles_name_the_dense_evaluation():
+    from bagcert.empirical import _model_name
+    from bagcert.models import to_dense
+
+    strided = bagcert.create_model("cifar_bagnet5_s2", width=8)
+    assert _model_name(strided) == "cifar_bagnet5_s2"
+    assert _model_name(to_dense(strided)) == "cifar_bagnet5_s2 (dense)"
