@@ -595,11 +595,14 @@ def _require_pyplot():
 def _save(fig, path: Path, plt, dpi: int = 110) -> None:
     """Save ``fig`` atomically under a unique temporary name in the same folder (two runs saving the same
     figure name never share a temporary file), then rename it to ``path``."""
+    from .checkpoint import _umask_mode
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.png", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600: give the figure the permissions of the other files
         os.replace(tmp, path)
     finally:
         plt.close(fig)

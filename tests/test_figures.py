@@ -73,6 +73,10 @@ def test_attack_examples_figure_names_method_classes_and_certificate(tmp_path):
     path = tmp_path / "a.png"
     assert plot_attack_examples(path, x, labels, clean, {"pgd": (adv, torch.tensor([1, 1]))}, ["a", "b"], title=title)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # written atomically through a private temporary file, yet with the permissions of any other new file
+    other = tmp_path / "b.txt"
+    other.write_text("x")
+    assert path.stat().st_mode & 0o777 == other.stat().st_mode & 0o777
 
 
 def test_uncertified_positions_figure_has_margin_colorbar_and_method(tmp_path):
