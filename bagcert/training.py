@@ -759,7 +759,8 @@ def _weights_config(model) -> dict:
     (a trous) evaluation share every weight, so either initialises the other."""
     kwargs = {k: v for k, v in model.config["kwargs"].items() if k != "dense"}
     kwargs["num_classes"] = model.num_classes
-    return {"name": model.config["name"], "kwargs": kwargs}
+    # a checkpoint stores tuples (mean, std) as lists: compare the JSON forms
+    return json.loads(json.dumps({"name": model.config["name"], "kwargs": kwargs}, sort_keys=True))
 
 
 def ema_decay(decay: float, step: int) -> float:

@@ -41,7 +41,7 @@ def test_dense_map_contains_the_strided_map_and_the_same_pixel_boxes(rf, stride,
         assert dense.geometry.pixel_box(stride * i, stride * j) == strided.geometry.pixel_box(i, j)
 
 
-@pytest.mark.parametrize("rf,stride,padding,norm,size", CONFIGS[:4])
+@pytest.mark.parametrize("rf,stride,padding,norm,size", CONFIGS)
 def test_a_patch_changes_only_the_locations_the_geometry_names(rf, stride, padding, norm, size):
     """The certificate's soundness rests on R(l): whatever a patch holds, no dense location outside it may move."""
     _, dense = _pair(rf, stride, padding, norm)
@@ -95,3 +95,29 @@ def test_figure_titles_name_the_dense_evaluation():
     strided = bagcert.create_model("cifar_bagnet5_s2", width=8)
     assert _model_name(strided) == "cifar_bagnet5_s2"
     assert _model_name(to_dense(strided)) == "cifar_bagnet5_s2 (dense)"
+
+
+def test_train_refuses_invalid_model_kwargs_in_one_line_before_any_work(tmp_path):
+    import train as train_cli
+
+    out = tmp_path / "run"
+    for kwargs, expected in (('{"width": 8, "dense": true}', "needs stride 2, 4 or 8"), ('{"widht": 8}', "widht")):
+        with pytest.raises(SystemExit) as exc:
+            train_cli.main(["--model", "cifar_bagnet5" if "dense" in kwargs else "cifar_bagnet5_s2", "--model-kwargs",
+                            kwargs, "--dataset", "synthetic:16", "--output", str(out)])
+        message = str(exc.value.code)
+        assert expected in message and "\n" not in message and message.startswith("--model ")
+        assert not out.exists()
+
+
+def test_init_from_accepts_a_checkpoint_whose_tuples_were_stored_as_lists(tmp_path):
+    """image_bagnet* models carry mean/std tuples; a checkpoint stores them as lists: the same weights config."""
+    from bagcert.training import _init_from_checkpoint
+
+    torch.manual_seed(0)
+    strided = bagcert.create_model("image_bagnet17_s8", width=16).eval()
+    src = tmp_path / "s8.pt"
+    bagcert.save_checkpoint(src, strided, input_size=128, classes=[f"c{i}" for i in range(10)])
+    dense = bagcert.create_model("image_bagnet17_s8", width=16, dense=True)
+    info = _init_from_checkpoint(dense, src)
+    assert info["dense"] is False and all(torch.equal(v, dense.state_dict()[k]) for k, v in strided.state_dict().items())

@@ -200,6 +200,7 @@ def _peer_file(path):
     (["--attacks", "pgd"], "--robust-masking cannot be combined with --attacks: the attacks optimise the vote count"),
     (["--aggregation", "votes"], "--robust-masking cannot be combined with --aggregation votes"),
     (["peer"], "--robust-masking applies to bagcert models only"),
+    (["--patch-sizes", "1,3"], "--robust-masking certifies one patch size per run (got 1, 3)"),
 ])
 def test_certify_cli_robust_masking_refusals_are_one_line(voting_checkpoint, tmp_path, extra, message):
     ckpt = _peer_file(tmp_path / "peer.pt") if extra == ["peer"] else voting_checkpoint

@@ -341,7 +341,7 @@ def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, pa
     ``overwrite``: replace a report already in ``output``. ``options`` are the CLI's other options by their
     argument names (``split``, ``num_images``, ``batch_size``, ``device``, ``aggregation``, ``data_path``,
     ``workers``, ``seed``, ``threads``, ``attacks``, ``attack_images``, ...); progress bars are off unless
-    ``progress=True``. Nothing is printed. Under torchrun every rank must call it; ranks other than 0 return
+    ``progress=True``. Nothing goes to stdout; stderr gets the data-path note (and the certificate with robust masking). Under torchrun every rank must call it; ranks other than 0 return
     an empty dict.
 
     Raises ``ValueError`` with the CLI's one-line message for any mistake in the input (unknown option, bad
@@ -473,6 +473,10 @@ def _run(args):
     if too_large:
         raise SystemExit(f"--patch-sizes {', '.join(too_large)}: larger than the {H}x{W} images")
     keys = [size_key(s) for s in sizes]
+    if args.robust_masking and len(keys) > 1:
+        raise SystemExit(f"--robust-masking certifies one patch size per run (got {', '.join(keys)}): its prediction masks a "
+                         "window made for the patch size, so clean accuracy and predictions differ per size; give one size, "
+                         "e.g. --patch-sizes 5")
     attack_keys = None
     if attacks and attack_tokens:
         with user_errors("--attack-patch-sizes: "):

@@ -233,10 +233,23 @@ def main(argv=None, prog: str | None = None) -> int:
     return rc
 
 
+def _check_model(cfg) -> None:
+    """Build the configured model once on the CPU, so that an unknown model or invalid --model-kwargs (a wrong
+    key, dense=True at stride 1, a receptive field the stride cannot reach) is one line before any data is read."""
+    from ..models import create_model
+
+    try:
+        create_model(cfg.model, num_classes=cfg.num_classes, **(cfg.model_kwargs or {}))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--model {cfg.model} --model-kwargs {json.dumps(cfg.model_kwargs or {})}: {e}") from None
+
+
 def _main(argv=None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     cfg = resolve_config(args)
     check_output_folder(cfg.output)  # before loading data or building anything
+    if not cfg.peer:
+        _check_model(cfg)
     rank, world, _ = distributed_env()
     if cfg.peer and rank == 0:
         print(f"training the base classifier of peer {cfg.peer} ({cfg.model}) with cross-entropy; the bagcert loss options are unused")
