@@ -431,12 +431,18 @@ def _per_sample_csv(results, empirical=None, provenance=None) -> str:
     return buf.getvalue()
 
 
+def _dense_note(s: dict) -> str:
+    """", evaluated densely (every pixel a location)" for a report of a dense model, else ""."""
+    kwargs = (s.get("checkpoint") or {}).get("model_kwargs")
+    return ", evaluated densely (every pixel a location)" if isinstance(kwargs, dict) and kwargs.get("dense") is True else ""
+
+
 def _markdown(s: dict) -> str:
     lines = [
         "# Certification report",
         "",
         f"- dataset: {s['dataset'].get('name')} ({s['num_images']} images, split {s['dataset'].get('split')})",
-        f"- checkpoint: {s['checkpoint']['path'] if s.get('checkpoint') else 'none'}",
+        f"- checkpoint: {s['checkpoint']['path'] if s.get('checkpoint') else 'none'}{_dense_note(s)}",
         f"- aggregation: {s['aggregation']}",
         *_markdown_method(s),
         f"- device: {s['device']} ({s['hardware']})",

@@ -121,3 +121,17 @@ def test_init_from_accepts_a_checkpoint_whose_tuples_were_stored_as_lists(tmp_pa
     dense = bagcert.create_model("image_bagnet17_s8", width=16, dense=True)
     info = _init_from_checkpoint(dense, src)
     assert info["dense"] is False and all(torch.equal(v, dense.state_dict()[k]) for k, v in strided.state_dict().items())
+
+
+def test_report_summary_says_the_model_was_evaluated_densely(tmp_path):
+    import certify
+
+    strided = bagcert.create_model("cifar_bagnet5_s2", width=8).eval()
+    ckpt = tmp_path / "s.pt"
+    bagcert.save_checkpoint(ckpt, strided, input_size=32, classes=[f"c{i}" for i in range(10)])
+    for flags, dense in (([], False), (["--dense"], True)):
+        out = tmp_path / f"r{int(dense)}"
+        certify.main(["--checkpoint", str(ckpt), "--dataset", "synthetic:8", "--patch-sizes", "3", "--output", str(out),
+                      "--no-progress", "--quiet", "--threads", "1", *flags])
+        line = next(l for l in (out / "summary.md").read_text().splitlines() if l.startswith("- checkpoint:"))
+        assert line.endswith("evaluated densely (every pixel a location)") == dense
