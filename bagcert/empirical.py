@@ -338,11 +338,10 @@ def soundness_message(res: EmpiricalResult, below: dict | None = None) -> str:
 
 def _model_name(model) -> str | None:
     """The registry name of a model for figure titles, with " (dense)" for a dense evaluation; None if unknown."""
+    from .report import model_label
+
     config = getattr(model, "config", None)
-    if not isinstance(config, dict) or not config.get("name"):
-        return None
-    dense = isinstance(config.get("kwargs"), dict) and config["kwargs"].get("dense") is True
-    return config["name"] + (" (dense)" if dense else "")
+    return model_label(config.get("name"), config.get("kwargs")) if isinstance(config, dict) else None
 
 
 def _method_title(model, aggregation: str, attack_info: dict, size) -> str:

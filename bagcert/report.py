@@ -431,10 +431,21 @@ def _per_sample_csv(results, empirical=None, provenance=None) -> str:
     return buf.getvalue()
 
 
+def _is_dense(model_kwargs) -> bool:
+    """Whether a model's registry keyword arguments (a dict, or anything else for unknown) ask for a dense evaluation."""
+    return isinstance(model_kwargs, dict) and model_kwargs.get("dense") is True
+
+
+def model_label(name: str | None, model_kwargs=None) -> str | None:
+    """A model's name for titles: its registry name, with " (dense)" for a dense evaluation; None if unknown."""
+    if not name:
+        return None
+    return name + (" (dense)" if _is_dense(model_kwargs) else "")
+
+
 def _dense_note(s: dict) -> str:
     """", evaluated densely (every pixel a location)" for a report of a dense model, else ""."""
-    kwargs = (s.get("checkpoint") or {}).get("model_kwargs")
-    return ", evaluated densely (every pixel a location)" if isinstance(kwargs, dict) and kwargs.get("dense") is True else ""
+    return ", evaluated densely (every pixel a location)" if _is_dense((s.get("checkpoint") or {}).get("model_kwargs")) else ""
 
 
 def _markdown(s: dict) -> str:
@@ -631,9 +642,7 @@ def accuracy_figure(s: dict):
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ckpt = s.get("checkpoint") or {}
-    model = ckpt.get("model")
-    if model and isinstance(ckpt.get("model_kwargs"), dict) and ckpt["model_kwargs"].get("dense") is True:
-        model += " (dense)"
+    model = model_label(ckpt.get("model"), ckpt.get("model_kwargs"))
     ax.set_title(f"{certificate_method(s.get('aggregation'), model, s.get('method'))}\n"
                  f"certified accuracy on {s['dataset'].get('name')}, n={s['num_images']}", fontsize=9)
     return fig

@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(doc, indent=1))
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.output, json.dumps(doc, indent=1) + "\n")
     if broken_total:
         print(f"SOUNDNESS BUG: {broken_total} masked certificates broken", file=sys.stderr)
