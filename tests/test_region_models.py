@@ -288,3 +288,21 @@ def test_vit_rejects_bad_arguments():
         WindowViT(window=(2, 0))
     with pytest.raises(ValueError, match="patch_size must be a positive int"):
         WindowViT(patch_size=0)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("index", range(2))
+def test_backbones_doc_examples_run_as_pasted(index, tmp_path, monkeypatch, one_thread):
+    from test_readme import python_blocks, resolve_repo_paths
+
+    blocks = python_blocks((ROOT / "docs" / "backbones.md").read_text(encoding="utf-8"))
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    exec(compile(resolve_repo_paths(blocks[index]), f"docs/backbones.md block {index}", "exec"), {"__name__": "__doc__"})

@@ -109,6 +109,8 @@ for _rf in (17, 33):
 register_model(
     "resnet_bagnet", resnet_bagnet,
     "a torchvision ResNet (arch=resnet18..152, random weights) with the BagNet recipe (keep, stem, maxpool, layer_strides)",
+    arch="resnet18", num_classes=10, keep=1, stem="imagenet", maxpool=True, layer_strides=None, mean=IMAGENET_MEAN,
+    std=IMAGENET_STD, aggregation="votes",
 )
 register_model(
     "cifar_vit", WindowViT,
@@ -123,3 +125,10 @@ for _p, _w in ((2, 2), (4, 2), (4, (8, 1))):
         f"windowed ViT, {_p} px tokens, windows of {_wname} tokens: receptive field = stride = {_rf} px",
         patch_size=_p, window=list(_w) if isinstance(_w, tuple) else _w,
     )
+register_model(
+    "image_vit_p16_w14x2", WindowViT,
+    "windowed ViT at 224 px, PatchCURE's ViT-SRF 14x2 geometry (16 px tokens, windows of 14x2 tokens: 224x32 px "
+    "columns, 1x7 locations) at ViT-Ti size (width 192, depth 12, heads 3; ImageNet normalisation)",
+    patch_size=16, window=[14, 2], width=192, depth=12, heads=3, mlp_ratio=4.0, num_classes=1000,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD,
+)

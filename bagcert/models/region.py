@@ -534,7 +534,7 @@ def _registry_config(resnet, model, num_classes, mean, std, maxpool, layer_strid
     stem = "cifar" if (_pair(conv1.kernel_size), _pair(conv1.stride)) == ((3, 3), (1, 1)) else "imagenet"
     for arch in _ARCHS:
         kwargs = {"arch": arch, "num_classes": num_classes, "keep": model.conversion["keep"], "stem": stem,
-                  "maxpool": maxpool, "layer_strides": list(model.conversion["layer_strides"]), "mean": list(mean),
+                  "maxpool": maxpool, "layer_strides": None if layer_strides is None else list(layer_strides), "mean": list(mean),
                   "std": list(std), "aggregation": aggregation}
         depth = sum(len(getattr(resnet, s)) for s in _STAGES)
         if depth != {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}[arch]:
@@ -542,8 +542,8 @@ def _registry_config(resnet, model, num_classes, mean, std, maxpool, layer_strid
         with torch.device("meta"):
             net = _torchvision_resnet(arch, num_classes, stem)
             try:
-                other = _convert(net, num_classes, tuple(mean), tuple(std), kwargs["keep"], maxpool,
-                                 tuple(kwargs["layer_strides"]), aggregation)
+                other = _convert(net, num_classes, tuple(mean), tuple(std), kwargs["keep"], maxpool, layer_strides,
+                                 aggregation)
             except ValueError:
                 continue
         if {k: tuple(v.shape) for k, v in other.state_dict().items()} == want and other.geometry == model.geometry:
