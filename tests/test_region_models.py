@@ -281,6 +281,19 @@ def test_registry_lists_the_vit_and_both_families_certify_samples(tmp_path):
         assert torch.equal(loaded.local_logits(x), vit.local_logits(x))
 
 
+def test_train_runs_a_few_steps_of_the_vit(tmp_path):
+    from bagcert.data import synthetic_dataset
+    from bagcert.training import TrainConfig, train
+
+    cfg = TrainConfig(dataset="synthetic", model="cifar_vit_p4_w2", model_kwargs={"width": 8, "depth": 1}, epochs=1,
+                      batch_size=8, max_steps=2, output=str(tmp_path / "run"), tensorboard=False, progress=False,
+                      eval_patch_sizes=[5], checkpoint_minutes=0.0, threads=1)
+    summary = train(cfg, synthetic_dataset(16, seed=1), synthetic_dataset(8, seed=2), log=lambda *a: None)
+    assert summary["steps"] == 2
+    model, _ = bagcert.load_checkpoint(tmp_path / "run" / "model.pt")
+    assert isinstance(model, WindowViT) and model.config["name"] == "cifar_vit_p4_w2"
+
+
 def test_vit_rejects_bad_arguments():
     with pytest.raises(ValueError, match="multiple of heads"):
         WindowViT(width=10, heads=4)

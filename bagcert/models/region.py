@@ -396,7 +396,7 @@ def _convert(resnet, num_classes, mean, std, keep, maxpool, layer_strides, aggre
             f"{g.padding[0]}x{g.padding[1]}"
         ),
     }
-    return model.to(dev)
+    return model.to(device=dev, dtype=resnet.conv1.weight.dtype)
 
 
 def _check_stats(name, v):
