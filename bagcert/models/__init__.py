@@ -12,9 +12,11 @@ from typing import Callable
 from .bagnet import BagNet
 from .base import IMAGENET_MEAN, IMAGENET_STD, BagModel, InputError, check_images
 from .cifar import CifarBagNet
+from .vit import WindowViT
+from .region import RegionResNet, resnet_bagnet, resnet_receptive_fields, resnet_to_bagnet
 
 __all__ = ["create_model", "list_models", "register_model", "to_dense", "BagModel", "BagNet", "CifarBagNet", "InputError",
-           "check_images"]
+           "check_images", "RegionResNet", "resnet_to_bagnet", "resnet_receptive_fields", "WindowViT"]
 
 _REGISTRY: dict[str, tuple[Callable, dict, str]] = {}
 
@@ -102,3 +104,31 @@ for _rf in (17, 33):
         f"CPU-sized ImageNet-style backbone, receptive field {_rf}, stride 8 (ImageNet normalisation)",
         receptive_field=_rf, stride=8, width=192, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )
+
+# --- standard backbones as region scorers (docs/backbones.md) ------------------------------------
+register_model(
+    "resnet_bagnet", resnet_bagnet,
+    "a torchvision ResNet (arch=resnet18..152, random weights) with the BagNet recipe (keep, stem, maxpool, layer_strides)",
+    arch="resnet18", num_classes=10, keep=1, stem="imagenet", maxpool=True, layer_strides=None, mean=IMAGENET_MEAN,
+    std=IMAGENET_STD, aggregation="votes",
+)
+register_model(
+    "cifar_vit", WindowViT,
+    "windowed ViT (PatchCURE's SRF ViT): attention inside windows of tokens, one location per window "
+    "(patch_size, window, width, depth, heads)",
+)
+for _p, _w in ((2, 2), (4, 2), (4, (8, 1))):
+    _wname = f"{_w[0]}x{_w[1]}" if isinstance(_w, tuple) else str(_w)
+    _rf = f"{_w[0] * _p}x{_w[1] * _p}" if isinstance(_w, tuple) else f"{_w * _p}"
+    register_model(
+        f"cifar_vit_p{_p}_w{_wname}", WindowViT,
+        f"windowed ViT, {_p} px tokens, windows of {_wname} tokens: receptive field = stride = {_rf} px",
+        patch_size=_p, window=list(_w) if isinstance(_w, tuple) else _w,
+    )
+register_model(
+    "image_vit_p16_w14x2", WindowViT,
+    "windowed ViT at 224 px, PatchCURE's ViT-SRF 14x2 geometry (16 px tokens, windows of 14x2 tokens: 224x32 px "
+    "columns, 1x7 locations) at ViT-Ti size (width 192, depth 12, heads 3; ImageNet normalisation)",
+    patch_size=16, window=[14, 2], width=192, depth=12, heads=3, mlp_ratio=4.0, num_classes=1000,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD,
+)
