@@ -11,7 +11,8 @@
       "config": {...command-line options...},
       "checkpoint": {"path": str, "model": str, "model_kwargs": {...}, "metadata_summary": {...}} | null,
                                                          # peer classifiers also "format", "in_channels"; the model
-                                                         # is the backbone, metadata_summary holds "peer"
+                                                         # is the backbone, metadata_summary holds "peer"; a
+                                                         # shipped model also "name" (bagcert.shipped)
       "dataset": {"name": str, "root": str | null, "split": str, "num_images": int},
       "aggregation": str,                                # bagcert models: votes / majority / clipped; peers: = method
       "method": str,                                     # "bagcert" for a bagcert model, else the peer certifier's

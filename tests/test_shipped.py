@@ -64,6 +64,17 @@ def test_unknown_name_is_one_line_listing_the_shipped_names(tmp_path):
     assert all(name in str(exc.value.code) for name in NAMES)
 
 
+def test_certify_by_name_records_the_name_and_the_file(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert certify.main(["--checkpoint", "bagcert-cifar10-r9", "--dataset", "synthetic:4", "--patch-sizes", "5",
+                         "--output", str(out), "--no-progress", "--quiet", "--threads", "1"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["checkpoint"]["name"] == "bagcert-cifar10-r9" and doc["config"]["checkpoint_name"] == "bagcert-cifar10-r9"
+    assert Path(doc["checkpoint"]["path"]).resolve() == (ROOT / "checkpoints" / "bagcert_cifar10_r9s2.pt").resolve()
+    assert doc["checkpoint"]["model"] == "cifar_bagnet9_s2"
+    assert "- checkpoint: bagcert-cifar10-r9 (" in (out / "summary.md").read_text()
+
+
 def test_a_missing_copy_of_a_shipped_file_names_the_model(tmp_path):
     with pytest.raises(bagcert.CheckpointError, match=r"addressed by name: bagcert-imagenette-r17"):
         bagcert.load_checkpoint(tmp_path / "checkpoints" / "bagcert_imagenette_r17s8.pt")

@@ -53,7 +53,7 @@ holds the most votes is masked before the votes are counted, so the votes a patc
 window and only the prediction's lost votes count. One forward pass per image; it combines with --dense. The
 report's method is "patchguard-votes". It is refused with --attacks (the attacks optimise the vote count, not
 the masked prediction) and with --aggregation:
-    bagcert certify --checkpoint checkpoints/bagcert_cifar10_r5s2_dense.pt --dataset ../shared/data/cifar10 --patch-sizes 5 --robust-masking
+    bagcert certify --checkpoint bagcert-cifar10-r5-dense --dataset ../shared/data/cifar10 --patch-sizes 5 --robust-masking
 """
 
 from __future__ import annotations
@@ -560,7 +560,7 @@ def _run(args):
     if peer is None:
         ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "model_kwargs": model.config["kwargs"]}
         if args.checkpoint_name:
-            ckpt["name"] = args.checkpoint_name  # the shipped model it was addressed by
+            ckpt["name"] = args.checkpoint_name  # a shipped model, addressed by its name or its file
     else:
         ckpt = {"path": str(args.checkpoint), "format": PEER_FORMAT, "model": model.config["backbone"],
                 "model_kwargs": model.config["model_kwargs"], "in_channels": model.config["in_channels"]}
@@ -616,13 +616,10 @@ def _size_tokens(flag: str, text: str) -> list:
     return tokens
 
 
-# ------------------------------------------------------------------------------------------------
-# peer classifiers (bagcert train --peer): de-randomized smoothing and PatchCleanser
-# ------------------------------------------------------------------------------------------------
 def _resolve_inputs(args) -> None:
-    """A shipped model's name in ``--checkpoint`` becomes its file (``args.checkpoint_name`` keeps the name, None
-    for a file), and a missing ``--dataset`` the bundled samples; paths as the tools print them. A name that is
-    neither a file nor a shipped model is one line listing the shipped names."""
+    """A shipped model's name in ``--checkpoint`` becomes its file and a missing ``--dataset`` the bundled samples
+    (paths as the tools print them); ``args.checkpoint_name`` is the shipped model's name, also when its file was
+    given, else None. A name that is neither a file nor a shipped model is one line listing the shipped names."""
     from ..checkpoint import CheckpointError
 
     given = str(args.checkpoint)
@@ -630,13 +627,17 @@ def _resolve_inputs(args) -> None:
         path = shipped.resolve_checkpoint(given)
     except CheckpointError as e:
         raise SystemExit(one_line(f"--checkpoint {given}: {e}")) from None
-    args.checkpoint_name = given if given in shipped.model_names() else None
-    if args.checkpoint_name:
-        args.checkpoint = show_path(path)
+    if given in shipped.model_names():
+        args.checkpoint_name, args.checkpoint = given, show_path(path)
+    else:
+        args.checkpoint_name = shipped.shipped_name(path)
     if args.dataset is None:
         args.dataset = show_path(shipped.samples_path("cifar10"))
 
 
+# ------------------------------------------------------------------------------------------------
+# peer classifiers (bagcert train --peer): de-randomized smoothing and PatchCleanser
+# ------------------------------------------------------------------------------------------------
 def _checkpoint_format(path) -> str | None:
     """The ``format`` entry of a checkpoint file, read without loading its tensors (memory-mapped,
     ``weights_only=True``); None when it cannot be read this way (the real loader then says why)."""
