@@ -316,6 +316,9 @@ _OTHER_FORMATS = {
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely: returns ``(model, metadata)``; the model is in eval mode on ``map_location``.
 
+    ``path`` is a file or the name of a shipped model (``"bagcert-cifar10-r5-dense"``; ``bagcert models`` lists
+    them; :func:`bagcert.shipped.resolve_checkpoint`), which works in a checkout and in an installed package alike.
+
     The file is read with weights-only loading after a CRC-32 check of the archive, the model is rebuilt from
     the registry name and keyword arguments it records, its weights are loaded strictly (every tensor present,
     none extra, every shape equal) and the metadata bagcert reads back is checked (:func:`check_metadata`).
@@ -323,12 +326,14 @@ def load_checkpoint(path, map_location="cpu"):
     Raises:
         CheckpointError: one line naming the file, what is wrong and what was expected: missing or unreadable
             file, not a torch file, damaged archive, unsafe pickled content (refused, never run), not a bagcert
-            checkpoint, another format version, an unknown model name (the known ones are listed), model
-            arguments this version cannot build, weights that do not fit the model, NaN or Inf weights, malformed
-            metadata.
+            checkpoint, a bare word that is no shipped model name (the names are listed), another format version,
+            an unknown model name (the known ones are listed), model arguments this version cannot build, weights
+            that do not fit the model, NaN or Inf weights, malformed metadata.
     """
     from .models import create_model, list_models  # local import: models import nothing from here
+    from .shipped import resolve_checkpoint
 
+    path = resolve_checkpoint(path)
     obj = safe_torch_load(path, verify=True)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = f"format {obj.get('format')!r}" if isinstance(obj, dict) and "format" in obj else (

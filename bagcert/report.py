@@ -6,11 +6,13 @@
     {
       "schema_version": 1,
       "tool": "bagcert.certify", "bagcert_version": str, "torch_version": str, "git_sha": str | null,
+      "code_origin": "git checkout" | "installed package" | "source tree",   # where the running bagcert came from
       "created": ISO-8601 UTC, "device": str, "hardware": str,
       "config": {...command-line options...},
       "checkpoint": {"path": str, "model": str, "model_kwargs": {...}, "metadata_summary": {...}} | null,
                                                          # peer classifiers also "format", "in_channels"; the model
-                                                         # is the backbone, metadata_summary holds "peer"
+                                                         # is the backbone, metadata_summary holds "peer"; a
+                                                         # shipped model also "name" (bagcert.shipped)
       "dataset": {"name": str, "root": str | null, "split": str, "num_images": int},
       "aggregation": str,                                # bagcert models: votes / majority / clipped; peers: = method
       "method": str,                                     # "bagcert" for a bagcert model, else the peer certifier's
@@ -80,6 +82,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -97,6 +100,7 @@ __all__ = [
     "sample_provenance",
     "write_certification_report",
     "git_sha",
+    "code_origin",
     "hardware_string",
     "SCHEMA_VERSION",
     "environment_info",
@@ -112,12 +116,47 @@ __all__ = [
 
 
 def git_sha() -> str | None:
+    """The commit of the git checkout that the running bagcert package lies in (its folder's parent is the top of
+    the work tree), else None: an installed package (site-packages, a ``pip install --target`` folder) or a
+    source tree without git. A package installed inside some other repository (a virtualenv in a checkout)
+    does not take that repository's commit."""
     root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2:
+        return None
+    try:
+        same = Path(lines[0]).resolve() == root
+    except OSError:
+        return None
+    return lines[1] if same else None
+
+
+def code_origin(sha: str | None = None) -> str:
+    """Where the running bagcert comes from: ``"git checkout"`` (``git_sha`` finds a commit; pass it as ``sha``
+    to skip a second look-up), ``"installed package"`` (a ``bagcert-*.dist-info`` lies beside the package: pip
+    installed it, into site-packages or a ``--target`` folder) or ``"source tree"`` (no git, not installed)."""
+    if sha is None:
+        sha = git_sha()
+    if sha:
+        return "git checkout"
+    here = Path(__file__).resolve().parent.parent
+    if any(here.glob("bagcert-*.dist-info")):
+        return "installed package"
+    return "source tree"
+
+
+def code_version_text(s: dict) -> str:
+    """The report's account of the code that made it (from a report summary ``s``): ``bagcert 0.1.0, torch
+    2.14.1, git <sha>`` from a checkout, else ``bagcert 0.1.0 (installed package, no git checkout), torch 2.14.1``."""
+    if s.get("git_sha"):
+        return f"bagcert {s['bagcert_version']}, torch {s['torch_version']}, git {s['git_sha']}"
+    origin = s.get("code_origin") or "origin unknown"
+    return f"bagcert {s['bagcert_version']} ({origin}, no git checkout), torch {s['torch_version']}"
 
 
 def hardware_string(device="cpu", threads: int | None = None) -> str:
@@ -139,11 +178,13 @@ def hardware_string(device="cpu", threads: int | None = None) -> str:
 
 
 def environment_info(device="cpu") -> dict:
+    sha = git_sha()
     return {
         "bagcert_version": __version__,
         "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),
-        "git_sha": git_sha(),
+        "git_sha": sha,
+        "code_origin": code_origin(sha),
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "device": str(device),
         "hardware": hardware_string(device),
@@ -453,11 +494,11 @@ def _markdown(s: dict) -> str:
         "# Certification report",
         "",
         f"- dataset: {s['dataset'].get('name')} ({s['num_images']} images, split {s['dataset'].get('split')})",
-        f"- checkpoint: {s['checkpoint']['path'] if s.get('checkpoint') else 'none'}{_dense_note(s)}",
+        f"- checkpoint: {_checkpoint_text(s.get('checkpoint'))}{_dense_note(s)}",
         f"- aggregation: {s['aggregation']}",
         *_markdown_method(s),
         f"- device: {s['device']} ({s['hardware']})",
-        f"- bagcert {s['bagcert_version']}, torch {s['torch_version']}, git {s['git_sha'] or 'unknown'}, {s['created']}",
+        f"- {code_version_text(s)}, {s['created']}",
         "",
         f"Clean accuracy: **{100 * s['clean_accuracy']:.2f} %** ({s['correct_count']} / {s['num_images']})",
         "",
@@ -474,6 +515,13 @@ def _markdown(s: dict) -> str:
     if s.get("empirical"):
         lines += _markdown_empirical(s["empirical"])
     return "\n".join(lines)
+
+
+def _checkpoint_text(ckpt) -> str:
+    """The summary's checkpoint: its path, after the shipped model's name when it was addressed by one."""
+    if not ckpt:
+        return "none"
+    return f"{ckpt['name']} ({ckpt['path']})" if ckpt.get("name") else str(ckpt["path"])
 
 
 def _markdown_method(s: dict) -> list:
@@ -537,9 +585,11 @@ def _markdown_empirical(e: dict) -> list:
 
 
 def _plot(path: Path, s: dict) -> None:
-    """Write ``certified_accuracy.png`` for the report summary ``s`` (nothing when matplotlib is missing)."""
+    """Write ``certified_accuracy.png`` for the report summary ``s``; without matplotlib, one line on stderr
+    says that the figure was skipped and how to get it."""
     plt = _pyplot()
     if plt is None:
+        print(f"{path.name} skipped: matplotlib is not installed (pip install 'bagcert[plots]')", file=sys.stderr)
         return
     _save(accuracy_figure(s), path, plt, dpi=120)
 

@@ -3,12 +3,14 @@
 With no arguments it certifies the shipped default model, bagcert-cifar10-r5-dense
 (checkpoints/bagcert_cifar10_r5s2_dense.pt), on the 200 CIFAR-10 test images bundled in samples/cifar10 and
 prints the report (into outputs/certify, replaced by the next run that leaves --output at its default).
+The shipped models and samples come with an installed package too: --checkpoint takes a shipped model's name
+(`bagcert models` lists them with their card numbers) or a file.
 
 Examples (`bagcert certify ...` and `python certify.py ...` are the same command):
     bagcert certify
     bagcert certify --dataset ../shared/data/cifar10 --patch-sizes 1,2,3,4,5,6,7,8,3x7 --output outputs/c10-full
-    bagcert certify --checkpoint checkpoints/bagcert_imagenette_r17s8.pt --dataset ../shared/data/imagenette/images-160 --patch-sizes 1%,2%,3%
-                                            # the Imagenette model, bagcert-imagenette-r17
+    bagcert certify --checkpoint bagcert-imagenette-r17 --dataset ../shared/data/imagenette/images-160 --patch-sizes 1%,2%,3%
+                                            # the Imagenette model (checkpoints/bagcert_imagenette_r17s8.pt)
     bagcert certify --checkpoint my.pt --dataset /data/imagenet/val --num-images 5000 --data-path stream --workers 8
     torchrun --nproc-per-node 2 certify.py --dataset ...     # shards images over processes, one report
     bagcert certify --attacks pgd,pgd-adaptive,universal,feature-space --attack-images 100 --patch-sizes 5
@@ -51,7 +53,7 @@ holds the most votes is masked before the votes are counted, so the votes a patc
 window and only the prediction's lost votes count. One forward pass per image; it combines with --dense. The
 report's method is "patchguard-votes". It is refused with --attacks (the attacks optimise the vote count, not
 the masked prediction) and with --aggregation:
-    bagcert certify --checkpoint checkpoints/bagcert_cifar10_r5s2_dense.pt --dataset ../shared/data/cifar10 --patch-sizes 5 --robust-masking
+    bagcert certify --checkpoint bagcert-cifar10-r5-dense --dataset ../shared/data/cifar10 --patch-sizes 5 --robust-masking
 """
 
 from __future__ import annotations
@@ -68,14 +70,17 @@ import torch.distributed as dist
 
 from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
                       positive_int, prepare_output, show_path, user_errors, written_message)
+from .. import shipped
 from ..empirical import ATTACK_NAMES
 from ..peers.classifiers import FORMAT as PEER_FORMAT
 
-__all__ = ["build_parser", "main", "run_certification", "DEFAULT_CHECKPOINT", "DEFAULT_DATASET", "DEFAULT_PATCH_SIZES"]
+__all__ = ["build_parser", "main", "run_certification", "DEFAULT_MODEL", "DEFAULT_CHECKPOINT", "DEFAULT_DATASET", "DEFAULT_PATCH_SIZES"]
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r5s2_dense.pt"
-DEFAULT_DATASET = ROOT / "samples" / "cifar10"
+#: the shipped default model's name (--checkpoint's default), its file and the bundled samples (--dataset's
+#: default): in a checkout's checkpoints/ and samples/, in an installed package under bagcert/_data
+DEFAULT_MODEL = shipped.DEFAULT_MODEL
+DEFAULT_CHECKPOINT = shipped.shipped_models()[DEFAULT_MODEL].path
+DEFAULT_DATASET = shipped.samples_path("cifar10")
 DEFAULT_PATCH_SIZES = "1,2,3,4,5,6,7,8,3x7,7x3"
 DEFAULT_OUTPUT = "outputs/certify"
 DATA_PATHS = ("auto", "memory", "stream")
@@ -224,16 +229,15 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     """The argument parser of ``bagcert certify`` (every option's default is shown by ``--help``)."""
     p = Parser(prog=prog, description=__doc__)
     p.add_argument(
-        "--checkpoint", default=str(DEFAULT_CHECKPOINT.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_CHECKPOINT),
-        help="bagcert checkpoint (the default is the shipped default model, bagcert-cifar10-r5-dense) or a peer classifier "
+        "--checkpoint", default=DEFAULT_MODEL,
+        help="a shipped model's name (bagcert models lists them), a bagcert checkpoint file, or a peer classifier "
         "(peer_classifier.pt of bagcert train --peer: de-randomized smoothing or PatchCleanser, certified with the spec "
-        "recorded in the file)",
+        f"recorded in the file) (default: {DEFAULT_MODEL}, the shipped default model)",
     )
     p.add_argument(
         "--dataset",
-        default=str(DEFAULT_DATASET.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_DATASET),
         help="CIFAR-10 folder (torchvision cifar-10-batches-py or <root>/test/<class>/*), an ImageNet-style folder, or "
-        "synthetic[:N] (the default is the 200 bundled CIFAR-10 test images)",
+        "synthetic[:N] (default: the 200 CIFAR-10 test images bundled with bagcert, samples/cifar10 in a checkout)",
     )
     p.add_argument(
         "--split", default="test",
@@ -432,7 +436,8 @@ def _run(args):
     # ---- 2. the report folder: checked now, written only after the work (staged, then moved into place) --------
     folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args)) if rank == 0 else None
 
-    # ---- 3. the checkpoint (a peer classifier is recognised by its format) ------------------------------------
+    # ---- 3. the checkpoint (a shipped model's name or a file; a peer classifier is recognised by its format) ----
+    _resolve_inputs(args)
     is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
     if is_peer and args.robust_masking:
         raise SystemExit(f"--robust-masking applies to bagcert models only; {args.checkpoint} is a peer classifier, "
@@ -554,6 +559,8 @@ def _run(args):
     summary_keys = ("dataset", "epochs", "wall_seconds", "eval")
     if peer is None:
         ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "model_kwargs": model.config["kwargs"]}
+        if args.checkpoint_name:
+            ckpt["name"] = args.checkpoint_name  # a shipped model, addressed by its name or its file
     else:
         ckpt = {"path": str(args.checkpoint), "format": PEER_FORMAT, "model": model.config["backbone"],
                 "model_kwargs": model.config["model_kwargs"], "in_channels": model.config["in_channels"]}
@@ -607,6 +614,25 @@ def _size_tokens(flag: str, text: str) -> list:
         for t in tokens:
             _percent(t) if t.endswith("%") else parse_patch_size(t)
     return tokens
+
+
+def _resolve_inputs(args) -> None:
+    """A shipped model's name in ``--checkpoint`` becomes its file and a missing ``--dataset`` the bundled samples
+    (paths as the tools print them); ``args.checkpoint_name`` is the shipped model's name, also when its file was
+    given, else None. A name that is neither a file nor a shipped model is one line listing the shipped names."""
+    from ..checkpoint import CheckpointError
+
+    given = str(args.checkpoint)
+    try:
+        path = shipped.resolve_checkpoint(given)
+    except CheckpointError as e:
+        raise SystemExit(one_line(f"--checkpoint {given}: {e}")) from None
+    if given in shipped.model_names():
+        args.checkpoint_name, args.checkpoint = given, show_path(path)
+    else:
+        args.checkpoint_name = shipped.shipped_name(path)
+    if args.dataset is None:
+        args.dataset = show_path(shipped.samples_path("cifar10"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from ..checkpoint import CheckpointError
@@ -172,6 +173,9 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
         if action.dest in fields:
             value = RECIPE.get(action.dest, getattr(base, action.dest))
             shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+            if action.dest == "dataset":
+                shown = (f"{value} when that folder exists, else the 200 CIFAR-10 test images bundled with bagcert, "
+                         "split 80/20 by a seeded split: a smoke test, not a training set")
             text = (action.help or "").rstrip()
             action.help = (text + " " if text else "") + f"(default: {shown})".replace("%", "%%")
 
@@ -201,6 +205,8 @@ def resolve_config(args) -> TrainConfig:
                 f"--peer {values['peer']} trains a base classifier with cross-entropy: --loss {values['loss']} "
                 "(from the command line or the config file) does not apply; give --loss ce"
             )
+    if values["dataset"] == RECIPE["dataset"] and not os.path.isdir(RECIPE["dataset"]):
+        values["dataset"] = _bundled_dataset()
     cfg = TrainConfig(**values)
     try:
         cfg.check()
@@ -212,6 +218,19 @@ def resolve_config(args) -> TrainConfig:
     except ValueError as e:
         raise SystemExit(f"--peer: {e}") from None
     return cfg
+
+
+def _bundled_dataset() -> str:
+    """The recipe's dataset when it is not there (run outside a checkout beside ../shared/data): the bundled
+    CIFAR-10 samples' image folder, which training cuts with its seeded train/test split; said on stderr."""
+    from ._common import show_path
+    from ..shipped import samples_path
+
+    folder = show_path(samples_path("cifar10") / "test")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"no --dataset and no {RECIPE['dataset']} here: training on the 200 CIFAR-10 test images bundled with "
+              f"bagcert ({folder}, a seeded train/test split): a smoke test; give --dataset for a real run", file=sys.stderr)
+    return folder
 
 
 def main(argv=None, prog: str | None = None) -> int:
