@@ -10,6 +10,7 @@ Examples (`bagcert certify ...` and `python certify.py ...` are the same command
     bagcert certify --checkpoint checkpoints/bagcert_imagenette_r17s8.pt --dataset ../shared/data/imagenette/images-160 --patch-sizes 1%,2%,3%
                                             # the Imagenette model, bagcert-imagenette-r17
     bagcert certify --checkpoint my.pt --dataset /data/imagenet/val --num-images 5000 --data-path stream --workers 8
+    bagcert certify --checkpoint runs/mine/model.pt --model-module my_models.py   # a model of your own (docs/own_model_plugin.md)
     torchrun --nproc-per-node 2 certify.py --dataset ...     # shards images over processes, one report
     bagcert certify --attacks pgd,pgd-adaptive,universal,feature-space --attack-images 100 --patch-sizes 5
 
@@ -66,7 +67,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
+from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_model_module_argument, import_model_modules, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
                       positive_int, prepare_output, show_path, user_errors, written_message)
 from ..empirical import ATTACK_NAMES
 from ..peers.classifiers import FORMAT as PEER_FORMAT
@@ -229,6 +230,7 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
         "(peer_classifier.pt of bagcert train --peer: de-randomized smoothing or PatchCleanser, certified with the spec "
         "recorded in the file)",
     )
+    add_model_module_argument(p, "for a checkpoint of a model registered outside bagcert")
     p.add_argument(
         "--dataset",
         default=str(DEFAULT_DATASET.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_DATASET),
@@ -433,6 +435,7 @@ def _run(args):
     folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args)) if rank == 0 else None
 
     # ---- 3. the checkpoint (a peer classifier is recognised by its format) ------------------------------------
+    import_model_modules(getattr(args, "model_modules", None))  # models of the user's own, before the file is read
     is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
     if is_peer and args.robust_masking:
         raise SystemExit(f"--robust-masking applies to bagcert models only; {args.checkpoint} is a peer classifier, "
