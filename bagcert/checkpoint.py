@@ -210,14 +210,14 @@ def save_checkpoint(path, model, **metadata) -> Path:
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or not isinstance(config.get("name"), str):
         raise ValueError(
-            f"model has no registry config (a {type(model).__name__} with model.config = {config!r}); a checkpoint "
+            f"model has no registry config (a {type(model).__name__} with model.config = {_describe(config)}); a checkpoint "
             "records the registry name and arguments that rebuild the model: register its constructor with "
             "bagcert.register_model(name, factory) and build it with bagcert.create_model(name, ...) "
             "(docs/own_model_plugin.md)"
         )
     if not _is_registered(config["name"]):
         raise ValueError(
-            f"model.config names {config['name']!r}, which is not registered: the checkpoint could not be loaded; "
+            f"model.config names {config['name']!r}, which is not registered, so the checkpoint could not be loaded back; "
             f"register its constructor with bagcert.register_model({config['name']!r}, factory) and build the model "
             "with bagcert.create_model"
         )

@@ -47,14 +47,15 @@ def test_doc_model_file_trains_saves_and_certifies_through_the_cli(registry, tmp
     (train_cmd, certify_cmd) = _doc_commands()
     assert train_cmd[:2] == ["bagcert", "train"] and certify_cmd[:2] == ["bagcert", "certify"]
 
-    # the documented commands as written, plus a shorter run (2 steps, float32) to keep the suite fast
-    assert train.main(train_cmd[2:] + ["--no-progress", "--max-steps", "2", "--no-amp"]) == 0
+    # the documented commands as written, plus a smaller run (2 steps of 16 images, float32, width 8) for a fast suite
+    assert train.main(train_cmd[2:] + ["--no-progress", "--max-steps", "2", "--batch-size", "16", "--no-amp",
+                                       "--model-kwargs", '{"width": 8}']) == 0
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 2
     config = json.loads((tmp_path / "runs/small/config.json").read_text())
     assert config["model"] == "small_bagnet5" and config["model_modules"] == ["my_models.py"]
     raw = torch.load(tmp_path / "runs/small/model.pt", weights_only=True)
-    assert raw["model"] == {"name": "small_bagnet5", "kwargs": {"width": 32, "num_classes": 10}}
+    assert raw["model"] == {"name": "small_bagnet5", "kwargs": {"width": 8, "num_classes": 10}}
 
     assert certify.main(certify_cmd[2:] + ["--no-progress"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
