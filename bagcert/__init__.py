@@ -5,7 +5,7 @@ from .certification import CertResult, certify, certify_logits
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .empirical import SoundnessError, evaluate_empirical
 from .geometry import Geometry, parse_patch_size
-from .models import BagModel, InputError, create_model, list_models, register_model
+from .models import BagModel, InputError, create_model, list_models, load_model_module, register_model
 from .peers import ClippedBagNet, DerandomizedSmoothing, PatchCleanser, PatchGuardMasking
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "get_aggregation",
     "list_models",
     "load_checkpoint",
+    "load_model_module",
     "parse_patch_size",
     "register_model",
     "save_checkpoint",

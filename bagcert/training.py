@@ -83,6 +83,9 @@ class TrainConfig:
     # model
     model: str = "cifar_bagnet9_s2"
     model_kwargs: dict = field(default_factory=dict)
+    # .py files or dotted modules imported before the model is built, so that their bagcert.register_model calls
+    # take effect (--model-module; docs/own_model_plugin.md)
+    model_modules: list = field(default_factory=list)
     peer: str | None = None  # train a peer's base classifier: "drs-column:4", "drs-block:12", "patchcleanser:5[,k=6,masks=2]"
     # optimisation
     epochs: float = 10.0
@@ -177,10 +180,21 @@ class TrainConfig:
                               ("loss", ("bagcert", "ce")), ("margin_reduce", ("min", "mean")), ("data_path", DATA_PATHS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        from .models import list_models
+        from .models import _is_registered, list_models, load_model_module
 
-        if self.model not in list_models():
-            raise ValueError(f"model must be a registered model name, got {self.model!r}; available: {', '.join(list_models())}")
+        if not isinstance(self.model_modules, list) or not all(isinstance(m, str) and m.strip() for m in self.model_modules):
+            raise ValueError(f"model_modules must be a list of .py files or dotted module names, got {self.model_modules!r}")
+        for module in self.model_modules:  # imported once per process: a second check is a no-op
+            load_model_module(module)
+        if not _is_registered(self.model):
+            import difflib
+
+            close = difflib.get_close_matches(str(self.model), list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "" if self.model_modules else (
+                "; a model of your own is registered by --model-module FILE or an installed plugin "
+                "(docs/own_model_plugin.md)")
+            raise ValueError(f"model must be a registered model name, got {self.model!r}; available: "
+                             f"{', '.join(list_models())}{hint}")
         return self
 
 
@@ -221,6 +235,8 @@ RESUME_REFUSED = frozenset({
 RESUME_ALLOWED = frozenset({
     "epochs", "time_budget_minutes", "max_steps", "eval_images", "eval_every", "eval_patch_sizes", "checkpoint_minutes",
     "log_every", "threads", "device", "compile", "channels_last", "output", "tensorboard", "progress", "workers",
+    # where the model's code is imported from (the model's name and arguments are refused above)
+    "model_modules",
     # the resolved path (memory or stream) is what counts: it is stored in last.pt and a resume must use the same one
     "data_path",
 })

@@ -23,7 +23,7 @@ import torch
 __all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
            "one_line", "exit_on_sigterm", "user_errors", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
            "plt_or_none", "save_figure", "json_line", "add_output_arguments", "output_is_default", "show_path",
-           "written_message", "progress_bar"]
+           "written_message", "progress_bar", "add_model_module_argument", "import_model_modules"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -104,6 +104,30 @@ def user_errors(prefix: str = ""):
         yield
     except (CheckpointError, ValueError, TypeError) as e:  # DatasetError, ReportFolderError, PatchFileError are ValueErrors
         raise SystemExit(one_line(f"{prefix}{e}")) from None
+
+
+def add_model_module_argument(p, note: str = "") -> None:
+    """``--model-module FILE_OR_MODULE`` (repeatable, ``args.model_modules``): a .py file or dotted module that
+    registers models of the user's own (:func:`bagcert.models.load_model_module`; docs/own_model_plugin.md)."""
+    p.add_argument("--model-module", dest="model_modules", action="append", metavar="FILE_OR_MODULE",
+                   help="import this .py file or dotted module first, so that its bagcert.register_model(...) calls "
+                   f"take effect: a model of your own (repeatable{'; ' + note if note else ''}; docs/own_model_plugin.md)")
+
+
+def import_model_modules(modules) -> None:
+    """Import the ``--model-module`` files / modules (None: none given); one line (``SystemExit``) naming the first
+    that cannot be imported: not found, or the exception its code raised, with its file and line."""
+    from ..models import PluginError, load_model_module
+
+    if modules is None:
+        return
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise SystemExit(f"model_modules must be a list of .py files or dotted module names, got {modules!r}")
+    for module in modules:
+        try:
+            load_model_module(module)
+        except PluginError as e:
+            raise SystemExit(one_line(f"--model-module {module}: {e.detail}")) from None
 
 
 def device(text) -> str:

@@ -12,6 +12,7 @@ Examples (`bagcert certify ...` and `python certify.py ...` are the same command
     bagcert certify --checkpoint bagcert-imagenette-r17 --dataset ../shared/data/imagenette/images-160 --patch-sizes 1%,2%,3%
                                             # the Imagenette model (checkpoints/bagcert_imagenette_r17s8.pt)
     bagcert certify --checkpoint my.pt --dataset /data/imagenet/val --num-images 5000 --data-path stream --workers 8
+    bagcert certify --checkpoint runs/mine/model.pt --model-module my_models.py   # a model of your own (docs/own_model_plugin.md)
     torchrun --nproc-per-node 2 certify.py --dataset ...     # shards images over processes, one report
     bagcert certify --attacks pgd,pgd-adaptive,universal,feature-space --attack-images 100 --patch-sizes 5
 
@@ -68,7 +69,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
+from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_model_module_argument, import_model_modules, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
                       positive_int, prepare_output, show_path, user_errors, written_message)
 from .. import shipped
 from ..empirical import ATTACK_NAMES
@@ -234,6 +235,7 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
         "(peer_classifier.pt of bagcert train --peer: de-randomized smoothing or PatchCleanser, certified with the spec "
         f"recorded in the file) (default: {DEFAULT_MODEL}, the shipped default model)",
     )
+    add_model_module_argument(p, "for a checkpoint of a model registered outside bagcert")
     p.add_argument(
         "--dataset",
         help="CIFAR-10 folder (torchvision cifar-10-batches-py or <root>/test/<class>/*), an ImageNet-style folder, or "
@@ -437,6 +439,7 @@ def _run(args):
     folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args)) if rank == 0 else None
 
     # ---- 3. the checkpoint (a shipped model's name or a file; a peer classifier is recognised by its format) ----
+    import_model_modules(getattr(args, "model_modules", None))  # models of the user's own, before the file is read
     _resolve_inputs(args)
     is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
     if is_peer and args.robust_masking:

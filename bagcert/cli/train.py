@@ -3,6 +3,7 @@
 Examples:
     python train.py --dataset ../shared/data/cifar10 --model cifar_bagnet9_s2 --epochs 30 --amp --output runs/c10
     python train.py --config runs/c10/config.json --resume           # continue a killed run exactly
+    python train.py --model my_net --model-module my_models.py ...   # a model of your own (docs/own_model_plugin.md)
     torchrun --nproc-per-node 2 train.py --dataset ... --amp          # DDP (gloo on CPU, nccl on CUDA)
     python train.py --dataset ../shared/data/cifar10 --peer drs-column:4 --output runs/drs    # a peer's base classifier
     python train.py --dataset ../shared/data/cifar10 --peer patchcleanser:5 --output runs/pc
@@ -36,6 +37,7 @@ import os
 import sys
 
 from ..checkpoint import CheckpointError
+from ._common import add_model_module_argument, import_model_modules
 from ..data import DatasetError, load_dataset, seeded_split
 from ..streaming import choose_data_path, decoded_size_bytes, open_stream
 from ..training import (
@@ -77,7 +79,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="loader processes of the stream path (default min(8, CPUs))")
     g.add_argument("--pad", type=int)
     g = p.add_argument_group("model")
-    g.add_argument("--model")
+    g.add_argument("--model", help="a registered model name (bagcert.list_models()), or one that --model-module or an "
+                   "installed plugin registers")
+    add_model_module_argument(g, "recorded in config.json")
     g.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"width": 128, "receptive_field": 9}\'')
     g.add_argument("--peer", help="train the base classifier of a peer defense instead of a bagcert model: drs-column:B, "
                    "drs-block:B [,encoding=mask|levine_feizi|fill] (de-randomized smoothing, band B) or patchcleanser:P "
@@ -207,6 +211,7 @@ def resolve_config(args) -> TrainConfig:
             )
     if values["dataset"] == RECIPE["dataset"] and not os.path.isdir(RECIPE["dataset"]):
         values["dataset"] = _bundled_dataset()
+    import_model_modules(values.get("model_modules"))
     cfg = TrainConfig(**values)
     try:
         cfg.check()
