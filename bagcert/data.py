@@ -32,6 +32,10 @@ Decoding rules (every image file, :func:`decode_image`):
   image smaller than the crop is always enlarged, never padded (torchvision's ``Resize`` +
   ``CenterCrop`` reference transform does the same). CIFAR-style folders are not resized: every image
   must already have the size of the first one.
+* Limits (every path, the stream path's torchvision JPEG decoder included): an image over Pillow's
+  decompression-bomb limit (``2 x PIL.Image.MAX_IMAGE_PIXELS`` pixels) is refused from its header
+  (:func:`image_header_size`); an image the resize would enlarge more than :data:`MAX_UPSCALE` times is
+  refused (:func:`check_upscale`), not enlarged from a few pixels without a word.
 
 Decode cache: see :func:`cache_dir` and :func:`cache_enabled`.
 """

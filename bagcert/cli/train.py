@@ -4,6 +4,7 @@ Examples:
     python train.py --dataset ../shared/data/cifar10 --model cifar_bagnet9_s2 --epochs 30 --amp --output runs/c10
     python train.py --config runs/c10/config.json --resume           # continue a killed run exactly
     torchrun --nproc-per-node 2 train.py --dataset ... --amp          # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --nproc-per-node 4 train.py --dataset ... --device cuda --sync-bn   # batch norm over the global batch
     python train.py --dataset ../shared/data/cifar10 --peer drs-column:4 --output runs/drs    # a peer's base classifier
     python train.py --dataset ../shared/data/cifar10 --peer patchcleanser:5 --output runs/pc
 
