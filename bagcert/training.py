@@ -120,6 +120,9 @@ class TrainConfig:
     amp: bool = False
     channels_last: bool = True
     compile: bool = False
+    # under DDP, batch-norm layers normalise with the statistics of the global batch (torch.nn.SyncBatchNorm)
+    # instead of each process's share of it; needs CUDA (see check_sync_bn and docs/training.md)
+    sync_bn: bool = False
     device: str = "cpu"
     data_path: str = "auto"  # auto | memory | stream: how train.py reads the training data (bagcert.streaming.choose_data_path)
     workers: int | None = None  # loader processes of the stream path (None: min(8, CPUs))
@@ -166,6 +169,9 @@ class TrainConfig:
         number("max_steps", lo=0, integer=True, optional=True)
         for name in ("eval_images", "pad", "cutout"):  # eval_images 0: every held-out image
             number(name, lo=0, integer=True)
+        if self.cutout > self.image_size:
+            raise ValueError(f"cutout must be at most image_size ({self.image_size}): a {self.cutout}x{self.cutout} square "
+                             f"is larger than the {self.image_size}x{self.image_size} training images, got {self.cutout}")
         number("test_fraction", lo=0, hi=1, lo_open=True, hi_open=True)
         for name in ("epochs", "lr", "tau", "bce_pos_weight", "eval_every"):
             number(name, lo=0, lo_open=True)
@@ -196,6 +202,23 @@ class TrainConfig:
             raise ValueError(f"model must be a registered model name, got {self.model!r}; available: "
                              f"{', '.join(list_models())}{hint}")
         return self
+
+
+def check_sync_bn(cfg: "TrainConfig", world: int, device_type: str) -> str | None:
+    """Check ``cfg.sync_bn`` for a run of ``world`` processes on ``device_type``; returns a note for the log or None.
+
+    Raises :class:`TrainingError` for ``sync_bn`` under DDP off CUDA: torch's DistributedDataParallel refuses
+    ``SyncBatchNorm`` in CPU modules ("SyncBatchNorm layers only work with GPU modules", torch 2.14, gloo). In one
+    process there is nothing to synchronise: the note says so."""
+    if not cfg.sync_bn:
+        return None
+    if world > 1 and device_type != "cuda":
+        raise TrainingError(f"sync_bn needs CUDA: torch's DistributedDataParallel refuses SyncBatchNorm on {device_type} "
+                            "(gloo); train without --sync-bn (each process normalises with its own share of the batch), "
+                            "or on GPUs")
+    if world == 1:
+        return "--sync-bn: one process, nothing to synchronise (batch norm already sees the whole batch)"
+    return None
 
 
 def distributed_env():
@@ -230,7 +253,7 @@ RESUME_REFUSED = frozenset({
     "test_fraction", "model", "model_kwargs", "peer", "batch_size", "optimizer", "lr", "weight_decay", "momentum",
     "schedule", "warmup_epochs", "ema", "init_from", "loss", "patch_sizes", "tau", "kappa", "margin_weight",
     "margin_warmup_epochs", "bce_weight", "bce_pos_weight", "margin_reduce", "ce_weight", "label_smoothing", "amp", "seed",
-    "grad_accum", "lr_scale_batch",
+    "grad_accum", "lr_scale_batch", "sync_bn",
 })
 RESUME_ALLOWED = frozenset({
     "epochs", "time_budget_minutes", "max_steps", "eval_images", "eval_every", "eval_patch_sizes", "checkpoint_minutes",
@@ -445,6 +468,7 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise TrainingError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world}")
+    sync_note = check_sync_bn(cfg, world, device.type)
     peer = _peer_spec(cfg)  # None for a bagcert model; checks the spec before anything is written
     out = check_output_folder(cfg.output)
     is_main = rank == 0
@@ -530,6 +554,16 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
 
     # forward = local_logits (a peer classifier: its logits), so DDP and torch.compile see the training output
     net = model if peer is not None else _LocalLogits(model)
+    if is_main and sync_note:
+        log(sync_note)
+    if world > 1 and cfg.sync_bn:
+        # in place: model's BatchNorm layers become SyncBatchNorm sharing their parameters and buffers (the optimiser
+        # and the checkpoint see the same tensors; the state-dict keys are those of BatchNorm2d)
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules())
+        if is_main:
+            log(f"--sync-bn: {bn} batch-norm layer(s) normalise with the statistics of the global batch"
+                if bn else "--sync-bn: the model has no batch-norm layer; nothing to synchronise")
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
     fwd = torch.compile(net) if cfg.compile else net
@@ -725,10 +759,20 @@ def _peer_spec(cfg: TrainConfig):
     return spec
 
 
-def leave_process_group() -> None:
+def leave_process_group(failed: bool = False) -> None:
     """End a torch.distributed run: every rank leaves the process group together (a rank that exits early
-    aborts gloo's peers). Does nothing outside torch.distributed."""
+    aborts gloo's peers). Does nothing outside torch.distributed.
+
+    ``failed=True``: the run is ending with an error or a signal (torchrun stops the other ranks with SIGTERM
+    when one dies). Then this rank leaves without waiting for the others: a peer may be gone, and the barrier
+    would end in gloo's "Connection closed by peer" traceback after the run's own one-line message."""
     if dist.is_available() and dist.is_initialized():
+        if failed:
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - the run's own error is what the user needs to see
+                pass
+            return
         dist.barrier()
         dist.destroy_process_group()
 

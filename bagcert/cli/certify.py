@@ -69,8 +69,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_model_module_argument, import_model_modules, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
-                      positive_int, prepare_output, show_path, user_errors, written_message)
+from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_model_module_argument, import_model_modules, add_output_arguments,
+                      check_workers_apply, checkpoint_input_size, device, one_line, output_is_default, positive_int, prepare_output,
+                      show_path, user_errors, written_message)
+from ._common import workers as _workers
 from .. import shipped
 from ..empirical import ATTACK_NAMES
 from ..peers.classifiers import FORMAT as PEER_FORMAT
@@ -269,8 +271,8 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    help="memory: decode the whole split first; stream: decode batch by batch in --workers processes, "
                    "memory independent of the number of images; auto: memory while the decoded set fits 25%% of the "
                    "available memory")
-    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes of the stream path "
-                   "(0 decodes in the main process)")
+    p.add_argument("--workers", type=_workers, default=0, help="DataLoader worker processes of the stream path "
+                   "(0 decodes in the main process; at most what the CPU cores and memory allow); refused with --data-path memory")
     add_cache_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset (with --num-images) and synthetic data")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
@@ -386,13 +388,21 @@ def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, pa
 
 def _run_cli(args):
     """The whole run for parsed ``args``: ``(summary, empirical, markdown)`` on rank 0, None on other ranks;
-    always leaves the process group it joined."""
+    always leaves the process group it joined (without waiting for the other ranks when the run fails). An image
+    that cannot be read is ``SystemExit`` with its one-line message."""
+    from ..data import DatasetError
     from ..training import leave_process_group
 
     try:
-        return _run(args)
-    finally:
-        leave_process_group()
+        out = _run(args)
+    except DatasetError as e:  # an image that cannot be read (the stream path reads them during the work): one line
+        leave_process_group(failed=True)
+        raise SystemExit(one_line(e)) from None
+    except BaseException:  # an error or a signal: a peer may be gone, so no barrier (no gloo traceback after the message)
+        leave_process_group(failed=True)
+        raise
+    leave_process_group()
+    return out
 
 
 def _run(args):
@@ -409,6 +419,12 @@ def _run(args):
 
     # ---- 1. the arguments alone (nothing read, nothing written) --------------------------------------------
     attacks = _parse_attacks(args.attacks)
+    unused = [f for f, v in (("--attack-patch-sizes", args.attack_patch_sizes), ("--attack-images", args.attack_images)) if v is not None]
+    if unused and not attacks:
+        raise SystemExit(f"{' and '.join(unused)} apply only with --attacks (no attack runs without it); give --attacks "
+                         f"{ATTACK_NAMES[0]},... or drop {' and '.join(unused)}")
+    if args.data_path == "memory":
+        check_workers_apply(args.workers, "memory", "memory")
     if args.peer_batch_size < 1:
         raise SystemExit(f"--peer-batch-size must be >= 1, got {args.peer_batch_size}")
     if args.data_path not in DATA_PATHS:
@@ -436,7 +452,7 @@ def _run(args):
         if args.data_path == "stream":
             raise SystemExit("--data-path stream: --attacks need the images in memory; use --data-path memory (or auto)")
     # ---- 2. the report folder: checked now, written only after the work (staged, then moved into place) --------
-    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args)) if rank == 0 else None
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args), dataset=args.dataset) if rank == 0 else None
 
     # ---- 3. the checkpoint (a shipped model's name or a file; a peer classifier is recognised by its format) ----
     import_model_modules(getattr(args, "model_modules", None))  # models of the user's own, before the file is read
@@ -469,6 +485,8 @@ def _run(args):
     data, streamed, data_reason = _open_data(args, meta, size, model.num_classes, attacks, world)
     if rank == 0:
         print(f"data path: {data_reason}", file=sys.stderr, flush=True)
+        if args.data_path == "auto":
+            check_workers_apply(args.workers, "auto", "stream" if streamed else "memory")
     if len(data.classes) != model.num_classes:
         raise SystemExit(f"dataset has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":

@@ -5,6 +5,7 @@ Examples:
     python train.py --config runs/c10/config.json --resume           # continue a killed run exactly
     python train.py --model my_net --model-module my_models.py ...   # a model of your own (docs/own_model_plugin.md)
     torchrun --nproc-per-node 2 train.py --dataset ... --amp          # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --nproc-per-node 4 train.py --dataset ... --device cuda --sync-bn   # batch norm over the global batch
     python train.py --dataset ../shared/data/cifar10 --peer drs-column:4 --output runs/drs    # a peer's base classifier
     python train.py --dataset ../shared/data/cifar10 --peer patchcleanser:5 --output runs/pc
 
@@ -41,8 +42,9 @@ from ._common import add_model_module_argument, import_model_modules
 from ..data import DatasetError, load_dataset, seeded_split
 from ..streaming import choose_data_path, decoded_size_bytes, open_stream
 from ..training import (
-    TrainConfig, TrainingError, _peer_spec, check_output_folder, distributed_env, stream_augmentation, train,
+    TrainConfig, TrainingError, _peer_spec, check_output_folder, check_sync_bn, distributed_env, stream_augmentation, train,
 )
+from ._common import Parser, check_output_outside_dataset, check_workers_apply, device, positive_int, workers
 
 
 def _parse_list(text):
@@ -56,7 +58,7 @@ def _parse_list(text):
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=__doc__)  # one-line usage errors, no abbreviated options
     p.add_argument("--config", help="JSON config file (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from <output>/last.pt if it exists")
     g = p.add_argument_group("data")
@@ -76,7 +78,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="memory: decode the whole set into one uint8 tensor (the fast path for CIFAR-10, Imagenette); "
                         "stream: decode per batch in --workers loader processes (ImageNet); auto (default): memory while "
                         "the decoded set fits 25%% of the available memory (bagcert.streaming.choose_data_path)")
-    g.add_argument("--workers", type=int, help="loader processes of the stream path (default min(8, CPUs))")
+    g.add_argument("--workers", type=workers, help="loader processes of the stream path (default min(8, CPUs); at most "
+                   "what the CPU cores and memory allow, bagcert.streaming.max_loader_workers); refused with --data-path memory")
     g.add_argument("--pad", type=int)
     g = p.add_argument_group("model")
     g.add_argument("--model", help="a registered model name (bagcert.list_models()), or one that --model-module or an "
@@ -122,13 +125,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CPU with AMX, CUDA)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--device")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="torchrun on GPUs: batch-norm layers use the statistics of the global batch (torch.nn.SyncBatchNorm) "
+                        "instead of each process's share, so N processes train what one process would; refused on CPU "
+                        "(docs/training.md, \"Batch norm under DDP\")")
+    g.add_argument("--device", type=device, help="cpu, cuda, cuda:N or mps (refused when this machine has none)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--eval-every", type=float, help="epochs between evaluations")
     g.add_argument("--eval-patch-sizes", type=_parse_list)
     g.add_argument("--checkpoint-minutes", type=float)
-    g.add_argument("--max-steps", type=int)
+    g.add_argument("--max-steps", type=positive_int, help="stop after this many optimiser steps (>= 1)")
     g.add_argument("--log-every", type=int)
     g.add_argument("--output")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
@@ -218,6 +225,7 @@ def resolve_config(args) -> TrainConfig:
     except ValueError as e:
         name = str(e).split()[0]
         raise SystemExit(f"{e} (--{name.replace('_', '-')} or {name!r} in the config file)") from None
+    _check_machine_values(cfg)
     try:
         _peer_spec(cfg)
     except ValueError as e:
@@ -236,6 +244,23 @@ def _bundled_dataset() -> str:
         print(f"no --dataset and no {RECIPE['dataset']} here: training on the 200 CIFAR-10 test images bundled with "
               f"bagcert ({folder}, a seeded train/test split): a smoke test; give --dataset for a real run", file=sys.stderr)
     return folder
+
+
+def _check_machine_values(cfg) -> None:
+    """The values a config file can carry past the flags' ``type=`` checks, checked the same way: the device exists
+    on this machine, the loader processes fit its cores and memory, and ``max_steps`` (>= 1) trains something."""
+    import argparse as _argparse
+
+    for name, check in (("device", device), ("workers", workers)):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        try:
+            check(value)
+        except _argparse.ArgumentTypeError as e:
+            raise SystemExit(f"--{name} {value} (or {name!r} in the config file): {e}") from None
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise SystemExit(f"--max-steps must be >= 1 (or 'max_steps' in the config file), got {cfg.max_steps}: 0 steps train nothing")
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -272,16 +297,24 @@ def _main(argv=None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     cfg = resolve_config(args)
     check_output_folder(cfg.output)  # before loading data or building anything
+    check_output_outside_dataset(cfg.output, cfg.dataset)
     if not cfg.peer:
         _check_model(cfg)
     rank, world, _ = distributed_env()
+    import torch
+
+    check_sync_bn(cfg, world, torch.device(cfg.device).type)
     if cfg.peer and rank == 0:
         print(f"training the base classifier of peer {cfg.peer} ({cfg.model}) with cross-entropy; the bagcert loss options are unused")
     size = cfg.image_size
     if cfg.random_crop and (cfg.resize is None or cfg.resize < size):
         raise SystemExit(f"--random-crop needs --resize >= --image-size ({size}), got resize {cfg.resize}")
     train_size = cfg.resize if cfg.random_crop else size
+    if cfg.data_path == "memory":
+        check_workers_apply(cfg.workers, "memory", "memory")  # refused before any image is read
     path, reason, train_data = _choose_data_path(cfg, train_size)
+    if rank == 0 and cfg.data_path == "auto":
+        check_workers_apply(cfg.workers, "auto", path)  # auto chose memory: said on stderr
     try:
         if path == "memory":
             eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
