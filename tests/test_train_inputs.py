@@ -156,3 +156,22 @@ def test_an_undecodable_image_on_the_stream_path_ends_train_py_with_one_line_and
     line = _refused(argv, r"^training failed during step \d+ \(DatasetError: .*7\.png.*\); .*last\.pt")
     step = torch.load(out / "last.pt", weights_only=True)["step"]
     assert f"holds the {step} finished steps" in line
+
+
+def test_defensive_patch_refuses_a_transfer_model_of_other_classes(tmp_path):
+    from bagcert.cli import defensive_patch as cli_defpatch
+
+    def ckpt(name, classes, **meta):
+        torch.manual_seed(0)
+        model = bagcert.create_model("cifar_bagnet5_s2", num_classes=len(classes), width=8).eval()
+        return bagcert.save_checkpoint(tmp_path / name, model, input_size=32, **({"classes": list(classes)} | meta))
+
+    src = ckpt("src.pt", ["cat", "dog", "fox"])
+    argv = ["--checkpoint", str(src), "--dataset", "synthetic:8", "--num-eval", "4", "--corruptions", "none", "--quiet"]
+    for other, match in ((ckpt("o.pt", ["car", "bus", "van"]), r"predicts the classes \['car', 'bus', 'van'\], the source model "
+                                                                  r"\['cat', 'dog', 'fox'\]"),
+                         (ckpt("p.pt", ["dog", "cat", "fox"]), r"predicts the classes \['dog', 'cat', 'fox'\]")):
+        out = tmp_path / other.stem
+        with pytest.raises(SystemExit, match=match) as e:
+            cli_defpatch.main(argv + ["--transfer-checkpoint", str(other), "--output", str(out)])
+        assert "\n" not in e.value.code and not out.exists()
