@@ -23,9 +23,12 @@
         "mask_set": {"patch_size": [h, w], "rebuilt": bool, "k": [kr, kc], "num_masks": int, "mask_size": [h, w],
                      "stride": [h, w], "row_starts": [int, ...], "col_starts": [int, ...], "fill": float}
       },                                                 #   PatchCleanser: the mask set certified with
-      "clean_accuracy": float,
-      "certified_accuracy": {"<size>": float, ...},      # size '5' or '3x7' (height x width, pixels)
+      "clean_accuracy": float,                           # correct_count / num_images (double precision)
+      "certified_accuracy": {"<size>": float, ...},      # certified_count / num_images; size '5' or '3x7' (h x w px)
       "certified_count": {"<size>": int, ...}, "correct_count": int, "num_images": int,
+                                                         # the counts are canonical: every fraction in this file is
+                                                         # a count divided by its image count in double precision
+                                                         # (112 / 200 -> 0.56, never a float32 value 0.5600000023841858)
       "images_per_s": float,                             # images / wall time of forward + certificates
       "certify_forward_ratio": float,                    # (forward + certificates) / forward time; peers: forward
                                                          # = all network evaluations (ablations, masked images)
@@ -41,6 +44,7 @@
           "patch_size": [h, w], "num_images": int,
           "clean_accuracy": float, "certified_accuracy": float,      # on the attacked images
           "robust_accuracy": {"<attack>": float, ...},               # empirical robust accuracy per attack
+          "certified_count": int, "robust_count": {"<attack>": int, ...},  # the counts behind those fractions
           "overall_robust_accuracy": float | null,                   # robust against every image-space attack
           "overall_attacks": [str, ...],                             #   inside the threat model
           "in_threat_model": {"<attack>": bool, ...},                # every patch fit in the certified rectangle
@@ -365,6 +369,9 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
         provenance = {"dataset_index": list(range(n)), "source": [""] * n, "index_base": "loaded"}
     if len(provenance["dataset_index"]) != n or len(provenance["source"]) != n:
         raise ValueError(f"provenance describes {len(provenance['dataset_index'])} images, the results {n}")
+    # counts first (integers), fractions from them in double precision: 112 / 200 is stored as 0.56
+    correct = int(first.correct.sum())
+    certified = {k: int(r.certified_correct.sum()) for k, r in results.items()}
     summary = {"schema_version": SCHEMA_VERSION, "tool": "bagcert.certify", "run_id": run_id or uuid.uuid4().hex,
                **environment_info(device)}
     summary.update(
@@ -377,10 +384,10 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
             "forward_passes_per_image": int(method["forward_passes_per_image"]),
             "peer": method.get("peer"),
             "num_images": n,
-            "correct_count": int(first.correct.sum()),
-            "clean_accuracy": first.clean_accuracy,
-            "certified_accuracy": {k: r.certified_accuracy for k, r in results.items()},
-            "certified_count": {k: int(r.certified_correct.sum()) for k, r in results.items()},
+            "correct_count": correct,
+            "clean_accuracy": correct / n if n else float("nan"),
+            "certified_accuracy": {k: c / n if n else float("nan") for k, c in certified.items()},
+            "certified_count": certified,
             "images_per_s": n / timing["total_s"] if timing["total_s"] > 0 else None,
             "certify_forward_ratio": (timing["forward_s"] + timing["certify_s"]) / timing["forward_s"] if timing["forward_s"] > 0 else None,
             "timing": {k: timing[k] for k in ("forward_s", "certify_s", "total_s")},
