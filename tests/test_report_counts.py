@@ -3,6 +3,8 @@ float32 value 0.5600000023841858)."""
 
 import json
 
+import pytest
+
 import torch
 
 from bagcert.certification import CertResult
@@ -44,3 +46,23 @@ def test_certify_cli_fractions_equal_counts_over_images(tiny_checkpoint, tmp_pat
     n = doc["num_images"]
     assert doc["clean_accuracy"] == doc["correct_count"] / n
     assert all(doc["certified_accuracy"][k] == doc["certified_count"][k] / n for k in ("1", "3"))
+
+
+def test_overwrite_refuses_a_report_folder_holding_files_bagcert_did_not_write(tiny_checkpoint, tmp_path, capsys):
+    from bagcert.report import foreign_files
+
+    out = tmp_path / "rep"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:6", "--patch-sizes", "2", "--quiet", "--no-progress"]
+    assert certify.main(argv + ["--output", str(out)]) == 0
+    assert foreign_files(out) == []
+    (out / "notes.txt").write_text("my notes about this run")
+    (out / "extra").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match=r"holds a report and files bagcert did not write \(extra, notes.txt\); replacing "
+                                         r"the report would delete them") as e:
+        certify.main(argv + ["--output", str(out), "--overwrite"])
+    assert "\n" not in e.value.code
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before and (out / "extra").is_dir()
+    (out / "notes.txt").unlink()
+    (out / "extra").rmdir()
+    assert certify.main(argv + ["--output", str(out), "--overwrite"]) == 0  # the report's own files are replaced
