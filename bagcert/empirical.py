@@ -26,7 +26,7 @@ from .attacks.base import AttackResult, PatchAttack, restore_model_state
 from .attacks.feature_space import FeatureSpaceResult, FeatureSpaceWorstCase
 from .attacks.pgd import PatchPGD
 from .attacks.universal import UniversalPatch
-from .certification import CertResult, certify
+from .certification import CertResult, _fraction, certify
 from .geometry import parse_patch_size
 
 __all__ = [
@@ -143,6 +143,9 @@ class EmpiricalResult:
             "clean_accuracy": self.clean_accuracy,
             "certified_accuracy": self.certified_accuracy,
             "robust_accuracy": dict(self.robust_accuracy),
+            # the counts behind the fractions (each fraction is its count / num_images in double precision)
+            "certified_count": int(self.certified.sum()),
+            "robust_count": {n: int(v.sum()) for n, v in self.robust.items()},
             "overall_robust_accuracy": self.overall_robust_accuracy,
             "overall_attacks": list(self.overall_attacks),
             "in_threat_model": dict(self.in_threat_model),
@@ -284,18 +287,18 @@ def evaluate_empirical(
     broken_any = torch.zeros(N, dtype=torch.bool)
     for idx in broken_by.values():
         broken_any[idx] = True
-    cert_acc = float(cert_ok.float().mean()) if N else float("nan")
+    cert_acc = _fraction(cert_ok)
     out = EmpiricalResult(
         patch_size=(ph, pw),
         robust=robust,
-        robust_accuracy={n: float(v.float().mean()) for n, v in robust.items()},
+        robust_accuracy={n: _fraction(v) for n, v in robust.items()},
         in_threat_model=in_tm,
         overall_robust=overall,
-        overall_robust_accuracy=float(overall.float().mean()) if overall is not None else None,
+        overall_robust_accuracy=_fraction(overall) if overall is not None else None,
         overall_attacks=overall_names,
         certified=cert_ok,
         certified_accuracy=cert_acc,
-        clean_accuracy=float(cert_result.correct.float().mean()) if N else float("nan"),
+        clean_accuracy=_fraction(cert_result.correct.cpu()),
         certified_broken=int(broken_any.sum()),
         broken_by=broken_by,
         feature_space_mismatch=fs_mismatch,

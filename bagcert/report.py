@@ -25,9 +25,12 @@
         "mask_set": {"patch_size": [h, w], "rebuilt": bool, "k": [kr, kc], "num_masks": int, "mask_size": [h, w],
                      "stride": [h, w], "row_starts": [int, ...], "col_starts": [int, ...], "fill": float}
       },                                                 #   PatchCleanser: the mask set certified with
-      "clean_accuracy": float,
-      "certified_accuracy": {"<size>": float, ...},      # size '5' or '3x7' (height x width, pixels)
+      "clean_accuracy": float,                           # correct_count / num_images (double precision)
+      "certified_accuracy": {"<size>": float, ...},      # certified_count / num_images; size '5' or '3x7' (h x w px)
       "certified_count": {"<size>": int, ...}, "correct_count": int, "num_images": int,
+                                                         # the counts are canonical: every fraction in this file is
+                                                         # a count divided by its image count in double precision
+                                                         # (112 / 200 -> 0.56, never a float32 value 0.5600000023841858)
       "images_per_s": float,                             # images / wall time of forward + certificates
       "certify_forward_ratio": float,                    # (forward + certificates) / forward time; peers: forward
                                                          # = all network evaluations (ablations, masked images)
@@ -43,6 +46,7 @@
           "patch_size": [h, w], "num_images": int,
           "clean_accuracy": float, "certified_accuracy": float,      # on the attacked images
           "robust_accuracy": {"<attack>": float, ...},               # empirical robust accuracy per attack
+          "certified_count": int, "robust_count": {"<attack>": int, ...},  # the counts behind those fractions
           "overall_robust_accuracy": float | null,                   # robust against every image-space attack
           "overall_attacks": [str, ...],                             #   inside the threat model
           "in_threat_model": {"<attack>": bool, ...},                # every patch fit in the certified rectangle
@@ -97,6 +101,8 @@ SCHEMA_VERSION = 1
 __all__ = [
     "ReportFolder",
     "ReportFolderError",
+    "foreign_files",
+    "REPORT_FILE_NAMES",
     "sample_provenance",
     "write_certification_report",
     "git_sha",
@@ -209,6 +215,49 @@ def _one_report_tool(folder: Path) -> str | None:
     return tool if isinstance(tool, str) and tool.startswith("bagcert") else None
 
 
+#: The files the report tools write into a report folder (besides the figures its results.json lists under
+#: ``"figures"``): replacing a report (``--overwrite``) may remove these and nothing else.
+REPORT_FILE_NAMES = frozenset({
+    "results.json", "summary.md", "per_sample.csv", "certified_accuracy.png", "defensive_patch.pt", "patches.png",
+    "corruptions.png", "response_rate.png", "iou.png", "heatmaps.png",
+})
+REPORT_FILE_PATTERNS = ("attack_examples_*.png", "uncertified_positions_*.png")
+
+
+def _named_files(obj, out: set, key: str | None = None) -> set:
+    """The file names a results.json document lists under ``"figures"`` keys (the attack figures)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _named_files(v, out, k)
+    elif isinstance(obj, list):
+        for v in obj:
+            _named_files(v, out, key)
+    elif key == "figures" and isinstance(obj, str) and "/" not in obj and "\\" not in obj:
+        out.add(obj)
+    return out
+
+
+def foreign_files(folder) -> list:
+    """The entries of a report folder that bagcert did not write (sorted names): anything but the report tools'
+    files (:data:`REPORT_FILE_NAMES`, :data:`REPORT_FILE_PATTERNS`) and the figures its ``results.json`` lists.
+    Sub-folders always count as foreign (no tool writes one). Replacing the report would delete them."""
+    import fnmatch
+
+    folder = Path(folder)
+    try:
+        doc = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        doc = None
+    named = _named_files(doc, set())
+    out = []
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        own = e.is_file(follow_symlinks=False) and (
+            e.name in REPORT_FILE_NAMES or e.name in named or any(fnmatch.fnmatchcase(e.name, p) for p in REPORT_FILE_PATTERNS))
+        if not own:
+            out.append(e.name)
+    return out
+
+
 class ReportFolder:
     """A report folder that always holds the complete files of one run, or nothing.
 
@@ -227,7 +276,9 @@ class ReportFolder:
 
     Args:
         path: the report folder (``--output``). A symbolic link to a folder is followed.
-        overwrite: allow replacing a folder that already holds a bagcert report (all of its files).
+        overwrite: allow replacing a folder that already holds a bagcert report (all of its files). A report
+            folder that also holds files bagcert did not write (a user's notes: :func:`foreign_files`) is refused
+            even then, naming them, because replacing the folder would delete them.
 
     Construction checks, without leaving anything behind, that the folder can be written: the path is not a
     file, no component of it is a file, the nearest existing folder takes a new folder (an empty probe folder
@@ -285,6 +336,21 @@ class ReportFolder:
             )
         if not self.overwrite:
             raise ReportFolderError(f"report folder {p} already holds a report ({tool}); pass --overwrite to replace it, or give another folder")
+        self._refuse_foreign(p)
+
+    @staticmethod
+    def _refuse_foreign(p: Path) -> None:
+        """Raise :class:`ReportFolderError` when the report folder ``p`` holds files bagcert did not write."""
+        try:
+            foreign = foreign_files(p)
+        except OSError as e:
+            raise ReportFolderError(f"report folder {p} cannot be read: {e.strerror}") from None
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+            raise ReportFolderError(
+                f"report folder {p} holds a report and files bagcert did not write ({shown}); replacing the report "
+                "would delete them: move them elsewhere or give another folder"
+            )
 
     def stage(self) -> Path:
         """Create (once) and return the private staging folder the run writes its files into."""
@@ -318,7 +384,7 @@ class ReportFolder:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                     self._stage = None  # handed over to the user: discard() keeps it
                     raise ReportFolderError(f"cannot move the report into {target}: {e.strerror} (it is kept in {stage})") from None
-            if not target.is_dir() or not self.overwrite or _one_report_tool(target) is None:
+            if not target.is_dir() or not self.overwrite or _one_report_tool(target) is None or foreign_files(target):
                 self._stage = None
                 raise ReportFolderError(
                     f"report folder {target} was filled by something else while this run worked"
@@ -406,6 +472,9 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
         provenance = {"dataset_index": list(range(n)), "source": [""] * n, "index_base": "loaded"}
     if len(provenance["dataset_index"]) != n or len(provenance["source"]) != n:
         raise ValueError(f"provenance describes {len(provenance['dataset_index'])} images, the results {n}")
+    # counts first (integers), fractions from them in double precision: 112 / 200 is stored as 0.56
+    correct = int(first.correct.sum())
+    certified = {k: int(r.certified_correct.sum()) for k, r in results.items()}
     summary = {"schema_version": SCHEMA_VERSION, "tool": "bagcert.certify", "run_id": run_id or uuid.uuid4().hex,
                **environment_info(device)}
     summary.update(
@@ -418,10 +487,10 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
             "forward_passes_per_image": int(method["forward_passes_per_image"]),
             "peer": method.get("peer"),
             "num_images": n,
-            "correct_count": int(first.correct.sum()),
-            "clean_accuracy": first.clean_accuracy,
-            "certified_accuracy": {k: r.certified_accuracy for k, r in results.items()},
-            "certified_count": {k: int(r.certified_correct.sum()) for k, r in results.items()},
+            "correct_count": correct,
+            "clean_accuracy": correct / n if n else float("nan"),
+            "certified_accuracy": {k: c / n if n else float("nan") for k, c in certified.items()},
+            "certified_count": certified,
             "images_per_s": n / timing["total_s"] if timing["total_s"] > 0 else None,
             "certify_forward_ratio": (timing["forward_s"] + timing["certify_s"]) / timing["forward_s"] if timing["forward_s"] > 0 else None,
             "timing": {k: timing[k] for k in ("forward_s", "certify_s", "total_s")},

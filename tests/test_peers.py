@@ -524,3 +524,23 @@ def test_peers_compare_benchmark_smoke(tmp_path):
     assert all(r["random_init"] for r in res["methods"].values())
     assert res["methods"]["bagcert"]["cost_ratio_to_bagcert"] == 1.0
     assert "torch_version" in res["env"] and res["dataset"]["num_images"] == 3
+
+
+def test_patchguard_exact_ties_follow_the_lower_index_rule_not_float_residues():
+    # class 1's map is class 0's turned by 180 degrees: the same total and the same window sums, so the masked
+    # evidence is tied exactly; float integral images give class 1 a residue of ~2e-15 more
+    a = torch.tensor([[5, 2, 1, 6, 3, 7], [7, 9, 8, 1, 8, 1], [8, 7, 2, 0, 6, 2], [3, 8, 6, 0, 5, 1], [8, 8, 3, 7, 0, 8],
+                      [1, 0, 6, 3, 5, 6]], dtype=torch.float64) / 10
+    u = torch.stack([a, a.flip(0).flip(1)])[None]
+    geom = Geometry.from_layers([(1, 1, 0)])
+    window = peers.evidence_window_size(geom, (6, 6), 2)
+    masked = robust_masking(u, window)
+    assert float(masked[0, 1] - masked[0, 0]) != 0.0  # the residue is there
+    res = patchguard_certify_evidence(u, None, geom, (6, 6), 2)
+    assert int(res.prediction) == 0 and not bool(res.certified)
+    # the same tie in votes: summed in integers, exactly equal
+    votes = (torch.stack([a, a.flip(0).flip(1)])[None] > 0.45).double()
+    assert int(patchguard_certify_evidence(votes, None, geom, (6, 6), 2).prediction) == 0
+    assert robust_masking(votes, window).dtype == torch.int64
+    # the model path's prediction follows the same rule
+    assert int(peers.patchguard.masked_prediction(masked, peers.patchguard.tie_tolerance(u))) == 0
