@@ -299,6 +299,11 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     return p
 
 
+def _rounded(ci):
+    """A 95 % interval [lo, hi] rounded to 6 decimals for the JSON line (None stays None)."""
+    return None if ci is None else [round(v, 6) for v in ci]
+
+
 @exit_on_sigterm
 def main(argv=None, prog: str = "bagcert certify") -> int:
     """Run the CLI; returns the exit status (0, or 3 when an attack broke a certified sample). A mistake in
@@ -317,6 +322,8 @@ def main(argv=None, prog: str = "bagcert certify") -> int:
         "forward_passes_per_image": summary["forward_passes_per_image"],
         "clean_accuracy": round(summary["clean_accuracy"], 6),
         "certified_accuracy": {k: round(v, 6) for k, v in summary["certified_accuracy"].items()},
+        "clean_accuracy_ci95": _rounded(summary.get("clean_accuracy_ci95")),
+        "certified_accuracy_ci95": {k: _rounded(v) for k, v in (summary.get("certified_accuracy_ci95") or {}).items()},
         "num_images": summary["num_images"],
         "images_per_s": round(summary["images_per_s"], 2),
         "output": show_path(args.output),
@@ -324,6 +331,9 @@ def main(argv=None, prog: str = "bagcert certify") -> int:
     if empirical:
         per = empirical["summary"]["per_size"]
         line["empirical_robust_accuracy"] = {k: {a: round(v, 6) for a, v in r["robust_accuracy"].items()} for k, r in per.items()}
+        per = (summary.get("empirical") or {}).get("per_size") or {}
+        line["empirical_robust_accuracy_ci95"] = {k: {a: _rounded(v) for a, v in (r.get("robust_accuracy_ci95") or {}).items()}
+                                                  for k, r in per.items()}
         line["certified_broken"] = summary["certified_broken"]
     print(json.dumps(line))
     broken = {k: v for k, v in summary["certified_broken"].items() if v}
