@@ -1019,7 +1019,8 @@ def threat_model_note(attack: str, masks, patch_size) -> str | None:
     hs, ws = sizes[outside, 0], sizes[outside, 1]
     span = lambda v: f"{int(v.min())}" if int(v.min()) == int(v.max()) else f"{int(v.min())}-{int(v.max())}"  # noqa: E731
     count = "" if bool(outside.all()) else f" for {int(outside.sum())} of {outside.numel()} images"
-    return f"{attack}: outside the certified threat model{count} (patch {span(hs)}x{span(ws)} px > certified {ph}x{pw})"
+    shape = f"{span(hs)}x{span(ws)}" if "-" not in span(hs) + span(ws) else f"{span(hs)} x {span(ws)}"
+    return f"{attack}: outside the certified threat model{count} (patch {shape} px > certified {ph}x{pw})"
 
 
 def attack_examples_figure(images, labels, clean_pred, adversarial: dict, classes=None, title: str = "", certified=None,

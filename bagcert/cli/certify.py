@@ -24,7 +24,8 @@ same results.json numbers and per_sample.csv. The choice and its reason are prin
 in results.json (config.data_path, config.data_path_reason). --attacks need the images in memory.
 
 Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv (one row per
-image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). The
+image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). Every
+accuracy comes with its exact 95 % confidence interval over the images (docs/certification.md). The
 last line printed is a one-line JSON summary. The files are written into a private staging folder beside
 --output and moved into place together, so the folder always holds one run's complete set; a folder that
 already holds a report is refused unless --overwrite (which replaces all of its files). Mistakes in the
