@@ -11,7 +11,10 @@
       "checkpoint": {"path": str, "model": str, "model_kwargs": {...}, "metadata_summary": {...}} | null,
                                                          # peer classifiers also "format", "in_channels"; the model
                                                          # is the backbone, metadata_summary holds "peer"
-      "dataset": {"name": str, "root": str | null, "split": str, "num_images": int},
+      "dataset": {"name": str, "root": str | null, "split": str, "num_images": int,
+                  "skipped_images": {"count": int, "files": [str, ...], "dataset_index": [int, ...],
+                                     "errors": [str, ...]}},   # only with certify --skip-bad-images and files
+                                                         # that could not be decoded; they are in no count below
       "aggregation": str,                                # bagcert models: votes / majority / clipped; peers: = method
       "method": str,                                     # "bagcert" for a bagcert model, else the peer certifier's
                                                          # name: "drs-column-b4", "drs-block-b12", "patchcleanser-k6"
@@ -522,6 +525,7 @@ def _markdown(s: dict) -> str:
         "# Certification report",
         "",
         f"- dataset: {s['dataset'].get('name')} ({s['num_images']} images, split {s['dataset'].get('split')})",
+        *_markdown_skipped(s["dataset"].get("skipped_images")),
         f"- checkpoint: {s['checkpoint']['path'] if s.get('checkpoint') else 'none'}{_dense_note(s)}",
         f"- aggregation: {s['aggregation']}",
         *_markdown_method(s),
@@ -543,6 +547,15 @@ def _markdown(s: dict) -> str:
     if s.get("empirical"):
         lines += _markdown_empirical(s["empirical"])
     return "\n".join(lines)
+
+
+def _markdown_skipped(rec) -> list:
+    """The files ``certify --skip-bad-images`` left out (not counted in any number of the report)."""
+    if not rec:
+        return []
+    files = ", ".join(f"`{f}`" for f in rec["files"][:10]) + (f", ... ({rec['count']} in all)" if rec["count"] > 10 else "")
+    return [f"- skipped (--skip-bad-images): {rec['count']} image(s) that could not be decoded, not counted in any number "
+            f"below: {files}"]
 
 
 def _markdown_method(s: dict) -> list:
