@@ -13,7 +13,10 @@
                                                          # peer classifiers also "format", "in_channels"; the model
                                                          # is the backbone, metadata_summary holds "peer"; a
                                                          # shipped model also "name" (bagcert.shipped)
-      "dataset": {"name": str, "root": str | null, "split": str, "num_images": int},
+      "dataset": {"name": str, "root": str | null, "split": str, "num_images": int,
+                  "skipped_images": {"count": int, "files": [str, ...], "dataset_index": [int, ...],
+                                     "errors": [str, ...]}},   # only with certify --skip-bad-images and files
+                                                         # that could not be decoded; they are in no count below
       "aggregation": str,                                # bagcert models: votes / majority / clipped; peers: = method
       "method": str,                                     # "bagcert" for a bagcert model, else the peer certifier's
                                                          # name: "drs-column-b4", "drs-block-b12", "patchcleanser-k6"
@@ -655,6 +658,7 @@ def _markdown(s: dict) -> str:
         "# Certification report",
         "",
         f"- dataset: {s['dataset'].get('name')} ({s['num_images']} images, split {s['dataset'].get('split')})",
+        *_markdown_skipped(s["dataset"].get("skipped_images")),
         f"- checkpoint: {_checkpoint_text(s.get('checkpoint'))}{_dense_note(s)}",
         f"- aggregation: {s['aggregation']}",
         *_markdown_method(s),
@@ -689,6 +693,15 @@ def _checkpoint_text(ckpt) -> str:
     if not ckpt:
         return "none"
     return f"{ckpt['name']} ({ckpt['path']})" if ckpt.get("name") else str(ckpt["path"])
+
+
+def _markdown_skipped(rec) -> list:
+    """The files ``certify --skip-bad-images`` left out (not counted in any number of the report)."""
+    if not rec:
+        return []
+    files = ", ".join(f"`{f}`" for f in rec["files"][:10]) + (f", ... ({rec['count']} in all)" if rec["count"] > 10 else "")
+    return [f"- skipped (--skip-bad-images): {rec['count']} image(s) that could not be decoded, not counted in any number "
+            f"below: {files}"]
 
 
 def _markdown_method(s: dict) -> list:

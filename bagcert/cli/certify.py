@@ -73,6 +73,7 @@ import torch.distributed as dist
 from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_model_module_argument, import_model_modules, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
                       positive_int, prepare_output, show_path, user_errors, written_message)
 from .. import shipped
+from ._bad_images import bad_image_exit, check_skip_bad_images, drop_skipped, skip_record
 from ..empirical import ATTACK_NAMES
 from ..peers.classifiers import FORMAT as PEER_FORMAT
 
@@ -160,6 +161,12 @@ def _open_data(args, meta, size, num_classes, attacks, world):
 
     if args.data_path == "stream" and attacks:
         raise SystemExit("--data-path stream: --attacks need the images in memory; use --data-path memory (or auto)")
+    if getattr(args, "skip_bad_images", False):  # image by image, so that one bad file costs only itself
+        stream = _open_eval_stream(args, meta, size, num_classes)
+        loaded = getattr(stream, "loaded", None)
+        if loaded is not None:
+            return loaded, False, "memory: the data is held in memory by its loader (--skip-bad-images: nothing to decode)"
+        return stream, True, "stream: --skip-bad-images reads the images one by one and skips the files that cannot be decoded"
     if args.data_path == "memory" or attacks:
         data = _load_eval_data(args, meta, size, num_classes)
         c, h, w = data.images.shape[1:]
@@ -272,6 +279,10 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    "available memory")
     p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes of the stream path "
                    "(0 decodes in the main process)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="certify the other images when a file cannot be decoded (read on the stream path, image by image) "
+                   "and list the skipped files in the report (results.json dataset.skipped_images, summary.md); without it "
+                   "such a file ends the run with one line naming it")
     add_cache_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset (with --num-images) and synthetic data")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
@@ -401,7 +412,8 @@ def _run_cli(args):
     from ..training import leave_process_group
 
     try:
-        return _run(args)
+        with bad_image_exit(args):  # a file the stream path cannot decode mid-run: one line naming it
+            return _run(args)
     finally:
         leave_process_group()
 
@@ -433,6 +445,8 @@ def _run(args):
     if args.robust_masking and args.aggregation:
         raise SystemExit(f"--robust-masking cannot be combined with --aggregation {args.aggregation}: robust masking "
                          "certifies the votes with its own rule; give one of the two")
+    if getattr(args, "skip_bad_images", False):
+        check_skip_bad_images(args, attacks, world)
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -528,7 +542,15 @@ def _run(args):
 
     # ---- 5. the work ----------------------------------------------------------------------------------------
     progress = args.progress and not args.quiet and rank == 0
-    source = StreamSource(data, workers=args.workers) if streamed else data
+    skip_file = None
+    if streamed and getattr(args, "skip_bad_images", False):
+        from ..streaming import SkipBadImages
+
+        skip_dir = tempfile.TemporaryDirectory(prefix="bagcert-skipped-")
+        skip_file = Path(skip_dir.name) / "skipped.tsv"
+        source = StreamSource(SkipBadImages(data, skip_file), workers=args.workers)
+    else:
+        source = StreamSource(data, workers=args.workers) if streamed else data
     if args.robust_masking:
         from ..peers import PatchGuardMasking
 
@@ -552,6 +574,10 @@ def _run(args):
             peer["certifier"], model, source, sizes, mask_set=peer.get("mask_set"), batch_size=args.batch_size,
             device=args.device, progress=progress, rank=rank, world=world,
         )
+    skipped = None
+    if skip_file is not None:
+        results, skipped = drop_skipped(results, data, skip_file)
+        skip_dir.cleanup()
     if world > 1:
         t = torch.tensor([timing["forward_s"], timing["certify_s"], timing["total_s"]], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -594,6 +620,8 @@ def _run(args):
                 **_progress_kwarg(progress),
             )
         provenance = _stream_provenance(data) if streamed else sample_provenance(data)
+        if skipped is not None:
+            provenance, dataset["skipped_images"] = skip_record(provenance, skipped)
         summary = write_certification_report(
             stage, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical, method=method,
             provenance=provenance, run_id=folder.run_id,

@@ -60,6 +60,17 @@ evidence with R(p) set to zero. Evidence is non-negative, so dropping terms only
   tau = 0 the bound is attained (the adversary zeroes y's evidence on R(p)); the test suite checks
   this equality by brute force, so the bound is neither loose nor optimistic.
 
+  With tau > 0 the bound is tightened as in PatchGuard's own analysis (Xiang et al. 2021): a masked window
+  w* that does not overlap R(p) holds only unchanged evidence, ``S'_y(w*) = S_v(w*)``, and being detected
+  means ``S_v(w*) > tau T'_y >= tau T_v`` (``T_v = T_y - W_y(R(p))``; the patch cannot lower evidence outside
+  R(p)). So when the zeroed map v is not detected (``max_w S_v(w) <= tau T_v``), only a window overlapping
+  R(p) can be masked, and
+
+      LB_y(p) = T_v - max_{w in 𝒲, w ∩ R(p) ≠ ∅} S_v(w)       (0 for the maximum over no window),
+
+  else the bound above. With tau = 0 both agree (v not detected means v = 0). The brute-force tests
+  check soundness for tau > 0 and that the tighter bound certifies more than the plain one.
+
 Decision. Certified iff ``LB_y(p) > UB_c(p)`` for every pixel position p of the patch fully inside
 the image and every class c != y. The inequality is strict: a tie after the attack is never
 certified, whichever way the tie rule would break it. ``margin`` = min over p and c of
@@ -261,19 +272,30 @@ def patchguard_certify_evidence(
     # intersection of window columns [j, j+ww-1] with [c0, c1], as integral-image indices [b0, b1)
     b0 = torch.maximum(tj[None, :], c0[:, None])  # [Uc, nw]
     b1 = torch.maximum(torch.minimum(tj[None, :] + ww - 1, c1[:, None]) + 1, b0)
+    # windows (column starts) that overlap each unique column range; an empty range overlaps nothing
+    ov_c = (tj[None, :] <= c1[:, None]) & (tj[None, :] + ww - 1 >= uc[:, 0][:, None]) & ~empty_c[:, None]  # [Uc, nw]
+    tol_v = 1e-9 * torch.clamp(total.abs().amax(dim=1), min=1.0)[:, None]  # [N, 1]
     lb = torch.empty(N, ur.shape[0], uc.shape[0], dtype=torch.float64, device=u.device)
     for k, (r0, r1) in enumerate(ur.tolist()):
         a0 = torch.clamp(torch.maximum(ti, torch.tensor(r0)), max=h)  # [nh]
         a1 = torch.maximum(torch.minimum(ti + wh - 1, torch.tensor(r1)) + 1, a0)
         strip = Iy[:, a1, :] - Iy[:, a0, :]  # [N, nh, w+1]: column-cumulative sums of the row strip
         inter = strip[:, :, b1] - strip[:, :, b0]  # [N, nh, Uc, nw]  W_y(w ∩ R)
-        q = (ws_y[:, :, None, :] - inter).amax(dim=(1, 3))  # [N, Uc]  max_w S_v(w)
+        s_v = ws_y[:, :, None, :] - inter  # [N, nh, Uc, nw]  S_v(w): y's evidence with R zeroed, per window
+        q_all = s_v.amax(dim=(1, 3))  # [N, Uc]  max over every window
+        ov_r = (ti <= r1) & (ti + wh - 1 >= r0) & (r1 >= r0)  # [nh] window rows that overlap R's rows
+        ov = (ov_r[:, None, None] & ov_c[None, :, :]).to(s_v.device)  # [nh, Uc, nw]
+        q_ov = torch.where(ov, s_v, torch.zeros((), dtype=s_v.dtype, device=s_v.device)).amax(dim=(1, 3))  # [N, Uc]
         r_lo, r_hi = min(r0, h), max(r1 + 1, min(r0, h))
         # W_y(R) over rows [r0, r1] and every unique column range (zero for empty ranges)
         cs = Iy[:, r_hi, :] - Iy[:, r_lo, :]  # [N, w+1]
         c_hi = torch.maximum(c1 + 1, c0)
         w_r = cs[:, c_hi] - cs[:, c0]  # [N, Uc]
-        lb[:, k, :] = total_y[:, None] - w_r - q
+        t_v = total_y[:, None] - w_r  # [N, Uc]  T_v
+        # a window outside R can be the masked one only if the zeroed map v is detected (module doc); near the
+        # threshold count v as detected (the smaller bound)
+        v_detected = q_all > threshold * t_v - tol_v
+        lb[:, k, :] = t_v - torch.where(v_detected, q_all, q_ov)
 
     margins = lb - ub_other  # [N, Ur, Uc]
     flat = margins.reshape(N, -1)
