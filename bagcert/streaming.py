@@ -63,6 +63,8 @@ __all__ = [
     "epoch_order",
     "sample_seed",
     "decoded_size_bytes",
+    "SkipBadImages",
+    "skipped_images",
     "available_memory_bytes",
     "max_loader_workers",
     "LOADER_WORKER_BYTES",
@@ -353,6 +355,54 @@ class SubsetStream(StreamDataset):
 
     def train_image(self, i: int) -> torch.Tensor:
         return self.base.train_image(int(self.index[i]))
+
+
+class SkipBadImages(StreamDataset):
+    """The evaluation view of ``base`` where an image that cannot be read (a :class:`~bagcert.data.DatasetError`:
+    undecodable, truncated, unreadable) is replaced by a black image and recorded, so that a long run keeps going.
+
+    The record is one line per bad item, ``"<position>\\t<message>"``, appended to the file ``record`` (``O_APPEND``
+    writes of one short line each, so DataLoader worker processes can share it); :func:`skipped_images` reads it
+    back. The caller must drop the recorded positions from its results: their rows describe the black stand-in.
+    Training views are not offered (a training run stops on a bad image and keeps its checkpoint instead).
+    """
+
+    def __init__(self, base: StreamDataset, record):
+        self.base, self.record = base, str(record)
+        self.classes, self.name, self.image_shape, self.augment = base.classes, base.name, base.image_shape, base.augment
+        self.labels = base.labels
+        self.info = dict(base.info)
+
+    def eval_image(self, i: int) -> torch.Tensor:
+        from .data import DatasetError
+
+        try:
+            return self.base.eval_image(i)
+        except DatasetError as e:
+            line = f"{int(i)}\t{' '.join(str(e).split())}\n".encode()
+            fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+            return torch.zeros(self.image_shape, dtype=torch.uint8)
+
+    def train_image(self, i: int) -> torch.Tensor:
+        raise TypeError("SkipBadImages offers the evaluation view only")
+
+
+def skipped_images(record) -> dict:
+    """``{position: message}`` of the items a :class:`SkipBadImages` replaced (each position once; {} without a record)."""
+    try:
+        text = Path(record).read_text()
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        pos, _, msg = line.partition("\t")
+        if pos.strip().isdigit():
+            out.setdefault(int(pos), msg)
+    return dict(sorted(out.items()))
 
 
 def open_stream(spec: str, split: str = "test", size: int | None = None, resize: int | None = None, seed: int = 0,

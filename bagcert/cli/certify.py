@@ -24,7 +24,8 @@ same results.json numbers and per_sample.csv. The choice and its reason are prin
 in results.json (config.data_path, config.data_path_reason). --attacks need the images in memory.
 
 Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv (one row per
-image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). The
+image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). Every
+accuracy comes with its exact 95 % confidence interval over the images (docs/certification.md). The
 last line printed is a one-line JSON summary. The files are written into a private staging folder beside
 --output and moved into place together, so the folder always holds one run's complete set; a folder that
 already holds a report is refused unless --overwrite (which replaces all of its files). Mistakes in the
@@ -74,6 +75,7 @@ from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_model_mod
                       show_path, user_errors, written_message)
 from ._common import workers as _workers
 from .. import shipped
+from ._bad_images import bad_image_exit, check_skip_bad_images, drop_skipped, skip_record
 from ..empirical import ATTACK_NAMES
 from ..peers.classifiers import FORMAT as PEER_FORMAT
 
@@ -161,6 +163,12 @@ def _open_data(args, meta, size, num_classes, attacks, world):
 
     if args.data_path == "stream" and attacks:
         raise SystemExit("--data-path stream: --attacks need the images in memory; use --data-path memory (or auto)")
+    if getattr(args, "skip_bad_images", False):  # image by image, so that one bad file costs only itself
+        stream = _open_eval_stream(args, meta, size, num_classes)
+        loaded = getattr(stream, "loaded", None)
+        if loaded is not None:
+            return loaded, False, "memory: the data is held in memory by its loader (--skip-bad-images: nothing to decode)"
+        return stream, True, "stream: --skip-bad-images reads the images one by one and skips the files that cannot be decoded"
     if args.data_path == "memory" or attacks:
         data = _load_eval_data(args, meta, size, num_classes)
         c, h, w = data.images.shape[1:]
@@ -273,6 +281,10 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    "available memory")
     p.add_argument("--workers", type=_workers, default=0, help="DataLoader worker processes of the stream path "
                    "(0 decodes in the main process; at most what the CPU cores and memory allow); refused with --data-path memory")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="certify the other images when a file cannot be decoded (read on the stream path, image by image) "
+                   "and list the skipped files in the report (results.json dataset.skipped_images, summary.md); without it "
+                   "such a file ends the run with one line naming it")
     add_cache_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset (with --num-images) and synthetic data")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
@@ -301,6 +313,11 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     return p
 
 
+def _rounded(ci):
+    """A 95 % interval [lo, hi] rounded to 6 decimals for the JSON line (None stays None)."""
+    return None if ci is None else [round(v, 6) for v in ci]
+
+
 @exit_on_sigterm
 def main(argv=None, prog: str = "bagcert certify") -> int:
     """Run the CLI; returns the exit status (0, or 3 when an attack broke a certified sample). A mistake in
@@ -319,6 +336,8 @@ def main(argv=None, prog: str = "bagcert certify") -> int:
         "forward_passes_per_image": summary["forward_passes_per_image"],
         "clean_accuracy": round(summary["clean_accuracy"], 6),
         "certified_accuracy": {k: round(v, 6) for k, v in summary["certified_accuracy"].items()},
+        "clean_accuracy_ci95": _rounded(summary.get("clean_accuracy_ci95")),
+        "certified_accuracy_ci95": {k: _rounded(v) for k, v in (summary.get("certified_accuracy_ci95") or {}).items()},
         "num_images": summary["num_images"],
         "images_per_s": round(summary["images_per_s"], 2),
         "output": show_path(args.output),
@@ -326,6 +345,9 @@ def main(argv=None, prog: str = "bagcert certify") -> int:
     if empirical:
         per = empirical["summary"]["per_size"]
         line["empirical_robust_accuracy"] = {k: {a: round(v, 6) for a, v in r["robust_accuracy"].items()} for k, r in per.items()}
+        per = (summary.get("empirical") or {}).get("per_size") or {}
+        line["empirical_robust_accuracy_ci95"] = {k: {a: _rounded(v) for a, v in (r.get("robust_accuracy_ci95") or {}).items()}
+                                                  for k, r in per.items()}
         line["certified_broken"] = summary["certified_broken"]
     print(json.dumps(line))
     broken = {k: v for k, v in summary["certified_broken"].items() if v}
@@ -390,14 +412,11 @@ def _run_cli(args):
     """The whole run for parsed ``args``: ``(summary, empirical, markdown)`` on rank 0, None on other ranks;
     always leaves the process group it joined (without waiting for the other ranks when the run fails). An image
     that cannot be read is ``SystemExit`` with its one-line message."""
-    from ..data import DatasetError
     from ..training import leave_process_group
 
     try:
-        out = _run(args)
-    except DatasetError as e:  # an image that cannot be read (the stream path reads them during the work): one line
-        leave_process_group(failed=True)
-        raise SystemExit(one_line(e)) from None
+        with bad_image_exit(args):  # a file the stream path cannot decode mid-run: one line naming it
+            out = _run(args)
     except BaseException:  # an error or a signal: a peer may be gone, so no barrier (no gloo traceback after the message)
         leave_process_group(failed=True)
         raise
@@ -438,6 +457,8 @@ def _run(args):
     if args.robust_masking and args.aggregation:
         raise SystemExit(f"--robust-masking cannot be combined with --aggregation {args.aggregation}: robust masking "
                          "certifies the votes with its own rule; give one of the two")
+    if getattr(args, "skip_bad_images", False):
+        check_skip_bad_images(args, attacks, world)
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -535,7 +556,15 @@ def _run(args):
 
     # ---- 5. the work ----------------------------------------------------------------------------------------
     progress = args.progress and not args.quiet and rank == 0
-    source = StreamSource(data, workers=args.workers) if streamed else data
+    skip_file = None
+    if streamed and getattr(args, "skip_bad_images", False):
+        from ..streaming import SkipBadImages
+
+        skip_dir = tempfile.TemporaryDirectory(prefix="bagcert-skipped-")
+        skip_file = Path(skip_dir.name) / "skipped.tsv"
+        source = StreamSource(SkipBadImages(data, skip_file), workers=args.workers)
+    else:
+        source = StreamSource(data, workers=args.workers) if streamed else data
     if args.robust_masking:
         from ..peers import PatchGuardMasking
 
@@ -559,6 +588,10 @@ def _run(args):
             peer["certifier"], model, source, sizes, mask_set=peer.get("mask_set"), batch_size=args.batch_size,
             device=args.device, progress=progress, rank=rank, world=world,
         )
+    skipped = None
+    if skip_file is not None:
+        results, skipped = drop_skipped(results, data, skip_file)
+        skip_dir.cleanup()
     if world > 1:
         t = torch.tensor([timing["forward_s"], timing["certify_s"], timing["total_s"]], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -601,6 +634,8 @@ def _run(args):
                 **_progress_kwarg(progress),
             )
         provenance = _stream_provenance(data) if streamed else sample_provenance(data)
+        if skipped is not None:
+            provenance, dataset["skipped_images"] = skip_record(provenance, skipped)
         summary = write_certification_report(
             stage, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical, method=method,
             provenance=provenance, run_id=folder.run_id,

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from ._common import (
-    Parser, exit_on_sigterm, add_run_arguments, bounded_number, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list,
-    pct, plt_or_none, positive_int, positive_number, unit_number, progress_bar, commit_report, output_is_default, prepare_output, show_path, written_message, save_figure, set_threads, user_errors, write_report,
+    Parser, checkpoint_input_size, exit_on_sigterm, add_run_arguments, bounded_number, dataset_info, json_line, load_model_and_data, nonnegative_int,
+    parse_list, pct, plt_or_none, positive_int, positive_number, unit_number, progress_bar, commit_report, output_is_default,
+    prepare_output, show_path, written_message, save_figure, set_threads, user_errors, write_report,
 )
 
 
@@ -115,11 +116,24 @@ def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
                                             "--num-eval", default=200, cache=args.cache)
     _check_geometry(args, tuple(test.images.shape[-2:]))  # before the patch is made: an hour of work must not end in it
 
+    source_classes = list(meta.get("classes") or ([] if test.name == "synthetic" else test.classes))
+
     def other_model(path, role):
+        """Another model the patches are evaluated on: it must predict the source model's classes, in the same
+        order (a patch is made for a class label; a model of other classes would be scored against wrong labels)."""
         with user_errors(f"--{role}-checkpoint {path}: "):
-            m, _ = load_checkpoint(path)
+            m, other_meta = load_checkpoint(path)
         if m.num_classes != model.num_classes:
             raise SystemExit(f"{role} model {path} has {m.num_classes} classes, the source model {model.num_classes}")
+        classes = list(other_meta.get("classes") or [])
+        if source_classes and classes != source_classes:
+            what = (f"records no class names, so its labels cannot be matched to the source model's {source_classes}" if not classes
+                    else f"predicts the classes {classes}, the source model {source_classes}")
+            raise SystemExit(f"--{role}-checkpoint {path} {what}: its accuracy with the patches would be scored against "
+                             f"other labels; give a model of the source model's classes")
+        if checkpoint_input_size(other_meta, path) != checkpoint_input_size(meta, args.checkpoint):
+            raise SystemExit(f"--{role}-checkpoint {path} was trained on {checkpoint_input_size(other_meta, path)} px images, the "
+                             f"source model on {checkpoint_input_size(meta, args.checkpoint)} px: the patches do not fit it")
         return m.eval()
 
     overlap = set(map(str, args.ensemble_checkpoint)) & set(map(str, args.transfer_checkpoint))

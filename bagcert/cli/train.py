@@ -312,6 +312,7 @@ def _main(argv=None, prog: str | None = None) -> int:
     train_size = cfg.resize if cfg.random_crop else size
     if cfg.data_path == "memory":
         check_workers_apply(cfg.workers, "memory", "memory")  # refused before any image is read
+    _check_cifar_size(cfg)
     path, reason, train_data = _choose_data_path(cfg, train_size)
     if rank == 0 and cfg.data_path == "auto":
         check_workers_apply(cfg.workers, "auto", path)  # auto chose memory: said on stderr
@@ -357,6 +358,26 @@ def _main(argv=None, prog: str | None = None) -> int:
     if rank == 0:
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
+
+
+def _check_cifar_size(cfg) -> None:
+    """A CIFAR-10 layout (torchvision's batches, or <root>/train/<the ten classes>) holds 32x32 images that are never
+    resized: any other --image-size (or --random-crop / --resize) is one line before anything is decoded. The
+    training loop checks every dataset's image size again (bagcert.training.check_run_inputs)."""
+    from ..data import _find_cifar_batches, _is_cifar_folder, _is_synthetic, _spec_root
+
+    if _is_synthetic(cfg.dataset):
+        return
+    kind = cfg.dataset.split(":", 1)[0] if ":" in cfg.dataset else ""
+    root = _spec_root(cfg.dataset)
+    if not (kind == "cifar10" or (kind != "folder" and (_find_cifar_batches(root) or _is_cifar_folder(root, "train")))):
+        return
+    if cfg.image_size != 32:
+        raise SystemExit(f"--image-size {cfg.image_size}: {cfg.dataset} is a CIFAR-10 layout of 32x32 images, which are not "
+                         "resized; give --image-size 32 (the loss and the certificate are built for the image size)")
+    if cfg.random_crop or cfg.resize is not None:
+        raise SystemExit(f"--resize / --random-crop apply to ImageNet-style folders; {cfg.dataset} is a CIFAR-10 layout of "
+                         "32x32 images, which are not resized: leave them out")
 
 
 def _choose_data_path(cfg, train_size):
