@@ -717,11 +717,13 @@ class TrainingFailed(TrainingError):
 def _error_line(e: BaseException) -> str:
     """One line for an exception: a DataLoader worker's wrapped error is cut to its original last line."""
     text = str(e).strip()
-    if "Original Traceback" in text:
+    if "Original Traceback" in text:  # "...\nbagcert.data.DatasetError: <message>": the original's last line
         text = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
-    else:
-        text = " ".join(text.split())
-    return text if text.startswith(type(e).__name__) else f"{type(e).__name__}: {text}"
+        head, sep, rest = text.partition(": ")
+        if sep and head.replace(".", "").replace("_", "").isalnum():
+            return f"{head.rsplit('.', 1)[-1]}: {' '.join(rest.split())}"
+    text = " ".join(text.split())
+    return f"{type(e).__name__}: {text}"
 
 
 def _failed_run(e: Exception, run: RunState, out: Path, in_step: bool, save, tlog, elapsed) -> TrainingFailed:
