@@ -243,6 +243,8 @@ def resume_config_changes(stored: dict, cfg: TrainConfig) -> dict:
     defaults = json.loads(json.dumps(asdict(TrainConfig())))
     new = json.loads(json.dumps(asdict(cfg)))
     old = {k: stored.get(k, defaults[k]) for k in new}
+    if isinstance(old["resize"], int) and isinstance(old["image_size"], int) and old["resize"] < old["image_size"]:
+        old["resize"] = None  # stored before TrainConfig.check refused it: no loader applied it (see export_checkpoint)
     differ = [k for k in sorted(new) if old[k] != new[k]]
     if old["time_budget_minutes"] is not None and new["time_budget_minutes"] is not None and "epochs" in differ:
         differ.remove("epochs")

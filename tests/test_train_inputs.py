@@ -110,6 +110,9 @@ def test_export_recovers_a_run_stored_with_a_resize_below_the_image_size(tmp_pat
     torch.save(state, out / "last.pt")
     _, meta = bagcert.load_checkpoint(export_checkpoint(out, tmp_path / "export.pt"))
     assert "resize" not in meta and meta["ignored_resize"] == 8 and meta["input_size"] == 32
+    # and --resume without the resize (it never applied) continues the run to a model.pt
+    assert train(_cfg(out, max_steps=2), data, held, resume=True, **QUIET)["steps"] == 2
+    assert bagcert.load_checkpoint(out / "model.pt")[1]["trained_steps"] == 2
 
 
 def _fail_once_at(monkeypatch, step, error):
