@@ -1,0 +1,606 @@
+r"""Double masking on the local evidence map: PatchCleanser's recovery rule applied to a bagcert model's votes.
+
+PatchCleanser (Xiang, Mahloujifar, Mittal, USENIX Security 2022) masks the *image* twice and needs one network
+pass per pair of masks. PatchCURE's "secure pooling" (Xiang et al., USENIX Security 2024) applies the same rule to
+the local map of a small-receptive-field backbone instead: masking a window of the map removes its evidence from
+the class totals, so every masked prediction is read off window sums. Cost: one forward pass plus window sums.
+Re-derived here for any bagcert model and its exact receptive-field geometry.
+
+Evidence. ``u[c, l]`` for class c at location l of the ``h x w`` map: the votes ``1[z[c, l] > 0]``
+(``evidence="votes"``, exact integer arithmetic) or the clipped local logits ``clip(z[c, l], low, high)``
+(``evidence="logits"``, float64; the clip must be finite, see "Floats" below). Class evidence outside a set A of
+locations: ``count_c(not A) = T_c - sum_{l in A} u[c, l]`` with ``T_c = sum_l u[c, l]``. Prediction from counts:
+argmax, ties to the lower class index (as everywhere in bagcert).
+
+Mask set (:class:`FeatureMaskSet`, :func:`feature_mask_set`). A patch at pixel position p changes only the
+locations R(p) (``Geometry.affected_ranges``), a rectangle of at most ``ah`` rows and ``aw`` columns of the map.
+The masks are windows of the map; the set is *R-covering* when every R(p) lies inside at least one mask.
+Default: every ``ah x aw`` window fully inside the map (stride 1): ``(h - ah + 1) (w - aw + 1)`` masks (576 for
+the default model's 32 x 32 map and a 5 x 5 patch, 9 x 9 windows). With ``k`` masks per axis the windows are
+PatchCleanser's (:func:`~bagcert.peers.mask_axis` applied to the map: side ``ah + s - 1`` at stride
+``s = ceil((h - ah + 1) / k)``, the last one moved back inside), fewer and larger. A clipped R(p) at the border
+is shorter than ``ah`` and lies inside a full-size window too. Coverage is checked against every distinct
+affected range of the geometry when the set is built.
+
+One-mask and two-mask predictions. For masks m1, m2 (m1 = m2 allowed):
+
+    count_c(m1)     = T_c - W_c(m1)
+    count_c(m1, m2) = T_c - W_c(m1) - W_c(m2) + W_c(m1 ∩ m2)        (inclusion-exclusion on the union)
+
+with ``W_c(A)`` the evidence of c summed over the window A (integral images; ``m1 ∩ m2`` is again a window,
+empty for disjoint masks).
+
+Defended prediction (PatchCleanser's Algorithm 1, the double-masking inference):
+  1. ŷ_m = argmax count(m) for every mask; ``y_maj`` = the most frequent ŷ_m (ties to the lower class). If every
+     ŷ_m equals y_maj, return it.
+  2. Otherwise, for each disagreeing mask m1 (ŷ_m1 != y_maj): if ``argmax count(m1, m2) = ŷ_m1`` for every m2,
+     return ŷ_m1. (Two such masks m1, m1' always carry the same label, because ``count(m1, m1')`` is one
+     prediction that both second rounds contain; so the mask order PatchCleanser checks them in does not matter.)
+  3. Otherwise return y_maj.
+
+Certificate (two-mask correctness). Certified iff ``argmax count(m1, m2) = y`` for every pair (m1, m2), m1 = m2
+included, where y is the prediction above (then every one-mask prediction is y, so step 1 returns y).
+Soundness, following PatchCleanser's proof: let a patch at p change the map into u'; only locations in R(p)
+change, and some mask m* contains R(p). Every count that removes m* is unchanged: ``count'(m*, m) = count(m*, m)``
+for every m (and ``count'(m*) = count(m*)``), because the union of the masks holds every changed location.
+  (i)  ŷ'_m* = y.
+  (ii) A mask m1 with ŷ'_m1 != y is never returned in step 2: its second round contains
+       ``argmax count'(m1, m*) = argmax count(m1, m*) = y != ŷ'_m1``.
+  (iii) If y'_maj != y, then m* disagrees with y'_maj and its whole second round is ``count'(m*, m) =
+       count(m*, m)``, all predicting y; so step 2 returns (at m* or at another mask, which by (ii) predicts y) y.
+  (iv) If y'_maj = y, step 1 or 3 returns y, and step 2 can return only y by (ii).
+So the prediction on u' is y for every patch position. Nothing here needs a bound on what the patch writes into
+R(p): the evidence inside m* is removed, whatever it is.
+
+Ties. ``argmax count(m1, m2) = y`` means ``count_y - count_c > 0`` for c < y and ``>= 0`` for c > y (ties go to
+the lower index). Votes: ``margin = min over pairs and c != y of (count_y - count_c + [c > y])``, an integer,
+certified iff margin > 0. Floats: certified iff ``min (count_y - count_c) > tol`` with
+``tol = 1e-9 * max(1, h * w * max(|low|, |high|))``: strictly positive and above the rounding of float64 window
+sums of evidence bounded by the clip (a patch cannot write a value beyond the clip, so the sums it perturbs stay
+within that rounding, and an exact tie is never certified).
+
+Efficiency (one pass, then per image ~M^2 / 2 pairs, 166k for M = 576, but never enumerated):
+  * one-mask counts: ``T - W(m)`` for all masks, one integral image;
+  * disjoint pairs (no intersection term): with ``V_c = W_y - W_c`` and ``Δ_c = T_y - T_c``, the worst pair of
+    m1 is ``Δ_c - V_c(m1) - max_{m2 disjoint from m1} V_c(m2)``; masks are disjoint iff their rows or their
+    columns are, and those m2 form a prefix or a suffix of the mask rows (columns), so the maximum is a prefix /
+    suffix running maximum of the per-row (per-column) maxima;
+  * overlapping pairs: a bound first, ``count_y - count_c >= Δ_c - P_c(m1) - max_{m2 near m1} V_c(m2)`` with
+    ``P_c(m1)`` the positive part of ``u_y - u_c`` summed over m1 (because ``V(m1) - V(m1 ∩ m2) <= P(m1)``), the
+    maximum a max-pool over the overlap neighbourhood; only (sample, class) rows the bound cannot decide are
+    evaluated exactly over the precomputed list of overlapping pairs (their intersection windows);
+  * step 2 of the prediction: the same disjoint-pair reduction per disagreeing label, then the overlap
+    neighbourhood of the surviving disagreeing masks only.
+With ``exact_margin=True`` every row is evaluated exactly and ``margin`` is the exact smallest two-mask margin;
+by default it is that margin where a row was evaluated exactly and otherwise a lower bound of it (the bound
+that decided the row), so ``margin > 0`` iff certified either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..certification import CertResult, window_table
+from ..geometry import Geometry, normalize_image_size, parse_patch_size
+from .base import PeerCertifier, as_classifier, check_images_for_peer, check_labels, make_result
+from .patchcleanser import mask_axis
+
+__all__ = [
+    "FeatureMaskSet",
+    "LocalDoubleMasking",
+    "double_masking_certify_evidence",
+    "double_masking_predict",
+    "feature_mask_set",
+]
+
+EVIDENCE_KINDS = ("votes", "logits")
+_NEG = float("-inf")
+
+
+# ------------------------------------------------------------------------------------------------
+# the mask set on the map
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureMaskSet:
+    """Windows of an ``h x w`` evidence map that cover every affected set R(p) of one patch size.
+
+    Mask ``i * len(col_starts) + j`` covers map rows ``row_starts[i] .. + mask_size[0] - 1`` and columns
+    ``col_starts[j] .. + mask_size[1] - 1`` (inclusive, inside the map). ``footprint`` is the largest number of
+    affected rows / columns of the patch; ``k`` None for the default (every window at stride 1) or the masks per
+    axis (PatchCleanser's construction on the map). Build with :func:`feature_mask_set`.
+    """
+
+    grid: tuple[int, int]
+    footprint: tuple[int, int]
+    mask_size: tuple[int, int]
+    row_starts: tuple[int, ...]
+    col_starts: tuple[int, ...]
+    k: tuple[int, int] | None = None
+
+    @property
+    def num_masks(self) -> int:
+        return len(self.row_starts) * len(self.col_starts)
+
+    def masks(self, device=None) -> torch.Tensor:
+        """bool [M, h, w], True = masked."""
+        h, w = self.grid
+        mh, mw = self.mask_size
+        r, c = torch.arange(h, device=device), torch.arange(w, device=device)
+        rs, cs = torch.tensor(self.row_starts, device=device), torch.tensor(self.col_starts, device=device)
+        row_in = (r[None] >= rs[:, None]) & (r[None] < rs[:, None] + mh)
+        col_in = (c[None] >= cs[:, None]) & (c[None] < cs[:, None] + mw)
+        return (row_in[:, None, :, None] & col_in[None, :, None, :]).reshape(-1, h, w)
+
+    def to_dict(self) -> dict:
+        return {"grid": list(self.grid), "footprint": list(self.footprint), "mask_size": list(self.mask_size),
+                "num_masks": self.num_masks, "row_starts": list(self.row_starts), "col_starts": list(self.col_starts),
+                "k": None if self.k is None else list(self.k)}
+
+
+def _axis_masks(g: int, a: int, k: int | None) -> tuple[int, tuple[int, ...]]:
+    if k is None:
+        return a, tuple(range(g - a + 1))
+    m, _, starts = mask_axis(g, a, k)
+    return m, starts
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_set(geometry: Geometry, image_size: tuple[int, int], patch_size: tuple[int, int], k) -> FeatureMaskSet:
+    h, w = geometry.grid_size(*image_size)
+    rows, cols = geometry.affected_ranges(image_size, patch_size)
+    ah = max(1, min(h, int((rows[:, 1] - rows[:, 0] + 1).max())))
+    aw = max(1, min(w, int((cols[:, 1] - cols[:, 0] + 1).max())))
+    kr, kc = (None, None) if k is None else k
+    mh, rs = _axis_masks(h, ah, kr)
+    mw, cs = _axis_masks(w, aw, kc)
+    # coverage, per axis, against every distinct affected range of the geometry (empty ranges need no mask)
+    for ranges, starts, m, axis in ((rows, rs, mh, "row"), (cols, cs, mw, "column")):
+        st = torch.tensor(starts)
+        for lo, hi in torch.unique(ranges, dim=0).tolist():
+            if hi >= lo and not bool(((st <= lo) & (st + m - 1 >= hi)).any()):
+                raise RuntimeError(f"internal error: the {axis} masks do not cover the affected range [{lo}, {hi}]")
+    return FeatureMaskSet((h, w), (ah, aw), (mh, mw), rs, cs, k)
+
+
+def _check_k(k):
+    """None, or k as (rows, cols) of ints >= 1; ValueError otherwise."""
+    if k is None:
+        return None
+    kk = (k, k) if isinstance(k, int) and not isinstance(k, bool) else tuple(k) if isinstance(k, (tuple, list)) else ()
+    if len(kk) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in kk):
+        raise ValueError(f"k must be None, a positive int or (rows, cols) of positive ints, got {k!r}")
+    return int(kk[0]), int(kk[1])
+
+
+def feature_mask_set(geometry: Geometry, image_size, patch_size, k=None) -> FeatureMaskSet:
+    """The R-covering mask set of ``patch_size`` (int or (h, w) pixels) on the map of ``image_size`` (H, W) images.
+
+    ``k``: None (default: every window of the largest affected rows x columns, stride 1) or masks per axis (int or
+    (rows, cols) >= 1: PatchCleanser's ``mask_axis`` on the map, larger masks at a stride). Cached.
+
+    Raises:
+        ValueError: a patch larger than the image, a geometry that gives no map for ``image_size``, or k < 1.
+    """
+    H, W = normalize_image_size(image_size)
+    ph, pw = parse_patch_size(patch_size)
+    if ph > H or pw > W:
+        raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} image")
+    k = _check_k(k)
+    h, w = geometry.grid_size(H, W)
+    if h < 1 or w < 1:
+        raise ValueError(f"the geometry gives no locations for {H}x{W} images")
+    return _mask_set(geometry, (H, W), (ph, pw), k)
+
+
+# ------------------------------------------------------------------------------------------------
+# index tables of a mask set (flat indices into an integral image of (h + 1) x (w + 1))
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tables:
+    corners: torch.Tensor  # long [4, M]: integral-image corners of each mask (++, -+, +-, --)
+    lo_r: torch.Tensor  # long [n_r]: last mask row fully above (disjoint from) mask row a, -1 if none
+    hi_r: torch.Tensor  # long [n_r]: first mask row fully below mask row a, n_r if none
+    lo_c: torch.Tensor
+    hi_c: torch.Tensor
+    reach: tuple[int, int]  # largest index distance (rows, cols) at which two masks can overlap
+    pair_m1: torch.Tensor  # long [P]: overlapping pairs m1 < m2
+    pair_m2: torch.Tensor
+    pair_corners: torch.Tensor  # long [4, P]: corners of m1 ∩ m2
+    nbr: torch.Tensor  # long [M, K]: neighbours m2 (m1 itself where the offset leaves the set)
+    nbr_corners: torch.Tensor  # long [4, M, K]: corners of m1 ∩ nbr
+
+
+def _corners(r0, r1, c0, c1, w):
+    """Flat integral-image indices of the window rows [r0, r1) x cols [c0, c1) (empty when r1 <= r0 or c1 <= c0)."""
+    r1 = torch.maximum(r1, r0)
+    c1 = torch.maximum(c1, c0)
+    W1 = w + 1
+    return torch.stack([r1 * W1 + c1, r0 * W1 + c1, r1 * W1 + c0, r0 * W1 + c0])
+
+
+def _axis_tables(starts, m):
+    st = torch.tensor(starts, dtype=torch.long)
+    lo = torch.searchsorted(st, st - m, right=True) - 1  # last start t2 <= t - m
+    hi = torch.searchsorted(st, st + m, right=False)  # first start t2 >= t + m
+    d = (st[None] - st[:, None]).abs()
+    ov = d < m
+    idx = torch.arange(len(starts))
+    reach = int((idx[None] - idx[:, None]).abs()[ov].max())
+    return st, lo, hi, ov, reach
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(ms: FeatureMaskSet, device: str) -> _Tables:
+    h, w = ms.grid
+    mh, mw = ms.mask_size
+    sr, lo_r, hi_r, ov_r, kr = _axis_tables(ms.row_starts, mh)
+    sc, lo_c, hi_c, ov_c, kc = _axis_tables(ms.col_starts, mw)
+    nr, nc = len(sr), len(sc)
+    R0 = sr[:, None].expand(nr, nc).reshape(-1)
+    C0 = sc[None, :].expand(nr, nc).reshape(-1)
+    corners = _corners(R0, R0 + mh, C0, C0 + mw, w)
+    # overlapping unordered pairs m1 < m2
+    a1, a2 = torch.nonzero(ov_r, as_tuple=True)
+    b1, b2 = torch.nonzero(ov_c, as_tuple=True)
+    A1, B1 = a1[:, None].expand(-1, len(b1)).reshape(-1), b1[None, :].expand(len(a1), -1).reshape(-1)
+    A2, B2 = a2[:, None].expand(-1, len(b2)).reshape(-1), b2[None, :].expand(len(a2), -1).reshape(-1)
+    m1, m2 = A1 * nc + B1, A2 * nc + B2
+    keep = m1 < m2
+    A1, B1, A2, B2, m1, m2 = (t[keep] for t in (A1, B1, A2, B2, m1, m2))
+    pc = _corners(torch.maximum(sr[A1], sr[A2]), torch.minimum(sr[A1], sr[A2]) + mh,
+                  torch.maximum(sc[B1], sc[B2]), torch.minimum(sc[B1], sc[B2]) + mw, w)
+    # neighbourhood of every mask: index offsets within the overlap reach
+    da = torch.arange(-kr, kr + 1)
+    db = torch.arange(-kc, kc + 1)
+    DA, DB = da[:, None].expand(-1, len(db)).reshape(-1), db[None, :].expand(len(da), -1).reshape(-1)
+    ia = torch.arange(nr)[:, None, None] + DA.view(1, 1, -1)  # [nr, 1, K]
+    ib = torch.arange(nc)[None, :, None] + DB.view(1, 1, -1)  # [1, nc, K]
+    ia, ib = ia.expand(nr, nc, -1), ib.expand(nr, nc, -1)
+    valid = (ia >= 0) & (ia < nr) & (ib >= 0) & (ib < nc)
+    self_a = torch.arange(nr)[:, None, None].expand_as(ia)
+    self_b = torch.arange(nc)[None, :, None].expand_as(ib)
+    ia, ib = torch.where(valid, ia, self_a), torch.where(valid, ib, self_b)  # outside the set: the mask itself
+    nbr = (ia * nc + ib).reshape(nr * nc, -1)
+    A, B = self_a.reshape(nr * nc, -1), self_b.reshape(nr * nc, -1)
+    IA, IB = ia.reshape(nr * nc, -1), ib.reshape(nr * nc, -1)
+    ncn = _corners(torch.maximum(sr[A], sr[IA]), torch.minimum(sr[A], sr[IA]) + mh,
+                   torch.maximum(sc[B], sc[IB]), torch.minimum(sc[B], sc[IB]) + mw, w)
+    dev = torch.device(device)
+    return _Tables(corners.to(dev), lo_r.to(dev), hi_r.to(dev), lo_c.to(dev), hi_c.to(dev), (kr, kc),
+                   m1.to(dev), m2.to(dev), pc.to(dev), nbr.to(dev), ncn.to(dev))
+
+
+def _integral_flat(x: torch.Tensor) -> torch.Tensor:
+    """[..., h, w] -> [..., (h + 1) (w + 1)] integral image, zero first row / column."""
+    h, w = x.shape[-2:]
+    S = torch.zeros(*x.shape[:-2], h + 1, w + 1, dtype=x.dtype, device=x.device)
+    S[..., 1:, 1:] = x.cumsum(-2).cumsum(-1)
+    return S.flatten(-2)
+
+
+def _win(S: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """Window sums from a flat integral image S [..., L] and corners [4, *shape] -> [..., *shape]."""
+    shape = corners.shape[1:]
+    flat = corners.reshape(4, -1)
+    g = [S.index_select(-1, flat[i]) for i in range(4)]
+    out = g[0] - g[1] - g[2] + g[3]
+    return out.reshape(*S.shape[:-1], *shape)
+
+
+def _disjoint_max(V: torch.Tensor, nr: int, nc: int, t: _Tables) -> torch.Tensor:
+    """max over masks m2 disjoint from m1 of V(m2), for every m1: V [R, M] -> [R, M] (-inf where none)."""
+    R = V.shape[0]
+    V2 = V.view(R, nr, nc)
+    neg = torch.full((R, 1), _NEG, dtype=V.dtype, device=V.device)
+
+    def along(mx, lo, hi):  # mx [R, n]: best of the prefix ending at lo and the suffix starting at hi
+        pre = torch.cat([neg, mx.cummax(dim=1).values], dim=1)  # pre[:, i + 1] = max mx[:, :i + 1]
+        suf = torch.cat([mx.flip(1).cummax(dim=1).values.flip(1), neg], dim=1)  # suf[:, i] = max mx[:, i:]
+        return torch.maximum(pre.index_select(1, lo + 1), suf.index_select(1, hi))
+
+    rows = along(V2.amax(dim=2), t.lo_r, t.hi_r)  # [R, nr]
+    cols = along(V2.amax(dim=1), t.lo_c, t.hi_c)  # [R, nc]
+    return torch.maximum(rows[:, :, None], cols[:, None, :]).reshape(R, nr * nc)
+
+
+# ------------------------------------------------------------------------------------------------
+# the defended prediction
+# ------------------------------------------------------------------------------------------------
+def _argmax_tie_low(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.argmax(dim=dim)  # torch returns the first maximum: ties to the lower index
+
+
+def _prepare(evidence: torch.Tensor, exact: bool | None = None):
+    """(evidence in the working dtype, exact): integer-valued evidence (votes) is exact; ``exact`` None decides
+    from the values."""
+    if exact is None:
+        exact = not evidence.is_floating_point() or bool((evidence == evidence.round()).all())
+    # votes: integer counts, exact in float32 (|sums| <= 2 h w < 2^24); other evidence: float64
+    dt = torch.float32 if exact and evidence.shape[-2] * evidence.shape[-1] < 2**22 else torch.float64
+    return evidence.to(dt), exact
+
+
+def _predict(u: torch.Tensor, ms: FeatureMaskSet, exact: bool):
+    """Returns (prediction [N], integral S [N, C, L], window sums W [N, C, M], totals T [N, C], tables)."""
+    N, C, h, w = u.shape
+    t = _tables(ms, str(u.device))
+    nr, nc = len(ms.row_starts), len(ms.col_starts)
+    M = nr * nc
+    S = _integral_flat(u)  # [N, C, L]
+    W = _win(S, t.corners)  # [N, C, M]
+    T = S[..., -1]  # [N, C]
+    one = _argmax_tie_low(T[:, :, None] - W, dim=1)  # [N, M] first-round predictions
+    hist = torch.zeros(N, C, dtype=torch.long, device=u.device).scatter_add_(1, one, torch.ones_like(one))
+    maj = _argmax_tie_low(hist, dim=1)
+    pred = maj.clone()
+    dis = one != maj[:, None]
+    todo = torch.nonzero(dis.any(dim=1)).flatten()
+    if todo.numel() == 0:
+        return pred, S, W, T, t
+    # step 2: per sample and candidate label c' (a label some disagreeing mask predicts), the disjoint second
+    # rounds of every mask at once; then the overlapping neighbours of the masks that survive.
+    present = torch.zeros(len(todo), C, dtype=torch.bool, device=u.device)
+    present.scatter_(1, one[todo], dis[todo])
+    rs, labs = torch.nonzero(present, as_tuple=True)  # rows (sample in todo, target label)
+    n_idx = todo[rs]
+    Wn, Tn = W[n_idx], T[n_idx]  # [R, C, M], [R, C]
+    Wt = Wn.gather(1, labs.view(-1, 1, 1).expand(-1, 1, M))  # [R, 1, M]
+    Tt = Tn.gather(1, labs.view(-1, 1))  # [R, 1]
+    V = Wt - Wn  # [R, C, M]
+    D0 = Tt - Tn  # [R, C]
+    R = V.shape[0]
+    md = _disjoint_max(V.reshape(R * C, M), nr, nc, t).view(R, C, M)
+    cls = torch.arange(C, device=u.device)
+    adj = (cls[None, :] > labs[:, None]).to(u.dtype)  # ties: c > t may tie, c < t must lose
+    worst = D0[:, :, None] - V - md + adj[:, :, None]  # [R, C, M] the worst disjoint pair of each m1, per c
+    worst.scatter_(1, labs.view(-1, 1, 1).expand(-1, 1, M), float("inf"))
+    ok_disj = worst.amin(dim=1) > 0  # [R, M]
+    cand = ok_disj & (one[n_idx] == labs[:, None])  # masks predicting the label whose disjoint rounds agree
+    ri, mi = torch.nonzero(cand, as_tuple=True)
+    if ri.numel():
+        n_c, lab_c = n_idx[ri], labs[ri]
+        passed = torch.zeros(ri.numel(), dtype=torch.bool, device=u.device)
+        step = max(1, 4_000_000 // max(1, C * t.nbr.shape[1]))
+        for s in range(0, ri.numel(), step):
+            sl = slice(s, s + step)
+            nb = t.nbr[mi[sl]]  # [k, K]
+            inter = _win_rows(S[n_c[sl]], t.nbr_corners[:, mi[sl]])  # [k, C, K]
+            counts = (T[n_c[sl]][:, :, None] - W[n_c[sl]].gather(2, mi[sl].view(-1, 1, 1).expand(-1, C, 1))
+                      - W[n_c[sl]].gather(2, nb[:, None, :].expand(-1, C, -1)) + inter)
+            passed[sl] = (_argmax_tie_low(counts, dim=1) == lab_c[sl][:, None]).all(dim=1)
+        if passed.any():
+            pred[n_c[passed]] = lab_c[passed]  # all passing masks of a sample carry the same label
+    return pred, S, W, T, t
+
+
+def _win_rows(S: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """Per-row windows: S [k, C, L], corners [4, k, K] -> [k, C, K]."""
+    k, C, _ = S.shape
+    g = [S.gather(2, corners[i][:, None, :].expand(k, C, -1)) for i in range(4)]
+    return g[0] - g[1] - g[2] + g[3]
+
+
+def _check_evidence(evidence, geometry, image_size, patch_size):
+    if not isinstance(evidence, torch.Tensor) or evidence.dim() != 4:
+        raise ValueError("evidence must be a tensor [N, C, h, w]")
+    N, C, h, w = evidence.shape
+    if N == 0:
+        raise ValueError("evidence holds no samples; expected [N, C, h, w] with N >= 1")
+    if C < 2:
+        raise ValueError(f"need at least 2 classes to certify, got {C}")
+    if evidence.is_floating_point() and not torch.isfinite(evidence).all():
+        raise ValueError("evidence contains NaN or Inf")
+    H, W = normalize_image_size(image_size)
+    if geometry.grid_size(H, W) != (h, w):
+        raise ValueError(f"evidence map is {h}x{w} but the geometry gives {geometry.grid_size(H, W)} for {H}x{W} images")
+    ph, pw = parse_patch_size(patch_size)
+    if ph > H or pw > W:
+        raise ValueError(f"patch {ph}x{pw} is larger than the {H}x{W} image")
+    return (H, W), (ph, pw)
+
+
+@torch.no_grad()
+def double_masking_predict(evidence: torch.Tensor, mask_set: FeatureMaskSet) -> torch.Tensor:
+    """The double-masking prediction (module doc, steps 1-3) of an evidence map [N, C, h, w] (votes in {0, 1},
+    integer counts, or bounded float evidence) with ``mask_set`` (its grid must be (h, w)): int64 [N], ties to
+    the lower class index. Raises ValueError for a map that does not match the mask set."""
+    if not isinstance(evidence, torch.Tensor) or evidence.dim() != 4 or tuple(evidence.shape[-2:]) != mask_set.grid:
+        got = tuple(evidence.shape) if isinstance(evidence, torch.Tensor) else type(evidence).__name__
+        raise ValueError(f"evidence must be [N, C, {mask_set.grid[0]}, {mask_set.grid[1]}] for this mask set, got {got}")
+    u, exact = _prepare(evidence)
+    return _predict(u, mask_set, exact)[0]
+
+
+@torch.no_grad()
+def double_masking_certify_evidence(
+    evidence: torch.Tensor,
+    labels,
+    geometry: Geometry,
+    image_size,
+    patch_size,
+    *,
+    k=None,
+    clip_bound: float | None = None,
+    exact_margin: bool = False,
+    name: str = "double-masking-votes",
+) -> CertResult:
+    """Double-masking prediction and certificate from an evidence map (module doc).
+
+    Args:
+        evidence: [N, C, h, w]: votes in {0, 1} (any dtype; exact integer arithmetic) or float evidence bounded by
+            ``clip_bound`` in absolute value (clipped local logits); ``(h, w)`` = ``geometry.grid_size(*image_size)``.
+        labels: int64 [N] in [0, C), or None.
+        geometry, image_size (H, W) pixels, patch_size (int or (h, w) pixels, at most the image).
+        k: the mask set (:func:`feature_mask_set`): None = every footprint-sized window, or masks per axis.
+        clip_bound: for float evidence, the largest |value| a patch can write (the clip); sets the tolerance.
+        exact_margin: evaluate every overlapping pair exactly, so ``margin`` is the exact smallest two-mask margin.
+        name: written into ``CertResult.aggregation``.
+
+    Returns a ``CertResult``: prediction int64 [N], certified bool [N] (every two-mask prediction equals it),
+    margin [N] (votes: int64 ``min (count_y - count_c + [c > y])``; floats: float64 ``min (count_y - count_c)``;
+    > 0 iff certified; a lower bound unless ``exact_margin``), worst_position zeros (not position-bound).
+
+    Raises:
+        ValueError: evidence that is not [N, C, h, w] with N >= 1, C >= 2, finite and matching the geometry;
+            float evidence that is not votes without ``clip_bound`` or beyond it; a patch larger than the image;
+            labels of the wrong shape or outside [0, C); a bad ``k``.
+    """
+    (H, W), (ph, pw) = _check_evidence(evidence, geometry, image_size, patch_size)
+    N, C, h, w = evidence.shape
+    labels = check_labels(labels, N, evidence.device)
+    if labels is not None and int(labels.max()) >= C:
+        raise ValueError(f"labels must lie in [0, {C})")
+    ms = feature_mask_set(geometry, (H, W), (ph, pw), k)
+    exact = clip_bound is None
+    if exact and evidence.is_floating_point() and not bool((evidence == evidence.round()).all()):
+        raise ValueError("evidence without clip_bound must be integer-valued (votes in {0, 1}); for float evidence "
+                         "give the clip_bound (the largest |value| a patch can write)")
+    u, exact = _prepare(evidence, exact)
+    if not exact:
+        if clip_bound is None or not math.isfinite(clip_bound):
+            raise ValueError("float evidence needs a finite clip_bound (the largest |value| a patch can write): clip the "
+                             "local logits, e.g. evidence='logits' with clip=(0, 1)")
+        if float(u.abs().max()) > clip_bound:
+            raise ValueError(f"evidence exceeds clip_bound {clip_bound}")
+    pred, S, Wm, T, t = _predict(u, ms, exact)
+    cert, margin = _certify(u, S, Wm, T, t, ms, pred, exact, exact_margin)
+    if exact:
+        margin = margin.round().long()
+        certified = margin > 0
+    else:
+        tol = 1e-9 * max(1.0, h * w * float(clip_bound))
+        certified = cert & (margin > tol)
+    return make_result(pred, labels, certified, margin, (ph, pw), name)
+
+
+def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_margin: bool):
+    """(all-pairs-agree flag [N], margin [N]) for the prediction y."""
+    N, C, h, w = u.shape
+    nr, nc = len(ms.row_starts), len(ms.col_starts)
+    M = nr * nc
+    dev = u.device
+    Wy = W.gather(1, y.view(N, 1, 1).expand(N, 1, M))
+    V = (Wy - W).reshape(N * C, M)  # V_c(m) = W_y(m) - W_c(m)
+    D0 = (T.gather(1, y.view(N, 1)) - T).reshape(N * C, 1)  # Δ_c
+    cls = torch.arange(C, device=dev)
+    adj = (cls[None, :] > y[:, None]).to(u.dtype).reshape(N * C, 1) if exact else torch.zeros(N * C, 1, dtype=u.dtype, device=dev)
+    competitor = (cls[None, :] != y[:, None]).reshape(N * C)
+    # one mask (m1 = m2) and disjoint pairs, exactly
+    one = (D0 + adj - V).amin(dim=1)
+    disj = (D0 + adj - V - _disjoint_max(V, nr, nc, t)).amin(dim=1)
+    row_min = torch.minimum(one, disj)  # [N C]
+    # overlapping pairs: count_y - count_c = Δ - V(m1) - V(m2) + V(m1 ∩ m2) >= Δ - P(m1) - max_{m2 near m1} V(m2)
+    if t.pair_m1.numel():
+        d = u.gather(1, y.view(N, 1, 1, 1).expand(N, 1, h, w)) - u  # [N, C, h, w]
+        P = _win(_integral_flat(d.clamp(min=0)), t.corners).reshape(N * C, M)
+        kr, kc = t.reach
+        near = F.max_pool2d(V.view(N * C, 1, nr, nc), (2 * kr + 1, 2 * kc + 1), stride=1, padding=(kr, kc)).reshape(N * C, M)
+        bound = (D0 + adj - P - near).amin(dim=1)
+        decided = (bound > 0) | (row_min <= 0)  # the bound certifies the row, or the row already fails
+        need = competitor & ~decided if not exact_margin else competitor
+        ov = bound.clone()
+        rows = torch.nonzero(need).flatten()
+        if rows.numel():
+            Sd = _integral_flat(d.reshape(N * C, h, w)[rows])  # [R, L]
+            step = max(1, 8_000_000 // max(1, t.pair_m1.numel()))
+            for s in range(0, rows.numel(), step):
+                r = rows[s : s + step]
+                Vr = V[r]
+                inter = _win(Sd[s : s + step], t.pair_corners)  # [k, P]
+                val = D0[r] + adj[r] - Vr.index_select(1, t.pair_m1) - Vr.index_select(1, t.pair_m2) + inter
+                ov[r] = val.amin(dim=1)
+        row_min = torch.minimum(row_min, ov)
+    row_min = torch.where(competitor, row_min, torch.full_like(row_min, float("inf")))
+    margin = row_min.view(N, C).amin(dim=1)
+    return margin > 0, margin
+
+
+# ------------------------------------------------------------------------------------------------
+# the certifier
+# ------------------------------------------------------------------------------------------------
+class LocalDoubleMasking(PeerCertifier):
+    """Double masking (PatchCleanser's rule) on a bagcert model's local votes or clipped logits: one forward pass.
+
+    Args:
+        evidence: ``"votes"`` (default): ``1[local logit > 0]``, exact integer counts; ``"logits"``: the local
+            logits clipped into ``clip``.
+        clip: ``(low, high)`` finite, low < high; only with ``evidence="logits"`` (default ``(0, 1)``). Any
+            bounded evidence is sound (the certificate removes the patch's evidence instead of bounding it); the
+            bound only sets the float tolerance.
+        k: None (default: every window of the largest affected set, stride 1) or masks per axis (int or
+            (rows, cols)): PatchCleanser's larger strided masks on the map.
+        exact_margin: see :func:`double_masking_certify_evidence`.
+        batch_size: forward pass in chunks of this many images (default: all at once).
+
+    ``name``: ``"double-masking-votes"`` / ``"double-masking-logits"``, ``-k<k>`` appended for a k mask set.
+
+    Raises:
+        ValueError: an unknown evidence kind, a clip with votes, a clip that is not finite with low < high, a bad k.
+    """
+
+    def __init__(self, evidence: str = "votes", clip=None, k=None, exact_margin: bool = False, batch_size: int | None = None):
+        if evidence not in EVIDENCE_KINDS:
+            raise ValueError(f"evidence must be one of {', '.join(EVIDENCE_KINDS)}, got {evidence!r}")
+        if evidence == "votes" and clip is not None:
+            raise ValueError(f"clip applies to evidence='logits' only; votes are already {{0, 1}} (got clip={clip!r})")
+        if evidence == "logits":
+            low, high = (0.0, 1.0) if clip is None else clip
+            if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+                raise ValueError(f"clip must be a finite (low, high) with low < high, got {clip!r}")
+            self.clip = (float(low), float(high))
+        else:
+            self.clip = None
+        kk = _check_k(k)
+        self.evidence_kind = evidence
+        self.k = k
+        self.exact_margin = bool(exact_margin)
+        self.batch_size = batch_size
+        self.name = f"double-masking-{evidence}"
+        if kk is not None:
+            self.name += f"-k{kk[0]}" if kk[0] == kk[1] else f"-k{kk[0]}x{kk[1]}"
+
+    def evidence(self, model, images: torch.Tensor) -> torch.Tensor:
+        """The evidence map of ``images`` (float [N, 3, H, W] in [0, 1]): votes as float32 {0, 1} [N, C, h, w],
+        or the clipped local logits. Raises ``TypeError`` for a model without ``local_logits`` and ``geometry``,
+        ``RuntimeError`` for a model in training mode, ``ValueError`` for malformed images."""
+        model = as_classifier(model)
+        if not hasattr(model, "local_logits") or not hasattr(model, "geometry"):
+            raise TypeError("double masking on the local map needs a bagcert model with .local_logits() and .geometry")
+        check_images_for_peer(images)
+        bs = self.batch_size or images.shape[0]
+        z = torch.cat([model.local_logits(images[i : i + bs]) for i in range(0, images.shape[0], bs)])
+        if self.evidence_kind == "votes":
+            return (z > 0).to(z.dtype)
+        return z.clamp(min=self.clip[0], max=self.clip[1])
+
+    def mask_set(self, geometry: Geometry, image_size, patch_size) -> FeatureMaskSet:
+        return feature_mask_set(geometry, image_size, patch_size, self.k)
+
+    def certify_evidence(self, evidence: torch.Tensor, labels, geometry: Geometry, image_size, patch_size) -> CertResult:
+        """:func:`double_masking_certify_evidence` with this certifier's settings, for an ``evidence`` map made by
+        :meth:`evidence` (one forward pass serves every patch size)."""
+        bound = None if self.clip is None else max(abs(self.clip[0]), abs(self.clip[1]))
+        return double_masking_certify_evidence(evidence, labels, geometry, image_size, patch_size, k=self.k,
+                                               clip_bound=bound, exact_margin=self.exact_margin, name=self.name)
+
+    @torch.no_grad()
+    def certify(self, model, images: torch.Tensor, labels, patch_size) -> CertResult:
+        """Prediction and certificate of ``images`` float [N, 3, H, W] in [0, 1] against a patch of ``patch_size``."""
+        ev = self.evidence(model, images)
+        return self.certify_evidence(ev, labels, model.geometry, tuple(images.shape[-2:]), patch_size)
+
+    @torch.no_grad()
+    def predict(self, model, images: torch.Tensor, patch_size=None) -> torch.Tensor:
+        """The double-masking prediction, int64 [N]; the mask set depends on ``patch_size``."""
+        if patch_size is None:
+            raise ValueError("double masking's mask set depends on the patch size: pass patch_size")
+        ev = self.evidence(model, images)
+        return double_masking_predict(ev, self.mask_set(model.geometry, tuple(images.shape[-2:]), patch_size))
+
+    def forward_passes_per_image(self, image_size=None, patch_size=None) -> int:
+        return 1
