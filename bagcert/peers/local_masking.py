@@ -95,6 +95,7 @@ __all__ = [
     "LocalDoubleMasking",
     "double_masking_certify_evidence",
     "double_masking_predict",
+    "check_coverage",
     "feature_mask_set",
 ]
 
@@ -158,13 +159,9 @@ def _mask_set(geometry: Geometry, image_size: tuple[int, int], patch_size: tuple
     kr, kc = (None, None) if k is None else k
     mh, rs = _axis_masks(h, ah, kr)
     mw, cs = _axis_masks(w, aw, kc)
-    # coverage, per axis, against every distinct affected range of the geometry (empty ranges need no mask)
-    for ranges, starts, m, axis in ((rows, rs, mh, "row"), (cols, cs, mw, "column")):
-        st = torch.tensor(starts)
-        for lo, hi in torch.unique(ranges, dim=0).tolist():
-            if hi >= lo and not bool(((st <= lo) & (st + m - 1 >= hi)).any()):
-                raise RuntimeError(f"internal error: the {axis} masks do not cover the affected range [{lo}, {hi}]")
-    return FeatureMaskSet((h, w), (ah, aw), (mh, mw), rs, cs, k)
+    ms = FeatureMaskSet((h, w), (ah, aw), (mh, mw), rs, cs, k)
+    check_coverage(ms, geometry, image_size, patch_size)  # every distinct affected range (empty ones need no mask)
+    return ms
 
 
 def _check_k(k):
@@ -175,6 +172,19 @@ def _check_k(k):
     if len(kk) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in kk):
         raise ValueError(f"k must be None, a positive int or (rows, cols) of positive ints, got {k!r}")
     return int(kk[0]), int(kk[1])
+
+
+def check_coverage(mask_set: FeatureMaskSet, geometry: Geometry, image_size, patch_size) -> None:
+    """Raise ValueError unless every affected set R(p) of ``patch_size`` lies inside some mask of ``mask_set``."""
+    rows, cols = geometry.affected_ranges(normalize_image_size(image_size), parse_patch_size(patch_size))
+    mh, mw = mask_set.mask_size
+    for ranges, starts, m, axis in ((rows, mask_set.row_starts, mh, "rows"), (cols, mask_set.col_starts, mw, "columns")):
+        st = torch.tensor(starts)
+        for lo, hi in torch.unique(ranges, dim=0).tolist():
+            if hi >= lo and not bool(((st <= lo) & (st + m - 1 >= hi)).any()):
+                ph, pw = parse_patch_size(patch_size)
+                raise ValueError(f"the mask set ({mask_set.num_masks} masks of {mh}x{mw} locations) does not cover a "
+                                 f"{ph}x{pw} patch (affected {axis} {lo}..{hi}); build it for a patch at least this large")
 
 
 def feature_mask_set(geometry: Geometry, image_size, patch_size, k=None) -> FeatureMaskSet:
@@ -202,7 +212,6 @@ def feature_mask_set(geometry: Geometry, image_size, patch_size, k=None) -> Feat
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Tables:
-    corners: torch.Tensor  # long [4, M]: integral-image corners of each mask (++, -+, +-, --)
     lo_r: torch.Tensor  # long [n_r]: last mask row fully above (disjoint from) mask row a, -1 if none
     hi_r: torch.Tensor  # long [n_r]: first mask row fully below mask row a, n_r if none
     lo_c: torch.Tensor
@@ -216,7 +225,8 @@ class _Tables:
 
 
 def _corners(r0, r1, c0, c1, w):
-    """Flat integral-image indices of the window rows [r0, r1) x cols [c0, c1) (empty when r1 <= r0 or c1 <= c0)."""
+    """Flat integral-image indices [4, ...] (corners ++, -+, +-, --) of the windows rows [r0, r1) x cols [c0, c1)
+    (empty when r1 <= r0 or c1 <= c0)."""
     r1 = torch.maximum(r1, r0)
     c1 = torch.maximum(c1, c0)
     W1 = w + 1
@@ -241,9 +251,6 @@ def _tables(ms: FeatureMaskSet, device: str) -> _Tables:
     sr, lo_r, hi_r, ov_r, kr = _axis_tables(ms.row_starts, mh)
     sc, lo_c, hi_c, ov_c, kc = _axis_tables(ms.col_starts, mw)
     nr, nc = len(sr), len(sc)
-    R0 = sr[:, None].expand(nr, nc).reshape(-1)
-    C0 = sc[None, :].expand(nr, nc).reshape(-1)
-    corners = _corners(R0, R0 + mh, C0, C0 + mw, w)
     # overlapping unordered pairs m1 < m2
     a1, a2 = torch.nonzero(ov_r, as_tuple=True)
     b1, b2 = torch.nonzero(ov_c, as_tuple=True)
@@ -271,7 +278,7 @@ def _tables(ms: FeatureMaskSet, device: str) -> _Tables:
     ncn = _corners(torch.maximum(sr[A], sr[IA]), torch.minimum(sr[A], sr[IA]) + mh,
                    torch.maximum(sc[B], sc[IB]), torch.minimum(sc[B], sc[IB]) + mw, w)
     dev = torch.device(device)
-    return _Tables(corners.to(dev), lo_r.to(dev), hi_r.to(dev), lo_c.to(dev), hi_c.to(dev), (kr, kc),
+    return _Tables(lo_r.to(dev), hi_r.to(dev), lo_c.to(dev), hi_c.to(dev), (kr, kc),
                    m1.to(dev), m2.to(dev), pc.to(dev), nbr.to(dev), ncn.to(dev))
 
 
@@ -290,6 +297,19 @@ def _win(S: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     g = [S.index_select(-1, flat[i]) for i in range(4)]
     out = g[0] - g[1] - g[2] + g[3]
     return out.reshape(*S.shape[:-1], *shape)
+
+
+def _grid_windows(x: torch.Tensor, ms: FeatureMaskSet) -> torch.Tensor:
+    """Sum of x [..., h, w] over every mask of ``ms`` -> [..., M], separably from a 2-D cumulative sum."""
+    h, w = x.shape[-2:]
+    mh, mw = ms.mask_size
+    S = torch.zeros(*x.shape[:-2], h + 1, w + 1, dtype=x.dtype, device=x.device)
+    S[..., 1:, 1:] = x.cumsum(-2).cumsum(-1)
+    rs = torch.tensor(ms.row_starts, device=x.device)
+    cs = torch.tensor(ms.col_starts, device=x.device)
+    Rr = S.index_select(-2, rs + mh) - S.index_select(-2, rs)  # [..., nr, w + 1]
+    out = Rr.index_select(-1, cs + mw) - Rr.index_select(-1, cs)  # [..., nr, nc]
+    return out.flatten(-2)
 
 
 def _disjoint_max(V: torch.Tensor, nr: int, nc: int, t: _Tables) -> torch.Tensor:
@@ -332,7 +352,7 @@ def _predict(u: torch.Tensor, ms: FeatureMaskSet, exact: bool):
     nr, nc = len(ms.row_starts), len(ms.col_starts)
     M = nr * nc
     S = _integral_flat(u)  # [N, C, L]
-    W = _win(S, t.corners)  # [N, C, M]
+    W = _grid_windows(u, ms)  # [N, C, M]
     T = S[..., -1]  # [N, C]
     one = _argmax_tie_low(T[:, :, None] - W, dim=1)  # [N, M] first-round predictions
     hist = torch.zeros(N, C, dtype=torch.long, device=u.device).scatter_add_(1, one, torch.ones_like(one))
@@ -425,6 +445,7 @@ def double_masking_certify_evidence(
     patch_size,
     *,
     k=None,
+    mask_patch_size=None,
     clip_bound: float | None = None,
     exact_margin: bool = False,
     name: str = "double-masking-votes",
@@ -437,6 +458,8 @@ def double_masking_certify_evidence(
         labels: int64 [N] in [0, C), or None.
         geometry, image_size (H, W) pixels, patch_size (int or (h, w) pixels, at most the image).
         k: the mask set (:func:`feature_mask_set`): None = every footprint-sized window, or masks per axis.
+        mask_patch_size: build the mask set for this patch instead of ``patch_size`` (one mask set, hence one
+            prediction, for several sizes); it must cover ``patch_size`` (ValueError otherwise).
         clip_bound: for float evidence, the largest |value| a patch can write (the clip); sets the tolerance.
         exact_margin: evaluate every overlapping pair exactly, so ``margin`` is the exact smallest two-mask margin.
         name: written into ``CertResult.aggregation``.
@@ -455,7 +478,9 @@ def double_masking_certify_evidence(
     labels = check_labels(labels, N, evidence.device)
     if labels is not None and int(labels.max()) >= C:
         raise ValueError(f"labels must lie in [0, {C})")
-    ms = feature_mask_set(geometry, (H, W), (ph, pw), k)
+    ms = feature_mask_set(geometry, (H, W), (ph, pw) if mask_patch_size is None else mask_patch_size, k)
+    if mask_patch_size is not None:
+        check_coverage(ms, geometry, (H, W), (ph, pw))
     exact = clip_bound is None
     if exact and evidence.is_floating_point() and not bool((evidence == evidence.round()).all()):
         raise ValueError("evidence without clip_bound must be integer-valued (votes in {0, 1}); for float evidence "
@@ -497,9 +522,11 @@ def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_m
     # overlapping pairs: count_y - count_c = Δ - V(m1) - V(m2) + V(m1 ∩ m2) >= Δ - P(m1) - max_{m2 near m1} V(m2)
     if t.pair_m1.numel():
         d = u.gather(1, y.view(N, 1, 1, 1).expand(N, 1, h, w)) - u  # [N, C, h, w]
-        P = _win(_integral_flat(d.clamp(min=0)), t.corners).reshape(N * C, M)
+        P = _grid_windows(d.clamp(min=0), ms).reshape(N * C, M)
         kr, kc = t.reach
-        near = F.max_pool2d(V.view(N * C, 1, nr, nc), (2 * kr + 1, 2 * kc + 1), stride=1, padding=(kr, kc)).reshape(N * C, M)
+        # box maximum over the overlap neighbourhood, separably (rows, then columns); the padding counts as -inf
+        near = F.max_pool2d(V.view(N * C, 1, nr, nc), (2 * kr + 1, 1), stride=1, padding=(kr, 0))
+        near = F.max_pool2d(near, (1, 2 * kc + 1), stride=1, padding=(0, kc)).reshape(N * C, M)
         bound = (D0 + adj - P - near).amin(dim=1)
         decided = (bound > 0) | (row_min <= 0)  # the bound certifies the row, or the row already fails
         need = competitor & ~decided if not exact_margin else competitor
@@ -536,6 +563,9 @@ class LocalDoubleMasking(PeerCertifier):
             (rows, cols)): PatchCleanser's larger strided masks on the map.
         exact_margin: see :func:`double_masking_certify_evidence`.
         batch_size: forward pass in chunks of this many images (default: all at once).
+        mask_patch_size: None (default: the mask set of each certified patch size) or one patch size (int or (h, w)
+            pixels) whose mask set serves every smaller size: one prediction for all of them (``certify.py
+            --double-masking`` with several sizes uses the largest).
 
     ``name``: ``"double-masking-votes"`` / ``"double-masking-logits"``, ``-k<k>`` appended for a k mask set.
 
@@ -543,7 +573,8 @@ class LocalDoubleMasking(PeerCertifier):
         ValueError: an unknown evidence kind, a clip with votes, a clip that is not finite with low < high, a bad k.
     """
 
-    def __init__(self, evidence: str = "votes", clip=None, k=None, exact_margin: bool = False, batch_size: int | None = None):
+    def __init__(self, evidence: str = "votes", clip=None, k=None, exact_margin: bool = False, batch_size: int | None = None,
+                 mask_patch_size=None):
         if evidence not in EVIDENCE_KINDS:
             raise ValueError(f"evidence must be one of {', '.join(EVIDENCE_KINDS)}, got {evidence!r}")
         if evidence == "votes" and clip is not None:
@@ -559,6 +590,7 @@ class LocalDoubleMasking(PeerCertifier):
         self.evidence_kind = evidence
         self.k = k
         self.exact_margin = bool(exact_margin)
+        self.mask_patch_size = None if mask_patch_size is None else parse_patch_size(mask_patch_size)
         self.batch_size = batch_size
         self.name = f"double-masking-{evidence}"
         if kk is not None:
@@ -579,14 +611,18 @@ class LocalDoubleMasking(PeerCertifier):
         return z.clamp(min=self.clip[0], max=self.clip[1])
 
     def mask_set(self, geometry: Geometry, image_size, patch_size) -> FeatureMaskSet:
-        return feature_mask_set(geometry, image_size, patch_size, self.k)
+        """The mask set used against ``patch_size`` (built for ``mask_patch_size`` when that is set)."""
+        ms = feature_mask_set(geometry, image_size, self.mask_patch_size or patch_size, self.k)
+        if self.mask_patch_size is not None:
+            check_coverage(ms, geometry, image_size, patch_size)
+        return ms
 
     def certify_evidence(self, evidence: torch.Tensor, labels, geometry: Geometry, image_size, patch_size) -> CertResult:
         """:func:`double_masking_certify_evidence` with this certifier's settings, for an ``evidence`` map made by
         :meth:`evidence` (one forward pass serves every patch size)."""
         bound = None if self.clip is None else max(abs(self.clip[0]), abs(self.clip[1]))
         return double_masking_certify_evidence(evidence, labels, geometry, image_size, patch_size, k=self.k,
-                                               clip_bound=bound, exact_margin=self.exact_margin, name=self.name)
+                                               mask_patch_size=self.mask_patch_size, clip_bound=bound, exact_margin=self.exact_margin, name=self.name)
 
     @torch.no_grad()
     def certify(self, model, images: torch.Tensor, labels, patch_size) -> CertResult:
