@@ -376,10 +376,9 @@ def _predict(u: torch.Tensor, ms: FeatureMaskSet, exact: bool):
     R = V.shape[0]
     md = _disjoint_max(V.reshape(R * C, M), nr, nc, t).view(R, C, M)
     cls = torch.arange(C, device=u.device)
-    adj = (cls[None, :] > labs[:, None]).to(u.dtype)  # ties: c > t may tie, c < t must lose
-    worst = D0[:, :, None] - V - md + adj[:, :, None]  # [R, C, M] the worst disjoint pair of each m1, per c
-    worst.scatter_(1, labs.view(-1, 1, 1).expand(-1, 1, M), float("inf"))
-    ok_disj = worst.amin(dim=1) > 0  # [R, M]
+    worst = D0[:, :, None] - V - md  # [R, C, M] count_t - count_c of the worst disjoint pair of each m1
+    # argmax ties go to the lower class: c > t may tie with t, c < t must lose (c = t: D0 = V = 0, passes)
+    ok_disj = torch.where((cls[None, :] >= labs[:, None])[:, :, None], worst >= 0, worst > 0).all(dim=1)  # [R, M]
     cand = ok_disj & (one[n_idx] == labs[:, None])  # masks predicting the label whose disjoint rounds agree
     ri, mi = torch.nonzero(cand, as_tuple=True)
     if ri.numel():
