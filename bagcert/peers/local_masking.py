@@ -8,7 +8,8 @@ Re-derived here for any bagcert model and its exact receptive-field geometry.
 
 Evidence. ``u[c, l]`` for class c at location l of the ``h x w`` map: the votes ``1[z[c, l] > 0]``
 (``evidence="votes"``, exact integer arithmetic) or the clipped local logits ``clip(z[c, l], low, high)``
-(``evidence="logits"``, float64; the clip must be finite, see "Floats" below). Class evidence outside a set A of
+(``evidence="logits"``, float64; the clip must be finite, see "Ties" below; it may be negative: nothing here
+needs non-negative evidence). Class evidence outside a set A of
 locations: ``count_c(not A) = T_c - sum_{l in A} u[c, l]`` with ``T_c = sum_l u[c, l]``. Prediction from counts:
 argmax, ties to the lower class index (as everywhere in bagcert).
 
@@ -284,10 +285,7 @@ def _tables(ms: FeatureMaskSet, device: str) -> _Tables:
 
 def _integral_flat(x: torch.Tensor) -> torch.Tensor:
     """[..., h, w] -> [..., (h + 1) (w + 1)] integral image, zero first row / column."""
-    h, w = x.shape[-2:]
-    S = torch.zeros(*x.shape[:-2], h + 1, w + 1, dtype=x.dtype, device=x.device)
-    S[..., 1:, 1:] = x.cumsum(-2).cumsum(-1)
-    return S.flatten(-2)
+    return _integral(x).flatten(-2)
 
 
 def _win(S: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
@@ -299,17 +297,30 @@ def _win(S: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     return out.reshape(*S.shape[:-1], *shape)
 
 
-def _grid_windows(x: torch.Tensor, ms: FeatureMaskSet) -> torch.Tensor:
-    """Sum of x [..., h, w] over every mask of ``ms`` -> [..., M], separably from a 2-D cumulative sum."""
+def _integral(x: torch.Tensor) -> torch.Tensor:
+    """[..., h, w] -> [..., h + 1, w + 1] integral image with a zero first row / column."""
     h, w = x.shape[-2:]
-    mh, mw = ms.mask_size
     S = torch.zeros(*x.shape[:-2], h + 1, w + 1, dtype=x.dtype, device=x.device)
     S[..., 1:, 1:] = x.cumsum(-2).cumsum(-1)
-    rs = torch.tensor(ms.row_starts, device=x.device)
-    cs = torch.tensor(ms.col_starts, device=x.device)
-    Rr = S.index_select(-2, rs + mh) - S.index_select(-2, rs)  # [..., nr, w + 1]
-    out = Rr.index_select(-1, cs + mw) - Rr.index_select(-1, cs)  # [..., nr, nc]
-    return out.flatten(-2)
+    return S
+
+
+def _axis_diff(S: torch.Tensor, dim: int, starts: tuple, m: int) -> torch.Tensor:
+    """S[start + m] - S[start] along ``dim`` for every start: slices for consecutive starts, else index_select."""
+    n = len(starts)
+    if starts == tuple(range(starts[0], starts[0] + n)):
+        return S.narrow(dim, starts[0] + m, n) - S.narrow(dim, starts[0], n)
+    st = torch.tensor(starts, device=S.device)
+    return S.index_select(dim, st + m) - S.index_select(dim, st)
+
+
+def _grid_windows(x: torch.Tensor, ms: FeatureMaskSet, S: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of x [..., h, w] over every mask of ``ms`` -> [..., M], separably from a 2-D cumulative sum
+    (``S``: the integral image of x, when already made)."""
+    if S is None:
+        S = _integral(x)
+    Rr = _axis_diff(S, S.dim() - 2, ms.row_starts, ms.mask_size[0])  # [..., nr, w + 1]
+    return _axis_diff(Rr, Rr.dim() - 1, ms.col_starts, ms.mask_size[1]).flatten(-2)  # [..., nr * nc]
 
 
 def _disjoint_max(V: torch.Tensor, nr: int, nc: int, t: _Tables) -> torch.Tensor:
@@ -332,7 +343,17 @@ def _disjoint_max(V: torch.Tensor, nr: int, nc: int, t: _Tables) -> torch.Tensor
 # the defended prediction
 # ------------------------------------------------------------------------------------------------
 def _argmax_tie_low(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x.argmax(dim=dim)  # torch returns the first maximum: ties to the lower index
+    """argmax along ``dim``, ties to the lower index. For few classes along a non-last dim a running maximum
+    (strict ``>``, so the first maximum stays) is faster than a strided reduction."""
+    if dim == x.dim() - 1 or x.shape[dim] > 32:
+        return x.argmax(dim=dim)  # torch returns the first maximum
+    best = x.select(dim, 0)
+    idx = torch.zeros(best.shape, dtype=torch.long, device=x.device)
+    for c in range(1, x.shape[dim]):
+        xc = x.select(dim, c)
+        idx = torch.where(xc > best, c, idx)
+        best = torch.maximum(best, xc)
+    return idx
 
 
 def _prepare(evidence: torch.Tensor, exact: bool | None = None):
@@ -351,8 +372,9 @@ def _predict(u: torch.Tensor, ms: FeatureMaskSet, exact: bool):
     t = _tables(ms, str(u.device))
     nr, nc = len(ms.row_starts), len(ms.col_starts)
     M = nr * nc
-    S = _integral_flat(u)  # [N, C, L]
-    W = _grid_windows(u, ms)  # [N, C, M]
+    S2 = _integral(u)
+    W = _grid_windows(u, ms, S2)  # [N, C, M]
+    S = S2.flatten(-2)  # [N, C, L]
     T = S[..., -1]  # [N, C]
     one = _argmax_tie_low(T[:, :, None] - W, dim=1)  # [N, M] first-round predictions
     hist = torch.zeros(N, C, dtype=torch.long, device=u.device).scatter_add_(1, one, torch.ones_like(one))
@@ -488,7 +510,7 @@ def double_masking_certify_evidence(
     if not exact:
         if clip_bound is None or not math.isfinite(clip_bound):
             raise ValueError("float evidence needs a finite clip_bound (the largest |value| a patch can write): clip the "
-                             "local logits, e.g. evidence='logits' with clip=(0, 1)")
+                             "local logits, e.g. LocalDoubleMasking(evidence='logits', clip=(-1, 1))")
         if float(u.abs().max()) > clip_bound:
             raise ValueError(f"evidence exceeds clip_bound {clip_bound}")
     pred, S, Wm, T, t = _predict(u, ms, exact)
@@ -555,9 +577,9 @@ class LocalDoubleMasking(PeerCertifier):
     Args:
         evidence: ``"votes"`` (default): ``1[local logit > 0]``, exact integer counts; ``"logits"``: the local
             logits clipped into ``clip``.
-        clip: ``(low, high)`` finite, low < high; only with ``evidence="logits"`` (default ``(0, 1)``). Any
-            bounded evidence is sound (the certificate removes the patch's evidence instead of bounding it); the
-            bound only sets the float tolerance.
+        clip: ``(low, high)`` finite, low < high; only with ``evidence="logits"`` (default ``(-1, 1)``). Any
+            bounded evidence is sound, negative values included (the certificate removes the patch's evidence
+            instead of bounding it); the bound only sets the float tolerance.
         k: None (default: every window of the largest affected set, stride 1) or masks per axis (int or
             (rows, cols)): PatchCleanser's larger strided masks on the map.
         exact_margin: see :func:`double_masking_certify_evidence`.
@@ -579,7 +601,7 @@ class LocalDoubleMasking(PeerCertifier):
         if evidence == "votes" and clip is not None:
             raise ValueError(f"clip applies to evidence='logits' only; votes are already {{0, 1}} (got clip={clip!r})")
         if evidence == "logits":
-            low, high = (0.0, 1.0) if clip is None else clip
+            low, high = (-1.0, 1.0) if clip is None else clip
             if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)) or not low < high:
                 raise ValueError(f"clip must be a finite (low, high) with low < high, got {clip!r}")
             self.clip = (float(low), float(high))
