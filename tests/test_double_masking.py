@@ -51,10 +51,11 @@ def naive(u: torch.Tensor, ms):
     return pred, (table == pred.view(-1, 1, 1)).flatten(1).all(dim=1), margin, table
 
 
-def random_votes(n, C, shape, seed):
-    """Binary vote maps (many exact ties): class rates drawn per sample, one class favoured in half of them."""
+def random_votes(n, C, shape, seed, spread=0.6):
+    """Binary vote maps (many exact ties): class rates drawn per sample, one class favoured in half of them
+    (the other classes' rates in [0.1, 0.1 + spread])."""
     g = torch.Generator().manual_seed(seed)
-    rate = torch.rand(n, C, 1, 1, generator=g) * 0.6 + 0.1
+    rate = torch.rand(n, C, 1, 1, generator=g) * spread + 0.1
     rate[: n // 2, 0] = 0.85
     return (torch.rand(n, C, *shape, generator=g) < rate).float()
 
@@ -82,7 +83,8 @@ def test_efficient_certificate_equals_every_pair_enumerated(case):
     ms = feature_mask_set(geom, image_size, patch, k)
     seen_step2 = 0
     for C in (2, 3, 4):
-        u = plant_patches(random_votes(24, C, (h, w), seed=10 * case + C), ms.footprint, seed=case)
+        u = torch.cat([plant_patches(random_votes(24, C, (h, w), seed=10 * case + C), ms.footprint, seed=case),
+                       plant_patches(random_votes(8, C, (h, w), seed=20 + case, spread=0.1), ms.footprint, seed=case)])
         pred, cert, margin, table = naive(u, ms)
         exact = double_masking_certify_evidence(u, None, geom, image_size, patch, k=k, exact_margin=True)
         fast = double_masking_certify_evidence(u, None, geom, image_size, patch, k=k)

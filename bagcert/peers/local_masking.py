@@ -366,7 +366,7 @@ def _prepare(evidence: torch.Tensor, exact: bool | None = None):
     return evidence.to(dt), exact
 
 
-def _predict(u: torch.Tensor, ms: FeatureMaskSet, exact: bool):
+def _predict(u: torch.Tensor, ms: FeatureMaskSet):
     """Returns (prediction [N], integral S [N, C, L], window sums W [N, C, M], totals T [N, C], tables)."""
     N, C, h, w = u.shape
     t = _tables(ms, str(u.device))
@@ -402,28 +402,39 @@ def _predict(u: torch.Tensor, ms: FeatureMaskSet, exact: bool):
     # argmax ties go to the lower class: c > t may tie with t, c < t must lose (c = t: D0 = V = 0, passes)
     ok_disj = torch.where((cls[None, :] >= labs[:, None])[:, :, None], worst >= 0, worst > 0).all(dim=1)  # [R, M]
     cand = ok_disj & (one[n_idx] == labs[:, None])  # masks predicting the label whose disjoint rounds agree
-    ri, mi = torch.nonzero(cand, as_tuple=True)
+    if not bool(cand.any()):
+        return pred, S, W, T, t
+    # overlapping neighbours. A sure failure first: count_t - count_c = Δ - V(m1) - V(m2) + V(m1 ∩ m2)
+    # <= Δ - V(m1) + P(m1) - V(m2) (as V(m1 ∩ m2) <= P(m1), the positive part of u_t - u_c summed over m1); if that
+    # is below the tie rule's threshold for the best m2 near m1, m1's second round disagrees. The rest are
+    # evaluated exactly on their neighbourhood.
+    live = torch.nonzero(cand.any(dim=1)).flatten()
+    d = u[n_idx[live]].gather(1, labs[live].view(-1, 1, 1, 1).expand(-1, 1, h, w)) - u[n_idx[live]]
+    Pm = _grid_windows(d.clamp(min=0), ms)  # [R', C, M]
+    kr, kc = t.reach
+    near = F.max_pool2d(V[live].reshape(-1, 1, nr, nc), (2 * kr + 1, 1), stride=1, padding=(kr, 0))
+    near = F.max_pool2d(near, (1, 2 * kc + 1), stride=1, padding=(0, kc)).reshape(len(live), C, M)
+    ub = D0[live][:, :, None] - V[live] + Pm - near
+    fail = torch.where((cls[None, :] >= labs[live][:, None])[:, :, None], ub < 0, ub <= 0).any(dim=1)  # [R', M]
+    rest = cand.clone()
+    rest[live] &= ~fail
+    ri, mi = torch.nonzero(rest, as_tuple=True)
     if ri.numel():
         n_c, lab_c = n_idx[ri], labs[ri]
+        Wp = W.transpose(1, 2)  # [N, M, C]
+        Sp = S.transpose(1, 2)  # [N, L, C]
         passed = torch.zeros(ri.numel(), dtype=torch.bool, device=u.device)
         step = max(1, 4_000_000 // max(1, C * t.nbr.shape[1]))
         for s in range(0, ri.numel(), step):
-            sl = slice(s, s + step)
-            nb = t.nbr[mi[sl]]  # [k, K]
-            inter = _win_rows(S[n_c[sl]], t.nbr_corners[:, mi[sl]])  # [k, C, K]
-            counts = (T[n_c[sl]][:, :, None] - W[n_c[sl]].gather(2, mi[sl].view(-1, 1, 1).expand(-1, C, 1))
-                      - W[n_c[sl]].gather(2, nb[:, None, :].expand(-1, C, -1)) + inter)
-            passed[sl] = (_argmax_tie_low(counts, dim=1) == lab_c[sl][:, None]).all(dim=1)
+            n, m1 = n_c[s : s + step], mi[s : s + step]
+            nb, cor = t.nbr[m1], t.nbr_corners[:, m1]  # [k, K], [4, k, K]
+            nn = n[:, None]
+            inter = Sp[nn, cor[0]] - Sp[nn, cor[1]] - Sp[nn, cor[2]] + Sp[nn, cor[3]]  # [k, K, C]
+            counts = T[n][:, None, :] - Wp[n, m1][:, None, :] - Wp[nn, nb] + inter
+            passed[s : s + step] = (counts.argmax(dim=2) == lab_c[s : s + step][:, None]).all(dim=1)
         if passed.any():
-            pred[n_c[passed]] = lab_c[passed]  # all passing masks of a sample carry the same label
+            pred[n_c[passed]] = lab_c[passed]
     return pred, S, W, T, t
-
-
-def _win_rows(S: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """Per-row windows: S [k, C, L], corners [4, k, K] -> [k, C, K]."""
-    k, C, _ = S.shape
-    g = [S.gather(2, corners[i][:, None, :].expand(k, C, -1)) for i in range(4)]
-    return g[0] - g[1] - g[2] + g[3]
 
 
 def _check_evidence(evidence, geometry, image_size, patch_size):
@@ -454,7 +465,7 @@ def double_masking_predict(evidence: torch.Tensor, mask_set: FeatureMaskSet) -> 
         got = tuple(evidence.shape) if isinstance(evidence, torch.Tensor) else type(evidence).__name__
         raise ValueError(f"evidence must be [N, C, {mask_set.grid[0]}, {mask_set.grid[1]}] for this mask set, got {got}")
     u, exact = _prepare(evidence)
-    return _predict(u, mask_set, exact)[0]
+    return _predict(u, mask_set)[0]
 
 
 @torch.no_grad()
@@ -513,7 +524,7 @@ def double_masking_certify_evidence(
                              "local logits, e.g. LocalDoubleMasking(evidence='logits', clip=(-1, 1))")
         if float(u.abs().max()) > clip_bound:
             raise ValueError(f"evidence exceeds clip_bound {clip_bound}")
-    pred, S, Wm, T, t = _predict(u, ms, exact)
+    pred, S, Wm, T, t = _predict(u, ms)
     cert, margin = _certify(u, S, Wm, T, t, ms, pred, exact, exact_margin)
     if exact:
         margin = margin.round().long()
@@ -540,16 +551,21 @@ def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_m
     one = (D0 + adj - V).amin(dim=1)
     disj = (D0 + adj - V - _disjoint_max(V, nr, nc, t)).amin(dim=1)
     row_min = torch.minimum(one, disj)  # [N C]
-    # overlapping pairs: count_y - count_c = Δ - V(m1) - V(m2) + V(m1 ∩ m2) >= Δ - P(m1) - max_{m2 near m1} V(m2)
+    # overlapping pairs: count_y - count_c = Δ - V(m1) - V(m2) + V(m1 ∩ m2) >= Δ - P(m1) - max_{m2 near m1} V(m2),
+    # with P(m1) the positive part of u_y - u_c summed over m1 (V(m1) - V(m1 ∩ m2) = V(m1 \ m2) <= P(m1))
     if t.pair_m1.numel():
         d = u.gather(1, y.view(N, 1, 1, 1).expand(N, 1, h, w)) - u  # [N, C, h, w]
         P = _grid_windows(d.clamp(min=0), ms).reshape(N * C, M)
         kr, kc = t.reach
-        # box maximum over the overlap neighbourhood, separably (rows, then columns); the padding counts as -inf
-        near = F.max_pool2d(V.view(N * C, 1, nr, nc), (2 * kr + 1, 1), stride=1, padding=(kr, 0))
-        near = F.max_pool2d(near, (1, 2 * kc + 1), stride=1, padding=(0, kc)).reshape(N * C, M)
-        bound = (D0 + adj - P - near).amin(dim=1)
-        decided = (bound > 0) | (row_min <= 0)  # the bound certifies the row, or the row already fails
+
+        def near(X):  # box maximum over the overlap neighbourhood, separably; the padding counts as -inf
+            X = F.max_pool2d(X.view(N * C, 1, nr, nc), (2 * kr + 1, 1), stride=1, padding=(kr, 0))
+            return F.max_pool2d(X, (1, 2 * kc + 1), stride=1, padding=(0, kc)).reshape(N * C, M)
+
+        bound = (D0 + adj - P - near(V)).amin(dim=1)
+        fails = torch.where(competitor, row_min, torch.full_like(row_min, float("inf"))).view(N, C).amin(1) <= 0
+        # the bound settles the row, or the sample is already refused by one mask or a disjoint pair
+        decided = (bound > 0) | fails.repeat_interleave(C)
         need = competitor & ~decided if not exact_margin else competitor
         ov = bound.clone()
         rows = torch.nonzero(need).flatten()
