@@ -323,6 +323,27 @@ def _grid_windows(x: torch.Tensor, ms: FeatureMaskSet, S: torch.Tensor | None = 
     return _axis_diff(Rr, Rr.dim() - 1, ms.col_starts, ms.mask_size[1]).flatten(-2)  # [..., nr * nc]
 
 
+def _sliding_max(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """Maximum of every window of n consecutive entries along ``dim`` (length L -> L - n + 1), in about log2(n)
+    elementwise maxima (windows of doubling length, then two overlapping ones)."""
+    p, w = x, 1
+    while 2 * w <= n:
+        L = p.shape[dim]
+        p = torch.maximum(p.narrow(dim, 0, L - w), p.narrow(dim, w, L - w))  # p[i] = max x[i : i + 2w]
+        w *= 2
+    out = x.shape[dim] - n + 1
+    return torch.maximum(p.narrow(dim, 0, out), p.narrow(dim, n - w, out))
+
+
+def _near_max(X: torch.Tensor, nr: int, nc: int, reach: tuple[int, int]) -> torch.Tensor:
+    """max of X [..., M] over the masks within ``reach`` (index distance per axis) of every mask -> [..., M]."""
+    kr, kc = reach
+    Y = X.reshape(*X.shape[:-1], nr, nc)
+    Y = _sliding_max(F.pad(Y, (0, 0, kr, kr), value=_NEG), 2 * kr + 1, Y.dim() - 2)
+    Y = _sliding_max(F.pad(Y, (kc, kc), value=_NEG), 2 * kc + 1, Y.dim() - 1)
+    return Y.reshape(X.shape)
+
+
 def _disjoint_max(V: torch.Tensor, nr: int, nc: int, t: _Tables) -> torch.Tensor:
     """max over masks m2 disjoint from m1 of V(m2), for every m1: V [R, M] -> [R, M] (-inf where none)."""
     R = V.shape[0]
@@ -411,10 +432,7 @@ def _predict(u: torch.Tensor, ms: FeatureMaskSet):
     live = torch.nonzero(cand.any(dim=1)).flatten()
     d = u[n_idx[live]].gather(1, labs[live].view(-1, 1, 1, 1).expand(-1, 1, h, w)) - u[n_idx[live]]
     Pm = _grid_windows(d.clamp(min=0), ms)  # [R', C, M]
-    kr, kc = t.reach
-    near = F.max_pool2d(V[live].reshape(-1, 1, nr, nc), (2 * kr + 1, 1), stride=1, padding=(kr, 0))
-    near = F.max_pool2d(near, (1, 2 * kc + 1), stride=1, padding=(0, kc)).reshape(len(live), C, M)
-    ub = D0[live][:, :, None] - V[live] + Pm - near
+    ub = D0[live][:, :, None] - V[live] + Pm - _near_max(V[live], nr, nc, t.reach)
     fail = torch.where((cls[None, :] >= labs[live][:, None])[:, :, None], ub < 0, ub <= 0).any(dim=1)  # [R', M]
     rest = cand.clone()
     rest[live] &= ~fail
@@ -556,13 +574,7 @@ def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_m
     if t.pair_m1.numel():
         d = u.gather(1, y.view(N, 1, 1, 1).expand(N, 1, h, w)) - u  # [N, C, h, w]
         P = _grid_windows(d.clamp(min=0), ms).reshape(N * C, M)
-        kr, kc = t.reach
-
-        def near(X):  # box maximum over the overlap neighbourhood, separably; the padding counts as -inf
-            X = F.max_pool2d(X.view(N * C, 1, nr, nc), (2 * kr + 1, 1), stride=1, padding=(kr, 0))
-            return F.max_pool2d(X, (1, 2 * kc + 1), stride=1, padding=(0, kc)).reshape(N * C, M)
-
-        bound = (D0 + adj - P - near(V)).amin(dim=1)
+        bound = (D0 + adj - P - _near_max(V, nr, nc, t.reach)).amin(dim=1)
         fails = torch.where(competitor, row_min, torch.full_like(row_min, float("inf"))).view(N, C).amin(1) <= 0
         # the bound settles the row, or the sample is already refused by one mask or a disjoint pair
         decided = (bound > 0) | fails.repeat_interleave(C)
