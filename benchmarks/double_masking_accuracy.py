@@ -6,7 +6,9 @@ One forward pass per image serves all of them. Optional variants: double masking
 certificate on the first ``--adversary-images`` images it certifies: for every distinct affected set R(p) of the
 patch and every class c other than the prediction y, the votes inside R(p) are rewritten (y's removed, c's set;
 and every class but y set), and the double-masking prediction of the rewritten map is computed; a certified image
-whose prediction changes is a soundness bug (exit status 1).
+whose prediction changes is a soundness bug (exit status 1). With ``--pgd-images N`` the toolkit's PGD (random and
+certificate-guided positions; it optimises the vote count) also attacks the first N images, and every adversarial
+image is judged by the double-masking prediction: a certified image whose prediction changes is a soundness bug.
 
     python benchmarks/double_masking_accuracy.py --dataset ../shared/data/cifar10 --num-images 500 --threads 2 \
         --output docs/results/double_masking_accuracy.json
@@ -48,8 +50,9 @@ def feature_space_check(votes, pred, certified, geometry, image_size, patch, mas
                 m[r0 : r1 + 1, c0 : c1 + 1] = True
                 regions.append(m)
     R = torch.stack(regions)  # [P, h, w]
-    broken = 0
+    broken = 0  # certified images whose prediction some rewrite changed
     for i in idx.tolist():
+        changed = False
         y = int(pred[i])
         patterns = []
         for c in range(C):  # c's votes set and y's removed; c == y: every class but y set
@@ -62,7 +65,8 @@ def feature_space_check(votes, pred, certified, geometry, image_size, patch, mas
             Rs = R[s : s + 64]
             attacked = torch.where(Rs[:, None, None], pats[None, :, :, None, None], votes[i][None, None])  # [p, C, C, h, w]
             after = double_masking_predict(attacked.flatten(0, 1), mask_set)
-            broken += int((after != y).any())
+            changed |= bool((after != y).any())
+        broken += int(changed)
     return len(idx), broken
 
 
@@ -76,6 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, action="append", default=[], help="also double masking with k masks per axis")
     p.add_argument("--logit-clips", default="", help="also double masking of clipped logits, e.g. '0:1,-1:1'")
     p.add_argument("--adversary-images", type=int, default=20)
+    p.add_argument("--pgd-images", type=int, default=0)
+    p.add_argument("--pgd-steps", type=int, default=20)
+    p.add_argument("--pgd-locations", type=int, default=10)
     p.add_argument("--threads", type=int)
     p.add_argument("--output")
     args = p.parse_args(argv)
@@ -115,15 +122,33 @@ def main(argv=None) -> int:
     checked, broken = feature_space_check(votes, dm_res.prediction, dm_res.certified, model.geometry, (H, W), size,
                                           certifiers["double-masking-votes"].mask_set(model.geometry, (H, W), size),
                                           args.adversary_images)
+    pgd, pgd_broken = None, 0
+    if args.pgd_images:
+        from bagcert.empirical import build_attack, evaluate_empirical
+
+        k = args.pgd_images
+        x = data.images[index[:k]].float() / 255
+        attacks = {a: build_attack(a, size, steps=args.pgd_steps, locations=args.pgd_locations) for a in ("pgd", "pgd-adaptive")}
+        emp = evaluate_empirical(model, x, y[:k], size, attacks)  # raises SoundnessError if a vote certificate breaks
+        dm = certifiers["double-masking-votes"]
+        ok = dm_res.certified[:k] & dm_res.correct[:k]
+        pgd = {"images": k, "steps": args.pgd_steps, "locations": args.pgd_locations, "certified_correct": int(ok.sum())}
+        for a, r in emp.results.items():
+            after = dm.predict(model, r.adv_images, size)
+            pgd[a] = {"double_masking_robust": float(((after == y[:k]) & dm_res.correct[:k]).float().mean()),
+                      "vote_count_robust": float((r.predictions == y[:k]).float().mean()),
+                      "certified_broken": int((ok & (after != y[:k])).sum())}
+            pgd_broken += pgd[a]["certified_broken"]
     doc = {"checkpoint": args.checkpoint, "dataset": args.dataset, "num_images": len(y), "patch_size": list(size),
-           "results": rows, "feature_space_check": {"images": checked, "broken": broken},
+           "results": rows, "feature_space_check": {"images": checked, "broken": broken}, "pgd_check": pgd,
            "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(doc, indent=1))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.output, json.dumps(doc, indent=1) + "\n")
-    if broken:
-        print(f"SOUNDNESS BUG: {broken} double-masking certificates broken in feature space", file=sys.stderr)
+    if broken or pgd_broken:
+        print(f"SOUNDNESS BUG: double-masking certificates broken ({broken} in feature space, {pgd_broken} by PGD)",
+              file=sys.stderr)
         return 1
     return 0
 
