@@ -102,6 +102,7 @@ __all__ = [
 
 EVIDENCE_KINDS = ("votes", "logits")
 _NEG = float("-inf")
+_CHUNK = 1 << 24  # elements of the largest [samples or rows, C, M] intermediate; larger inputs are chunked
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,8 +410,19 @@ def _predict(u: torch.Tensor, ms: FeatureMaskSet):
     # rounds of every mask at once; then the overlapping neighbours of the masks that survive.
     present = torch.zeros(len(todo), C, dtype=torch.bool, device=u.device)
     present.scatter_(1, one[todo], dis[todo])
-    rs, labs = torch.nonzero(present, as_tuple=True)  # rows (sample in todo, target label)
-    n_idx = todo[rs]
+    rs, labs_all = torch.nonzero(present, as_tuple=True)  # rows (sample in todo, target label)
+    step = max(1, _CHUNK // (C * max(M, h * w)))
+    for s0 in range(0, rs.numel(), step):  # bounded memory: rows are [C, M] each
+        _second_round(u, S, W, T, t, ms, todo[rs[s0 : s0 + step]], labs_all[s0 : s0 + step], one, pred)
+    return pred, S, W, T, t
+
+
+def _second_round(u, S, W, T, t: _Tables, ms: FeatureMaskSet, n_idx, labs, one, pred) -> None:
+    """Step 2 for the rows (sample ``n_idx``, label ``labs``): set ``pred`` of every sample that has a mask with
+    that one-mask label whose whole second round agrees with it."""
+    N, C, h, w = u.shape
+    nr, nc = len(ms.row_starts), len(ms.col_starts)
+    M = nr * nc
     Wn, Tn = W[n_idx], T[n_idx]  # [R, C, M], [R, C]
     Wt = Wn.gather(1, labs.view(-1, 1, 1).expand(-1, 1, M))  # [R, 1, M]
     Tt = Tn.gather(1, labs.view(-1, 1))  # [R, 1]
@@ -424,7 +436,7 @@ def _predict(u: torch.Tensor, ms: FeatureMaskSet):
     ok_disj = torch.where((cls[None, :] >= labs[:, None])[:, :, None], worst >= 0, worst > 0).all(dim=1)  # [R, M]
     cand = ok_disj & (one[n_idx] == labs[:, None])  # masks predicting the label whose disjoint rounds agree
     if not bool(cand.any()):
-        return pred, S, W, T, t
+        return
     # overlapping neighbours. A sure failure first: count_t - count_c = Δ - V(m1) - V(m2) + V(m1 ∩ m2)
     # <= Δ - V(m1) + P(m1) - V(m2) (as V(m1 ∩ m2) <= P(m1), the positive part of u_t - u_c summed over m1); if that
     # is below the tie rule's threshold for the best m2 near m1, m1's second round disagrees. The rest are
@@ -451,8 +463,7 @@ def _predict(u: torch.Tensor, ms: FeatureMaskSet):
             counts = T[n][:, None, :] - Wp[n, m1][:, None, :] - Wp[nn, nb] + inter
             passed[s : s + step] = (counts.argmax(dim=2) == lab_c[s : s + step][:, None]).all(dim=1)
         if passed.any():
-            pred[n_c[passed]] = lab_c[passed]
-    return pred, S, W, T, t
+            pred[n_c[passed]] = lab_c[passed]  # all passing masks of a sample carry the same label
 
 
 def _check_evidence(evidence, geometry, image_size, patch_size):
@@ -482,8 +493,10 @@ def double_masking_predict(evidence: torch.Tensor, mask_set: FeatureMaskSet) -> 
     if not isinstance(evidence, torch.Tensor) or evidence.dim() != 4 or tuple(evidence.shape[-2:]) != mask_set.grid:
         got = tuple(evidence.shape) if isinstance(evidence, torch.Tensor) else type(evidence).__name__
         raise ValueError(f"evidence must be [N, C, {mask_set.grid[0]}, {mask_set.grid[1]}] for this mask set, got {got}")
-    u, exact = _prepare(evidence)
-    return _predict(u, mask_set)[0]
+    u, _ = _prepare(evidence)
+    N, C = u.shape[:2]
+    step = max(1, _CHUNK // (C * max(mask_set.num_masks, u.shape[-2] * u.shape[-1])))
+    return torch.cat([_predict(u[s : s + step], mask_set)[0] for s in range(0, N, step)])
 
 
 @torch.no_grad()
@@ -542,19 +555,26 @@ def double_masking_certify_evidence(
                              "local logits, e.g. LocalDoubleMasking(evidence='logits', clip=(-1, 1))")
         if float(u.abs().max()) > clip_bound:
             raise ValueError(f"evidence exceeds clip_bound {clip_bound}")
-    pred, S, Wm, T, t = _predict(u, ms)
-    cert, margin = _certify(u, S, Wm, T, t, ms, pred, exact, exact_margin)
+    step = max(1, _CHUNK // (C * max(ms.num_masks, h * w)))  # bounded memory for many classes (ImageNet)
+    preds, margins = [], []
+    for s0 in range(0, N, step):
+        uc = u[s0 : s0 + step]
+        pred_c, S, Wm, T, t = _predict(uc, ms)
+        margins.append(_certify(uc, S, Wm, T, t, ms, pred_c, exact, exact_margin))
+        preds.append(pred_c)
+    pred, margin = torch.cat(preds), torch.cat(margins)
     if exact:
         margin = margin.round().long()
         certified = margin > 0
     else:
         tol = 1e-9 * max(1.0, h * w * float(clip_bound))
-        certified = cert & (margin > tol)
+        certified = margin > tol
     return make_result(pred, labels, certified, margin, (ph, pw), name)
 
 
-def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_margin: bool):
-    """(all-pairs-agree flag [N], margin [N]) for the prediction y."""
+def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_margin: bool) -> torch.Tensor:
+    """The margin [N] of the prediction y over every mask pair (tie-adjusted for exact evidence; > 0 iff every
+    two-mask prediction is y)."""
     N, C, h, w = u.shape
     nr, nc = len(ms.row_starts), len(ms.col_starts)
     M = nr * nc
@@ -592,8 +612,7 @@ def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_m
                 ov[r] = val.amin(dim=1)
         row_min = torch.minimum(row_min, ov)
     row_min = torch.where(competitor, row_min, torch.full_like(row_min, float("inf")))
-    margin = row_min.view(N, C).amin(dim=1)
-    return margin > 0, margin
+    return row_min.view(N, C).amin(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------
