@@ -42,7 +42,7 @@ Defended prediction (PatchCleanser's Algorithm 1, the double-masking inference):
 Certificate (two-mask correctness). Certified iff ``argmax count(m1, m2) = y`` for every pair (m1, m2), m1 = m2
 included, where y is the prediction above (then every one-mask prediction is y, so step 1 returns y).
 Soundness, following PatchCleanser's proof: let a patch at p change the map into u'; only locations in R(p)
-change, and some mask m* contains R(p). Every count that removes m* is unchanged: ``count'(m*, m) = count(m*, m)``
+change (nothing changes when R(p) is empty), and some mask m* contains R(p). Every count that removes m* is unchanged: ``count'(m*, m) = count(m*, m)``
 for every m (and ``count'(m*) = count(m*)``), because the union of the masks holds every changed location.
   (i)  ŷ'_m* = y.
   (ii) A mask m1 with ŷ'_m1 != y is never returned in step 2: its second round contains
@@ -68,10 +68,13 @@ Efficiency (one pass, then per image ~M^2 / 2 pairs, 166k for M = 576, but never
     suffix running maximum of the per-row (per-column) maxima;
   * overlapping pairs: a bound first, ``count_y - count_c >= Δ_c - P_c(m1) - max_{m2 near m1} V_c(m2)`` with
     ``P_c(m1)`` the positive part of ``u_y - u_c`` summed over m1 (because ``V(m1) - V(m1 ∩ m2) <= P(m1)``), the
-    maximum a max-pool over the overlap neighbourhood; only (sample, class) rows the bound cannot decide are
+    maximum a sliding maximum over the overlap neighbourhood (index distance below the overlap reach); only (sample, class) rows the bound cannot decide are
     evaluated exactly over the precomputed list of overlapping pairs (their intersection windows);
-  * step 2 of the prediction: the same disjoint-pair reduction per disagreeing label, then the overlap
-    neighbourhood of the surviving disagreeing masks only.
+  * step 2 of the prediction: the same disjoint-pair reduction per disagreeing label; an upper bound
+    ``count_t - count_c <= Δ - V(m1) + P(m1) - max_{m2 near m1} V(m2)`` rejects most of the remaining masks;
+    only the rest are evaluated exactly on their overlap neighbourhood;
+  * memory stays bounded (``_CHUNK`` elements per [samples, C, M] intermediate): many classes are certified in
+    chunks of samples.
 With ``exact_margin=True`` every row is evaluated exactly and ``margin`` is the exact smallest two-mask margin;
 by default it is that margin where a row was evaluated exactly and otherwise a lower bound of it (the bound
 that decided the row), so ``margin > 0`` iff certified either way.
