@@ -12,7 +12,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import bagcert
 import certify

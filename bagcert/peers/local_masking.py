@@ -89,7 +89,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..certification import CertResult, window_table
+from ..certification import CertResult
 from ..geometry import Geometry, normalize_image_size, parse_patch_size
 from .base import PeerCertifier, as_classifier, check_images_for_peer, check_labels, make_result
 from .patchcleanser import mask_axis
@@ -249,7 +249,7 @@ def _axis_tables(starts, m):
     return st, lo, hi, ov, reach
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _tables(ms: FeatureMaskSet, device: str) -> _Tables:
     h, w = ms.grid
     mh, mw = ms.mask_size
