@@ -346,3 +346,24 @@ def test_certify_cli_double_masking_refusals_are_one_line(voting_checkpoint, tmp
     assert isinstance(e.value.code, str) and "\n" not in e.value.code
     assert e.value.code.startswith(message), e.value.code
     assert not out.exists()
+
+
+def test_benchmark_scripts_smoke(tmp_path):
+    from conftest import ROOT, load_benchmark
+
+    cost = load_benchmark("double_masking_cost")
+    out = tmp_path / "cost.json"
+    ckpt, samples = str(ROOT / "checkpoints" / "bagcert_cifar10_r5s2_dense.pt"), str(ROOT / "samples" / "cifar10")
+    assert cost.main(["--checkpoint", ckpt, "--dataset", samples, "--num-images", "4", "--batch-size", "2", "--repeats", "1", "--sizes", "3,2x4", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["timings"]) == {f"{k}/{n}" for k in ("votes", "double-masking", "robust-masking") for n in ("one", "many")}
+    assert doc["timings"]["double-masking/many"]["sizes"] == ["3", "2x4"]
+    assert all(r["certify_forward_ratio"] > 1 for r in doc["timings"].values())
+    acc = load_benchmark("double_masking_accuracy")
+    out = tmp_path / "acc.json"
+    assert acc.main(["--checkpoint", ckpt, "--dataset", samples, "--num-images", "6", "--adversary-images", "0",
+                     "--k", "6", "--logit-clips=-1:1", "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"votes (BagCert count)", "double-masking-votes", "patchguard-votes (robust masking)",
+                                   "double-masking-votes-k6", "double-masking-logits clip(-1, 1)"}
+    assert doc["feature_space_check"] == {"images": 0, "broken": 0}
