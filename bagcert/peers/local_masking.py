@@ -558,26 +558,24 @@ def double_masking_certify_evidence(
                              "local logits, e.g. LocalDoubleMasking(evidence='logits', clip=(-1, 1))")
         if float(u.abs().max()) > clip_bound:
             raise ValueError(f"evidence exceeds clip_bound {clip_bound}")
+    tol = 0.0 if exact else 1e-9 * max(1.0, h * w * float(clip_bound))
     step = max(1, _CHUNK // (C * max(ms.num_masks, h * w)))  # bounded memory for many classes (ImageNet)
     preds, margins = [], []
     for s0 in range(0, N, step):
         uc = u[s0 : s0 + step]
         pred_c, S, Wm, T, t = _predict(uc, ms)
-        margins.append(_certify(uc, S, Wm, T, t, ms, pred_c, exact, exact_margin))
+        margins.append(_certify(uc, S, Wm, T, t, ms, pred_c, exact, exact_margin, tol))
         preds.append(pred_c)
     pred, margin = torch.cat(preds), torch.cat(margins)
     if exact:
         margin = margin.round().long()
-        certified = margin > 0
-    else:
-        tol = 1e-9 * max(1.0, h * w * float(clip_bound))
-        certified = margin > tol
+    certified = margin > tol
     return make_result(pred, labels, certified, margin, (ph, pw), name)
 
 
-def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_margin: bool) -> torch.Tensor:
-    """The margin [N] of the prediction y over every mask pair (tie-adjusted for exact evidence; > 0 iff every
-    two-mask prediction is y)."""
+def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_margin: bool, tol: float) -> torch.Tensor:
+    """The margin [N] of the prediction y over every mask pair (tie-adjusted for exact evidence; certified iff
+    > ``tol``), exact where a row is evaluated exactly, else the lower bound that decided the row."""
     N, C, h, w = u.shape
     nr, nc = len(ms.row_starts), len(ms.col_starts)
     M = nr * nc
@@ -598,9 +596,9 @@ def _certify(u, S, W, T, t: _Tables, ms: FeatureMaskSet, y, exact: bool, exact_m
         d = u.gather(1, y.view(N, 1, 1, 1).expand(N, 1, h, w)) - u  # [N, C, h, w]
         P = _grid_windows(d.clamp(min=0), ms).reshape(N * C, M)
         bound = (D0 + adj - P - _near_max(V, nr, nc, t.reach)).amin(dim=1)
-        fails = torch.where(competitor, row_min, torch.full_like(row_min, float("inf"))).view(N, C).amin(1) <= 0
+        fails = torch.where(competitor, row_min, torch.full_like(row_min, float("inf"))).view(N, C).amin(1) <= tol
         # the bound settles the row, or the sample is already refused by one mask or a disjoint pair
-        decided = (bound > 0) | fails.repeat_interleave(C)
+        decided = (bound > tol) | fails.repeat_interleave(C)
         need = competitor & ~decided if not exact_margin else competitor
         ov = bound.clone()
         rows = torch.nonzero(need).flatten()
