@@ -6,7 +6,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .empirical import SoundnessError, evaluate_empirical
 from .geometry import Geometry, parse_patch_size
 from .models import BagModel, InputError, create_model, list_models, load_model_module, register_model
-from .peers import ClippedBagNet, DerandomizedSmoothing, PatchCleanser, PatchGuardMasking
+from .peers import ClippedBagNet, DerandomizedSmoothing, LocalDoubleMasking, PatchCleanser, PatchGuardMasking
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "DerandomizedSmoothing",
     "Geometry",
     "InputError",
+    "LocalDoubleMasking",
     "PatchCleanser",
     "PatchGuardMasking",
     "SoundnessError",
