@@ -122,6 +122,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CPU with AMX, CUDA)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the forward pass and the loss together (one graph with its backward)")
+    g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fused AdamW/Adam kernel (rounding differs in the last bits)")
+    g.add_argument("--eval-amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast in the evaluations during training")
     g.add_argument("--device")
     g.add_argument("--seed", type=int)
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
