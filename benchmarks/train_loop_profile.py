@@ -13,7 +13,8 @@ recipe: one evaluation every ``eval_every`` epochs of the full training set (``-
 CIFAR-10), one checkpoint every ``checkpoint_minutes`` at the measured step time.
 
 Presets (``--variant``; ``+fast`` adds the speed options ``compile_step``, ``fused_optimizer`` and ``eval_amp`` of
-:class:`bagcert.training.TrainConfig`; ``--set key=JSON`` changes any other field):
+:class:`bagcert.training.TrainConfig`, ``+skipinit`` the normalisation-free backbone (a model change, measured for
+accuracy in docs/experiments/2026-12-01-skipinit-compile.md); ``--set key=JSON`` changes any other field):
 
 * ``recipe``: ``train.py``'s defaults (bagcert-cifar10-r5 (v2): ``cifar_bagnet5_s2`` width 128, bf16 autocast,
   channels_last, batch 128, EMA 0.999, evaluation every 2 epochs on 1,000 images);
@@ -62,13 +63,16 @@ def variant_config(name: str, sets: list[str]) -> dict:
     ``+fast``) and ``key=JSON`` overrides."""
     from bagcert.cli.train import RECIPE
 
-    base, _, extra = name.partition("+")
-    if base not in PRESETS or extra not in ("", "fast"):
-        raise SystemExit(f"--variant must be one of {', '.join(PRESETS)}, each optionally with +fast; got {name!r}")
+    base, *extras = name.split("+")
+    if base not in PRESETS or not set(extras) <= {"fast", "skipinit"}:
+        raise SystemExit(f"--variant must be one of {', '.join(PRESETS)}, each optionally with +fast and/or +skipinit; "
+                         f"got {name!r}")
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPE.items()}
-    values.update(PRESETS[base])
-    if extra == "fast":
+    values.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[base].items()})
+    if "fast" in extras:
         values.update(FAST)
+    if "skipinit" in extras:  # no normalisation layers (SkipInit): a model change, see docs/experiments
+        values["model_kwargs"] = {**values["model_kwargs"], "norm": "skipinit"}
     for item in sets:
         key, sep, text = item.partition("=")
         if not sep:
@@ -289,7 +293,7 @@ def child_command(args, variant: str, json_path: str) -> list[str]:
 def compare(args) -> dict:
     """Interleaved rounds of both variants in fresh processes; medians and the ratio of the second to the first."""
     a, b = args.compare
-    runs = {a: [], b: []} if a != b else {a: []}
+    runs: dict[str, list] = {}
     labels = [("A", a, args.baseline_path), ("B", b, None)]
     with tempfile.TemporaryDirectory(prefix="train_loop_compare_") as tmp:
         for r in range(args.rounds):
@@ -304,8 +308,7 @@ def compare(args) -> dict:
                 runs.setdefault(f"{tag}:{variant}", []).append(res)
                 print(f"round {r + 1} {tag} {variant}: loop {res['loop_ms_per_step']:.1f} ms/step, "
                       f"step {res['step_ms']:.1f} ms", flush=True)
-    arms = {k: v for k, v in runs.items() if ":" in k}
-    (ka, ra), (kb, rb) = list(arms.items())[0], list(arms.items())[-1]
+    (ka, ra), (kb, rb) = list(runs.items())
 
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
