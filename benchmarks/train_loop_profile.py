@@ -244,8 +244,11 @@ def profile_once(args, variant: str) -> dict:
     ms["evaluation"] = 1e3 * eval_s / (recipe_eval_every * full_steps_per_epoch)
     ms["checkpoint"] = 1e3 * ckpt_s * (loop_ms / 1e3) / (recipe_ckpt_min * 60)
     total_ms = loop_ms + ms["evaluation"] + ms["checkpoint"]
+    import bagcert
+
     res = {
         "variant": variant,
+        "bagcert": str(Path(bagcert.__file__).resolve().parent),
         "config": {k: v for k, v in values.items() if k not in ("output",)},
         "steps": steps, "warmup_steps": first, "batch": batch,
         "first_steps_seconds": sum(clock.per_step.get("train_step", {}).get(k, 0.0) for k in range(first)),
@@ -306,7 +309,7 @@ def compare(args) -> dict:
                     raise SystemExit(f"{tag} ({variant}) failed:\n{proc.stderr[-3000:]}")
                 res = json.loads(Path(json_path).read_text())
                 runs.setdefault(f"{tag}:{variant}", []).append(res)
-                print(f"round {r + 1} {tag} {variant}: loop {res['loop_ms_per_step']:.1f} ms/step, "
+                print(f"round {r + 1} {tag} {variant} ({res['bagcert']}): loop {res['loop_ms_per_step']:.1f} ms/step, "
                       f"step {res['step_ms']:.1f} ms", flush=True)
     (ka, ra), (kb, rb) = list(runs.items())
 

@@ -130,8 +130,9 @@ def test_memory_batches_draw_the_epoch_order_once_and_give_float_channels_last_b
 
 
 def _tiny(tmp_path, **kw):
-    return TrainConfig(model="cifar_bagnet5_s2", model_kwargs={"width": 8}, batch_size=8, epochs=1, max_steps=3, ema=0.0,
-                       output=str(tmp_path), tensorboard=False, progress=False, eval_images=8, seed=0, threads=1, **kw)
+    values = dict(model="cifar_bagnet5_s2", model_kwargs={"width": 8}, batch_size=8, epochs=1, max_steps=3, ema=0.0,
+                  output=str(tmp_path), tensorboard=False, progress=False, eval_images=8, seed=0, threads=1)
+    return TrainConfig(**{**values, **kw})
 
 
 def test_the_fused_optimizer_and_bf16_evaluation_train_like_the_defaults(tmp_path):
