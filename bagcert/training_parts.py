@@ -842,7 +842,8 @@ class StreamBatches:
             if cfg.cutout > 0:
                 x = augment_batch(x, _seeded(cfg.seed, epoch, k, 7), flip=False, pad=0, cutout=cfg.cutout, rows=rows,
                                   global_size=self.step_batch)
-            yield _finish(x.float().div_(255.0), cfg, self.peer, (epoch, k), rows, self.step_batch), y.to(self.device, non_blocking=True)
+            yield (_finish(_to_float(x, self.device, cfg.channels_last), cfg, self.peer, (epoch, k), rows, self.step_batch),
+                   y.to(self.device, non_blocking=True))
 
     def close(self) -> None:
         self._it, self.loader = None, None
