@@ -121,7 +121,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     # torch.compile of the forward pass and the loss together (one graph, its backward compiled with it); the
-    # margin weight enters as a tensor so that its warm-up does not recompile (docs/training.md, "Training speed")
+    # margin weight enters as a tensor so that its warm-up does not recompile (docs/training.md, "On a CPU")
     compile_step: bool = False
     # the optimiser's fused kernel (torch.optim AdamW/Adam fused=True; SGD has none): one kernel per parameter instead
     # of torch's per-parameter loop of small operations on CPU; rounding differs from the unfused update in the last bits

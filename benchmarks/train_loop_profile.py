@@ -6,7 +6,8 @@ clocks (the data of a step, i.e. indexing and augmenting the uint8 batch and con
 pass; the loss; the backward pass, i.e. the rest of ``train_step``; the optimiser's step; the EMA update; the
 evaluation; the checkpoint; logging, i.e. the log records and the statistics window). What no clock covers is the
 loop's own overhead (learning rate, progress bar, stop checks). Steps before ``--warmup`` (allocation, the first
-compilation) are reported apart from the steady state.
+compilation) are reported apart from the steady state. With ``compile_step`` the forward pass runs inside the
+compiled loss function: its time is in ``loss`` (and ``forward`` is about 0).
 
 Evaluation and checkpoints happen once here (at the last step), and are amortised per step as in a real run of the
 recipe: one evaluation every ``eval_every`` epochs of the full training set (``--full-train-images``, 50,000 for
