@@ -774,13 +774,13 @@ def augment_batch(
         if not fast:
             x = torch.where(f.view(B, 1, 1, 1).to(x.device), x.flip(3), x)
     if cropping:
-        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
         Ho, Wo = (H, W) if crop is None else (crop, crop)
         dy = torch.randint(0, H + 2 * pad - Ho + 1, (n,), generator=generator)[sel].to(x.device)
         dx = torch.randint(0, W + 2 * pad - Wo + 1, (n,), generator=generator)[sel].to(x.device)
         if fast:
             flips = f.tolist() if flip else None
             return _cutout(_shifted_crops(x, dy.tolist(), dx.tolist(), pad, Ho, Wo, flips), generator, cutout, n, sel)
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
         H, W = Ho, Wo
         r = dy.view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # [B, H]
         c = dx.view(B, 1) + torch.arange(W, device=x.device).view(1, W)  # [B, W]
