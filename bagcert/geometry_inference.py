@@ -1,0 +1,920 @@
+"""Infer a model's receptive-field geometry from its computation, and check a declared one against it.
+
+A certificate is only as sound as the geometry it uses: a location whose true window is wider than the
+declared one can be changed by a patch the certificate thinks it cannot reach. This module establishes
+the true geometry from the computation itself instead of trusting a declaration.
+
+Method (:func:`infer_geometry`). The module's local-logit function is traced with ``torch.fx``
+(``make_fx`` on fake tensors of the given image size, functionalised, down to ATen operations). Shape-
+dependent Python control flow is followed at that size; control flow that depends on pixel values
+cannot be traced and is refused. Then, for every tensor of the graph and each image axis, the analysis
+carries the interval of input pixels ``[lo[i], hi[i]]`` that location ``i`` can depend on, whatever the
+weights and the input values (a superset: a window's interval is the hull of its inputs' intervals):
+
+* convolutions and max/avg pooling (any kernel, stride, padding, dilation, ceil mode; rectangular),
+* zero, constant, reflect and replicate padding (``F.pad``, ``padding_mode=``), negative padding (crops),
+* slicing (crops and strided subsampling), pointwise operations with broadcasting (activations, residual
+  sums: the union of the branches), BatchNorm in eval mode, concatenation along channels, permutes and
+  reshapes that keep the image axes whole, reductions over channels (softmax over classes).
+
+Everything else that touches a tensor derived from the image is refused with the reason, among them:
+global or adaptive pooling and means over the image axes, flatten + linear, attention, BatchNorm in
+training mode (batch statistics), group/instance/layer norm over the image, interpolation and
+upsampling, transposed convolutions, circular padding (a border location sees the opposite border),
+concatenation along an image axis, gathers and in-place writes into slices.
+
+From the intervals of the output map, with the stride ``S`` of the traced chain, the geometry is the
+tightest box ``[i*S - P, i*S - P + r - 1]`` containing every location's interval: ``P = max_i(i*S - lo[i])``
+and ``r = max_i(hi[i] - i*S) + P + 1``. It is exact for convolution stacks (an interior location's
+interval is the nominal window; border intervals are clipped by the image).
+
+Cross-check. :func:`infer_geometry` then runs the real module (its own weights, eval mode) on random
+images and takes the input gradient of a few locations (corners and centre): every pixel with a nonzero
+gradient must lie inside the inferred box, and the real output grid must be the traced one. A failure
+is reported as a bug, never silently accepted.
+
+Checking a declaration (:func:`verify_geometry`). A declared geometry covers the true one when the grid
+sizes agree and, for every location, its pixel box (clipped to the image) contains the true interval.
+A covering but larger declaration is sound (certificates are more conservative) and allowed with a
+warning; anything else is refused with both geometries named. The result is cached per model (weakly)
+and image size; see :func:`verify_geometry` for what invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .geometry import Geometry, normalize_image_size
+
+__all__ = ["GeometryError", "GeometryWarning", "infer_geometry", "verify_geometry", "geometry_report"]
+
+_BIG = 1 << 40  # "no dependency": lo = +BIG, hi = -BIG
+
+
+class GeometryError(ValueError):
+    """A geometry cannot be established for a module, or a declared geometry does not cover the true one."""
+
+
+class GeometryWarning(UserWarning):
+    """A declared geometry is larger than the true one: sound, but the certificates are more conservative."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# dependency intervals
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Axis:
+    """Per-location input-pixel intervals along one image axis: lo, hi long [n]; stride in pixels (None: unknown)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    stride: int | None
+
+    @property
+    def n(self) -> int:
+        return int(self.lo.numel())
+
+
+@dataclass
+class _Dep:
+    """Dependency of a tensor on the image: ``labels[d]`` is 'H', 'W', 'B' or None per dimension."""
+
+    labels: tuple
+    axes: dict  # 'H' / 'W' -> _Axis
+
+
+_AXIS_NAME = {"H": "image rows (height)", "W": "image columns (width)", "B": "batch"}
+
+
+class _Refuse(Exception):
+    pass
+
+
+def _refuse(op: str, why: str):
+    raise _Refuse(f"{op}: {why}")
+
+
+def _op_name(target) -> str:
+    try:
+        return f"aten.{target.overloadpacket.__name__}"
+    except AttributeError:
+        return getattr(target, "__name__", str(target))
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    return tuple(int(v) for v in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _window(ax: _Axis, n_out: int, k: int, s: int, p: int, d: int) -> _Axis:
+    """Location o reads positions ``o*s - p + d*m`` (m < k) of a grid of ``ax.n``; positions off the grid
+    (zero / -inf padding) read nothing."""
+    n_in = ax.n
+    pos = torch.arange(n_out)[:, None] * s - p + d * torch.arange(k)[None, :]
+    valid = (pos >= 0) & (pos < n_in)
+    posc = pos.clamp(0, max(n_in - 1, 0))
+    lo = torch.where(valid, ax.lo[posc], _BIG).amin(dim=1)
+    hi = torch.where(valid, ax.hi[posc], -_BIG).amax(dim=1)
+    return _Axis(lo, hi, None if ax.stride is None else ax.stride * s)
+
+
+def _remap(ax: _Axis, src: torch.Tensor) -> _Axis:
+    """New location o copies location ``src[o]`` (-1: a constant, no dependency)."""
+    valid = src >= 0
+    srcc = src.clamp(min=0)
+    lo = torch.where(valid, ax.lo[srcc], _BIG)
+    hi = torch.where(valid, ax.hi[srcc], -_BIG)
+    return _Axis(lo, hi, ax.stride)
+
+
+def _union_axes(axes: list, n: int, op: str, name: str) -> _Axis:
+    """Hull per location of several operands' intervals; operands of length 1 are broadcast."""
+    lo = torch.full((n,), _BIG, dtype=torch.long)
+    hi = torch.full((n,), -_BIG, dtype=torch.long)
+    strides = set()
+    for ax in axes:
+        if ax.n == n:
+            lo, hi = torch.minimum(lo, ax.lo), torch.maximum(hi, ax.hi)
+            if ax.stride is not None:
+                strides.add(ax.stride)
+        elif ax.n == 1:  # broadcast: the one location's interval holds for all
+            lo, hi = torch.minimum(lo, ax.lo.expand(n)), torch.maximum(hi, ax.hi.expand(n))
+        else:
+            _refuse(op, f"operands of different sizes along the {_AXIS_NAME[name]} ({ax.n} vs {n})")
+    if len(strides) > 1 and n > 1:
+        _refuse(op, f"merges branches with different strides {sorted(strides)} along the {_AXIS_NAME[name]}")
+    stride = min(strides) if strides else None
+    return _Axis(lo, hi, stride)
+
+
+def _input_dep(H: int, W: int) -> _Dep:
+    return _Dep(("B", None, "H", "W"), {"H": _Axis(torch.arange(H), torch.arange(H), 1),
+                                         "W": _Axis(torch.arange(W), torch.arange(W), 1)})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the operations
+# ------------------------------------------------------------------------------------------------------------------
+_IDENTITY = {"clone", "alias", "detach", "lift_fresh_copy", "contiguous", "_to_copy", "to", "dropout",
+             "feature_dropout", "alpha_dropout", "_native_batch_norm_legit_no_training", "view_as", "type_as",
+             "_assert_tensor_metadata", "lift_fresh"}
+_CONSTRUCTORS = {"empty", "zeros", "ones", "full", "arange", "scalar_tensor", "rand", "randn", "empty_like",
+                 "zeros_like", "ones_like", "full_like", "empty_strided", "new_zeros", "new_ones", "new_full",
+                 "new_empty", "tensor"}
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp",
+               "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all", "_softmax", "_log_softmax",
+               "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "count_nonzero", "nansum", "median",
+               "mode", "sort", "topk", "kthvalue", "cummax", "cummin"}
+_KEEPS_REDUCED_DIM = {"_softmax", "_log_softmax", "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp",
+                      "sort", "cummax", "cummin"}
+_GLOBAL_WHY = {
+    "mean": "global average pooling",
+    "sum": "a sum over the image",
+    "amax": "global max pooling",
+    "max": "global max pooling",
+}
+_REFUSED = {
+    "_adaptive_avg_pool2d": "adaptive average pooling: its windows depend on the image size (global pooling when "
+                            "the output is 1x1)",
+    "adaptive_max_pool2d": "adaptive max pooling: its windows depend on the image size (global pooling when the "
+                           "output is 1x1)",
+    "_adaptive_avg_pool3d": "adaptive pooling",
+    "native_group_norm": "GroupNorm / InstanceNorm normalise with statistics over the whole image, so every "
+                         "location depends on every pixel",
+    "_native_batch_norm_legit": "BatchNorm in training mode normalises with batch statistics over every image and "
+                                "location: call model.eval()",
+    "_native_batch_norm_legit_functional": "BatchNorm in training mode normalises with batch statistics over every "
+                                           "image and location: call model.eval()",
+    "_scaled_dot_product_flash_attention": "attention mixes every location with every other (unwindowed attention)",
+    "_scaled_dot_product_efficient_attention": "attention mixes every location with every other (unwindowed attention)",
+    "scaled_dot_product_attention": "attention mixes every location with every other (unwindowed attention)",
+    "_scaled_dot_product_flash_attention_for_cpu": "attention mixes every location with every other "
+                                                   "(unwindowed attention)",
+    "_scaled_dot_product_attention_math": "attention mixes every location with every other (unwindowed attention)",
+    "upsample_nearest2d": "interpolation / upsampling: the box geometry of a location cannot be bounded",
+    "upsample_bilinear2d": "interpolation / upsampling: the box geometry of a location cannot be bounded",
+    "upsample_bicubic2d": "interpolation / upsampling: the box geometry of a location cannot be bounded",
+    "_upsample_nearest_exact2d": "interpolation / upsampling: the box geometry of a location cannot be bounded",
+    "_upsample_bilinear2d_aa": "interpolation / upsampling: the box geometry of a location cannot be bounded",
+    "grid_sampler_2d": "grid sampling reads data-dependent positions",
+    "_pad_circular": "circular padding wraps around: a border location sees the opposite border, so no box "
+                     "describes its window",
+    "roll": "roll wraps around: a border location sees the opposite border",
+    "flip": "flipping an image axis reverses the location order",
+    "im2col": "unfold (im2col) moves image positions into channels",
+    "col2im": "fold (col2im) moves channels into image positions",
+    "copy_": "an in-place write into a slice of a tensor (circular padding is built this way: a border location "
+             "sees the opposite border)",
+    "slice_scatter": "a write into a slice of a tensor (circular padding is built this way)",
+    "index_put": "an indexed write",
+    "index": "indexing with tensors along an image axis",
+    "index_select": "index_select along an image axis",
+    "gather": "gather reads data-dependent positions",
+    "scatter": "scatter writes data-dependent positions",
+    "_unsafe_index": "indexing with tensors (e.g. nearest interpolation)",
+}
+
+
+def _pointwise(node, deps, out_shape, op):
+    """Pointwise operation with broadcasting: per location, the hull of the operands' intervals."""
+    nd = len(out_shape)
+    labels = [None] * nd
+    per_axis: dict = {}
+    for a, dep in deps:
+        shp = _shape(a)
+        off = nd - len(dep.labels)
+        for d, lab in enumerate(dep.labels):
+            if lab is None:
+                continue
+            k = d + off
+            if labels[k] is not None and labels[k] != lab:
+                _refuse(op, f"combines the {_AXIS_NAME[labels[k]]} of one operand with the {_AXIS_NAME[lab]} "
+                            "of another")
+            if shp is not None and shp[d] != out_shape[k] and lab in ("H", "W") and shp[d] != 1:
+                _refuse(op, "broadcasts an image axis")
+            labels[k] = lab
+            if lab in ("H", "W"):
+                per_axis.setdefault(lab, []).append(dep.axes[lab])
+    # an operand that depends on the image but has fewer labelled axes (cannot happen for tensors that keep
+    # both image axes) would be refused here
+    for a, dep in deps:
+        for lab in ("H", "W"):
+            if lab not in dep.labels:
+                _refuse(op, f"an operand lost its {_AXIS_NAME[lab]}")
+    axes = {}
+    for lab in ("H", "W"):
+        if lab not in labels:
+            _refuse(op, f"the {_AXIS_NAME[lab]} disappear")
+        axes[lab] = _union_axes(per_axis[lab], out_shape[labels.index(lab)], op, lab)
+    return _Dep(tuple(labels), axes)
+
+
+def _view(dep: _Dep, in_shape, out_shape, op):
+    """A reshape that keeps every image axis as a whole dimension of its own."""
+    labels = [None] * len(out_shape)
+    # prefix products identify which output dim carries which input dim
+    def prefixes(shape):
+        acc, out = 1, []
+        for v in shape:
+            out.append(acc)
+            acc *= v
+        return out
+
+    pin, pout = prefixes(in_shape), prefixes(out_shape)
+    for d, lab in enumerate(dep.labels):
+        if lab is None:
+            continue
+        match = [e for e in range(len(out_shape))
+                 if pout[e] == pin[d] and out_shape[e] == in_shape[d] and (in_shape[d] != 1 or lab in ("H", "W"))]
+        if in_shape[d] == 1:
+            # size-1 dims are ambiguous; keep the label only where the position is unique
+            match = [e for e in match if labels[e] is None]
+        if not match:
+            if lab == "B":
+                continue  # the batch merged with other dims: only its label is lost
+            _refuse(op, f"the reshape merges or splits the {_AXIS_NAME[lab]} with other dimensions (e.g. flatten + "
+                        "linear, or tokens for attention): an output would mix locations")
+        labels[match[0]] = lab
+    return _Dep(tuple(labels), dict(dep.axes))
+
+
+def _reduce_dims(args, op_short, ndim):
+    """The dims a reduction reduces (None: all)."""
+    if op_short in ("_softmax", "_log_softmax", "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp",
+                    "cummax", "cummin"):
+        dims = args[1]
+    elif len(args) > 1 and isinstance(args[1], (int, list, tuple)) and not isinstance(args[1], bool):
+        dims = args[1]
+    elif op_short in ("norm", "linalg_vector_norm") and len(args) > 2:
+        dims = args[2]
+    else:
+        dims = None
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(ndim))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [d % ndim for d in dims]
+
+
+def _analyse(gm, H: int, W: int):
+    """Walk the ATen graph of the local-logit function; return the output's ``_Dep`` and shape."""
+    env: dict = {}
+    out_node = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = _input_dep(H, W)
+            continue
+        if node.op == "get_attr":
+            env[node] = None
+            continue
+        if node.op == "output":
+            out_node = node
+            continue
+        if node.op != "call_function":
+            _refuse(str(node.target), f"unsupported graph node kind {node.op!r}")
+        env[node] = _handle(node, env)
+    flat = []
+    torch.fx.node.map_arg(out_node.args[0], flat.append)
+    tensors = [a for a in flat if isinstance(_shape(a), tuple)]
+    if len(tensors) != 1:
+        raise _Refuse(f"the local-logit function returns {len(tensors)} tensors; expected one map [B, C, h, w]")
+    return env[tensors[0]], _shape(tensors[0])
+
+
+def _handle(node, env):
+    target = node.target
+    op = _op_name(target)
+    short = op[len("aten."):] if op.startswith("aten.") else op
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+
+    def dep_of(a):
+        return env.get(a) if isinstance(a, torch.fx.Node) else None
+
+    flat: list = []
+    torch.fx.node.map_arg((args, kwargs), flat.append)
+    deps = [(a, env.get(a)) for a in flat if isinstance(env.get(a), _Dep)]
+    if getattr(target, "__name__", "") == "getitem":  # one output of a multi-output op
+        src = env.get(args[0])
+        return src[args[1]] if isinstance(src, tuple) else None
+    if not deps:
+        if any(isinstance(env.get(a), tuple) and any(isinstance(e, _Dep) for e in env.get(a)) for a in flat):
+            _refuse(op, "unexpected use of a multi-output operation")
+        return None  # constants (weights, buffers, shapes) do not depend on the image
+    out_shape = _shape(node)
+    if short in _REFUSED:
+        _refuse(op, _REFUSED[short])
+    if short == "convolution":
+        x, w = args[0], args[1]
+        stride, padding, dilation, transposed = args[3], args[4], args[5], args[6]
+        if transposed:
+            _refuse(op, "transposed convolution (upsampling) spreads one location over several")
+        if dep_of(w) is not None or (len(args) > 2 and dep_of(args[2]) is not None):
+            _refuse(op, "convolution weights computed from the image (dynamic filters)")
+        dep = dep_of(x)
+        wshape = _shape(w)
+        nsp = len(wshape) - 2
+        stride, padding, dilation = ([int(v) for v in (list(a) * nsp if len(a) == 1 else a)]
+                                     for a in (stride, padding, dilation))
+        nd = len(dep.labels)
+        if any(lab in ("H", "W") for lab in dep.labels[: nd - nsp]):
+            _refuse(op, "convolution over a tensor whose image axis lies in the batch or channel dimension")
+        labels = list(dep.labels)
+        labels[nd - nsp - 1] = None  # the channel dimension
+        axes = dict(dep.axes)
+        for k in range(nsp):
+            lab = dep.labels[nd - nsp + k]
+            if lab in ("H", "W"):
+                axes[lab] = _window(dep.axes[lab], out_shape[nd - nsp + k], wshape[2 + k], stride[k], padding[k],
+                                    dilation[k])
+            elif lab is not None:
+                _refuse(op, f"convolution along the {_AXIS_NAME[lab]}")
+        return _Dep(tuple(labels), axes)
+    if short in ("max_pool2d_with_indices", "max_pool2d", "avg_pool2d", "max_pool1d", "avg_pool1d",
+                 "max_pool1d_with_indices"):
+        dep = dep_of(args[0])
+        nsp = 2 if "2d" in short else 1
+        in_shape = _shape(args[0])
+        nd = len(in_shape)
+
+        def get(i, default):
+            v = args[i] if len(args) > i else default
+            v = list(v) if isinstance(v, (list, tuple)) else [v]
+            return v * nsp if len(v) == 1 else v
+
+        kernel = get(1, None)
+        stride = get(2, []) or None
+        stride = stride if stride and len(stride) == nsp else kernel
+        padding = get(3, 0)
+        dilation = get(4, 1) if "max" in short else [1] * nsp
+        axes = dict(dep.axes)
+        out_shapes = out_shape if out_shape is not None else _shape_of_tuple(node)
+        for k in range(nsp):
+            lab = dep.labels[nd - nsp + k]
+            if lab in ("H", "W"):
+                axes[lab] = _window(dep.axes[lab], out_shapes[nd - nsp + k], kernel[k], stride[k], padding[k],
+                                    dilation[k])
+            elif lab is not None:
+                _refuse(op, f"pooling along the {_AXIS_NAME[lab]}")
+        res = _Dep(dep.labels, axes)
+        return (res, None) if short.endswith("with_indices") else res
+    if short in ("native_batch_norm", "batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm",
+                 "miopen_batch_norm"):
+        training = args[5] if len(args) > 5 else kwargs.get("training", False)
+        if training:
+            _refuse(op, "BatchNorm in training mode normalises with batch statistics over every image and location: "
+                        "call model.eval()")
+        dep = dep_of(args[0])
+        return (dep, None, None) if short in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm") else dep
+    if short == "_native_batch_norm_legit_no_training":
+        return (dep_of(args[0]), None, None)
+    if short == "native_dropout":
+        return (dep_of(args[0]), None)
+    if short == "native_layer_norm":
+        dep = dep_of(args[0])
+        k = len(args[1])
+        if any(lab in ("H", "W") for lab in dep.labels[len(dep.labels) - k:]):
+            _refuse(op, "LayerNorm over an image axis normalises with statistics over the whole image")
+        return (dep, None, None)
+    if short in ("constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
+                 "replication_pad2d", "pad"):
+        dep = dep_of(args[0])
+        pads = list(args[1])
+        mode = "constant"
+        if short.startswith("reflection"):
+            mode = "reflect"
+        elif short.startswith("replication"):
+            mode = "replicate"
+        elif short == "pad":
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        if mode == "circular":
+            _refuse(op, _REFUSED["_pad_circular"])
+        in_shape = _shape(args[0])
+        nd = len(in_shape)
+        axes = dict(dep.axes)
+        for j in range(len(pads) // 2):
+            d = nd - 1 - j
+            before, after = pads[2 * j], pads[2 * j + 1]
+            lab = dep.labels[d]
+            if lab in ("H", "W"):
+                n = in_shape[d]
+                src = torch.arange(-before, n + after)
+                if mode == "constant":
+                    src = torch.where((src >= 0) & (src < n), src, torch.full_like(src, -1))
+                elif mode == "reflect":
+                    src = src.abs()
+                    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
+                    if bool(((src < 0) | (src > n - 1)).any()):
+                        _refuse(op, "reflect padding wider than the tensor")
+                elif mode == "replicate":
+                    src = src.clamp(0, n - 1)
+                else:
+                    _refuse(op, f"padding mode {mode!r}")
+                axes[lab] = _remap(dep.axes[lab], src)
+            elif lab is not None and (before or after):
+                _refuse(op, f"padding along the {_AXIS_NAME[lab]}")
+        return _Dep(dep.labels, axes)
+    if short in ("slice", "narrow"):
+        dep = dep_of(args[0])
+        in_shape = _shape(args[0])
+        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % len(in_shape)
+        n = in_shape[dim]
+        if short == "narrow":
+            start, length = args[2], args[3]
+            idx = torch.arange(n)[start % n if start < 0 else start:][:length]
+            step = 1
+        else:
+            start = args[2] if len(args) > 2 else kwargs.get("start", None)
+            end = args[3] if len(args) > 3 else kwargs.get("end", None)
+            step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+            idx = torch.tensor(list(range(n)[slice(start, end, step)]), dtype=torch.long)
+        lab = dep.labels[dim]
+        axes = dict(dep.axes)
+        if lab in ("H", "W"):
+            ax = dep.axes[lab]
+            axes[lab] = _Axis(ax.lo[idx], ax.hi[idx], None if ax.stride is None else ax.stride * step)
+        return _Dep(dep.labels, axes)
+    if short in ("select", "squeeze", "unsqueeze", "permute", "transpose", "t", "expand", "view", "_unsafe_view",
+                 "reshape", "flatten", "unflatten", "squeeze_copy", "view_copy", "permute_copy", "expand_copy",
+                 "unsqueeze_copy", "transpose_copy", "numpy_T", "movedim"):
+        dep = dep_of(args[0])
+        in_shape = _shape(args[0])
+        nd = len(in_shape)
+        if short in ("select",):
+            dim = args[1] % nd
+            if dep.labels[dim] in ("H", "W"):
+                _refuse(op, f"selects one position of the {_AXIS_NAME[dep.labels[dim]]}")
+            return _Dep(dep.labels[:dim] + dep.labels[dim + 1:], dep.axes)
+        if short in ("permute", "permute_copy"):
+            perm = [p % nd for p in args[1]]
+            return _Dep(tuple(dep.labels[p] for p in perm), dep.axes)
+        if short in ("transpose", "transpose_copy", "t", "numpy_T"):
+            a, b = (args[1] % nd, args[2] % nd) if len(args) > 2 else (0, 1)
+            labels = list(dep.labels)
+            labels[a], labels[b] = labels[b], labels[a]
+            return _Dep(tuple(labels), dep.axes)
+        if short in ("expand", "expand_copy"):
+            labels = [None] * (len(out_shape) - nd) + list(dep.labels)
+            for d, lab in enumerate(labels):
+                if lab in ("H", "W") and dep.axes[lab].n != out_shape[d]:
+                    _refuse(op, f"broadcasts the {_AXIS_NAME[lab]}")
+            return _Dep(tuple(labels), dep.axes)
+        return _view(dep, in_shape, out_shape, op)
+    if short in ("cat", "stack"):
+        tensors = args[0]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        ref = next(d for _, d in deps)
+        nd_in = len(ref.labels)
+        dim = dim % (nd_in + (1 if short == "stack" else 0))
+        if short == "cat" and ref.labels[dim] in ("H", "W"):
+            _refuse(op, f"concatenation along the {_AXIS_NAME[ref.labels[dim]]} (circular padding is built this "
+                        "way: a border location sees the opposite border)")
+        parts = [(t, env.get(t)) for t in tensors if isinstance(env.get(t), _Dep)]
+        for _, d in parts:
+            if d.labels != ref.labels:
+                _refuse(op, "concatenates tensors whose image axes lie in different dimensions")
+        labels = list(ref.labels)
+        if short == "stack":
+            labels.insert(dim, None)
+        elif labels[dim] == "B":
+            labels[dim] = None
+        axes = {lab: _union_axes([d.axes[lab] for _, d in parts], ref.axes[lab].n, op, lab) for lab in ("H", "W")}
+        return _Dep(tuple(labels), axes)
+    if short in _REDUCTIONS:
+        dep = dep_of(args[0])
+        nd = len(dep.labels)
+        dims = _reduce_dims(args, short, nd)
+        for d in dims:
+            lab = dep.labels[d]
+            if lab in ("H", "W"):
+                why = _GLOBAL_WHY.get(short, "a reduction over the image")
+                _refuse(op, f"{why}: every output depends on all {_AXIS_NAME[lab]}, i.e. on the whole image")
+        if short in _KEEPS_REDUCED_DIM:
+            res = _Dep(dep.labels, dep.axes)
+        else:
+            keep = out_shape is not None and len(out_shape) == nd
+            labels = tuple(lab if (d not in dims or keep) else "DROP" for d, lab in enumerate(dep.labels))
+            if keep:
+                labels = tuple(None if d in dims else lab for d, lab in enumerate(dep.labels))
+            else:
+                labels = tuple(lab for lab in labels if lab != "DROP")
+            res = _Dep(labels, dep.axes)
+        if out_shape is None:  # multi-output (values, indices)
+            return (res, None)
+        return res
+    if short in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "einsum", "_weight_norm_interface",
+                 "addmv", "mv", "dot", "tensordot"):
+        _refuse(op, "a matrix product over a tensor derived from the image (flatten + linear, or attention) mixes "
+                    "locations")
+    if short in _IDENTITY:
+        dep = dep_of(args[0]) if isinstance(args[0], torch.fx.Node) else deps[0][1]
+        return dep
+    if short in _CONSTRUCTORS:
+        return None
+    tags = getattr(target, "tags", ())
+    if torch.Tag.pointwise in tags:
+        if out_shape is None:
+            _refuse(op, "a pointwise operation with several outputs")
+        return _pointwise(node, deps, out_shape, op)
+    _refuse(op, "an operation the geometry analysis does not know, so which pixels it reads cannot be established")
+
+
+def _shape_of_tuple(node):
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)) and val and isinstance(val[0], torch.Tensor):
+        return tuple(int(v) for v in val[0].shape)
+    raise _Refuse(f"{_op_name(node.target)}: unknown output shape")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tracing
+# ------------------------------------------------------------------------------------------------------------------
+def _logit_function(module):
+    """``x -> local logits [B, C, h, w]`` of ``module``: its ``local_logits`` when it has one, else its forward."""
+    if hasattr(module, "local_logits") and callable(module.local_logits):
+        return module.local_logits
+    if callable(module):
+        return module
+    raise TypeError(f"expected a torch module mapping images [B, 3, H, W] to logits [B, C, h, w], got "
+                    f"{type(module).__name__}")
+
+
+class _InputsUnchecked:
+    """Switch off a bagcert model's data-dependent input check while tracing (restored afterwards)."""
+
+    def __init__(self, module):
+        self.mods = [m for m in (module.modules() if isinstance(module, torch.nn.Module) else [])
+                     if isinstance(getattr(m, "check_inputs", None), bool)]
+
+    def __enter__(self):
+        self.saved = [m.check_inputs for m in self.mods]
+        for m in self.mods:
+            m.check_inputs = False
+
+    def __exit__(self, *exc):
+        for m, v in zip(self.mods, self.saved):
+            m.check_inputs = v
+
+
+def _param_like(module):
+    if isinstance(module, torch.nn.Module):
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                return t.dtype, t.device
+    return torch.float32, torch.device("cpu")
+
+
+def _describe(module) -> str:
+    return type(module).__name__
+
+
+def _trace(module, H: int, W: int):
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.func import functionalize
+
+    fn = _logit_function(module)
+    # circular padding is refused with its reason before tracing (it lowers to in-place slice writes)
+    if isinstance(module, torch.nn.Module):
+        for name, m in module.named_modules():
+            if getattr(m, "padding_mode", "zeros") == "circular":
+                raise GeometryError(
+                    f"cannot establish the geometry of {_describe(module)}: submodule {name!r} uses "
+                    f"padding_mode='circular': {_REFUSED['_pad_circular']}"
+                )
+    dtype, device = _param_like(module)
+    x = torch.zeros(2, 3, H, W, dtype=dtype, device=device)
+
+    def f(x):
+        return fn(x)
+
+    try:
+        with _InputsUnchecked(module), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = make_fx(functionalize(f), tracing_mode="fake", _allow_non_fake_inputs=True)(x)
+    except GeometryError:
+        raise
+    except Exception as e:  # the tracer's failures are reasons to refuse, not crashes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        kind = type(e).__name__
+        data_dep = "DataDependent" in kind or "data-dependent" in str(e) or "GuardOnDataDependent" in kind
+        why = ("its computation branches on pixel values (data-dependent control flow), so no structural trace "
+               "holds for every image" if data_dep else f"tracing failed ({kind}: {first[:200]})")
+        raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: {why}; "
+                            "make the local-logit computation traceable (no branching on pixel values), or certify with certify_logits under your own responsibility") from None
+    return gm
+
+
+@dataclass(frozen=True)
+class _Inferred:
+    geometry: Geometry
+    rows: tuple  # (lo, hi) long [h]
+    cols: tuple  # (lo, hi) long [w]
+    num_classes: int
+
+
+def _fit(ax: _Axis, n_img: int, what: str, module) -> tuple[int, int, int]:
+    nonempty = ax.lo <= ax.hi
+    if not bool(nonempty.any()):
+        raise GeometryError(f"{_describe(module)}: no output location depends on the image along the {what}")
+    S = ax.stride
+    if S is None or S < 1:
+        raise GeometryError(f"{_describe(module)}: the stride along the {what} cannot be established")
+    i = torch.arange(ax.n)
+    P = int((i * S - ax.lo)[nonempty].max())
+    end = int((ax.hi - i * S)[nonempty].max())
+    return end + P + 1, S, P
+
+
+def _infer(module, image_size) -> _Inferred:
+    H, W = normalize_image_size(image_size)
+    gm = _trace(module, H, W)
+    try:
+        dep, shape = _analyse(gm, H, W)
+    except _Refuse as e:
+        raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: {e}") from None
+    if dep is None:
+        raise GeometryError(f"{_describe(module)}: the output does not depend on the image")
+    if len(shape) != 4 or dep.labels[2:] != ("H", "W"):
+        raise GeometryError(
+            f"{_describe(module)} returns a tensor of shape {list(shape)} whose image axes are "
+            f"{[lab for lab in dep.labels]}; expected local logits [B, C, h, w] with the image rows and columns in "
+            "the last two dimensions"
+        )
+    if shape[1] < 2:
+        raise GeometryError(f"{_describe(module)} returns {shape[1]} class map(s); expected [B, C, h, w] with C >= 2")
+    rh = _fit(dep.axes["H"], H, "image rows", module)
+    rw = _fit(dep.axes["W"], W, "image columns", module)
+    h, w = shape[2], shape[3]
+    geom = Geometry((rh[0], rw[0]), (rh[1], rw[1]), (rh[2], rw[2]), grid=((H, W), (h, w)))
+    ax_h, ax_w = dep.axes["H"], dep.axes["W"]
+    return _Inferred(geom, (ax_h.lo.clone(), ax_h.hi.clone()), (ax_w.lo.clone(), ax_w.hi.clone()), int(shape[1]))
+
+
+def _probe_check(module, inferred: _Inferred, H: int, W: int, seed: int = 0) -> None:
+    """Cross-check with the real module: input gradients of a few locations must stay inside their boxes."""
+    fn = _logit_function(module)
+    g = inferred.geometry
+    h, w = g.grid[1]
+    dtype, device = _param_like(module)
+    rows = sorted({0, h // 2, h - 1})
+    cols = sorted({0, w // 2, w - 1})
+    locs = [(i, j) for i in rows for j in cols]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(len(locs), 3, H, W, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    x.requires_grad_(True)
+    with torch.enable_grad():
+        out = fn(x * 1)
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[-2:]) != (h, w):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise GeometryError(f"cross-check failed for {_describe(module)}: the traced grid is {h}x{w} but the "
+                                f"module returns {got} on {H}x{W} images")
+        sel = torch.stack([out[b, :, i, j].sum() for b, (i, j) in enumerate(locs)]).sum()
+        if not sel.requires_grad:
+            return
+        (grad,) = torch.autograd.grad(sel, x, allow_unused=True)
+    if grad is None:
+        return
+    mag = grad.detach().abs().sum(dim=1)  # [B, H, W]
+    for b, (i, j) in enumerate(locs):
+        nz = torch.nonzero(mag[b])
+        if nz.numel() == 0:
+            continue
+        top, left, bottom, right = g.pixel_box(i, j, (H, W))
+        r0, c0 = nz.min(dim=0).values.tolist()
+        r1, c1 = nz.max(dim=0).values.tolist()
+        if r0 < top or r1 > bottom or c0 < left or c1 > right:
+            raise GeometryError(
+                f"cross-check failed for {_describe(module)}: location ({i}, {j}) depends on pixels rows {r0}..{r1}, "
+                f"columns {c0}..{c1}, outside its inferred box rows {top}..{bottom}, columns {left}..{right}; the "
+                "structural trace missed a dependency: please report this model"
+            )
+
+
+def infer_geometry(module, image_size, *, check: bool = True) -> Geometry:
+    """The exact receptive-field geometry of ``module`` on images of ``image_size``, per axis.
+
+    Args:
+        module: a ``torch.nn.Module`` (or callable) mapping float images [B, 3, H, W] to local logits
+            [B, C, h, w]; a module with a ``local_logits`` method (a bagcert model) is analysed through that
+            method, on [0, 1] images. Put it in eval mode first (BatchNorm in training mode is refused).
+        image_size: ``(H, W)`` in pixels.
+        check: also run the gradient cross-check with the module's own weights (one forward and backward pass
+            on a few random images; see the module doc).
+
+    Returns:
+        A :class:`~bagcert.geometry.Geometry` with per-axis ``receptive_field``, ``stride``, ``padding`` (pixels)
+        and ``grid = ((H, W), (h, w))``. It has no layer chain: its grid is known for this image size only.
+
+    Raises:
+        GeometryError (a ValueError): the geometry cannot be established, with the reason: an operation whose
+            output location depends on the whole image (global / adaptive pooling, flatten + linear, attention,
+            group / instance norm, BatchNorm in training mode), interpolation, circular padding, pixel-value-
+            dependent control flow, an unknown operation, an output that is not [B, C, h, w]; or the cross-check
+            failed.
+        TypeError / ValueError: ``module`` is not callable; ``image_size`` is not a (height, width) pair.
+    """
+    H, W = normalize_image_size(image_size)
+    _logit_function(module)
+    inferred = _infer(module, (H, W))
+    if check:
+        _probe_check(module, inferred, H, W)
+    return inferred.geometry
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# checking a declared geometry
+# ------------------------------------------------------------------------------------------------------------------
+def _clipped_axis(geometry: Geometry, axis: int, n_loc: int, n_img: int):
+    i = torch.arange(n_loc)
+    lo = i * geometry.stride[axis] - geometry.padding[axis]
+    hi = lo + geometry.receptive_field[axis] - 1
+    return lo.clamp(min=0), hi.clamp(max=n_img - 1)
+
+
+def _text(g: Geometry) -> str:
+    def one(v):
+        return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+
+    return f"receptive field {one(g.receptive_field)}, stride {one(g.stride)}, padding {one(g.padding)}"
+
+
+def geometry_report(declared: Geometry, module, image_size, *, check: bool = True):
+    """Compare ``declared`` with the geometry inferred from ``module`` on ``image_size`` images.
+
+    Returns ``(status, inferred, message)`` with ``status`` one of ``"equal"`` (every location's clipped box is the
+    true one), ``"covers"`` (a superset for every location: sound, more conservative) or ``"fails"`` (some
+    location's true pixels lie outside its declared box, or the grid sizes differ). Raises :class:`GeometryError`
+    when the geometry of ``module`` cannot be established.
+    """
+    H, W = normalize_image_size(image_size)
+    inferred = _infer(module, (H, W))
+    if check:
+        _probe_check(module, inferred, H, W)
+    true = inferred.geometry
+    h, w = true.grid[1]
+    try:
+        dgrid = declared.grid_size(H, W)
+    except ValueError:
+        dgrid = (h, w)  # no chain: the grid comes from the logit map
+    name = _describe(module)
+    if dgrid != (h, w):
+        return "fails", true, (
+            f"the declared geometry of {name} ({_text(declared)}) gives a {dgrid[0]}x{dgrid[1]} grid on {H}x{W} "
+            f"images but the model returns {h}x{w} locations (inferred: {_text(true)})"
+        )
+    status = "equal"
+    for axis, (lo_t, hi_t), n_loc, n_img, what in ((0, inferred.rows, h, H, "rows"), (1, inferred.cols, w, W, "columns")):
+        lo_d, hi_d = _clipped_axis(declared, axis, n_loc, n_img)
+        nonempty = lo_t <= hi_t
+        bad = nonempty & ((lo_d > lo_t) | (hi_d < hi_t))
+        if bool(bad.any()):
+            k = int(torch.nonzero(bad)[0])
+            return "fails", true, (
+                f"the declared geometry of {name} ({_text(declared)}) does not cover the inferred one "
+                f"({_text(true)}) on {H}x{W} images: location {k} along the {what} sees pixels "
+                f"{int(lo_t[k])}..{int(hi_t[k])} but the declared box is {int(lo_d[k])}..{int(hi_d[k])}; "
+                "a certificate with the declared geometry would be unsound"
+            )
+        lo_f, hi_f = _clipped_axis(true, axis, n_loc, n_img)
+        if bool(((lo_d < lo_f) | (hi_d > hi_f)).any()):
+            status = "covers"
+    msg = "" if status == "equal" else (
+        f"the declared geometry of {name} ({_text(declared)}) is larger than the inferred one ({_text(true)}) on "
+        f"{H}x{W} images: sound, but certificates are more conservative than they need to be"
+    )
+    return status, true, msg
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _fingerprint(model) -> tuple:
+    """What the cache key watches: every submodule (identity, type, settings) and its train/eval mode."""
+    if not isinstance(model, torch.nn.Module):
+        return (id(model),)
+    return tuple((name, id(m), type(m).__name__, m.extra_repr(), m.training) for name, m in model.named_modules())
+
+
+def _trusted(model) -> bool:
+    """A built-in registry model whose modules and geometry are those its constructor made."""
+    from .models.bagnet import BagNet
+    from .models.cifar import CifarBagNet
+
+    if type(model) not in (BagNet, CifarBagNet):
+        return False
+    mark = getattr(model, "_built_geometry", None)
+    return mark is not None and mark[0] is model.geometry and mark[1] == _structure(model)
+
+
+def _structure(model) -> tuple:
+    return tuple((name, id(m), type(m).__name__, m.extra_repr()) for name, m in model.named_modules())
+
+
+def mark_built(model) -> None:
+    """Record that ``model``'s geometry is the one its constructor derived from its own layers (built-in
+    registry classes only; any later change of a submodule or of ``model.geometry`` drops the trust)."""
+    model._built_geometry = (model.geometry, _structure(model))
+
+
+def verify_geometry(model, image_size) -> Geometry:
+    """The geometry to certify ``model`` with on ``image_size`` images, after checking it against the model.
+
+    * Built-in registry models (``bagcert.create_model``: BagNet, CifarBagNet, unchanged since construction)
+      are trusted: their constructor derives the geometry from the layers it builds (the tests check that the
+      inferred geometry equals it for every registry model).
+    * A model with ``infer_geometry_at`` (:func:`bagcert.wrap_model` without a declared geometry) returns its
+      inferred geometry.
+    * Any other model's declared ``model.geometry`` is compared with :func:`infer_geometry` (including the
+      gradient cross-check): equal -> returned; a covering superset -> returned with a :class:`GeometryWarning`;
+      anything else -> :class:`GeometryError` naming both.
+
+    The verdict is cached per model (weakly: the cache never keeps a model alive) and image size, keyed by the
+    declared geometry and a fingerprint of the model's submodules (identity, type, ``extra_repr()`` settings such
+    as kernel, stride, padding and dilation, train/eval mode): replacing a layer, changing a convolution's settings
+    or assigning a new ``model.geometry`` triggers a new check. Editing ``forward`` code on a live object is not
+    detected: call ``bagcert.geometry_inference.clear_cache()`` after doing so.
+
+    Raises:
+        GeometryError: the declared geometry does not cover the true one, or the true one cannot be established.
+        TypeError: ``model`` has no ``geometry``.
+    """
+    H, W = normalize_image_size(image_size)
+    infer_at = getattr(model, "infer_geometry_at", None)
+    if callable(infer_at) and getattr(model, "declared_geometry", None) is None:
+        return infer_at((H, W))
+    declared = getattr(model, "geometry", None)
+    if not isinstance(declared, Geometry):
+        raise TypeError(f"model.geometry must be a bagcert Geometry, got {type(declared).__name__}")
+    if _trusted(model):
+        return declared
+    key = ((H, W), declared, _fingerprint(model))
+    try:
+        with _LOCK:
+            per_model = _CACHE.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: check every time
+        per_model = {}
+    hit = per_model.get(key)
+    if hit is None:
+        status, true, msg = geometry_report(declared, model, (H, W))
+        hit = (status, msg)
+        if status == "fails":
+            raise GeometryError(msg)
+        with _LOCK:
+            if len(per_model) >= 16:  # stale keys (old fingerprints) cannot pile up
+                per_model.clear()
+            per_model[key] = hit
+        if status == "covers":
+            warnings.warn(msg, GeometryWarning, stacklevel=2)
+    return declared
+
+
+def clear_cache() -> None:
+    """Forget every cached verdict of :func:`verify_geometry`."""
+    with _LOCK:
+        _CACHE.clear()
