@@ -349,6 +349,10 @@ def _handle(node, env):
     out_shape = _shape(node)
     if short in _REFUSED:
         _refuse(op, _REFUSED[short])
+    schema = getattr(target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        _refuse(op, "an in-place write into a tensor derived from the image (the analysis follows values, not "
+                    "memory)")
     if short == "convolution":
         x, w = args[0], args[1]
         stride, padding, dilation, transposed = args[3], args[4], args[5], args[6]
@@ -788,22 +792,24 @@ def geometry_report(declared: Geometry, module, image_size, *, check: bool = Tru
 
     Returns ``(status, inferred, message)`` with ``status`` one of ``"equal"`` (every location's clipped box is the
     true one), ``"covers"`` (a superset for every location: sound, more conservative) or ``"fails"`` (some
-    location's true pixels lie outside its declared box, or the grid sizes differ). Raises :class:`GeometryError`
-    when the geometry of ``module`` cannot be established.
+    location's true pixels lie outside its declared box, or the grid sizes differ); ``message`` explains
+    ``"covers"`` and ``"fails"`` naming both geometries. Raises :class:`GeometryError` when the geometry of
+    ``module`` cannot be established.
     """
     H, W = normalize_image_size(image_size)
     inferred = _infer(module, (H, W))
     if check:
         _probe_check(module, inferred, H, W)
+    status, msg = _compare(declared, inferred, H, W, _describe(module))
+    return status, inferred.geometry, msg
+
+
+def _compare(declared: Geometry, inferred: _Inferred, H: int, W: int, name: str) -> tuple[str, str]:
     true = inferred.geometry
     h, w = true.grid[1]
-    try:
-        dgrid = declared.grid_size(H, W)
-    except ValueError:
-        dgrid = (h, w)  # no chain: the grid comes from the logit map
-    name = _describe(module)
+    dgrid = declared.grid_size(H, W) if declared.knows_grid(H, W) else (h, w)  # no chain: the logit map's grid
     if dgrid != (h, w):
-        return "fails", true, (
+        return "fails", (
             f"the declared geometry of {name} ({_text(declared)}) gives a {dgrid[0]}x{dgrid[1]} grid on {H}x{W} "
             f"images but the model returns {h}x{w} locations (inferred: {_text(true)})"
         )
@@ -814,7 +820,7 @@ def geometry_report(declared: Geometry, module, image_size, *, check: bool = Tru
         bad = nonempty & ((lo_d > lo_t) | (hi_d < hi_t))
         if bool(bad.any()):
             k = int(torch.nonzero(bad)[0])
-            return "fails", true, (
+            return "fails", (
                 f"the declared geometry of {name} ({_text(declared)}) does not cover the inferred one "
                 f"({_text(true)}) on {H}x{W} images: location {k} along the {what} sees pixels "
                 f"{int(lo_t[k])}..{int(hi_t[k])} but the declared box is {int(lo_d[k])}..{int(hi_d[k])}; "
@@ -827,7 +833,7 @@ def geometry_report(declared: Geometry, module, image_size, *, check: bool = Tru
         f"the declared geometry of {name} ({_text(declared)}) is larger than the inferred one ({_text(true)}) on "
         f"{H}x{W} images: sound, but certificates are more conservative than they need to be"
     )
-    return status, true, msg
+    return status, msg
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -874,10 +880,11 @@ def verify_geometry(model, image_size) -> Geometry:
       gradient cross-check): equal -> returned; a covering superset -> returned with a :class:`GeometryWarning`;
       anything else -> :class:`GeometryError` naming both.
 
-    The verdict is cached per model (weakly: the cache never keeps a model alive) and image size, keyed by the
-    declared geometry and a fingerprint of the model's submodules (identity, type, ``extra_repr()`` settings such
+    The inferred geometry is cached per model (weakly: the cache never keeps a model alive) and image size, keyed
+    by a fingerprint of the model's submodules (identity, type, ``extra_repr()`` settings such
     as kernel, stride, padding and dilation, train/eval mode): replacing a layer, changing a convolution's settings
-    or assigning a new ``model.geometry`` triggers a new check. Editing ``forward`` code on a live object is not
+    triggers a new inference; a new ``model.geometry`` is compared again (cheap). The warning for a larger
+    declaration is given once per model, image size and declaration. Editing ``forward`` code on a live object is not
     detected: call ``bagcert.geometry_inference.clear_cache()`` after doing so.
 
     Raises:
@@ -893,24 +900,30 @@ def verify_geometry(model, image_size) -> Geometry:
         raise TypeError(f"model.geometry must be a bagcert Geometry, got {type(declared).__name__}")
     if _trusted(model):
         return declared
-    key = ((H, W), declared, _fingerprint(model))
+    key = ((H, W), _fingerprint(model))
     try:
         with _LOCK:
             per_model = _CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable: check every time
         per_model = {}
-    hit = per_model.get(key)
-    if hit is None:
-        status, true, msg = geometry_report(declared, model, (H, W))
-        hit = (status, msg)
-        if status == "fails":
-            raise GeometryError(msg)
+    entry = per_model.get(key)
+    if entry is None:
+        inferred = _infer(model, (H, W))
+        _probe_check(model, inferred, H, W)
+        entry = (inferred, {})  # the inferred geometry and the verdicts on the declarations seen so far
         with _LOCK:
             if len(per_model) >= 16:  # stale keys (old fingerprints) cannot pile up
                 per_model.clear()
-            per_model[key] = hit
-        if status == "covers":
-            warnings.warn(msg, GeometryWarning, stacklevel=2)
+            per_model[key] = entry
+    inferred, verdicts = entry
+    verdict = verdicts.get(declared)
+    if verdict is None:
+        verdict = _compare(declared, inferred, H, W, _describe(model))
+        verdicts[declared] = verdict
+        if verdict[0] == "covers":  # warned once per (model, image size, declaration)
+            warnings.warn(verdict[1], GeometryWarning, stacklevel=2)
+    if verdict[0] == "fails":
+        raise GeometryError(verdict[1])
     return declared
 
 
