@@ -844,7 +844,15 @@ def _fingerprint(model) -> tuple:
     """What the cache key watches: every submodule (identity, type, settings) and its train/eval mode."""
     if not isinstance(model, torch.nn.Module):
         return (id(model),)
-    return tuple((name, id(m), type(m).__name__, m.extra_repr(), m.training) for name, m in model.named_modules())
+    return tuple((name, id(m), type(m).__name__, _settings(m), m.training) for name, m in model.named_modules())
+
+
+def _settings(m) -> str:
+    """A layer's settings (kernel, stride, padding...), from ``extra_repr``; a bagcert model's own line names its
+    declared geometry, which is compared separately, so it is left out."""
+    from .models.base import BagModel
+
+    return "" if isinstance(m, BagModel) else m.extra_repr()
 
 
 def _trusted(model) -> bool:
@@ -859,7 +867,7 @@ def _trusted(model) -> bool:
 
 
 def _structure(model) -> tuple:
-    return tuple((name, id(m), type(m).__name__, m.extra_repr()) for name, m in model.named_modules())
+    return tuple((name, id(m), type(m).__name__, _settings(m)) for name, m in model.named_modules())
 
 
 def mark_built(model) -> None:
