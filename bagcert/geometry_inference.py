@@ -83,7 +83,10 @@ class _Axis:
 
 @dataclass
 class _Dep:
-    """Dependency of a tensor on the image: ``labels[d]`` is 'H', 'W', 'B' or None per dimension."""
+    """Dependency of a tensor on the image. ``labels[d]`` lists the axes dimension ``d`` holds, as components
+    ``(axis, inner, size)`` with axis 'H', 'W' or 'B' (the batch), ``inner`` the step of the axis inside the
+    dimension (1 unless the dimension merges several, e.g. [B*H*W, C]) and ``size`` its length; ``()`` for a
+    dimension holding none (channels). ``axes`` holds the pixel intervals of 'H' and 'W'."""
 
     labels: tuple
     axes: dict  # 'H' / 'W' -> _Axis
@@ -153,9 +156,9 @@ def _union_axes(axes: list, n: int, op: str, name: str) -> _Axis:
     return _Axis(lo, hi, stride)
 
 
-def _input_dep(H: int, W: int) -> _Dep:
-    return _Dep(("B", None, "H", "W"), {"H": _Axis(torch.arange(H), torch.arange(H), 1),
-                                         "W": _Axis(torch.arange(W), torch.arange(W), 1)})
+def _input_dep(B: int, H: int, W: int) -> _Dep:
+    return _Dep(((("B", 1, B),), (), (("H", 1, H),), (("W", 1, W),)),
+                {"H": _Axis(torch.arange(H), torch.arange(H), 1), "W": _Axis(torch.arange(W), torch.arange(W), 1)})
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -221,67 +224,80 @@ _REFUSED = {
 }
 
 
+def _comps_axes(comps) -> list:
+    """The image axes ('H' / 'W') among a dimension's components."""
+    return [c[0] for c in comps if c[0] in ("H", "W")]
+
+
+def _plain(comps, n: int):
+    """The label of a dimension that is exactly one whole axis (``(('H', 1, n),)``), else None."""
+    return comps[0][0] if len(comps) == 1 and comps[0][1] == 1 and comps[0][2] == n else None
+
+
 def _pointwise(node, deps, out_shape, op):
     """Pointwise operation with broadcasting: per location, the hull of the operands' intervals."""
     nd = len(out_shape)
-    labels = [None] * nd
+    labels: list = [None] * nd
     per_axis: dict = {}
     for a, dep in deps:
         shp = _shape(a)
         off = nd - len(dep.labels)
-        for d, lab in enumerate(dep.labels):
-            if lab is None:
+        for d, comps in enumerate(dep.labels):
+            if not comps:
                 continue
             k = d + off
-            if labels[k] is not None and labels[k] != lab:
-                _refuse(op, f"combines the {_AXIS_NAME[labels[k]]} of one operand with the {_AXIS_NAME[lab]} "
-                            "of another")
-            if shp is not None and shp[d] != out_shape[k] and lab in ("H", "W") and shp[d] != 1:
-                _refuse(op, "broadcasts an image axis")
-            labels[k] = lab
-            if lab in ("H", "W"):
-                per_axis.setdefault(lab, []).append(dep.axes[lab])
-    # an operand that depends on the image but has fewer labelled axes (cannot happen for tensors that keep
-    # both image axes) would be refused here
-    for a, dep in deps:
+            if shp is not None and shp[d] != out_shape[k]:  # a broadcast size-1 dim
+                continue
+            if labels[k] is not None and labels[k] != comps:
+                _refuse(op, "combines operands whose image axes lie in different places (e.g. rows of one with "
+                            "columns of another)")
+            labels[k] = comps
         for lab in ("H", "W"):
-            if lab not in dep.labels:
-                _refuse(op, f"an operand lost its {_AXIS_NAME[lab]}")
+            per_axis.setdefault(lab, []).append(dep.axes[lab])
+    labels = [comps or () for comps in labels]
     axes = {}
     for lab in ("H", "W"):
-        if lab not in labels:
-            _refuse(op, f"the {_AXIS_NAME[lab]} disappear")
-        axes[lab] = _union_axes(per_axis[lab], out_shape[labels.index(lab)], op, lab)
+        sizes = [c[2] for comps in labels for c in comps if c[0] == lab]
+        if len(sizes) != 1:
+            _refuse(op, f"the {_AXIS_NAME[lab]} are broadcast or lost")
+        axes[lab] = _union_axes(per_axis[lab], sizes[0], op, lab)
     return _Dep(tuple(labels), axes)
 
 
-def _view(dep: _Dep, in_shape, out_shape, op):
-    """A reshape that keeps every image axis as a whole dimension of its own."""
-    labels = [None] * len(out_shape)
-    # prefix products identify which output dim carries which input dim
-    def prefixes(shape):
-        acc, out = 1, []
-        for v in shape:
-            out.append(acc)
-            acc *= v
-        return out
+def _suffix(shape) -> list:
+    out, acc = [0] * len(shape), 1
+    for d in range(len(shape) - 1, -1, -1):
+        out[d] = acc
+        acc *= shape[d]
+    return out
 
-    pin, pout = prefixes(in_shape), prefixes(out_shape)
-    for d, lab in enumerate(dep.labels):
-        if lab is None:
-            continue
-        match = [e for e in range(len(out_shape))
-                 if pout[e] == pin[d] and out_shape[e] == in_shape[d] and (in_shape[d] != 1 or lab in ("H", "W"))]
-        if in_shape[d] == 1:
-            # size-1 dims are ambiguous; keep the label only where the position is unique
-            match = [e for e in match if labels[e] is None]
-        if not match:
-            if lab == "B":
-                continue  # the batch merged with other dims: only its label is lost
-            _refuse(op, f"the reshape merges or splits the {_AXIS_NAME[lab]} with other dimensions (e.g. flatten + "
-                        "linear, or tokens for attention): an output would mix locations")
-        labels[match[0]] = lab
-    return _Dep(tuple(labels), dict(dep.axes))
+
+def _view(dep: _Dep, in_shape, out_shape, op):
+    """A reshape: each axis is followed by its position in the row-major order, which a view keeps. An axis may
+    share a dimension with others (the batch, e.g. [B*H*W, C] for a per-location linear layer) but not be split."""
+    sin, sout = _suffix(in_shape), _suffix(out_shape)
+    labels: list = [[] for _ in out_shape]
+    for d, comps in enumerate(dep.labels):
+        for lab, inner, size in comps:
+            flat = sin[d] * inner
+            home = [e for e in range(len(out_shape))
+                    if flat % sout[e] == 0 and sout[e] <= flat and flat * size <= sout[e] * out_shape[e]
+                    and (out_shape[e] > 1 or size == 1)]
+            if not home:
+                if lab == "B":
+                    continue  # the batch split up: only its label is lost
+                _refuse(op, f"the reshape splits the {_AXIS_NAME[lab]} or merges them with channels (e.g. flatten + "
+                            "linear, or tokens for attention): an output would mix locations")
+            e = home[0]
+            labels[e].append((lab, flat // sout[e], size))
+    for e, comps in enumerate(labels):
+        comps.sort(key=lambda c: -c[1])  # row-major: outer components first
+        inner_of = 1
+        for lab, inner, size in reversed(comps):
+            if inner < inner_of and lab in ("H", "W"):
+                _refuse(op, "the reshape interleaves an image axis with other data")
+            inner_of = inner * size
+    return _Dep(tuple(tuple(c) for c in labels), dict(dep.axes))
 
 
 def _reduce_dims(args, op_short, ndim):
@@ -307,7 +323,7 @@ def _analyse(gm, H: int, W: int):
     out_node = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            env[node] = _input_dep(H, W)
+            env[node] = _input_dep(_shape(node)[0], H, W)
             continue
         if node.op == "get_attr":
             env[node] = None
@@ -324,6 +340,32 @@ def _analyse(gm, H: int, W: int):
     if len(tensors) != 1:
         raise _Refuse(f"the local-logit function returns {len(tensors)} tensors; expected one map [B, C, h, w]")
     return env[tensors[0]], _shape(tensors[0])
+
+
+def _spatial_op(dep: _Dep, in_shape, out_shape, nsp: int, op: str, what: str, per_axis):
+    """Shared by convolution and pooling: the last ``nsp`` dims are windowed, the channel dim (just before them,
+    when there is one) is mixed, the leading (batch) dims are independent items."""
+    nd = len(in_shape)
+    labels = list(dep.labels)
+    axes = dict(dep.axes)
+    if nd > nsp + 1 and _comps_axes(labels[nd - nsp - 1]) and what == "convolution":
+        _refuse(op, "a convolution that mixes the channel dimension, which holds an image axis")
+    for k in range(nsp):
+        d = nd - nsp + k
+        comps = labels[d]
+        if not comps:
+            continue
+        lab = _plain(comps, in_shape[d])
+        if lab not in ("H", "W"):
+            if _comps_axes(comps):
+                _refuse(op, f"{what} along a dimension that mixes an image axis with other data")
+            labels[d] = ()  # the batch windowed as if it were space: its label is dropped
+            continue
+        axes[lab] = per_axis(k, dep.axes[lab], out_shape[d])
+        labels[d] = ((lab, 1, out_shape[d]),)
+    if what == "convolution" and nd > nsp + 1:
+        labels[nd - nsp - 1] = ()
+    return _Dep(tuple(labels), axes)
 
 
 def _handle(node, env):
@@ -365,26 +407,12 @@ def _handle(node, env):
         nsp = len(wshape) - 2
         stride, padding, dilation = ([int(v) for v in (list(a) * nsp if len(a) == 1 else a)]
                                      for a in (stride, padding, dilation))
-        nd = len(dep.labels)
-        if any(lab in ("H", "W") for lab in dep.labels[: nd - nsp]):
-            _refuse(op, "convolution over a tensor whose image axis lies in the batch or channel dimension")
-        labels = list(dep.labels)
-        labels[nd - nsp - 1] = None  # the channel dimension
-        axes = dict(dep.axes)
-        for k in range(nsp):
-            lab = dep.labels[nd - nsp + k]
-            if lab in ("H", "W"):
-                axes[lab] = _window(dep.axes[lab], out_shape[nd - nsp + k], wshape[2 + k], stride[k], padding[k],
-                                    dilation[k])
-            elif lab is not None:
-                _refuse(op, f"convolution along the {_AXIS_NAME[lab]}")
-        return _Dep(tuple(labels), axes)
+        return _spatial_op(dep, _shape(x), out_shape, nsp, op, "convolution",
+                           lambda k, ax, n: _window(ax, n, wshape[2 + k], stride[k], padding[k], dilation[k]))
     if short in ("max_pool2d_with_indices", "max_pool2d", "avg_pool2d", "max_pool1d", "avg_pool1d",
-                 "max_pool1d_with_indices"):
+                 "max_pool1d_with_indices", "avg_pool3d", "max_pool3d_with_indices"):
         dep = dep_of(args[0])
-        nsp = 2 if "2d" in short else 1
-        in_shape = _shape(args[0])
-        nd = len(in_shape)
+        nsp = 3 if "3d" in short else 2 if "2d" in short else 1
 
         def get(i, default):
             v = args[i] if len(args) > i else default
@@ -392,20 +420,13 @@ def _handle(node, env):
             return v * nsp if len(v) == 1 else v
 
         kernel = get(1, None)
-        stride = get(2, []) or None
-        stride = stride if stride and len(stride) == nsp else kernel
+        stride = get(2, [])
+        stride = stride if stride and len(stride) == nsp and stride[0] is not None else kernel
         padding = get(3, 0)
         dilation = get(4, 1) if "max" in short else [1] * nsp
-        axes = dict(dep.axes)
-        out_shapes = out_shape if out_shape is not None else _shape_of_tuple(node)
-        for k in range(nsp):
-            lab = dep.labels[nd - nsp + k]
-            if lab in ("H", "W"):
-                axes[lab] = _window(dep.axes[lab], out_shapes[nd - nsp + k], kernel[k], stride[k], padding[k],
-                                    dilation[k])
-            elif lab is not None:
-                _refuse(op, f"pooling along the {_AXIS_NAME[lab]}")
-        res = _Dep(dep.labels, axes)
+        shp = out_shape if out_shape is not None else _shape_of_tuple(node)
+        res = _spatial_op(dep, _shape(args[0]), shp, nsp, op, "pooling",
+                          lambda k, ax, n: _window(ax, n, kernel[k], stride[k], padding[k], dilation[k]))
         return (res, None) if short.endswith("with_indices") else res
     if short in ("native_batch_norm", "batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm",
                  "miopen_batch_norm"):
@@ -414,6 +435,8 @@ def _handle(node, env):
             _refuse(op, "BatchNorm in training mode normalises with batch statistics over every image and location: "
                         "call model.eval()")
         dep = dep_of(args[0])
+        if _comps_axes(dep.labels[1]):
+            _refuse(op, "batch norm over a channel dimension that holds an image axis")
         return (dep, None, None) if short in ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm") else dep
     if short == "_native_batch_norm_legit_no_training":
         return (dep_of(args[0]), None, None)
@@ -422,8 +445,10 @@ def _handle(node, env):
     if short == "native_layer_norm":
         dep = dep_of(args[0])
         k = len(args[1])
-        if any(lab in ("H", "W") for lab in dep.labels[len(dep.labels) - k:]):
+        if any(_comps_axes(c) for c in dep.labels[len(dep.labels) - k:]):
             _refuse(op, "LayerNorm over an image axis normalises with statistics over the whole image")
+        if any(dep_of(a) is not None for a in args[2:4]):
+            _refuse(op, "LayerNorm with weights computed from the image")
         return (dep, None, None)
     if short in ("constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
                  "replication_pad2d", "pad"):
@@ -440,29 +465,35 @@ def _handle(node, env):
             _refuse(op, _REFUSED["_pad_circular"])
         in_shape = _shape(args[0])
         nd = len(in_shape)
+        labels = list(dep.labels)
         axes = dict(dep.axes)
         for j in range(len(pads) // 2):
             d = nd - 1 - j
             before, after = pads[2 * j], pads[2 * j + 1]
-            lab = dep.labels[d]
-            if lab in ("H", "W"):
-                n = in_shape[d]
-                src = torch.arange(-before, n + after)
-                if mode == "constant":
-                    src = torch.where((src >= 0) & (src < n), src, torch.full_like(src, -1))
-                elif mode == "reflect":
-                    src = src.abs()
-                    src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
-                    if bool(((src < 0) | (src > n - 1)).any()):
-                        _refuse(op, "reflect padding wider than the tensor")
-                elif mode == "replicate":
-                    src = src.clamp(0, n - 1)
-                else:
-                    _refuse(op, f"padding mode {mode!r}")
-                axes[lab] = _remap(dep.axes[lab], src)
-            elif lab is not None and (before or after):
-                _refuse(op, f"padding along the {_AXIS_NAME[lab]}")
-        return _Dep(dep.labels, axes)
+            if not (before or after) or not labels[d]:
+                continue
+            lab = _plain(labels[d], in_shape[d])
+            if lab not in ("H", "W"):
+                if _comps_axes(labels[d]):
+                    _refuse(op, "padding along a dimension that mixes an image axis with other data")
+                labels[d] = ()
+                continue
+            n = in_shape[d]
+            src = torch.arange(-before, n + after)
+            if mode == "constant":
+                src = torch.where((src >= 0) & (src < n), src, torch.full_like(src, -1))
+            elif mode == "reflect":
+                src = src.abs()
+                src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
+                if bool(((src < 0) | (src > n - 1)).any()):
+                    _refuse(op, "reflect padding wider than the tensor")
+            elif mode == "replicate":
+                src = src.clamp(0, n - 1)
+            else:
+                _refuse(op, f"padding mode {mode!r}")
+            axes[lab] = _remap(dep.axes[lab], src)
+            labels[d] = ((lab, 1, int(src.numel())),)
+        return _Dep(tuple(labels), axes)
     if short in ("slice", "narrow"):
         dep = dep_of(args[0])
         in_shape = _shape(args[0])
@@ -477,22 +508,31 @@ def _handle(node, env):
             end = args[3] if len(args) > 3 else kwargs.get("end", None)
             step = args[4] if len(args) > 4 else kwargs.get("step", 1)
             idx = torch.tensor(list(range(n)[slice(start, end, step)]), dtype=torch.long)
-        lab = dep.labels[dim]
+        comps = dep.labels[dim]
+        if not comps or (idx.numel() == n and bool((idx == torch.arange(n)).all())):
+            return dep
+        labels = list(dep.labels)
         axes = dict(dep.axes)
+        lab = _plain(comps, n)
         if lab in ("H", "W"):
             ax = dep.axes[lab]
             axes[lab] = _Axis(ax.lo[idx], ax.hi[idx], None if ax.stride is None else ax.stride * step)
-        return _Dep(dep.labels, axes)
+            labels[dim] = ((lab, 1, int(idx.numel())),)
+        elif _comps_axes(comps):
+            _refuse(op, "slicing a dimension that mixes an image axis with other data")
+        else:
+            labels[dim] = ()
+        return _Dep(tuple(labels), axes)
     if short in ("select", "squeeze", "unsqueeze", "permute", "transpose", "t", "expand", "view", "_unsafe_view",
                  "reshape", "flatten", "unflatten", "squeeze_copy", "view_copy", "permute_copy", "expand_copy",
-                 "unsqueeze_copy", "transpose_copy", "numpy_T", "movedim"):
+                 "unsqueeze_copy", "transpose_copy", "numpy_T", "movedim", "_reshape_alias", "view_as"):
         dep = dep_of(args[0])
         in_shape = _shape(args[0])
         nd = len(in_shape)
-        if short in ("select",):
+        if short == "select":
             dim = args[1] % nd
-            if dep.labels[dim] in ("H", "W"):
-                _refuse(op, f"selects one position of the {_AXIS_NAME[dep.labels[dim]]}")
+            if _comps_axes(dep.labels[dim]):
+                _refuse(op, "selects one position of a dimension that holds an image axis")
             return _Dep(dep.labels[:dim] + dep.labels[dim + 1:], dep.axes)
         if short in ("permute", "permute_copy"):
             perm = [p % nd for p in args[1]]
@@ -503,56 +543,71 @@ def _handle(node, env):
             labels[a], labels[b] = labels[b], labels[a]
             return _Dep(tuple(labels), dep.axes)
         if short in ("expand", "expand_copy"):
-            labels = [None] * (len(out_shape) - nd) + list(dep.labels)
-            for d, lab in enumerate(labels):
-                if lab in ("H", "W") and dep.axes[lab].n != out_shape[d]:
-                    _refuse(op, f"broadcasts the {_AXIS_NAME[lab]}")
+            labels = [()] * (len(out_shape) - nd) + list(dep.labels)
+            for d in range(len(out_shape) - nd, len(out_shape)):
+                if out_shape[d] != in_shape[d - (len(out_shape) - nd)] and labels[d]:
+                    if _comps_axes(labels[d]):
+                        _refuse(op, "broadcasts an image axis")
+                    labels[d] = ()
             return _Dep(tuple(labels), dep.axes)
         return _view(dep, in_shape, out_shape, op)
     if short in ("cat", "stack"):
         tensors = args[0]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        ref = next(d for _, d in deps)
+        parts = [(t, env.get(t)) for t in tensors if isinstance(env.get(t), _Dep)]
+        ref = parts[0][1]
         nd_in = len(ref.labels)
         dim = dim % (nd_in + (1 if short == "stack" else 0))
-        if short == "cat" and ref.labels[dim] in ("H", "W"):
-            _refuse(op, f"concatenation along the {_AXIS_NAME[ref.labels[dim]]} (circular padding is built this "
-                        "way: a border location sees the opposite border)")
-        parts = [(t, env.get(t)) for t in tensors if isinstance(env.get(t), _Dep)]
+        if short == "cat" and _comps_axes(ref.labels[dim]):
+            _refuse(op, "concatenation along an image axis (circular padding is built this way: a border location "
+                        "sees the opposite border)")
         for _, d in parts:
-            if d.labels != ref.labels:
+            if [c for i, c in enumerate(d.labels) if i != dim or short == "stack"] != \
+                    [c for i, c in enumerate(ref.labels) if i != dim or short == "stack"]:
                 _refuse(op, "concatenates tensors whose image axes lie in different dimensions")
         labels = list(ref.labels)
         if short == "stack":
-            labels.insert(dim, None)
-        elif labels[dim] == "B":
-            labels[dim] = None
+            labels.insert(dim, ())
+        else:
+            labels[dim] = ()
         axes = {lab: _union_axes([d.axes[lab] for _, d in parts], ref.axes[lab].n, op, lab) for lab in ("H", "W")}
         return _Dep(tuple(labels), axes)
     if short in _REDUCTIONS:
         dep = dep_of(args[0])
+        if dep is None:
+            _refuse(op, "a reduction whose extra operands depend on the image")
         nd = len(dep.labels)
         dims = _reduce_dims(args, short, nd)
         for d in dims:
-            lab = dep.labels[d]
-            if lab in ("H", "W"):
+            ax = _comps_axes(dep.labels[d])
+            if ax:
                 why = _GLOBAL_WHY.get(short, "a reduction over the image")
-                _refuse(op, f"{why}: every output depends on all {_AXIS_NAME[lab]}, i.e. on the whole image")
+                _refuse(op, f"{why}: every output depends on all {_AXIS_NAME[ax[0]]}, i.e. on the whole image")
         if short in _KEEPS_REDUCED_DIM:
             res = _Dep(dep.labels, dep.axes)
         else:
             keep = out_shape is not None and len(out_shape) == nd
-            labels = tuple(lab if (d not in dims or keep) else "DROP" for d, lab in enumerate(dep.labels))
             if keep:
-                labels = tuple(None if d in dims else lab for d, lab in enumerate(dep.labels))
+                labels = tuple(() if d in dims else c for d, c in enumerate(dep.labels))
             else:
-                labels = tuple(lab for lab in labels if lab != "DROP")
+                labels = tuple(c for d, c in enumerate(dep.labels) if d not in dims)
             res = _Dep(labels, dep.axes)
         if out_shape is None:  # multi-output (values, indices)
             return (res, None)
         return res
-    if short in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "einsum", "_weight_norm_interface",
-                 "addmv", "mv", "dot", "tensordot"):
+    if short in ("mm", "addmm", "bmm", "baddbmm"):
+        # a per-location linear layer: rows of ``a`` are independent items (they may hold the image axes), the
+        # contraction runs over channels, the other operand is a constant weight
+        a, b = (args[1], args[2]) if short in ("addmm", "baddbmm") else (args[0], args[1])
+        bias = args[0] if short in ("addmm", "baddbmm") else None
+        da = dep_of(a)
+        if da is None or dep_of(b) is not None or (bias is not None and dep_of(bias) is not None):
+            _refuse(op, "a matrix product of two tensors computed from the image (attention) mixes locations")
+        k = len(da.labels) - 1
+        if _comps_axes(da.labels[k]):
+            _refuse(op, "a matrix product over image locations (flatten + linear) mixes every location")
+        return _Dep(tuple(da.labels[:k]) + ((),), da.axes)
+    if short in ("matmul", "linear", "einsum", "addmv", "mv", "dot", "tensordot", "_weight_norm_interface"):
         _refuse(op, "a matrix product over a tensor derived from the image (flatten + linear, or attention) mixes "
                     "locations")
     if short in _IDENTITY:
@@ -683,10 +738,11 @@ def _infer(module, image_size) -> _Inferred:
         raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: {e}") from None
     if dep is None:
         raise GeometryError(f"{_describe(module)}: the output does not depend on the image")
-    if len(shape) != 4 or dep.labels[2:] != ("H", "W"):
+    if len(shape) != 4 or _plain(dep.labels[2], shape[2]) != "H" or _plain(dep.labels[3], shape[3]) != "W":
+        where = ["x".join(c[0] for c in comps) or "-" for comps in dep.labels]
         raise GeometryError(
-            f"{_describe(module)} returns a tensor of shape {list(shape)} whose image axes are "
-            f"{[lab for lab in dep.labels]}; expected local logits [B, C, h, w] with the image rows and columns in "
+            f"{_describe(module)} returns a tensor of shape {list(shape)} whose dimensions hold {where} (H image "
+            "rows, W image columns, B batch); expected local logits [B, C, h, w] with the image rows and columns in "
             "the last two dimensions"
         )
     if shape[1] < 2:

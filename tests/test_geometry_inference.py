@@ -217,6 +217,47 @@ def test_known_geometries():
         ((7, 7), (1, 1), (4, 4), (19, 25))
 
 
+class _ConvNeXtLike(nn.Module):
+    """Patchify stem, depthwise 7x7, then LayerNorm and Linear layers per location in channels-last layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 2, stride=2)
+        self.dw = nn.Conv2d(6, 6, 5, padding=2, groups=6)
+        self.ln = nn.LayerNorm(6)
+        self.l1, self.l2, self.head = nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        x = x + self.l2(F.gelu(self.l1(self.ln(y)))).permute(0, 3, 1, 2)
+        return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _Separable1d(nn.Module):
+    """A conv1d along the rows, run on [B*W, C, H] (the columns merged into the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.r, self.h = nn.Conv2d(3, 4, (1, 3)), nn.Conv1d(4, 4, 5, padding=2), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        y = torch.tanh(self.c(x))
+        B, C, H, W = y.shape
+        z = self.r(y.permute(0, 3, 1, 2).reshape(B * W, C, H))
+        return self.h(torch.tanh(z.reshape(B, W, C, H).permute(0, 2, 3, 1)))
+
+
+@pytest.mark.parametrize("make,expected", [
+    (_ConvNeXtLike, ((10, 10), (2, 2), (4, 4))),
+    (_Separable1d, ((5, 3), (1, 1), (2, 0))),
+])
+def test_per_location_linear_and_conv1d(make, expected):
+    torch.manual_seed(0)
+    g = assert_inferred_matches_probe(make().double().eval(), (14, 17))
+    assert (g.receptive_field, g.stride, g.padding) == expected
+
+
 @pytest.mark.parametrize("name,kwargs,size", [
     pytest.param("cifar_bagnet9", dict(width=8), (32, 32), marks=pytest.mark.slow),
     ("cifar_bagnet7_s2", dict(width=8), (32, 30)),
