@@ -566,3 +566,35 @@ def test_geometry_construction():
         Geometry(3, 0, 1)
     with pytest.raises(TypeError):
         Geometry((3, 4, 5), 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints of wrapped (plugin) models record their geometry, checked again on loading
+# ----------------------------------------------------------------------------------------------------------------
+def _wrapped_factory(num_classes=3, dilation=1):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=dilation, dilation=dilation), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
+    return wrap_model(net, mean=MEAN, std=STD, num_classes=num_classes)
+
+
+def test_wrapped_checkpoint_records_and_rechecks_geometry(tmp_path, monkeypatch):
+    from bagcert.models import _REGISTRY
+
+    with pytest.raises(ValueError, match="registry name"):
+        bagcert.save_checkpoint(tmp_path / "x.pt", _wrapped_factory())
+    monkeypatch.setitem(_REGISTRY, "test_wrapped_net", (_wrapped_factory, {}, ""))
+    model = bagcert.create_model("test_wrapped_net")
+    bagcert.save_checkpoint(tmp_path / "m.pt", model, input_size=16)
+    record = torch.load(tmp_path / "m.pt", weights_only=True)["geometry"]
+    assert record == {"image_size": [16, 16], "grid": [16, 16], "receptive_field": [3, 3], "stride": [1, 1],
+                      "padding": [1, 1]}
+    loaded, _ = bagcert.load_checkpoint(tmp_path / "m.pt")
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.local_logits(x), model.eval().local_logits(x))
+    # the factory's code changed since saving (same weight shapes, wider window): refused on loading
+    monkeypatch.setitem(_REGISTRY, "test_wrapped_net", (lambda num_classes=3: _wrapped_factory(num_classes, 2), {}, ""))
+    with pytest.raises(bagcert.CheckpointError, match=r"receptive field \[5, 5\].*recorded receptive field \[3, 3\]"):
+        bagcert.load_checkpoint(tmp_path / "m.pt")
+    # built-in registry models record nothing extra
+    bagcert.save_checkpoint(tmp_path / "r.pt", bagcert.create_model("cifar_bagnet5", width=8), input_size=32)
+    assert "geometry" not in torch.load(tmp_path / "r.pt", weights_only=True)
