@@ -669,7 +669,7 @@ def _param_like(module):
 
 
 def _describe(module) -> str:
-    return type(module).__name__
+    return getattr(module, "_bagcert_name", None) or type(module).__name__
 
 
 def _trace(module, H: int, W: int):
@@ -710,10 +710,11 @@ def _trace(module, H: int, W: int):
 
 @dataclass(frozen=True)
 class _Inferred:
-    geometry: Geometry
+    geometry: Geometry | None  # None: the output does not depend on the image at all
     rows: tuple  # (lo, hi) long [h]
     cols: tuple  # (lo, hi) long [w]
     num_classes: int
+    grid: tuple  # (h, w)
 
 
 def _fit(ax: _Axis, n_img: int, what: str, module) -> tuple[int, int, int]:
@@ -736,8 +737,12 @@ def _infer(module, image_size) -> _Inferred:
         dep, shape = _analyse(gm, H, W)
     except _Refuse as e:
         raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: {e}") from None
-    if dep is None:
-        raise GeometryError(f"{_describe(module)}: the output does not depend on the image")
+    if dep is None:  # a constant map: no patch can change it, any declared geometry is sound for it
+        if shape is None or len(shape) != 4 or shape[1] < 2:
+            raise GeometryError(f"{_describe(module)} returns {shape}; expected local logits [B, C, h, w], C >= 2")
+        empty = (torch.full((shape[2],), _BIG), torch.full((shape[2],), -_BIG))
+        empty_w = (torch.full((shape[3],), _BIG), torch.full((shape[3],), -_BIG))
+        return _Inferred(None, empty, empty_w, int(shape[1]), (shape[2], shape[3]))
     if len(shape) != 4 or _plain(dep.labels[2], shape[2]) != "H" or _plain(dep.labels[3], shape[3]) != "W":
         where = ["x".join(c[0] for c in comps) or "-" for comps in dep.labels]
         raise GeometryError(
@@ -752,14 +757,14 @@ def _infer(module, image_size) -> _Inferred:
     h, w = shape[2], shape[3]
     geom = Geometry((rh[0], rw[0]), (rh[1], rw[1]), (rh[2], rw[2]), grid=((H, W), (h, w)))
     ax_h, ax_w = dep.axes["H"], dep.axes["W"]
-    return _Inferred(geom, (ax_h.lo.clone(), ax_h.hi.clone()), (ax_w.lo.clone(), ax_w.hi.clone()), int(shape[1]))
+    return _Inferred(geom, (ax_h.lo.clone(), ax_h.hi.clone()), (ax_w.lo.clone(), ax_w.hi.clone()), int(shape[1]), (h, w))
 
 
 def _probe_check(module, inferred: _Inferred, H: int, W: int, seed: int = 0) -> None:
     """Cross-check with the real module: input gradients of a few locations must stay inside their boxes."""
     fn = _logit_function(module)
     g = inferred.geometry
-    h, w = g.grid[1]
+    h, w = inferred.grid
     dtype, device = _param_like(module)
     rows = sorted({0, h // 2, h - 1})
     cols = sorted({0, w // 2, w - 1})
@@ -769,10 +774,11 @@ def _probe_check(module, inferred: _Inferred, H: int, W: int, seed: int = 0) -> 
     x.requires_grad_(True)
     with torch.enable_grad():
         out = fn(x * 1)
-        if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[-2:]) != (h, w):
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[-2:]) != (h, w) \
+                or out.shape[0] != len(locs):
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise GeometryError(f"cross-check failed for {_describe(module)}: the traced grid is {h}x{w} but the "
-                                f"module returns {got} on {H}x{W} images")
+                                f"module returns {got} for {len(locs)} images of {H}x{W}")
         sel = torch.stack([out[b, :, i, j].sum() for b, (i, j) in enumerate(locs)]).sum()
         if not sel.requires_grad:
             return
@@ -780,6 +786,11 @@ def _probe_check(module, inferred: _Inferred, H: int, W: int, seed: int = 0) -> 
     if grad is None:
         return
     mag = grad.detach().abs().sum(dim=1)  # [B, H, W]
+    if g is None:
+        if bool((mag != 0).any()):
+            raise GeometryError(f"cross-check failed for {_describe(module)}: the trace found no dependency on the image "
+                                "but the input gradient is nonzero; please report this model")
+        return
     for b, (i, j) in enumerate(locs):
         nz = torch.nonzero(mag[b])
         if nz.numel() == 0:
@@ -823,6 +834,9 @@ def infer_geometry(module, image_size, *, check: bool = True) -> Geometry:
     inferred = _infer(module, (H, W))
     if check:
         _probe_check(module, inferred, H, W)
+    if inferred.geometry is None:
+        raise GeometryError(f"{_describe(module)}: its output does not depend on the image, so it has no receptive "
+                            "field to infer (any declared geometry is sound for it)")
     return inferred.geometry
 
 
@@ -857,18 +871,21 @@ def geometry_report(declared: Geometry, module, image_size, *, check: bool = Tru
     if check:
         _probe_check(module, inferred, H, W)
     status, msg = _compare(declared, inferred, H, W, _describe(module))
-    return status, inferred.geometry, msg
+    return status, inferred.geometry, msg  # inferred None: the output does not depend on the image
 
 
 def _compare(declared: Geometry, inferred: _Inferred, H: int, W: int, name: str) -> tuple[str, str]:
     true = inferred.geometry
-    h, w = true.grid[1]
+    h, w = inferred.grid
     dgrid = declared.grid_size(H, W) if declared.knows_grid(H, W) else (h, w)  # no chain: the logit map's grid
     if dgrid != (h, w):
         return "fails", (
             f"the declared geometry of {name} ({_text(declared)}) gives a {dgrid[0]}x{dgrid[1]} grid on {H}x{W} "
-            f"images but the model returns {h}x{w} locations (inferred: {_text(true)})"
+            f"images but the model returns {h}x{w} locations"
+            + (f" (inferred: {_text(true)})" if true is not None else "")
         )
+    if true is None:  # a constant map: nothing a patch can change
+        return "equal", ""
     status = "equal"
     for axis, (lo_t, hi_t), n_loc, n_img, what in ((0, inferred.rows, h, H, "rows"), (1, inferred.cols, w, W, "columns")):
         lo_d, hi_d = _clipped_axis(declared, axis, n_loc, n_img)
@@ -961,7 +978,9 @@ def verify_geometry(model, image_size) -> Geometry:
         return infer_at((H, W))
     declared = getattr(model, "geometry", None)
     if not isinstance(declared, Geometry):
-        raise TypeError(f"model.geometry must be a bagcert Geometry, got {type(declared).__name__}")
+        raise TypeError(f"model.geometry must be a bagcert Geometry, got {type(declared).__name__}: declare it "
+                        "(Geometry.from_layers([...]) or Geometry(rf, stride, padding)) or let bagcert.wrap_model "
+                        "infer it")
     if _trusted(model):
         return declared
     key = ((H, W), _fingerprint(model))

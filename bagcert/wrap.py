@@ -27,6 +27,7 @@ class _Normalised(nn.Module):
         super().__init__()
         self.net = net
         self.mean, self.std = mean, std  # plain attributes: constants of the trace
+        self._bagcert_name = type(net).__name__  # what error messages call the module
 
     def forward(self, x):
         return self.net((x - self.mean) / self.std)

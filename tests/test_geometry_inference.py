@@ -507,6 +507,26 @@ def test_functional_circular_pad_is_refused():
         infer_geometry(Circ().eval(), (12, 12))
 
 
+def test_constant_maps_accept_any_declaration():
+    """A map that does not depend on the image cannot be changed by a patch: any declared geometry is sound."""
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("z", torch.randn(16, 3, 5, 5))
+            self.geometry = Geometry(1, 1, 0)
+
+        def local_logits(self, x):
+            return self.z[: x.shape[0]]
+
+    model = Fixed().eval()
+    assert bagcert.certify(model, torch.rand(2, 3, 5, 5), None, patch_size=2).num_samples == 2
+    with pytest.raises(GeometryError, match="does not depend on the image"):
+        infer_geometry(model, (5, 5))
+    model.geometry = Geometry.from_layers([(3, 1, 0)])  # a 3x3 grid: refused for the grid size alone
+    with pytest.raises(GeometryError, match="3x3 grid"):
+        bagcert.certify(model, torch.rand(2, 3, 5, 5), None, patch_size=2)
+
+
 def test_wrap_model_refuses_what_it_cannot_verify():
     gap = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)).eval()
     with pytest.raises(GeometryError, match="adaptive|global"):
