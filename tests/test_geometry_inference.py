@@ -263,7 +263,7 @@ def test_per_location_linear_and_conv1d(make, expected):
     ("cifar_bagnet7_s2", dict(width=8), (32, 30)),
     ("cifar_bagnet", dict(width=8, receptive_field=11, stride=4, padding="valid"), (33, 40)),
     pytest.param("cifar_bagnet13", dict(width=8, norm="skipinit"), (20, 24), marks=pytest.mark.slow),
-    ("image_bagnet17_s8", dict(width=16), (64, 72)),
+    ("image_bagnet17_s8", dict(width=16), (40, 48)),
     pytest.param("bagnet17_w025", dict(width=0.03), (48, 56), marks=pytest.mark.slow),
 ])
 def test_registry_models_infer_their_declared_geometry(name, kwargs, size):
@@ -277,7 +277,7 @@ def test_registry_models_infer_their_declared_geometry(name, kwargs, size):
 
 def test_dense_model_infers_its_declared_geometry():
     model = to_dense(bagcert.create_model("cifar_bagnet5_s2", num_classes=10, width=8).eval())
-    status, inferred, msg = geometry_report(model.geometry, model, (24, 28))
+    status, inferred, msg = geometry_report(model.geometry, model, (16, 20))
     assert status == "equal", msg
     assert inferred.stride == (1, 1) and inferred.receptive_field == (5, 5)
 
@@ -311,7 +311,7 @@ def _covers_by_probe(declared: Geometry, grid, rows, cols, has, size) -> bool:
     return True
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_declarations_refused_iff_they_do_not_cover(seed):
     net, size = sample_case(seed, allow_max=False)
     truth = infer_geometry(net, size)
