@@ -691,6 +691,8 @@ def _trace(module, H: int, W: int):
     def f(x):
         return fn(x)
 
+    # tracing must leave the module as it was (a BatchNorm in training mode would count a batch)
+    saved = [(b, b.detach().clone()) for b in module.buffers()] if isinstance(module, torch.nn.Module) else []
     try:
         with _InputsUnchecked(module), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -705,6 +707,11 @@ def _trace(module, H: int, W: int):
                "holds for every image" if data_dep else f"tracing failed ({kind}: {first[:200]})")
         raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: {why}; "
                             "make the local-logit computation traceable (no branching on pixel values), or certify with certify_logits under your own responsibility") from None
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                if b.shape == value.shape and not torch.equal(b, value):
+                    b.copy_(value)
     return gm
 
 

@@ -494,6 +494,16 @@ def test_refusals_name_the_reason(make, reason):
         infer_geometry(make(), (16, 18))
 
 
+def test_tracing_leaves_the_module_unchanged():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(GeometryError, match="training mode"):
+        infer_geometry(net, (12, 12))  # in training mode: refused, and no batch counted
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and net.training
+    infer_geometry(net.eval(), (12, 12))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 def test_functional_circular_pad_is_refused():
     class Circ(nn.Module):
         def __init__(self):
