@@ -173,7 +173,7 @@ _CONSTRUCTORS = {"empty", "zeros", "ones", "full", "arange", "scalar_tensor", "r
 _REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp",
                "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all", "_softmax", "_log_softmax",
                "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "count_nonzero", "nansum", "median",
-               "mode", "sort", "topk", "kthvalue", "cummax", "cummin"}
+               "mode", "sort", "topk", "kthvalue", "cummax", "cummin", "glu"}
 _KEEPS_REDUCED_DIM = {"_softmax", "_log_softmax", "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp",
                       "sort", "cummax", "cummin"}
 _GLOBAL_WHY = {
@@ -551,6 +551,39 @@ def _handle(node, env):
                     labels[d] = ()
             return _Dep(tuple(labels), dep.axes)
         return _view(dep, in_shape, out_shape, op)
+    if short in ("split", "split_with_sizes", "unbind", "chunk", "tensor_split", "unsafe_split"):
+        dep = dep_of(args[0])
+        in_shape = _shape(args[0])
+        nd = len(in_shape)
+        vals = node.meta.get("val")
+        if not isinstance(vals, (list, tuple)):
+            _refuse(op, "unknown output shapes")
+        default = 0
+        dim = args[2] if short != "unbind" and len(args) > 2 else (args[1] if short == "unbind" and len(args) > 1 else
+                                                                     kwargs.get("dim", default))
+        dim %= nd
+        comps = dep.labels[dim]
+        outs, start = [], 0
+        for v in vals:
+            size = int(v.shape[dim]) if short != "unbind" else 1
+            labels = list(dep.labels)
+            axes = dict(dep.axes)
+            lab = _plain(comps, in_shape[dim]) if comps else None
+            if lab in ("H", "W"):
+                if short == "unbind":
+                    _refuse(op, f"unbinds the {_AXIS_NAME[lab]}")
+                ax = dep.axes[lab]
+                axes[lab] = _Axis(ax.lo[start:start + size], ax.hi[start:start + size], ax.stride)
+                labels[dim] = ((lab, 1, size),)
+            elif _comps_axes(comps):
+                _refuse(op, "splits a dimension that mixes an image axis with other data")
+            elif short == "unbind":
+                del labels[dim]
+            else:
+                labels[dim] = ()
+            outs.append(_Dep(tuple(labels), axes))
+            start += size
+        return tuple(outs)
     if short in ("cat", "stack"):
         tensors = args[0]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)

@@ -248,7 +248,21 @@ class _Separable1d(nn.Module):
         return self.h(torch.tanh(z.reshape(B, W, C, H).permute(0, 2, 3, 1)))
 
 
+class _Gated(nn.Module):
+    """chunk / glu over channels, and split along the rows keeping the part below row 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.h = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(2, 4, 1)
+
+    def forward(self, x):
+        a, b = self.c(x).chunk(2, dim=1)
+        y = F.glu(a * torch.sigmoid(b), dim=1)
+        return self.h(y.split([5, y.shape[2] - 5], dim=2)[1])
+
+
 @pytest.mark.parametrize("make,expected", [
+    (_Gated, ((3, 3), (1, 1), (-4, 1))),
     (_ConvNeXtLike, ((10, 10), (2, 2), (4, 4))),
     (_Separable1d, ((5, 3), (1, 1), (2, 0))),
 ])
