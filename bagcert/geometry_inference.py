@@ -13,9 +13,11 @@ weights and the input values (a superset: a window's interval is the hull of its
 
 * convolutions and max/avg pooling (any kernel, stride, padding, dilation, ceil mode; rectangular),
 * zero, constant, reflect and replicate padding (``F.pad``, ``padding_mode=``), negative padding (crops),
-* slicing (crops and strided subsampling), pointwise operations with broadcasting (activations, residual
-  sums: the union of the branches), BatchNorm in eval mode, concatenation along channels, permutes and
-  reshapes that keep the image axes whole, reductions over channels (softmax over classes).
+* slicing and splitting (crops and strided subsampling), pointwise operations with broadcasting
+  (activations, residual sums: the union of the branches), BatchNorm in eval mode, concatenation, chunks
+  and ``glu`` along channels, reductions over channels (softmax over classes), permutes, and reshapes that
+  keep each image axis whole (it may share a dimension with the batch: ``[B*H*W, C]`` for a per-location
+  ``Linear`` / ``LayerNorm`` in channels-last layout, ``[B*W, C, H]`` for a ``conv1d`` along the rows).
 
 Everything else that touches a tensor derived from the image is refused with the reason, among them:
 global or adaptive pooling and means over the image axes, flatten + linear, attention, BatchNorm in
