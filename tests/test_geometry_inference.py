@@ -642,3 +642,24 @@ def test_wrapped_checkpoint_records_and_rechecks_geometry(tmp_path, monkeypatch)
     # built-in registry models record nothing extra
     bagcert.save_checkpoint(tmp_path / "r.pt", bagcert.create_model("cifar_bagnet5", width=8), input_size=32)
     assert "geometry" not in torch.load(tmp_path / "r.pt", weights_only=True)
+
+
+class _WrongDeclared(bagcert.BagModel):
+    """A plugin-style BagModel whose declared geometry (1 px) misses its 3x3 convolution."""
+
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes, MEAN, STD)
+        self.conv = nn.Conv2d(3, num_classes, 3, padding=1)
+        self.geometry = Geometry.from_layers([(1, 1, 0)])
+
+    def features_to_logits(self, x):
+        return self.conv(x)
+
+
+def test_checkpoint_of_a_wrong_declaration_is_refused(tmp_path, monkeypatch):
+    from bagcert.models import _REGISTRY
+
+    monkeypatch.setitem(_REGISTRY, "test_wrong_declared", (_WrongDeclared, {}, ""))
+    with pytest.raises(GeometryError, match="does not cover"):
+        bagcert.save_checkpoint(tmp_path / "w.pt", bagcert.create_model("test_wrong_declared"), input_size=16)
+    assert not (tmp_path / "w.pt").exists()
