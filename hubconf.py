@@ -1,7 +1,7 @@
 """torch.hub entry points for bagcert's shipped models.
 
 Load a shipped model from a checkout (nothing is downloaded; the weights are the files in ``checkpoints/``
-next to this file)::
+next to this file, found by name through :mod:`bagcert.shipped`)::
 
     import torch, bagcert
     model = torch.hub.load("/path/to/bagcert", "bagcert_cifar10", source="local")
@@ -12,17 +12,14 @@ checkpoint's metadata (classes, input size, training config, evaluation) is atta
 (a dict). Images are float [B, 3, H, W] in [0, 1]; normalisation is inside the model.
 """
 
-from pathlib import Path as _Path
-
 dependencies = ["torch", "torchvision", "numpy", "tqdm"]
 
-_CHECKPOINTS = _Path(__file__).resolve().parent / "checkpoints"
 
-
-def _load(filename):
+def _load(name):
     import bagcert
+    from bagcert.shipped import resolve_checkpoint
 
-    model, metadata = bagcert.load_checkpoint(_CHECKPOINTS / filename)
+    model, metadata = bagcert.load_checkpoint(resolve_checkpoint(name))
     model.metadata = metadata
     return model.eval()
 
@@ -46,7 +43,7 @@ def bagcert_cifar10(pretrained=True):
         bagcert.CheckpointError: the checkpoint file is missing or damaged.
     """
     _check_pretrained(pretrained)
-    return _load("bagcert_cifar10_r5s2_dense.pt")
+    return _load("bagcert-cifar10-r5-dense")
 
 
 def bagcert_imagenette(pretrained=True):
@@ -69,7 +66,7 @@ def bagcert_imagenette(pretrained=True):
         bagcert.CheckpointError: the checkpoint file is missing or damaged.
     """
     _check_pretrained(pretrained)
-    return _load("bagcert_imagenette_r17s8.pt")
+    return _load("bagcert-imagenette-r17")
 
 
 def _check_pretrained(pretrained):

@@ -6,7 +6,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .empirical import SoundnessError, evaluate_empirical
 from .geometry import Geometry, parse_patch_size
 from .geometry_inference import GeometryError, GeometryWarning, infer_geometry, verify_geometry
-from .models import BagModel, InputError, create_model, list_models, register_model
+from .models import BagModel, InputError, create_model, list_models, load_model_module, register_model
 from .peers import ClippedBagNet, DerandomizedSmoothing, PatchCleanser, PatchGuardMasking
 from .wrap import WrappedBagModel, wrap_model
 
@@ -34,6 +34,7 @@ __all__ = [
     "infer_geometry",
     "list_models",
     "load_checkpoint",
+    "load_model_module",
     "parse_patch_size",
     "register_model",
     "save_checkpoint",

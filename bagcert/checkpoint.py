@@ -200,19 +200,38 @@ def safe_torch_load(path, what: str = "checkpoint", verify: bool = False):
 def save_checkpoint(path, model, **metadata) -> Path:
     """Save ``model`` (a registry model) and builtin ``metadata`` atomically to ``path``.
 
+    The file records the model's registry name and keyword arguments (``model.config``) and its weights, no
+    code: a model registered from outside the package (a plugin or a ``--model-module`` file) is saved the same
+    way and loads wherever its constructor is registered under the same name.
+
     Raises:
-        ValueError: the model was not built by :func:`bagcert.create_model`, or a metadata entry bagcert reads
-            back is unusable (see :func:`check_metadata`): nothing is written then.
+        ValueError: the model was not built by :func:`bagcert.create_model` (no ``config``), its name is not
+            registered, or a metadata entry bagcert reads back is unusable (see :func:`check_metadata`): nothing
+            is written then.
         TypeError: metadata that is not tensors and builtins.
     """
+    from .models import _is_registered  # local import: models import nothing from here
+
     config = getattr(model, "config", None)
-    if not config or "name" not in config:
-        if hasattr(model, "infer_geometry_at"):  # a bagcert.wrap_model model: its code is not in the registry
-            raise ValueError(
-                "a wrapped model is saved under a registry name, so that loading can rebuild it: register a factory "
-                "that returns it (bagcert.register_model(name, factory)) and build it with bagcert.create_model(name)"
-            )
-        raise ValueError("model has no registry config; build it with bagcert.create_model(...)")
+    if hasattr(model, "infer_geometry_at") and not (isinstance(config, dict) and isinstance(config.get("name"), str)):
+        raise ValueError(  # a bagcert.wrap_model model: its code is not in the registry
+            "a wrapped model is saved under a registry name, so that loading can rebuild it: register a factory "
+            "that returns it (bagcert.register_model(name, factory)) and build it with bagcert.create_model(name) "
+            "(docs/own_model_plugin.md)"
+        )
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise ValueError(
+            f"model has no registry config (a {type(model).__name__} with model.config = {_describe(config)}); a checkpoint "
+            "records the registry name and arguments that rebuild the model: register its constructor with "
+            "bagcert.register_model(name, factory) and build it with bagcert.create_model(name, ...) "
+            "(docs/own_model_plugin.md)"
+        )
+    if not _is_registered(config["name"]):
+        raise ValueError(
+            f"model.config names {config['name']!r}, which is not registered, so the checkpoint could not be loaded back; "
+            f"register its constructor with bagcert.register_model({config['name']!r}, factory) and build the model "
+            "with bagcert.create_model"
+        )
     kwargs = _plain(dict(config.get("kwargs", {})), "model kwargs")
     metadata = _plain(metadata, "metadata")
     problem = _metadata_problem(metadata, getattr(model, "num_classes", None), 1)
@@ -387,8 +406,27 @@ _OTHER_FORMATS = {
 }
 
 
+def _unknown_model_message(path, name: str, metadata, known: list) -> str:
+    """One line: which model the file needs, how to provide it (a --model-module the training run used, when its
+    recorded config names one) and the registered names."""
+    config = metadata.get("config") if isinstance(metadata, dict) else None
+    modules = config.get("model_modules") if isinstance(config, dict) else None
+    trained = ""
+    if isinstance(modules, list) and modules and all(isinstance(m, str) for m in modules):
+        trained = f" (it was trained with {' '.join('--model-module ' + m for m in modules)})"
+    return (
+        f"{path} records an unknown model {name!r}, which is not registered here{trained}: provide its constructor: "
+        f"pass --model-module FILE_OR_MODULE (the .py file or module that calls bagcert.register_model({name!r}, ...)), "
+        f"install the plugin package that registers it (entry point group bagcert.models), or import that module "
+        f"before load_checkpoint; this bagcert knows {', '.join(known)}"
+    )
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely: returns ``(model, metadata)``; the model is in eval mode on ``map_location``.
+
+    ``path`` is a file or the name of a shipped model (``"bagcert-cifar10-r5-dense"``; ``bagcert models`` lists
+    them; :func:`bagcert.shipped.resolve_checkpoint`), which works in a checkout and in an installed package alike.
 
     The file is read with weights-only loading after a CRC-32 check of the archive, the model is rebuilt from
     the registry name and keyword arguments it records, its weights are loaded strictly (every tensor present,
@@ -397,12 +435,15 @@ def load_checkpoint(path, map_location="cpu"):
     Raises:
         CheckpointError: one line naming the file, what is wrong and what was expected: missing or unreadable
             file, not a torch file, damaged archive, unsafe pickled content (refused, never run), not a bagcert
-            checkpoint, another format version, an unknown model name (the known ones are listed), model
-            arguments this version cannot build, weights that do not fit the model, NaN or Inf weights, malformed
-            metadata.
+            checkpoint, a bare word that is no shipped model name (the names are listed), another format version,
+            an unknown model name (how to provide it: --model-module, a plugin package or an import; the known ones
+            are listed), a model plugin that fails to load, model arguments this version cannot build, weights that
+            do not fit the model, NaN or Inf weights, malformed metadata.
     """
-    from .models import create_model, list_models  # local import: models import nothing from here
+    from .models import PluginError, _is_registered, create_model, list_models  # local import: models import nothing from here
+    from .shipped import resolve_checkpoint
 
+    path = resolve_checkpoint(path)
     obj = safe_torch_load(path, verify=True)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         found = f"format {obj.get('format')!r}" if isinstance(obj, dict) and "format" in obj else (
@@ -426,9 +467,12 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(
             f"{path} is malformed: 'model' is {_describe(spec)}; expected a dict {{'name': <registry name>, 'kwargs': {{...}}}}"
         )
-    known = list_models()
-    if spec["name"] not in known:
-        raise CheckpointError(f"{path} records an unknown model {spec['name']!r}; this bagcert knows {', '.join(known)}")
+    try:
+        registered = _is_registered(spec["name"])
+    except PluginError as e:
+        raise CheckpointError(f"{path} records model {spec['name']!r}, not one of bagcert's own: {e}") from None
+    if not registered:
+        raise CheckpointError(_unknown_model_message(path, spec["name"], obj.get("metadata"), list_models()))
     try:
         model = create_model(spec["name"], **spec.get("kwargs", {}))
     except Exception as e:  # the recorded arguments are data from the file: any failure is a malformed file

@@ -32,6 +32,10 @@ Decoding rules (every image file, :func:`decode_image`):
   image smaller than the crop is always enlarged, never padded (torchvision's ``Resize`` +
   ``CenterCrop`` reference transform does the same). CIFAR-style folders are not resized: every image
   must already have the size of the first one.
+* Limits (every path, the stream path's torchvision JPEG decoder included): an image over Pillow's
+  decompression-bomb limit (``2 x PIL.Image.MAX_IMAGE_PIXELS`` pixels) is refused from its header
+  (:func:`image_header_size`); an image the resize would enlarge more than :data:`MAX_UPSCALE` times is
+  refused (:func:`check_upscale`), not enlarged from a few pixels without a word.
 
 Decode cache: see :func:`cache_dir` and :func:`cache_enabled`.
 """
@@ -68,6 +72,9 @@ __all__ = [
     "load_checkpoint_split",
     "cut_seeded_split",
     "decode_image",
+    "image_header_size",
+    "check_upscale",
+    "MAX_UPSCALE",
     "cache_dir",
     "cache_enabled",
     "CIFAR10_CLASSES",
@@ -78,6 +85,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_JPEG_NAME = "CIFAR-10 (JPEG q75 copy)"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 SPLIT_NAMES_HINT = "test, train or all"
+#: The most an image is enlarged (target side / its shorter side) before it is refused (:func:`check_upscale`):
+#: a 1 x 1 image resized to 146 px holds no picture to classify or certify.
+MAX_UPSCALE = 16
 
 
 class DatasetError(ValueError):
@@ -287,6 +297,44 @@ def _cached_folder(listing: _Listing, params: tuple, build, cache: bool):
 
 
 # --- decoding ---------------------------------------------------------------------------------
+def _bomb_message(name, e) -> str:
+    return (f"{name} is too large to decode safely ({' '.join(str(e).split())}); bagcert applies Pillow's "
+            "decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS pixels) to every image on every path")
+
+
+def image_header_size(data: bytes, name="image") -> tuple[int, int]:
+    """``(width, height)`` of an image file's bytes, read from its header only (nothing is decoded), under the
+    decompression-bomb limit that :func:`decode_image` applies: Pillow's, ``2 x PIL.Image.MAX_IMAGE_PIXELS``
+    pixels (178,956,970 by default; Pillow warns from 1 x). The stream path calls it before handing a JPEG to
+    libjpeg-turbo (:func:`bagcert.streaming.decode_rgb`), so one limit holds on every path.
+
+    Raises :class:`DatasetError` naming the file for an image over the limit or bytes that are not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Image.DecompressionBombError as e:
+        raise DatasetError(_bomb_message(name, e)) from None
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ... for bad bytes
+        why = "not a known image format, or not an image at all" if isinstance(e, UnidentifiedImageError) else \
+            f"{type(e).__name__}: {str(e)[:200]}"
+        raise DatasetError(f"{name} cannot be decoded as an image ({why})") from None
+
+
+def check_upscale(width: int, height: int, target: int | None, name="image") -> None:
+    """Refuse an image that reaching ``target`` pixels (the shorter side after resizing) would enlarge more than
+    :data:`MAX_UPSCALE` times: its shorter side must be at least ``ceil(target / MAX_UPSCALE)`` pixels (10 px for a
+    146 px resize, 16 px for 256). Raises :class:`DatasetError` naming the file; ``target=None`` checks nothing."""
+    if target is None:
+        return
+    short = min(int(width), int(height))
+    need = -(-int(target) // MAX_UPSCALE)
+    if short < need:
+        raise DatasetError(f"{name} is {width}x{height}: too small to enlarge to {target} px (more than {MAX_UPSCALE}x); "
+                           f"images whose shorter side is below {need} px are refused (bagcert.data.MAX_UPSCALE)")
+
+
 def decode_image(data: bytes, name="image", size: int | None = None, resize: int | None = None) -> np.ndarray:
     """Decode the bytes of one image file to uint8 [H, W, 3] under the module's decoding rules.
 
@@ -296,8 +344,9 @@ def decode_image(data: bytes, name="image", size: int | None = None, resize: int
             ``size`` x ``size`` crop is kept (needs ``resize >= size`` or an image at least that large).
 
     Raises:
-        DatasetError: empty, truncated or undecodable bytes, an unsupported pixel mode, or an image
-            smaller than ``size`` without a ``resize``.
+        DatasetError: empty, truncated or undecodable bytes, an unsupported pixel mode, an image over the
+            decompression-bomb limit (:func:`image_header_size`), an image smaller than ``size`` without a
+            ``resize``, or one that ``resize`` would enlarge more than :data:`MAX_UPSCALE` times (:func:`check_upscale`).
     """
     from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -314,6 +363,8 @@ def decode_image(data: bytes, name="image", size: int | None = None, resize: int
             im = _to_rgb(im, name)
     except DatasetError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DatasetError(_bomb_message(name, e)) from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ... for bad bytes
         if isinstance(e, UnidentifiedImageError):  # Pillow names its in-memory buffer, not the file: say what it means
             why = "not a known image format, or not an image at all"
@@ -324,6 +375,7 @@ def decode_image(data: bytes, name="image", size: int | None = None, resize: int
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     if resize is not None:
         w, h = im.size
+        check_upscale(w, h, resize, name)
         s = resize / min(w, h)
         im = im.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.BILINEAR)
     if size is not None:

@@ -26,7 +26,7 @@ from .attacks.base import AttackResult, PatchAttack, restore_model_state
 from .attacks.feature_space import FeatureSpaceResult, FeatureSpaceWorstCase
 from .attacks.pgd import PatchPGD
 from .attacks.universal import UniversalPatch
-from .certification import CertResult, certify
+from .certification import CertResult, _fraction, certify
 from .geometry import parse_patch_size
 
 __all__ = [
@@ -143,6 +143,11 @@ class EmpiricalResult:
             "clean_accuracy": self.clean_accuracy,
             "certified_accuracy": self.certified_accuracy,
             "robust_accuracy": dict(self.robust_accuracy),
+            # the counts behind the fractions (each fraction is its count / num_images in double precision)
+            "certified_count": int(self.certified.sum()),
+            "robust_count": {n: int(v.sum()) for n, v in self.robust.items()},
+            "correct_count": _count(self.clean_accuracy, self.num_samples),
+            "overall_robust_count": None if self.overall_robust is None else int(self.overall_robust.sum()),
             "overall_robust_accuracy": self.overall_robust_accuracy,
             "overall_attacks": list(self.overall_attacks),
             "in_threat_model": dict(self.in_threat_model),
@@ -153,6 +158,11 @@ class EmpiricalResult:
             "time_s": dict(self.timing),
             "attack_info": info,
         }
+
+
+def _count(fraction: float, n: int) -> int:
+    """The integer count behind ``fraction`` = count / n (exact: fractions are counts divided in double precision)."""
+    return int(round(fraction * n)) if n and fraction == fraction else 0
 
 
 def _jsonable(obj):
@@ -284,18 +294,18 @@ def evaluate_empirical(
     broken_any = torch.zeros(N, dtype=torch.bool)
     for idx in broken_by.values():
         broken_any[idx] = True
-    cert_acc = float(cert_ok.float().mean()) if N else float("nan")
+    cert_acc = _fraction(cert_ok)
     out = EmpiricalResult(
         patch_size=(ph, pw),
         robust=robust,
-        robust_accuracy={n: float(v.float().mean()) for n, v in robust.items()},
+        robust_accuracy={n: _fraction(v) for n, v in robust.items()},
         in_threat_model=in_tm,
         overall_robust=overall,
-        overall_robust_accuracy=float(overall.float().mean()) if overall is not None else None,
+        overall_robust_accuracy=_fraction(overall) if overall is not None else None,
         overall_attacks=overall_names,
         certified=cert_ok,
         certified_accuracy=cert_acc,
-        clean_accuracy=float(cert_result.correct.float().mean()) if N else float("nan"),
+        clean_accuracy=_fraction(cert_result.correct.cpu()),
         certified_broken=int(broken_any.sum()),
         broken_by=broken_by,
         feature_space_mismatch=fs_mismatch,
@@ -384,7 +394,7 @@ def _write_figures(model, x, y, cert, res, key, figure_images, metadata, data, o
                    r.masks[rows.to(r.masks.device)]) for a, r in attacked.items()}
         title = _method_title(model, cert.aggregation, {a: r.info for a, r in attacked.items()}, size) + caveat
         if plot_attack_examples(out_dir / f"attack_examples_{key}.png", xs, ys, cert.prediction.cpu()[rows], adv, classes,
-                                title=title, certified=cert.certified.cpu()[rows]):
+                                title=title, certified=cert.certified.cpu()[rows], patch_size=size):
             figures.append(f"attack_examples_{key}.png")
     with restore_model_state(model):
         maps = certify(model, xs, ys, size, return_position_margins=True)
@@ -513,6 +523,13 @@ def run_empirical_evaluation(
         log(f"attacking {m} images, patch {key}: {', '.join(objs)}")
         res = evaluate_empirical(model, x, y, size, objs, cert_result=cert, raise_on_violation=False)
         summ = res.summary()
+        for name, r in res.results.items():  # e.g. ImageNet-Patch's 35-71 px patches against a 5x5 certificate
+            if isinstance(r, AttackResult) and not res.in_threat_model[name]:
+                from .report import threat_model_note
+
+                note = threat_model_note(name, r.masks, size)
+                if note:
+                    notes.append(f"patch {key}: {note}")
         figures = []
         if out_dir is not None and figure_images > 0:
             figures = _write_figures(model, x, y, cert, res, key, figure_images, metadata, data, out_dir, notes)

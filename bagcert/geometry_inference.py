@@ -196,12 +196,6 @@ _REFUSED = {
                                 "location: call model.eval()",
     "_native_batch_norm_legit_functional": "BatchNorm in training mode normalises with batch statistics over every "
                                            "image and location: call model.eval()",
-    "_scaled_dot_product_flash_attention": "attention mixes every location with every other (unwindowed attention)",
-    "_scaled_dot_product_efficient_attention": "attention mixes every location with every other (unwindowed attention)",
-    "scaled_dot_product_attention": "attention mixes every location with every other (unwindowed attention)",
-    "_scaled_dot_product_flash_attention_for_cpu": "attention mixes every location with every other "
-                                                   "(unwindowed attention)",
-    "_scaled_dot_product_attention_math": "attention mixes every location with every other (unwindowed attention)",
     "upsample_nearest2d": "interpolation / upsampling: the box geometry of a location cannot be bounded",
     "upsample_bilinear2d": "interpolation / upsampling: the box geometry of a location cannot be bounded",
     "upsample_bicubic2d": "interpolation / upsampling: the box geometry of a location cannot be bounded",
@@ -279,12 +273,27 @@ def _view(dep: _Dep, in_shape, out_shape, op):
     share a dimension with others (the batch, e.g. [B*H*W, C] for a per-location linear layer) but not be split."""
     sin, sout = _suffix(in_shape), _suffix(out_shape)
     labels: list = [[] for _ in out_shape]
+    axes_out: dict = {}
     for d, comps in enumerate(dep.labels):
         for lab, inner, size in comps:
             flat = sin[d] * inner
             home = [e for e in range(len(out_shape))
                     if flat % sout[e] == 0 and sout[e] <= flat and flat * size <= sout[e] * out_shape[e]
                     and (out_shape[e] > 1 or size == 1)]
+            split = [e for e in range(len(out_shape)) if sout[e] * out_shape[e] == flat * size and sout[e] > flat
+                     and size % out_shape[e] == 0 and (flat * size // sout[e]) == out_shape[e]] if not home else []
+            if not home and split and lab in ("H", "W") and any(sout[f] == flat for f in range(split[0], len(out_shape))):
+                # windows: the axis is cut into blocks (outer dim: which window, inner dims: the position inside it);
+                # the outer dim keeps the axis with each block's hull, the inner positions are free to mix
+                e = split[0]
+                n_blocks, block = out_shape[e], size // out_shape[e]
+                ax = axes_out.get(lab, dep.axes[lab])
+                if ax.n != size:
+                    _refuse(op, f"the reshape cuts the {_AXIS_NAME[lab]} in a way the analysis does not follow")
+                axes_out[lab] = _Axis(ax.lo.view(n_blocks, block).amin(1), ax.hi.view(n_blocks, block).amax(1),
+                                      None if ax.stride is None else ax.stride * block)
+                labels[e].append((lab, 1, n_blocks))
+                continue
             if not home:
                 if lab == "B":
                     continue  # the batch split up: only its label is lost
@@ -292,6 +301,7 @@ def _view(dep: _Dep, in_shape, out_shape, op):
                             "linear, or tokens for attention): an output would mix locations")
             e = home[0]
             labels[e].append((lab, flat // sout[e], size))
+        # (an axis split over several dims: windows) is handled below
     for e, comps in enumerate(labels):
         comps.sort(key=lambda c: -c[1])  # row-major: outer components first
         inner_of = 1
@@ -299,7 +309,24 @@ def _view(dep: _Dep, in_shape, out_shape, op):
             if inner < inner_of and lab in ("H", "W"):
                 _refuse(op, "the reshape interleaves an image axis with other data")
             inner_of = inner * size
-    return _Dep(tuple(tuple(c) for c in labels), dict(dep.axes))
+    return _Dep(tuple(tuple(c) for c in labels), {**dep.axes, **axes_out})
+
+
+def _attention(deps_in: list, op: str, n_out):
+    """Products over the last two dims of tensors that all depend on the image (attention scores and their use):
+    sound when the image axes sit only in the leading (batch) dims, identical in every operand (windowed
+    attention: each window its own sequence); the tokens and channels they mix are free of image axes."""
+    ref = deps_in[0]
+    for d in deps_in:
+        if len(d.labels) != len(ref.labels) or d.labels[:-2] != ref.labels[:-2]:
+            _refuse(op, "attention between tensors whose batch or window dimensions differ")
+        if _comps_axes(d.labels[-1]) or _comps_axes(d.labels[-2]):
+            _refuse(op, "attention over tokens that are image locations (unwindowed attention) mixes every location "
+                        "with every other")
+    labels = tuple(ref.labels[:-2]) + ((), ())
+    axes = {lab: _union_axes([d.axes[lab] for d in deps_in], ref.axes[lab].n, op, lab) for lab in ("H", "W")}
+    res = _Dep(labels, axes)
+    return res if n_out is None else (res,) + (None,) * (n_out - 1)
 
 
 def _reduce_dims(args, op_short, ndim):
@@ -630,6 +657,16 @@ def _handle(node, env):
         if out_shape is None:  # multi-output (values, indices)
             return (res, None)
         return res
+    if short in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_attention_math", "_scaled_dot_product_cudnn_attention"):
+        qkv = [dep_of(a) for a in args[:3] if dep_of(a) is not None]
+        if any(dep_of(a) is not None for a in args[3:]) or any(dep_of(v) is not None for v in kwargs.values()):
+            _refuse(op, "an attention mask computed from the image")
+        val = node.meta.get("val")
+        return _attention(qkv, op, len(val) if isinstance(val, (tuple, list)) else None)
+    if short in ("bmm", "matmul") and dep_of(args[0]) is not None and dep_of(args[1]) is not None:
+        return _attention([dep_of(args[0]), dep_of(args[1])], op, None)
     if short in ("mm", "addmm", "bmm", "baddbmm"):
         # a per-location linear layer: rows of ``a`` are independent items (they may hold the image axes), the
         # contraction runs over channels, the other operand is a constant weight
@@ -974,8 +1011,9 @@ def _trusted(model) -> bool:
     """A built-in registry model whose modules and geometry are those its constructor made."""
     from .models.bagnet import BagNet
     from .models.cifar import CifarBagNet
+    from .models.vit import WindowViT
 
-    if type(model) not in (BagNet, CifarBagNet):
+    if type(model) not in (BagNet, CifarBagNet, WindowViT):
         return False
     mark = getattr(model, "_built_geometry", None)
     return mark is not None and mark[0] is model.geometry and mark[1] == _structure(model)

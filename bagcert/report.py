@@ -6,12 +6,17 @@
     {
       "schema_version": 1,
       "tool": "bagcert.certify", "bagcert_version": str, "torch_version": str, "git_sha": str | null,
+      "code_origin": "git checkout" | "installed package" | "source tree",   # where the running bagcert came from
       "created": ISO-8601 UTC, "device": str, "hardware": str,
       "config": {...command-line options...},
       "checkpoint": {"path": str, "model": str, "model_kwargs": {...}, "metadata_summary": {...}} | null,
                                                          # peer classifiers also "format", "in_channels"; the model
-                                                         # is the backbone, metadata_summary holds "peer"
-      "dataset": {"name": str, "root": str | null, "split": str, "num_images": int},
+                                                         # is the backbone, metadata_summary holds "peer"; a
+                                                         # shipped model also "name" (bagcert.shipped)
+      "dataset": {"name": str, "root": str | null, "split": str, "num_images": int,
+                  "skipped_images": {"count": int, "files": [str, ...], "dataset_index": [int, ...],
+                                     "errors": [str, ...]}},   # only with certify --skip-bad-images and files
+                                                         # that could not be decoded; they are in no count below
       "aggregation": str,                                # bagcert models: votes / majority / clipped; peers: = method
       "method": str,                                     # "bagcert" for a bagcert model, else the peer certifier's
                                                          # name: "drs-column-b4", "drs-block-b12", "patchcleanser-k6"
@@ -23,9 +28,14 @@
         "mask_set": {"patch_size": [h, w], "rebuilt": bool, "k": [kr, kc], "num_masks": int, "mask_size": [h, w],
                      "stride": [h, w], "row_starts": [int, ...], "col_starts": [int, ...], "fill": float}
       },                                                 #   PatchCleanser: the mask set certified with
-      "clean_accuracy": float,
-      "certified_accuracy": {"<size>": float, ...},      # size '5' or '3x7' (height x width, pixels)
+      "clean_accuracy": float,                           # correct_count / num_images (double precision)
+      "clean_accuracy_ci95": [lo, hi] | null,            # 95 % Clopper-Pearson interval of that fraction (see below)
+      "certified_accuracy": {"<size>": float, ...},      # certified_count / num_images; size '5' or '3x7' (h x w px)
+      "certified_accuracy_ci95": {"<size>": [lo, hi] | null, ...},
       "certified_count": {"<size>": int, ...}, "correct_count": int, "num_images": int,
+                                                         # the counts are canonical: every fraction in this file is
+                                                         # a count divided by its image count in double precision
+                                                         # (112 / 200 -> 0.56, never a float32 value 0.5600000023841858)
       "images_per_s": float,                             # images / wall time of forward + certificates
       "certify_forward_ratio": float,                    # (forward + certificates) / forward time; peers: forward
                                                          # = all network evaluations (ablations, masked images)
@@ -41,6 +51,11 @@
           "patch_size": [h, w], "num_images": int,
           "clean_accuracy": float, "certified_accuracy": float,      # on the attacked images
           "robust_accuracy": {"<attack>": float, ...},               # empirical robust accuracy per attack
+          "certified_count": int, "robust_count": {"<attack>": int, ...},  # the counts behind those fractions
+          "correct_count": int, "overall_robust_count": int | null,
+          "clean_accuracy_ci95": [lo, hi], "certified_accuracy_ci95": [lo, hi],     # 95 % Clopper-Pearson
+          "robust_accuracy_ci95": {"<attack>": [lo, hi], ...},       #   intervals of the fractions above
+          "overall_robust_accuracy_ci95": [lo, hi] | null,
           "overall_robust_accuracy": float | null,                   # robust against every image-space attack
           "overall_attacks": [str, ...],                             #   inside the threat model
           "in_threat_model": {"<attack>": bool, ...},                # every patch fit in the certified rectangle
@@ -52,6 +67,12 @@
         }, ...}
       }
     }
+
+Every ``*_ci95`` value is the exact (Clopper-Pearson) 95 % confidence interval ``[lo, hi]`` of the accuracy next
+to it, computed from its integer count ``k`` of ``n`` images (:func:`binomial_ci95`; null when ``n`` is 0). It
+treats the images as a random sample of the test distribution: the accuracy of the whole distribution (e.g. the
+full test set) lies in it with 95 % confidence. It says nothing about the certificate itself, which is exact per
+image: certified images are certified, the interval only bounds what the fraction would be on other images.
 
 ``results.json`` also holds ``run_id`` (a random hex string, new for every run), and ``dataset`` holds
 ``index_base`` (``"dataset"``: ``dataset_index`` below points into the whole dataset; see :func:`sample_provenance`).
@@ -80,6 +101,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -94,9 +116,15 @@ SCHEMA_VERSION = 1
 __all__ = [
     "ReportFolder",
     "ReportFolderError",
+    "foreign_files",
+    "REPORT_FILE_NAMES",
     "sample_provenance",
     "write_certification_report",
+    "binomial_ci95",
+    "format_accuracy",
+    "threat_model_note",
     "git_sha",
+    "code_origin",
     "hardware_string",
     "SCHEMA_VERSION",
     "environment_info",
@@ -105,6 +133,7 @@ __all__ = [
     "attack_examples_figure",
     "uncertified_positions_figure",
     "accuracy_figure",
+    "accuracy_series",
     "select_example_rows",
     "class_name",
     "WNID_NAMES",
@@ -112,12 +141,47 @@ __all__ = [
 
 
 def git_sha() -> str | None:
+    """The commit of the git checkout that the running bagcert package lies in (its folder's parent is the top of
+    the work tree), else None: an installed package (site-packages, a ``pip install --target`` folder) or a
+    source tree without git. A package installed inside some other repository (a virtualenv in a checkout)
+    does not take that repository's commit."""
     root = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2:
+        return None
+    try:
+        same = Path(lines[0]).resolve() == root
+    except OSError:
+        return None
+    return lines[1] if same else None
+
+
+def code_origin(sha: str | None = None) -> str:
+    """Where the running bagcert comes from: ``"git checkout"`` (``git_sha`` finds a commit; pass it as ``sha``
+    to skip a second look-up), ``"installed package"`` (a ``bagcert-*.dist-info`` lies beside the package: pip
+    installed it, into site-packages or a ``--target`` folder) or ``"source tree"`` (no git, not installed)."""
+    if sha is None:
+        sha = git_sha()
+    if sha:
+        return "git checkout"
+    here = Path(__file__).resolve().parent.parent
+    if any(here.glob("bagcert-*.dist-info")):
+        return "installed package"
+    return "source tree"
+
+
+def code_version_text(s: dict) -> str:
+    """The report's account of the code that made it (from a report summary ``s``): ``bagcert 0.1.0, torch
+    2.14.1, git <sha>`` from a checkout, else ``bagcert 0.1.0 (installed package, no git checkout), torch 2.14.1``."""
+    if s.get("git_sha"):
+        return f"bagcert {s['bagcert_version']}, torch {s['torch_version']}, git {s['git_sha']}"
+    origin = s.get("code_origin") or "origin unknown"
+    return f"bagcert {s['bagcert_version']} ({origin}, no git checkout), torch {s['torch_version']}"
 
 
 def hardware_string(device="cpu", threads: int | None = None) -> str:
@@ -139,11 +203,13 @@ def hardware_string(device="cpu", threads: int | None = None) -> str:
 
 
 def environment_info(device="cpu") -> dict:
+    sha = git_sha()
     return {
         "bagcert_version": __version__,
         "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),
-        "git_sha": git_sha(),
+        "git_sha": sha,
+        "code_origin": code_origin(sha),
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "device": str(device),
         "hardware": hardware_string(device),
@@ -168,6 +234,49 @@ def _one_report_tool(folder: Path) -> str | None:
     return tool if isinstance(tool, str) and tool.startswith("bagcert") else None
 
 
+#: The files the report tools write into a report folder (besides the figures its results.json lists under
+#: ``"figures"``): replacing a report (``--overwrite``) may remove these and nothing else.
+REPORT_FILE_NAMES = frozenset({
+    "results.json", "summary.md", "per_sample.csv", "certified_accuracy.png", "defensive_patch.pt", "patches.png",
+    "corruptions.png", "response_rate.png", "iou.png", "heatmaps.png",
+})
+REPORT_FILE_PATTERNS = ("attack_examples_*.png", "uncertified_positions_*.png")
+
+
+def _named_files(obj, out: set, key: str | None = None) -> set:
+    """The file names a results.json document lists under ``"figures"`` keys (the attack figures)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _named_files(v, out, k)
+    elif isinstance(obj, list):
+        for v in obj:
+            _named_files(v, out, key)
+    elif key == "figures" and isinstance(obj, str) and "/" not in obj and "\\" not in obj:
+        out.add(obj)
+    return out
+
+
+def foreign_files(folder) -> list:
+    """The entries of a report folder that bagcert did not write (sorted names): anything but the report tools'
+    files (:data:`REPORT_FILE_NAMES`, :data:`REPORT_FILE_PATTERNS`) and the figures its ``results.json`` lists.
+    Sub-folders always count as foreign (no tool writes one). Replacing the report would delete them."""
+    import fnmatch
+
+    folder = Path(folder)
+    try:
+        doc = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        doc = None
+    named = _named_files(doc, set())
+    out = []
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        own = e.is_file(follow_symlinks=False) and (
+            e.name in REPORT_FILE_NAMES or e.name in named or any(fnmatch.fnmatchcase(e.name, p) for p in REPORT_FILE_PATTERNS))
+        if not own:
+            out.append(e.name)
+    return out
+
+
 class ReportFolder:
     """A report folder that always holds the complete files of one run, or nothing.
 
@@ -186,7 +295,9 @@ class ReportFolder:
 
     Args:
         path: the report folder (``--output``). A symbolic link to a folder is followed.
-        overwrite: allow replacing a folder that already holds a bagcert report (all of its files).
+        overwrite: allow replacing a folder that already holds a bagcert report (all of its files). A report
+            folder that also holds files bagcert did not write (a user's notes: :func:`foreign_files`) is refused
+            even then, naming them, because replacing the folder would delete them.
 
     Construction checks, without leaving anything behind, that the folder can be written: the path is not a
     file, no component of it is a file, the nearest existing folder takes a new folder (an empty probe folder
@@ -244,6 +355,21 @@ class ReportFolder:
             )
         if not self.overwrite:
             raise ReportFolderError(f"report folder {p} already holds a report ({tool}); pass --overwrite to replace it, or give another folder")
+        self._refuse_foreign(p)
+
+    @staticmethod
+    def _refuse_foreign(p: Path) -> None:
+        """Raise :class:`ReportFolderError` when the report folder ``p`` holds files bagcert did not write."""
+        try:
+            foreign = foreign_files(p)
+        except OSError as e:
+            raise ReportFolderError(f"report folder {p} cannot be read: {e.strerror}") from None
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+            raise ReportFolderError(
+                f"report folder {p} holds a report and files bagcert did not write ({shown}); replacing the report "
+                "would delete them: move them elsewhere or give another folder"
+            )
 
     def stage(self) -> Path:
         """Create (once) and return the private staging folder the run writes its files into."""
@@ -277,7 +403,7 @@ class ReportFolder:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                     self._stage = None  # handed over to the user: discard() keeps it
                     raise ReportFolderError(f"cannot move the report into {target}: {e.strerror} (it is kept in {stage})") from None
-            if not target.is_dir() or not self.overwrite or _one_report_tool(target) is None:
+            if not target.is_dir() or not self.overwrite or _one_report_tool(target) is None or foreign_files(target):
                 self._stage = None
                 raise ReportFolderError(
                     f"report folder {target} was filled by something else while this run worked"
@@ -341,6 +467,80 @@ def sample_provenance(data) -> dict:
     return {"dataset_index": index, "source": source, "index_base": base}
 
 
+def binomial_ci95(count: int, n: int) -> list | None:
+    """The exact (Clopper-Pearson) two-sided 95 % confidence interval ``[lo, hi]`` of a binomial proportion
+    ``count / n``: lo is the 2.5 % quantile of Beta(count, n - count + 1) (0 when count is 0), hi the 97.5 %
+    quantile of Beta(count + 1, n - count) (1 when count is n); ``scipy.stats.binomtest(count, n)
+    .proportion_ci(method="exact")`` (Clopper & Pearson, Biometrika 1934). Its coverage is at least 95 % for
+    every true proportion. 0 of 10 gives [0, 0.3085], 112 of 200 [0.4883, 0.6299].
+
+    Args:
+        count: successes (correct, certified or robust images), an integer in [0, n].
+        n: images, an integer >= 0.
+
+    Returns:
+        ``[lo, hi]`` (Python floats in [0, 1]), or None when ``n`` is 0 (no interval without images).
+
+    Raises:
+        ValueError: a count or n that is not an integer, or a count outside [0, n].
+    """
+    if isinstance(count, bool) or isinstance(n, bool) or int(count) != count or int(n) != n:
+        raise ValueError(f"binomial_ci95: count and n must be integers, got {count!r} and {n!r}")
+    count, n = int(count), int(n)
+    if n < 0 or not 0 <= count <= max(n, 0):
+        raise ValueError(f"binomial_ci95: need 0 <= count <= n, got count {count} of n {n}")
+    if n == 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(count, n).proportion_ci(confidence_level=0.95, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def _count_of(fraction, n: int) -> int | None:
+    """The count behind ``fraction`` of ``n`` images (fractions are counts / n in double precision, so rounding
+    recovers the count exactly); None for a missing fraction."""
+    if fraction is None or not n or fraction != fraction:
+        return None
+    return int(round(fraction * n))
+
+
+def _empirical_with_ci(e: dict | None) -> dict | None:
+    """A copy of the ``"empirical"`` object with the ``*_ci95`` intervals of every fraction (from its counts)."""
+    if not e:
+        return e
+    out = dict(e, per_size={})
+    for key, r in e["per_size"].items():
+        r = dict(r)
+        n = int(r["num_images"])
+        counts = {
+            "clean": r.get("correct_count", _count_of(r.get("clean_accuracy"), n)),
+            "certified": r.get("certified_count", _count_of(r.get("certified_accuracy"), n)),
+            "overall": r.get("overall_robust_count", _count_of(r.get("overall_robust_accuracy"), n)),
+        }
+        robust = dict(r.get("robust_count") or {})
+        for a, v in r["robust_accuracy"].items():
+            robust.setdefault(a, _count_of(v, n))
+        ci = lambda k: None if k is None else binomial_ci95(k, n)  # noqa: E731
+        r["clean_accuracy_ci95"] = ci(counts["clean"])
+        r["certified_accuracy_ci95"] = ci(counts["certified"])
+        r["robust_accuracy_ci95"] = {a: ci(robust[a]) for a in r["robust_accuracy"]}
+        r["overall_robust_accuracy_ci95"] = ci(counts["overall"])
+        out["per_size"][key] = r
+    return out
+
+
+def format_accuracy(fraction, ci=None, digits: int = 2) -> str:
+    """An accuracy for people: ``"56.00 % (48.8-63.0)"``: the fraction in percent, then its 95 % confidence
+    interval in percent (one decimal) when ``ci`` ([lo, hi] fractions) is given; ``"n/a"`` for None."""
+    if fraction is None:
+        return "n/a"
+    text = f"{100 * fraction:.{digits}f} %"
+    if ci is not None:
+        text += f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
+    return text
+
+
 def write_certification_report(output, results: dict, timing: dict, config: dict, dataset: dict, checkpoint: dict | None, device="cpu", empirical: dict | None = None, method: dict | None = None, provenance: dict | None = None, run_id: str | None = None) -> dict:
     """Write results.json, per_sample.csv, summary.md and certified_accuracy.png into the folder ``output``.
 
@@ -365,6 +565,9 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
         provenance = {"dataset_index": list(range(n)), "source": [""] * n, "index_base": "loaded"}
     if len(provenance["dataset_index"]) != n or len(provenance["source"]) != n:
         raise ValueError(f"provenance describes {len(provenance['dataset_index'])} images, the results {n}")
+    # counts first (integers), fractions from them in double precision: 112 / 200 is stored as 0.56
+    correct = int(first.correct.sum())
+    certified = {k: int(r.certified_correct.sum()) for k, r in results.items()}
     summary = {"schema_version": SCHEMA_VERSION, "tool": "bagcert.certify", "run_id": run_id or uuid.uuid4().hex,
                **environment_info(device)}
     summary.update(
@@ -377,15 +580,17 @@ def write_certification_report(output, results: dict, timing: dict, config: dict
             "forward_passes_per_image": int(method["forward_passes_per_image"]),
             "peer": method.get("peer"),
             "num_images": n,
-            "correct_count": int(first.correct.sum()),
-            "clean_accuracy": first.clean_accuracy,
-            "certified_accuracy": {k: r.certified_accuracy for k, r in results.items()},
-            "certified_count": {k: int(r.certified_correct.sum()) for k, r in results.items()},
+            "correct_count": correct,
+            "clean_accuracy": correct / n if n else float("nan"),
+            "clean_accuracy_ci95": binomial_ci95(correct, n),
+            "certified_accuracy": {k: c / n if n else float("nan") for k, c in certified.items()},
+            "certified_accuracy_ci95": {k: binomial_ci95(c, n) for k, c in certified.items()},
+            "certified_count": certified,
             "images_per_s": n / timing["total_s"] if timing["total_s"] > 0 else None,
             "certify_forward_ratio": (timing["forward_s"] + timing["certify_s"]) / timing["forward_s"] if timing["forward_s"] > 0 else None,
             "timing": {k: timing[k] for k in ("forward_s", "certify_s", "total_s")},
             "certified_broken": {k: v["certified_broken"] for k, v in empirical["summary"]["per_size"].items()} if empirical else {},
-            "empirical": empirical["summary"] if empirical else None,
+            "empirical": _empirical_with_ci(empirical["summary"]) if empirical else None,
         }
     )
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
@@ -453,20 +658,27 @@ def _markdown(s: dict) -> str:
         "# Certification report",
         "",
         f"- dataset: {s['dataset'].get('name')} ({s['num_images']} images, split {s['dataset'].get('split')})",
-        f"- checkpoint: {s['checkpoint']['path'] if s.get('checkpoint') else 'none'}{_dense_note(s)}",
+        *_markdown_skipped(s["dataset"].get("skipped_images")),
+        f"- checkpoint: {_checkpoint_text(s.get('checkpoint'))}{_dense_note(s)}",
         f"- aggregation: {s['aggregation']}",
         *_markdown_method(s),
         f"- device: {s['device']} ({s['hardware']})",
-        f"- bagcert {s['bagcert_version']}, torch {s['torch_version']}, git {s['git_sha'] or 'unknown'}, {s['created']}",
+        f"- {code_version_text(s)}, {s['created']}",
         "",
-        f"Clean accuracy: **{100 * s['clean_accuracy']:.2f} %** ({s['correct_count']} / {s['num_images']})",
+        f"Clean accuracy: **{100 * s['clean_accuracy']:.2f} %** ({s['correct_count']} / {s['num_images']}; 95 % CI "
+        f"{_ci_text(s.get('clean_accuracy_ci95'))})",
         "",
-        "| patch (pixels) | certified accuracy | certified and correct |",
+        "| patch (pixels) | certified accuracy (95 % CI) | certified and correct |",
         "| --- | ---: | ---: |",
     ]
+    cis = s.get("certified_accuracy_ci95") or {}
     for k, v in s["certified_accuracy"].items():
-        lines.append(f"| {k if 'x' in k else f'{k}x{k}'} | {100 * v:.2f} % | {s['certified_count'][k]} |")
+        lines.append(f"| {k if 'x' in k else f'{k}x{k}'} | {format_accuracy(v, cis.get(k))} | {s['certified_count'][k]} |")
     lines += [
+        "",
+        f"In parentheses: the exact (Clopper-Pearson) 95 % confidence interval, in percent, of the accuracy on the data "
+        f"these {s['num_images']} images are a random sample of (e.g. the full test set). The certificate of each image "
+        "is exact; the interval only says how far the fraction may be from that of other images.",
         "",
         f"Throughput: {s['images_per_s']:.1f} images/s; certify / forward time ratio {s['certify_forward_ratio']:.3f}.",
         "",
@@ -474,6 +686,22 @@ def _markdown(s: dict) -> str:
     if s.get("empirical"):
         lines += _markdown_empirical(s["empirical"])
     return "\n".join(lines)
+
+
+def _checkpoint_text(ckpt) -> str:
+    """The summary's checkpoint: its path, after the shipped model's name when it was addressed by one."""
+    if not ckpt:
+        return "none"
+    return f"{ckpt['name']} ({ckpt['path']})" if ckpt.get("name") else str(ckpt["path"])
+
+
+def _markdown_skipped(rec) -> list:
+    """The files ``certify --skip-bad-images`` left out (not counted in any number of the report)."""
+    if not rec:
+        return []
+    files = ", ".join(f"`{f}`" for f in rec["files"][:10]) + (f", ... ({rec['count']} in all)" if rec["count"] > 10 else "")
+    return [f"- skipped (--skip-bad-images): {rec['count']} image(s) that could not be decoded, not counted in any number "
+            f"below: {files}"]
 
 
 def _markdown_method(s: dict) -> list:
@@ -500,6 +728,11 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f} %"
 
 
+def _ci_text(ci) -> str:
+    """``"48.8-63.0 %"`` for an interval of fractions, ``"n/a"`` for None."""
+    return "n/a" if ci is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f} %"
+
+
 def _markdown_empirical(e: dict) -> list:
     ran = [a for a in e["attacks"] if a not in e.get("skipped", {})]
     lines = [
@@ -508,21 +741,24 @@ def _markdown_empirical(e: dict) -> list:
         f"{e['num_images_attacked']} images attacked (seeded subset, seed {e['subset_seed']}). Empirical robust accuracy is the",
         "fraction still classified correctly after the attack; it can never be below the certified accuracy on the",
         "same images. `overall` = robust against every image-space attack inside the threat model. `certified broken`",
-        "counts certified samples some attack broke: anything but 0 is a soundness bug.",
+        "counts certified samples some attack broke: anything but 0 is a soundness bug. In parentheses: the exact 95 %",
+        "confidence interval (percent) over the attacked images.",
         "",
         "| " + " | ".join(["patch", "certified"] + ran + ["overall", "certified broken"]) + " |",
         "| --- | " + " | ".join("---:" for _ in range(len(ran) + 3)) + " |",
     ]
     for k, r in e["per_size"].items():
         cells = []
+        robust_ci = r.get("robust_accuracy_ci95") or {}
         for a in ran:
-            v = _pct(r["robust_accuracy"].get(a))
+            v = format_accuracy(r["robust_accuracy"].get(a), robust_ci.get(a))
             if a in r["in_threat_model"] and not r["in_threat_model"][a]:
                 v += " (outside threat model)"
             cells.append(v)
         broken = r["certified_broken"]
-        row = [k if "x" in k else f"{k}x{k}", _pct(r["certified_accuracy"])] + cells
-        row += [_pct(r["overall_robust_accuracy"]), str(broken) if not broken else f"**{broken} SOUNDNESS VIOLATION**"]
+        row = [k if "x" in k else f"{k}x{k}", format_accuracy(r["certified_accuracy"], r.get("certified_accuracy_ci95"))] + cells
+        row += [format_accuracy(r["overall_robust_accuracy"], r.get("overall_robust_accuracy_ci95")),
+                str(broken) if not broken else f"**{broken} SOUNDNESS VIOLATION**"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for a, why in e.get("skipped", {}).items():
@@ -537,9 +773,11 @@ def _markdown_empirical(e: dict) -> list:
 
 
 def _plot(path: Path, s: dict) -> None:
-    """Write ``certified_accuracy.png`` for the report summary ``s`` (nothing when matplotlib is missing)."""
+    """Write ``certified_accuracy.png`` for the report summary ``s``; without matplotlib, one line on stderr
+    says that the figure was skipped and how to get it."""
     plt = _pyplot()
     if plt is None:
+        print(f"{path.name} skipped: matplotlib is not installed (pip install 'bagcert[plots]')", file=sys.stderr)
         return
     _save(accuracy_figure(s), path, plt, dpi=120)
 
@@ -627,24 +865,83 @@ def _save(fig, path: Path, plt, dpi: int = 110) -> None:
             os.unlink(tmp)
 
 
+#: Bar colours of :func:`accuracy_figure`: clean, certified, then one per attack in this order.
+_BAR_COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+
+
+def accuracy_series(s: dict) -> list:
+    """The bars of ``certified_accuracy.png`` for a report summary ``s``: a list of ``(label, {size key:
+    (fraction, ci95 or None)}, outside)``, first clean (whole set), then certified (whole set), then, when
+    attacks ran, the empirical robust accuracy of each attack that ran (on the attacked images, only the sizes
+    attacked). ``outside`` is True for an attack whose patches did not all fit in the certified size (e.g.
+    ImageNet-Patch): its bars are not bounded below by the certified ones."""
+    keys = list(s["certified_accuracy"])
+    cis = s.get("certified_accuracy_ci95") or {}
+    out = [("clean", {k: (s["clean_accuracy"], s.get("clean_accuracy_ci95")) for k in keys}, False),
+           ("certified", {k: (s["certified_accuracy"][k], cis.get(k)) for k in keys}, False)]
+    e = s.get("empirical") or {}
+    per = e.get("per_size") or {}
+    for a in e.get("attacks", []):
+        if a in (e.get("skipped") or {}):
+            continue
+        vals = {k: (per[k]["robust_accuracy"][a], (per[k].get("robust_accuracy_ci95") or {}).get(a))
+                for k in keys if k in per and a in per[k]["robust_accuracy"]}
+        if vals:
+            outside = any(per[k].get("in_threat_model", {}).get(a) is False for k in vals)
+            out.append((a, vals, outside))
+    return out
+
+
 def accuracy_figure(s: dict):
-    """The bar chart of ``certified_accuracy.png`` (a matplotlib Figure) for a report summary ``s``; its
-    title names the method (certifier, aggregation, model), the data set and the image count."""
+    """The grouped bar chart of ``certified_accuracy.png`` (a matplotlib Figure) for a report summary ``s``.
+
+    Per patch size one group of bars (:func:`accuracy_series`): clean and certified accuracy on all images
+    and, when attacks ran, the empirical robust accuracy of each attack on the attacked images (hatched and
+    marked "outside threat model" when its patches do not fit in the certified size). Every bar carries its
+    value in percent; error bars are the 95 % Clopper-Pearson intervals when ``s`` holds them (``*_ci95``).
+    Bars are ``ax.containers`` labelled with the series' legend text. The title names the method (certifier,
+    aggregation, model), the data set and the image counts."""
     plt = _require_pyplot()
     keys = list(s["certified_accuracy"])
-    fig, ax = plt.subplots(figsize=(5, 3.4), layout="constrained")
-    ax.bar(range(len(keys)), [100 * s["certified_accuracy"][k] for k in keys], color="tab:blue", label="certified")
-    ax.axhline(100 * s["clean_accuracy"], color="tab:gray", ls="--", label="clean")
+    series = accuracy_series(s)
+    m = len(series)
+    crowded = m * len(keys) > 10
+    width = 0.84 / m
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.95 + 0.32 * m * len(keys)), 3.9), layout="constrained")
+    e = s.get("empirical") or {}
+    attacked = e.get("num_images_attacked")
+    for j, (name, vals, outside) in enumerate(series):
+        idx = [i for i, k in enumerate(keys) if k in vals]
+        xs = [i + (j - (m - 1) / 2) * width for i in idx]
+        heights = [100 * vals[keys[i]][0] for i in idx]
+        cis = [vals[keys[i]][1] for i in idx]
+        yerr = None
+        if all(c is not None for c in cis) and cis:
+            yerr = [[h - 100 * c[0] for h, c in zip(heights, cis)], [100 * c[1] - h for h, c in zip(heights, cis)]]
+        label = name if j < 2 else f"{name} (robust{', outside threat model' if outside else ''})"
+        ax.bar(xs, heights, width, color=_BAR_COLOURS[j % len(_BAR_COLOURS)], label=label, yerr=yerr,
+               hatch="//" if outside else None, edgecolor="white" if outside else None,
+               error_kw={"elinewidth": 0.7, "capsize": 1.5, "ecolor": "black"})
+        for x, h, c in zip(xs, heights, cis):
+            top = 100 * c[1] if c is not None else h
+            ax.text(x, top + 1.0, f"{h:.1f}", ha="center", va="bottom", fontsize=6, rotation=90 if crowded else 0)
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels([k if "x" in k else f"{k}x{k}" for k in keys])
     ax.set_xlabel("patch size (pixels)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 118 if crowded else 112)
+    ax.set_yticks(range(0, 101, 20))
+    fig.legend(loc="outside lower center", fontsize=7, ncols=min(m, 3), frameon=False)
     ckpt = s.get("checkpoint") or {}
     model = model_label(ckpt.get("model"), ckpt.get("model_kwargs"))
-    ax.set_title(f"{certificate_method(s.get('aggregation'), model, s.get('method'))}\n"
-                 f"certified accuracy on {s['dataset'].get('name')}, n={s['num_images']}", fontsize=9)
+    what = f"certified accuracy on {s['dataset'].get('name')}, n={s['num_images']}"
+    if m > 2:
+        what = (f"clean, certified (n={s['num_images']}) and empirical robust accuracy (n={attacked} attacked) on "
+                f"{s['dataset'].get('name')}")
+    if s.get("clean_accuracy_ci95") is not None:
+        what += "; error bars: 95 % CI"
+    ax.set_title(_wrap_title(f"{certificate_method(s.get('aggregation'), model, s.get('method'))}\n{what}",
+                             fig.get_figwidth(), 8), fontsize=8)
     return fig
 
 
@@ -697,7 +994,50 @@ def _mask_box(mask):
     return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
 
 
-def attack_examples_figure(images, labels, clean_pred, adversarial: dict, classes=None, title: str = "", certified=None):
+def _box_sizes(masks) -> torch.Tensor:
+    """long [N, 2]: (height, width) in pixels of the bounding box of the nonzero pixels of each mask [N, 1, H, W]
+    (0, 0 for an empty mask)."""
+    m = torch.as_tensor(masks).detach().cpu()
+    m = m.reshape(m.shape[0], *m.shape[-2:]) != 0
+    out = torch.zeros(m.shape[0], 2, dtype=torch.long)
+    for dim, axis in ((0, 2), (1, 1)):  # rows: any over columns; columns: any over rows
+        hit = m.any(dim=axis)
+        idx = torch.arange(hit.shape[1]).expand_as(hit)
+        first = torch.where(hit, idx, hit.shape[1]).min(dim=1).values
+        last = torch.where(hit, idx, -1).max(dim=1).values
+        out[:, dim] = (last - first + 1).clamp(min=0)
+    return out
+
+
+def threat_model_note(attack: str, masks, patch_size) -> str | None:
+    """The note an attack figure carries when the attack's patches lie outside the certified threat model, e.g.
+    ``"imagenet-patch: outside the certified threat model (patch 50x50 px > certified 5x5)"``; None when every
+    patch fits.
+
+    Args:
+        attack: the attack's name.
+        masks: [N, 1, H, W] (or [N, H, W]): the pixels each applied patch covers (nonzero).
+        patch_size: (ph, pw): the certified patch size in pixels.
+
+    A patch fits when the bounding box of its pixels is at most ``ph`` x ``pw`` (the rule of
+    :class:`~bagcert.attacks.base.PatchAttack`'s ``in_threat_model``): such a patch lies inside some certified
+    rectangle. The note gives the applied boxes' size (a range when they differ, e.g. the rotated and scaled
+    ImageNet-Patch patches) and, when only some images' patches do not fit, how many.
+    """
+    ph, pw = (int(v) for v in patch_size)
+    sizes = _box_sizes(masks)
+    outside = (sizes[:, 0] > ph) | (sizes[:, 1] > pw)
+    if not bool(outside.any()):
+        return None
+    hs, ws = sizes[outside, 0], sizes[outside, 1]
+    span = lambda v: f"{int(v.min())}" if int(v.min()) == int(v.max()) else f"{int(v.min())}-{int(v.max())}"  # noqa: E731
+    count = "" if bool(outside.all()) else f" for {int(outside.sum())} of {outside.numel()} images"
+    shape = f"{span(hs)}x{span(ws)}" if "-" not in span(hs) + span(ws) else f"{span(hs)} x {span(ws)}"
+    return f"{attack}: outside the certified threat model{count} (patch {shape} px > certified {ph}x{pw})"
+
+
+def attack_examples_figure(images, labels, clean_pred, adversarial: dict, classes=None, title: str = "", certified=None,
+                           patch_size=None):
     """The attack example figure (a matplotlib Figure): one row per image, the clean image with the clean
     prediction, then each attack's patched image with the prediction on it (red and "(wrong)" when it is not
     the label; the patch's bounding box outlined in yellow when masks are given); the row is labelled with the
@@ -710,12 +1050,24 @@ def attack_examples_figure(images, labels, clean_pred, adversarial: dict, classe
         classes: class names (wnids are shown by name, see :func:`class_name`); None shows indices.
         title: the method (attack, patch size, model, aggregation): the figure's title.
         certified: optional bool [k].
+        patch_size: optional (ph, pw), the certified patch size: with masks, a panel whose patch does not fit
+            in it says "outside threat model (HxW px)" and the title gets :func:`threat_model_note` per attack.
     """
     plt = _require_pyplot()
     k = images.shape[0]
     if k < 1:
         raise ValueError("attack_examples_figure: no images to show")
     names = list(adversarial)
+    has_mask = lambda n: len(adversarial[n]) > 2 and adversarial[n][2] is not None  # noqa: E731
+    sizes, notes = {}, []
+    if patch_size is not None:
+        ph, pw = (int(v) for v in patch_size)
+        for n in names:
+            if has_mask(n):
+                sizes[n] = _box_sizes(adversarial[n][2])
+                note = threat_model_note(n, adversarial[n][2], (ph, pw))
+                if note:
+                    notes.append(note)
     cols = 1 + len(names)
     width = max(2.3 * cols, 5.0)
     fig, axes = plt.subplots(k, cols, figsize=(width, 2.05 * k + 1.1), squeeze=False, layout="constrained")
@@ -728,7 +1080,12 @@ def attack_examples_figure(images, labels, clean_pred, adversarial: dict, classe
             ax = axes[i][j]
             ax.imshow(_image(img), interpolation="nearest")
             ok = int(pred) == int(labels[i])
-            ax.set_title(f"{name}\npred: {class_name(classes, pred)}{'' if ok else ' (wrong)'}", fontsize=8,
+            head = name
+            if name in sizes and j > 0:
+                h, w = (int(v) for v in sizes[name][i])
+                if h > ph or w > pw:
+                    head = f"{name}\noutside threat model ({h}x{w} px)"
+            ax.set_title(f"{head}\npred: {class_name(classes, pred)}{'' if ok else ' (wrong)'}", fontsize=8,
                          color="black" if ok else "tab:red")
             box = _mask_box(mask) if mask is not None else None
             if box is not None:
@@ -738,17 +1095,20 @@ def attack_examples_figure(images, labels, clean_pred, adversarial: dict, classe
             ax.set_yticks([])
         state = "" if certified is None else ("\ncertified" if bool(certified[i]) else "\nnot certified")
         axes[i][0].set_ylabel(f"true: {class_name(classes, labels[i])}{state}", fontsize=8)
-    fig.suptitle(_wrap_title(f"{title}\nred: the prediction is not the true class; yellow box: the patch", width), fontsize=9)
+    extra = "".join(f"\n{n}" for n in notes)
+    fig.suptitle(_wrap_title(f"{title}{extra}\nred: the prediction is not the true class; yellow box: the patch", width),
+                 fontsize=9)
     return fig
 
 
-def plot_attack_examples(path, images, labels, clean_pred, adversarial: dict, classes=None, title: str = "", certified=None) -> bool:
+def plot_attack_examples(path, images, labels, clean_pred, adversarial: dict, classes=None, title: str = "", certified=None,
+                         patch_size=None) -> bool:
     """Write :func:`attack_examples_figure` to ``path`` (PNG). Returns False when matplotlib is not installed
     (nothing written)."""
     plt = _pyplot()
     if plt is None:
         return False
-    _save(attack_examples_figure(images, labels, clean_pred, adversarial, classes, title, certified), Path(path), plt)
+    _save(attack_examples_figure(images, labels, clean_pred, adversarial, classes, title, certified, patch_size), Path(path), plt)
     return True
 
 

@@ -42,6 +42,8 @@ from .data import (
     _missing_split,
     _split_folders,
     _synthetic_size,
+    check_upscale,
+    image_header_size,
     load_cifar10,
     resolve_image_folder,
     synthetic_dataset,
@@ -61,7 +63,11 @@ __all__ = [
     "epoch_order",
     "sample_seed",
     "decoded_size_bytes",
+    "SkipBadImages",
+    "skipped_images",
     "available_memory_bytes",
+    "max_loader_workers",
+    "LOADER_WORKER_BYTES",
     "choose_data_path",
     "DEFAULT_MEMORY_FRACTION",
     "AUGMENTATIONS",
@@ -69,6 +75,10 @@ __all__ = [
 
 AUGMENTATIONS = ("auto", "resized-crop", "pad-crop", "none")
 DEFAULT_MEMORY_FRACTION = 0.25
+#: Memory set aside per DataLoader worker process by :func:`max_loader_workers`: a forked worker's private pages
+#: (the copy-on-write pages it touches), its decode buffers and its prefetched batches (2 x 256 ImageNet crops are
+#: 77 MB), with room to spare.
+LOADER_WORKER_BYTES = 512 * 2**20
 
 
 def _mix(*parts) -> int:
@@ -208,6 +218,7 @@ def decode_rgb(path) -> torch.Tensor:
     if data[:3] == b"\xff\xd8\xff":
         from torchvision.io import ImageReadMode, decode_image
 
+        image_header_size(data, path)  # the decompression-bomb limit of the Pillow path, before libjpeg allocates
         try:
             return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError as e:
@@ -290,7 +301,9 @@ class ImageFolderStream(StreamDataset):
 
     def train_image(self, i: int) -> torch.Tensor:
         if self.augment == "resized-crop":
-            return self._train(decode_rgb(self.path(i))).contiguous()
+            x = decode_rgb(self.path(i))
+            check_upscale(x.shape[2], x.shape[1], self.size, self.path(i))  # the evaluation view's minimum, here too
+            return self._train(x).contiguous()
         x = self.eval_image(i)
         return x if self._train is None else self._train(x).contiguous()
 
@@ -342,6 +355,54 @@ class SubsetStream(StreamDataset):
 
     def train_image(self, i: int) -> torch.Tensor:
         return self.base.train_image(int(self.index[i]))
+
+
+class SkipBadImages(StreamDataset):
+    """The evaluation view of ``base`` where an image that cannot be read (a :class:`~bagcert.data.DatasetError`:
+    undecodable, truncated, unreadable) is replaced by a black image and recorded, so that a long run keeps going.
+
+    The record is one line per bad item, ``"<position>\\t<message>"``, appended to the file ``record`` (``O_APPEND``
+    writes of one short line each, so DataLoader worker processes can share it); :func:`skipped_images` reads it
+    back. The caller must drop the recorded positions from its results: their rows describe the black stand-in.
+    Training views are not offered (a training run stops on a bad image and keeps its checkpoint instead).
+    """
+
+    def __init__(self, base: StreamDataset, record):
+        self.base, self.record = base, str(record)
+        self.classes, self.name, self.image_shape, self.augment = base.classes, base.name, base.image_shape, base.augment
+        self.labels = base.labels
+        self.info = dict(base.info)
+
+    def eval_image(self, i: int) -> torch.Tensor:
+        from .data import DatasetError
+
+        try:
+            return self.base.eval_image(i)
+        except DatasetError as e:
+            line = f"{int(i)}\t{' '.join(str(e).split())}\n".encode()
+            fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+            return torch.zeros(self.image_shape, dtype=torch.uint8)
+
+    def train_image(self, i: int) -> torch.Tensor:
+        raise TypeError("SkipBadImages offers the evaluation view only")
+
+
+def skipped_images(record) -> dict:
+    """``{position: message}`` of the items a :class:`SkipBadImages` replaced (each position once; {} without a record)."""
+    try:
+        text = Path(record).read_text()
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        pos, _, msg = line.partition("\t")
+        if pos.strip().isdigit():
+            out.setdefault(int(pos), msg)
+    return dict(sorted(out.items()))
 
 
 def open_stream(spec: str, split: str = "test", size: int | None = None, resize: int | None = None, seed: int = 0,
@@ -475,14 +536,39 @@ class _LoaderView(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, epoch = key
-        if self.train:
-            x, y = self.dataset.train_item(i, sample_seed(self.seed, epoch, i))
-        else:
-            x, y = self.dataset[i]
+        try:
+            if self.train:
+                x, y = self.dataset.train_item(i, sample_seed(self.seed, epoch, i))
+            else:
+                x, y = self.dataset[i]
+        except DatasetError as e:
+            # carried to the main process as data: raised there with its own one-line message, not wrapped in the
+            # worker's traceback (DataLoader re-raises a worker's exception with the traceback as its message)
+            return _Failed(str(e))
         return x, y, i
 
 
+class _Failed:
+    """A :class:`DatasetError` met while reading one item (in a loader worker or not): its message."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _Loader(DataLoader):
+    """``DataLoader`` that raises an item's :class:`DatasetError` in the main process with the item's own message."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, _Failed):
+                raise DatasetError(batch.message)
+            yield batch
+
+
 def _collate(items):
+    failed = next((it for it in items if isinstance(it, _Failed)), None)
+    if failed is not None:
+        return failed
     x = torch.stack([it[0] for it in items])
     y = torch.tensor([it[1] for it in items], dtype=torch.long)
     idx = torch.tensor([it[2] for it in items], dtype=torch.long)
@@ -506,7 +592,8 @@ def make_loader(dataset: StreamDataset, batch_size: int, train: bool, seed: int 
     call ``loader.batch_sampler.set_epoch(e)`` instead of building a new loader. ``prefetch_factor``:
     batches each worker loads ahead (torch's default 2 when None). ``pin_memory`` defaults to whether
     CUDA is available. Raises ``ValueError`` as :class:`ShardedBatchSampler` does,
-    or for ``workers < 0``.
+    or for ``workers < 0``. Iterating raises :class:`bagcert.data.DatasetError` with the bad file's one-line
+    message when an image cannot be read (from a worker too: not wrapped in the worker's traceback).
     """
     if not isinstance(dataset, StreamDataset):
         raise TypeError(f"make_loader takes a bagcert.streaming dataset (ImageFolderStream, TensorStream, ...), got {type(dataset).__name__}")
@@ -516,7 +603,7 @@ def make_loader(dataset: StreamDataset, batch_size: int, train: bool, seed: int 
     kw = {}
     if workers > 0:
         kw = {"persistent_workers": True, **({"prefetch_factor": prefetch_factor} if prefetch_factor else {})}
-    return DataLoader(
+    return _Loader(
         _LoaderView(dataset, train, seed),
         batch_sampler=sampler,
         num_workers=workers,
@@ -545,6 +632,35 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (``os.sched_getaffinity`` where it exists: taskset and cgroup cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def max_loader_workers(copies: int | None = None, explain: bool = False):
+    """The most DataLoader worker processes one process should start on this machine:
+    ``min(usable CPU cores // copies, available memory // (LOADER_WORKER_BYTES * copies))``, at least 1.
+
+    ``copies``: processes on this machine that each start that many workers (default: torchrun's
+    ``LOCAL_WORLD_SIZE``, else 1). Decoding is CPU work, so workers beyond the cores only add memory; each
+    worker is a process of its own (:data:`LOADER_WORKER_BYTES` set aside). ``explain=True`` returns
+    ``(limit, reason)`` with the numbers behind it, one line."""
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if copies is None else int(copies)
+    copies = max(1, copies)
+    cpus, avail = usable_cpus(), available_memory_bytes()
+    by_cpu = cpus // copies
+    by_mem = avail // (LOADER_WORKER_BYTES * copies)
+    limit = max(1, min(by_cpu, by_mem))
+    if not explain:
+        return limit
+    share = f" shared by {copies} processes" if copies > 1 else ""
+    return limit, (f"{cpus} usable CPU cores and {_fmt(avail)} available memory at {_fmt(LOADER_WORKER_BYTES)} per loader "
+                   f"process{share}")
 
 
 def _fmt(b: float) -> str:

@@ -59,7 +59,7 @@ __all__ = [
     "remove_stale_temporaries", "cut_log", "log_ends_done", "StopSignals", "train_step", "calibration_window",
     "plan_total_steps", "replan_total_steps", "window_seconds_per_step", "ema_decay", "ema_update", "base_lr",
     "stream_augmentation", "RunState", "Checkpointer", "TimeBudget", "TrainLog", "StatWindow", "Evaluator",
-    "MemoryBatches", "StreamBatches", "DATA_PATHS",
+    "MemoryBatches", "StreamBatches", "DATA_PATHS", "check_run_inputs", "TrainingFailed",
 ]
 
 DATA_PATHS = ("auto", "memory", "stream")
@@ -83,6 +83,9 @@ class TrainConfig:
     # model
     model: str = "cifar_bagnet9_s2"
     model_kwargs: dict = field(default_factory=dict)
+    # .py files or dotted modules imported before the model is built, so that their bagcert.register_model calls
+    # take effect (--model-module; docs/own_model_plugin.md)
+    model_modules: list = field(default_factory=list)
     peer: str | None = None  # train a peer's base classifier: "drs-column:4", "drs-block:12", "patchcleanser:5[,k=6,masks=2]"
     # optimisation
     epochs: float = 10.0
@@ -117,6 +120,9 @@ class TrainConfig:
     amp: bool = False
     channels_last: bool = True
     compile: bool = False
+    # under DDP, batch-norm layers normalise with the statistics of the global batch (torch.nn.SyncBatchNorm)
+    # instead of each process's share of it; needs CUDA (see check_sync_bn and docs/training.md)
+    sync_bn: bool = False
     device: str = "cpu"
     data_path: str = "auto"  # auto | memory | stream: how train.py reads the training data (bagcert.streaming.choose_data_path)
     workers: int | None = None  # loader processes of the stream path (None: min(8, CPUs))
@@ -160,9 +166,16 @@ class TrainConfig:
         number("num_classes", lo=2, integer=True)
         for name in ("resize", "train_limit"):
             number(name, lo=1, integer=True, optional=True)
+        if self.resize is not None and self.resize < self.image_size:
+            # the shorter side before the centre crop: a model.pt with resize < input_size cannot be saved (nor read)
+            raise ValueError(f"resize must be None or an int >= image_size ({self.image_size}): the shorter image side "
+                             f"before the centre {self.image_size}x{self.image_size} crop, got {self.resize!r}")
         number("max_steps", lo=0, integer=True, optional=True)
         for name in ("eval_images", "pad", "cutout"):  # eval_images 0: every held-out image
             number(name, lo=0, integer=True)
+        if self.cutout > self.image_size:
+            raise ValueError(f"cutout must be at most image_size ({self.image_size}): a {self.cutout}x{self.cutout} square "
+                             f"is larger than the {self.image_size}x{self.image_size} training images, got {self.cutout}")
         number("test_fraction", lo=0, hi=1, lo_open=True, hi_open=True)
         for name in ("epochs", "lr", "tau", "bce_pos_weight", "eval_every"):
             number(name, lo=0, lo_open=True)
@@ -177,11 +190,39 @@ class TrainConfig:
                               ("loss", ("bagcert", "ce")), ("margin_reduce", ("min", "mean")), ("data_path", DATA_PATHS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        from .models import list_models
+        from .models import _is_registered, list_models, load_model_module
 
-        if self.model not in list_models():
-            raise ValueError(f"model must be a registered model name, got {self.model!r}; available: {', '.join(list_models())}")
+        if not isinstance(self.model_modules, list) or not all(isinstance(m, str) and m.strip() for m in self.model_modules):
+            raise ValueError(f"model_modules must be a list of .py files or dotted module names, got {self.model_modules!r}")
+        for module in self.model_modules:  # imported once per process: a second check is a no-op
+            load_model_module(module)
+        if not _is_registered(self.model):
+            import difflib
+
+            close = difflib.get_close_matches(str(self.model), list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "" if self.model_modules else (
+                "; a model of your own is registered by --model-module FILE or an installed plugin "
+                "(docs/own_model_plugin.md)")
+            raise ValueError(f"model must be a registered model name, got {self.model!r}; available: "
+                             f"{', '.join(list_models())}{hint}")
         return self
+
+
+def check_sync_bn(cfg: "TrainConfig", world: int, device_type: str) -> str | None:
+    """Check ``cfg.sync_bn`` for a run of ``world`` processes on ``device_type``; returns a note for the log or None.
+
+    Raises :class:`TrainingError` for ``sync_bn`` under DDP off CUDA: torch's DistributedDataParallel refuses
+    ``SyncBatchNorm`` in CPU modules ("SyncBatchNorm layers only work with GPU modules", torch 2.14, gloo). In one
+    process there is nothing to synchronise: the note says so."""
+    if not cfg.sync_bn:
+        return None
+    if world > 1 and device_type != "cuda":
+        raise TrainingError(f"sync_bn needs CUDA: torch's DistributedDataParallel refuses SyncBatchNorm on {device_type} "
+                            "(gloo); train without --sync-bn (each process normalises with its own share of the batch), "
+                            "or on GPUs")
+    if world == 1:
+        return "--sync-bn: one process, nothing to synchronise (batch norm already sees the whole batch)"
+    return None
 
 
 def distributed_env():
@@ -216,11 +257,13 @@ RESUME_REFUSED = frozenset({
     "test_fraction", "model", "model_kwargs", "peer", "batch_size", "optimizer", "lr", "weight_decay", "momentum",
     "schedule", "warmup_epochs", "ema", "init_from", "loss", "patch_sizes", "tau", "kappa", "margin_weight",
     "margin_warmup_epochs", "bce_weight", "bce_pos_weight", "margin_reduce", "ce_weight", "label_smoothing", "amp", "seed",
-    "grad_accum", "lr_scale_batch",
+    "grad_accum", "lr_scale_batch", "sync_bn",
 })
 RESUME_ALLOWED = frozenset({
     "epochs", "time_budget_minutes", "max_steps", "eval_images", "eval_every", "eval_patch_sizes", "checkpoint_minutes",
     "log_every", "threads", "device", "compile", "channels_last", "output", "tensorboard", "progress", "workers",
+    # where the model's code is imported from (the model's name and arguments are refused above)
+    "model_modules",
     # the resolved path (memory or stream) is what counts: it is stored in last.pt and a resume must use the same one
     "data_path",
 })
@@ -272,6 +315,72 @@ def check_output_folder(path) -> Path:
     return out
 
 
+def _image_hw(data) -> tuple:
+    """``(H, W)`` of the images of an in-memory Dataset or a bagcert.streaming dataset."""
+    shape = data.image_shape if hasattr(data, "image_shape") else tuple(data.images.shape[1:])
+    return int(shape[-2]), int(shape[-1])
+
+
+def check_run_inputs(cfg: TrainConfig, train_data, eval_data=None, peer=None) -> None:
+    """Refuse, before anything is written or trained, the inputs a run could only fail on later or, worse, train
+    and score wrongly with. Raises :class:`TrainingError` (one line) when
+
+    * the training images are not ``image_size`` pixels square (``resize`` for in-memory ``random_crop`` data, which
+      is cropped per step) or the held-out images are not ``image_size``: the loss and the certificate would use
+      windows built for another image size (CIFAR-style folders are never resized);
+    * the training data does not have ``num_classes`` classes, or the held-out data's class names differ from the
+      training data's (a renamed, missing or extra class folder would shift every held-out label);
+    * a training patch size (the bagcert loss) or an evaluation patch size is malformed or larger than the image;
+    * the final ``model.pt`` metadata could not be saved (:func:`bagcert.checkpoint.check_metadata`).
+    """
+    from .checkpoint import _metadata_problem
+    from .geometry import normalize_patch_sizes
+    from .streaming import StreamDataset
+
+    s = cfg.image_size
+    want = cfg.resize if cfg.random_crop and not isinstance(train_data, StreamDataset) else s
+    for what, data, expected in (("training", train_data, want), ("held-out", eval_data, s)):
+        if data is None:
+            continue
+        h, w = _image_hw(data)
+        if (h, w) != (expected, expected):
+            flag = "--resize" if expected != s else "--image-size"
+            raise TrainingError(
+                f"the {what} images of {data.name} are {h}x{w} pixels but the run is configured for {expected}x{expected} "
+                f"({flag} {expected}): the loss and the certificate would use windows built for another image size; give "
+                f"{flag} {h if h == w else 'matching the images'} (CIFAR-style folders are not resized; ImageNet-style "
+                "folders are resized and centre-cropped to --image-size)")
+    if len(train_data.classes) != cfg.num_classes:
+        raise TrainingError(f"the training data has {len(train_data.classes)} classes but num_classes is {cfg.num_classes} "
+                            f"(--num-classes)")
+    if eval_data is not None and list(eval_data.classes) != list(train_data.classes):
+        a, b = list(train_data.classes), list(eval_data.classes)
+        only_test = [c for c in b if c not in a]
+        only_train = [c for c in a if c not in b]
+        detail = "; ".join(x for x in (f"only in the held-out data: {only_test}" if only_test else "",
+                                         f"only in the training data: {only_train}" if only_train else "") if x)
+        raise TrainingError(
+            f"the held-out data's classes differ from the training data's ({detail or 'another order'}): every held-out "
+            f"label would be scored against another class; the test split needs the training split's class folders "
+            f"({len(a)}: {', '.join(map(str, a[:12]))}{' ...' if len(a) > 12 else ''})")
+    groups = [("eval_patch_sizes", cfg.eval_patch_sizes)] if peer is None else []
+    if peer is None and cfg.loss == "bagcert":
+        groups.insert(0, ("patch_sizes", cfg.patch_sizes))
+    for name, sizes in groups:
+        try:
+            parsed = normalize_patch_sizes(list(sizes))
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"{name} ({'--' + name.replace('_', '-')}): {e}") from None
+        big = [f"{ph}x{pw}" for ph, pw in parsed if ph > s or pw > s]
+        if big:
+            raise TrainingError(f"{name} (--{name.replace('_', '-')}) {', '.join(big)} larger than the {s}x{s} images; "
+                                "patch sizes must fit inside the image")
+    problem = _metadata_problem({"input_size": s, "resize": cfg.resize, "classes": [str(c) for c in train_data.classes]},
+                                cfg.num_classes, 1)
+    if problem:
+        raise TrainingError(f"the final model.pt could not be saved with this configuration: {problem}")
+
+
 def _data_record(train_data, steps_per_epoch: int, data_path: str = "memory") -> dict:
     """What a checkpoint records about its training data: ``dataset`` (name), ``classes``, the seeded ``split``
     and ``imagenet_indices`` where they apply (:func:`dataset_metadata`), ``steps_per_epoch`` and ``data_path``
@@ -300,13 +409,18 @@ def train(cfg: TrainConfig, train_data, eval_data=None, resume: bool = False, lo
     Stop: SIGINT or SIGTERM during the call finishes the current step, writes ``last.pt`` and a ``stopped`` log
     record, and returns with ``summary["stopped"]`` (the signal's name) and ``summary["exit_status"]``
     (128 + signal number); no model.pt is written. Under torch.distributed every rank stops after the same step.
-    The previous signal handlers are restored on return.
+    The previous signal handlers are restored on return. An unexpected error once training has started (a loader
+    worker killed, an undecodable image on the stream path, ...) likewise writes ``last.pt`` with the finished steps
+    and an ``error`` log record, and raises :class:`TrainingFailed` (one line; ``__cause__`` is the error).
 
     Resume (``resume=True`` with a ``last.pt``): the arguments are compared with the stored config before anything
     is written (:func:`resume_config_changes`), and the data path (memory or stream) must be the stored one; the
     log is cut back to the checkpoint's step (:func:`cut_log`) and a ``resumed`` record lists the allowed changes.
     A finished run (its log ends with the ``done`` record of the checkpoint's step and no later end is asked for)
     is left byte-identical: ``summary["already_finished"]``.
+
+    Before anything is written, :func:`check_run_inputs` refuses data of another image size or other held-out classes,
+    patch sizes that do not fit the image and a configuration whose model.pt could not be saved.
 
     Raises :class:`TrainingError` (a ValueError) for a run that cannot start or continue as configured, ValueError
     from :meth:`TrainConfig.check`, :class:`~bagcert.checkpoint.CheckpointError` for an unreadable ``last.pt``.
@@ -429,9 +543,11 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % world:
         raise TrainingError(f"batch size {cfg.batch_size} is not divisible by the number of processes {world}")
+    sync_note = check_sync_bn(cfg, world, device.type)
     peer = _peer_spec(cfg)  # None for a bagcert model; checks the spec before anything is written
     out = check_output_folder(cfg.output)
     is_main = rank == 0
+    check_run_inputs(cfg, train_data, eval_data, peer)
     batches = _training_batches(cfg, train_data, rank, world, device, peer)
     steps_per_epoch = batches.steps_per_epoch
     if steps_per_epoch < 1:
@@ -514,6 +630,16 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
 
     # forward = local_logits (a peer classifier: its logits), so DDP and torch.compile see the training output
     net = model if peer is not None else _LocalLogits(model)
+    if is_main and sync_note:
+        log(sync_note)
+    if world > 1 and cfg.sync_bn:
+        # in place: model's BatchNorm layers become SyncBatchNorm sharing their parameters and buffers (the optimiser
+        # and the checkpoint see the same tensors; the state-dict keys are those of BatchNorm2d)
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules())
+        if is_main:
+            log(f"--sync-bn: {bn} batch-norm layer(s) normalise with the statistics of the global batch"
+                if bn else "--sync-bn: the model has no batch-norm layer; nothing to synchronise")
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
     fwd = torch.compile(net) if cfg.compile else net
@@ -552,47 +678,60 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
     window = StatWindow()
     summary, stopped = {}, 0
     model.train()
-    while run.step < run.end:
-        lr = _lr_at(cfg, run.step, run.total_steps, run.warmup, run.anchor)
-        stats = train_step(fwd, opt, batches.micro_batches(run.step), loss_of(run.step), lr, cfg.grad_accum, no_sync,
-                           cfg.amp, device.type)
-        if ema is not None:
-            ema_update(ema, model, ema_decay(cfg.ema, run.step))
-        run.step += 1
-        window.add(stats, batches.step_batch)
-        if budget is not None and budget.calibration_done(run):
-            budget.plan(run, lambda: evaluator.probe_seconds(ema if ema is not None else model) if evaluator else 0.0)
-        if pbar is not None:
-            pbar.update(1)
-        if run.step % cfg.log_every == 0 or run.step == run.end:
-            means, ips = window.flush()
-            rec = {"step": run.step, "epoch": run.epoch, "lr": lr, "images_per_s": ips, **means}
-            tlog.append(rec)
-            tlog.scalars("train", rec, run.step)
+    # True from the optimiser's step (the first change of the weights) until run.step counts the step
+    partial = {"step": False}
+    opt.register_step_pre_hook(lambda *a: partial.__setitem__("step", True))
+    try:
+        while run.step < run.end:
+            lr = _lr_at(cfg, run.step, run.total_steps, run.warmup, run.anchor)
+            stats = train_step(fwd, opt, batches.micro_batches(run.step), loss_of(run.step), lr, cfg.grad_accum, no_sync,
+                               cfg.amp, device.type)
+            if ema is not None:
+                ema_update(ema, model, ema_decay(cfg.ema, run.step))
+            run.step += 1
+            partial["step"] = False
+            window.add(stats, batches.step_batch)
+            if budget is not None and budget.calibration_done(run):
+                budget.plan(run, lambda: evaluator.probe_seconds(ema if ema is not None else model) if evaluator else 0.0)
             if pbar is not None:
-                pbar.set_postfix(loss=f"{means['loss']:.3f}", ips=f"{ips:.0f}", ep=f"{run.epoch:.2f}")
-        if evaluator is not None and (run.step % eval_every_steps == 0 or run.step == run.end):
-            _sync(device)
-            t_eval0 = time.perf_counter()
-            m_eval = ema if ema is not None else model
-            ev = evaluator(m_eval)
-            tlog.append({"step": run.step, "epoch": run.epoch, "eval": ev, "wall_seconds": elapsed()})
-            summary["eval"] = ev
-            if is_main:
-                log(f"[eval] epoch {run.epoch:.2f}: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "n"))
-            tlog.scalars("eval", ev, run.step)
-            if tlog.writer is not None:
-                tlog.figure("eval/vote_map", evaluator.vote_figure(m_eval), run.step)
-            if budget is not None:
-                budget.evaluated(run, t_eval0)
-        # checkpoint and stop decisions must be identical on all ranks: rank 0's clock decides the checkpoint, a
-        # signal on any rank stops every rank after this step (one all_reduce of both flags)
-        due, signum = _checkpoint_and_stop(ckpt.due(), stop, world)
-        if due or signum:
-            save()
-        if signum:
-            stopped = signum
-            break
+                pbar.update(1)
+            if run.step % cfg.log_every == 0 or run.step == run.end:
+                means, ips = window.flush()
+                rec = {"step": run.step, "epoch": run.epoch, "lr": lr, "images_per_s": ips, **means}
+                tlog.append(rec)
+                tlog.scalars("train", rec, run.step)
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{means['loss']:.3f}", ips=f"{ips:.0f}", ep=f"{run.epoch:.2f}")
+            if evaluator is not None and (run.step % eval_every_steps == 0 or run.step == run.end):
+                _sync(device)
+                t_eval0 = time.perf_counter()
+                m_eval = ema if ema is not None else model
+                ev = evaluator(m_eval)
+                tlog.append({"step": run.step, "epoch": run.epoch, "eval": ev, "wall_seconds": elapsed()})
+                summary["eval"] = ev
+                if is_main:
+                    log(f"[eval] epoch {run.epoch:.2f}: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "n"))
+                tlog.scalars("eval", ev, run.step)
+                if tlog.writer is not None:
+                    tlog.figure("eval/vote_map", evaluator.vote_figure(m_eval), run.step)
+                if budget is not None:
+                    budget.evaluated(run, t_eval0)
+            # checkpoint and stop decisions must be identical on all ranks: rank 0's clock decides the checkpoint, a
+            # signal on any rank stops every rank after this step (one all_reduce of both flags)
+            due, signum = _checkpoint_and_stop(ckpt.due(), stop, world)
+            if due or signum:
+                save()
+            if signum:
+                stopped = signum
+                break
+    except TrainingError:  # a refusal of the run's own (a time budget too small): as it says, nothing to keep
+        batches.close()
+        raise
+    except Exception as e:  # an unexpected error (a loader worker killed, an undecodable file): keep the finished steps
+        batches.close()
+        if pbar is not None:
+            pbar.close()
+        raise _failed_run(e, run, out, partial["step"], save, tlog, elapsed) from e
     batches.close()
     if pbar is not None:
         pbar.close()
@@ -612,6 +751,56 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
     tlog.close()
     summary.update({"steps": run.step, "wall_seconds": wall, "output": str(out)})
     return summary
+
+
+class TrainingFailed(TrainingError):
+    """A run ended by an unexpected error after it started training (a DataLoader worker killed, an undecodable
+    image on the stream path, ...). ``step``: the optimiser steps finished; ``checkpoint``: the ``last.pt`` that
+    holds them (None when the error hit inside a step whose weights could not be saved consistently);
+    ``__cause__`` is the original exception. The message is one line with the continuation command."""
+
+    def __init__(self, message: str, step: int, checkpoint):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _error_line(e: BaseException) -> str:
+    """One line for an exception: a DataLoader worker's wrapped error is cut to its original last line."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+    else:
+        text = " ".join(text.split())
+    return text if text.startswith(type(e).__name__) else f"{type(e).__name__}: {text}"
+
+
+def _failed_run(e: Exception, run: RunState, out: Path, in_step: bool, save, tlog, elapsed) -> TrainingFailed:
+    """Save what a run finished before the error ``e`` (as a signal stop does: ``last.pt`` and a log record) and
+    return the :class:`TrainingFailed` to raise. ``in_step``: the error came after the optimiser began to change
+    the weights of a step not yet counted (inside ``optimizer.step`` or the EMA update); those weights match no step,
+    so the last periodic ``last.pt`` is kept then. An error while reading a step's data, in its forward or backward
+    pass or in an evaluation leaves the weights of the finished steps: they are saved."""
+    what = _error_line(e)
+    saved = None
+    if not in_step:
+        try:
+            save()
+            saved = out / "last.pt"
+        except Exception as save_error:  # the disk is full, ...: say so, keep the original error
+            what += f"; writing last.pt failed too ({_error_line(save_error)})"
+    try:
+        tlog.append({"step": run.step, "error": what, "wall_seconds": elapsed(), "checkpoint": saved is not None})
+        tlog.close()
+    except Exception:
+        pass
+    if saved is not None:
+        tail = (f"{saved} holds the {run.step} finished steps; fix the cause and continue with: train.py --config "
+                f"{out / 'config.json'} --resume")
+    elif (out / "last.pt").is_file():
+        tail = f"{out / 'last.pt'} holds the last periodic checkpoint; continue with: train.py --config {out / 'config.json'} --resume"
+    else:
+        tail = "no checkpoint was written"
+    return TrainingFailed(f"training failed during step {run.step + 1} ({what}); {tail}", run.step, saved)
 
 
 def _export_final(cfg, final_model, peer, out, data_record, init_info, run, wall, world, summary) -> None:
@@ -682,8 +871,12 @@ def export_checkpoint(run_dir, path, use_ema: bool = True, **extra_metadata):
     }
     if record is not None:
         meta["epochs"] = int(state["step"]) / record["steps_per_epoch"]
-    if cfg.resize is not None:
+    if cfg.resize is not None and cfg.resize >= cfg.image_size:
         meta["resize"] = cfg.resize
+    elif cfg.resize is not None:
+        # a run from before TrainConfig.check refused it: no loader resizes below the crop, so its images were never
+        # resized (a CIFAR-10 layout ignores resize); the export records what was asked and what applied
+        meta["ignored_resize"] = cfg.resize
     meta.update(extra_metadata)
     if peer is not None:
         from .peers import save_peer_classifier
@@ -709,10 +902,20 @@ def _peer_spec(cfg: TrainConfig):
     return spec
 
 
-def leave_process_group() -> None:
+def leave_process_group(failed: bool = False) -> None:
     """End a torch.distributed run: every rank leaves the process group together (a rank that exits early
-    aborts gloo's peers). Does nothing outside torch.distributed."""
+    aborts gloo's peers). Does nothing outside torch.distributed.
+
+    ``failed=True``: the run is ending with an error or a signal (torchrun stops the other ranks with SIGTERM
+    when one dies). Then this rank leaves without waiting for the others: a peer may be gone, and the barrier
+    would end in gloo's "Connection closed by peer" traceback after the run's own one-line message."""
     if dist.is_available() and dist.is_initialized():
+        if failed:
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - the run's own error is what the user needs to see
+                pass
+            return
         dist.barrier()
         dist.destroy_process_group()
 
@@ -776,12 +979,20 @@ def ema_decay(decay: float, step: int) -> float:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema = decay * ema + (1 - decay) * model`` for floating-point parameters and buffers; other
-    buffers (e.g. BatchNorm's step counter) are copied."""
+    buffers (e.g. BatchNorm's step counter) are copied.
+
+    One fused ``torch._foreach_lerp_`` over all floating-point tensors (``ema + (1 - decay) * (model - ema)``)
+    instead of two kernels per tensor.
+    """
+    floats_e, floats_m = [], []
     for pe, pm in zip(ema.state_dict().values(), model.state_dict().values()):
         if pe.dtype.is_floating_point:
-            pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+            floats_e.append(pe)
+            floats_m.append(pm.detach())
         else:
             pe.copy_(pm)
+    if floats_e:
+        torch._foreach_lerp_(floats_e, floats_m, 1.0 - decay)
 
 
 def dataset_metadata(train_data) -> dict:

@@ -18,6 +18,7 @@ import json
 import math
 import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -525,9 +526,17 @@ class TrainLog:
                      f"{'resumes' if resumed else 'starts'}")
 
     def open_tensorboard(self) -> None:
+        """Open the TensorBoard writer (rank 0, when asked). TensorBoard is an optional extra: when it is not
+        installed, one line on stderr says so and how to get it, and training goes on without TensorBoard logs
+        (``train_log.jsonl`` holds the same numbers)."""
         if self.tensorboard and self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.tensorboard = False
+                print("tensorboard logging skipped: tensorboard is not installed (pip install 'bagcert[tensorboard]'); "
+                      "train_log.jsonl holds the same numbers", file=sys.stderr, flush=True)
+                return
             self.writer = SummaryWriter(str(self.out / "tb"))
 
     def append(self, rec: dict) -> None:

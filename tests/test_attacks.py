@@ -544,6 +544,9 @@ def test_cli_imagenet_patch_on_an_imagenet_like_checkpoint(tmp_path, capsys, mon
     assert r["clean_accuracy"] == 1.0
     assert r["in_threat_model"]["imagenet-patch"] is False and r["overall_attacks"] == ["pgd"]
     assert len(r["attack_info"]["imagenet-patch"]["per_patch"]) == 10
+    # the report says so with the applied size (the pasted patches' bounding boxes against the certified 5x5)
+    note = next(n for n in emp["notes"] if n.startswith("patch 5: imagenet-patch: outside the certified threat model ("))
+    assert note.endswith(" px > certified 5x5)") and note in (out / "summary.md").read_text()
 
 
 def test_cli_rejects_unknown_attack(tiny_checkpoint, tmp_path):

@@ -154,3 +154,98 @@ def test_defensive_patch_figures_name_method():
     matplotlib.pyplot.close(fig)
     with pytest.raises(ValueError, match="no evaluation has corruption results"):
         corruptions_figure({"source": {"severities": [1], "corruptions": {}}}, method)
+
+
+def _report_with_attacks():
+    """A report summary of 200 images certified for 2x2 and 5x5, 100 attacked (pgd; imagenet-patch outside)."""
+    from bagcert.report import _empirical_with_ci, binomial_ci95
+
+    s = {"certified_accuracy": {"2": 0.4, "5": 0.2}, "certified_count": {"2": 80, "5": 40}, "clean_accuracy": 0.56,
+         "correct_count": 112, "num_images": 200, "dataset": {"name": "CIFAR-10"}, "aggregation": "votes", "method": "bagcert",
+         "checkpoint": {"model": "cifar_bagnet5_s2"}, "clean_accuracy_ci95": binomial_ci95(112, 200),
+         "certified_accuracy_ci95": {"2": binomial_ci95(80, 200), "5": binomial_ci95(40, 200)}}
+    per = {}
+    for k, (cert, pgd, inet) in {"2": (38, 45, 20), "5": (20, 30, 20)}.items():
+        per[k] = {"num_images": 100, "clean_accuracy": 0.55, "certified_accuracy": cert / 100, "certified_count": cert,
+                  "robust_accuracy": {"pgd": pgd / 100, "imagenet-patch": inet / 100}, "robust_count": {"pgd": pgd, "imagenet-patch": inet},
+                  "overall_robust_accuracy": pgd / 100, "in_threat_model": {"pgd": True, "imagenet-patch": False}}
+    s["empirical"] = _empirical_with_ci({"attacks": ["pgd", "universal", "imagenet-patch"], "skipped": {"universal": "not asked"},
+                                         "num_images_attacked": 100, "per_size": per})
+    return s
+
+
+def _bars(ax):
+    """{legend label: (bar heights, bar x centres)} of the bar containers of ``ax``."""
+    out = {}
+    for c in ax.containers:
+        if hasattr(c, "patches"):
+            out[c.get_label()] = ([round(p.get_height(), 6) for p in c.patches], [p.get_x() + p.get_width() / 2 for p in c.patches])
+    return out
+
+
+def test_accuracy_figure_puts_robust_bars_beside_certified_ones_with_values_and_intervals():
+    s = _report_with_attacks()
+    fig = accuracy_figure(s)
+    ax = fig.axes[0]
+    bars = _bars(ax)
+    assert list(bars) == ["clean", "certified", "pgd (robust)", "imagenet-patch (robust, outside threat model)"]
+    assert bars["clean"][0] == [56.0, 56.0] and bars["certified"][0] == [40.0, 20.0]
+    assert bars["pgd (robust)"][0] == [45.0, 30.0] and bars["imagenet-patch (robust, outside threat model)"][0] == [20.0, 20.0]
+    # grouped: within each patch size the bars stand side by side in series order, around the size's tick
+    for i in range(2):
+        xs = [b[1][i] for b in bars.values()]
+        assert xs == sorted(xs) and abs(sum(xs) / len(xs) - i) < 1e-9
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2x2", "5x5"]
+    # every bar carries its value, placed above the top of its error bar
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == sorted(["56.0", "56.0", "40.0", "20.0", "45.0", "30.0", "20.0", "20.0"])
+    # error bars: one line collection per series, spanning the 95 % interval of each bar (in percent)
+    pgd_ci = s["empirical"]["per_size"]["2"]["robust_accuracy_ci95"]["pgd"]
+    segments = [seg for coll in ax.collections for seg in coll.get_segments()]
+    assert any(abs(seg[0][1] - 100 * pgd_ci[0]) < 1e-9 and abs(seg[1][1] - 100 * pgd_ci[1]) < 1e-9 for seg in segments)
+    assert len(segments) == 8
+    title = ax.get_title()
+    assert title.startswith("BagCert (votes aggregation), cifar_bagnet5_s2\n")
+    assert "empirical robust accuracy (n=100 attacked)" in title and "95 % CI" in title
+    matplotlib.pyplot.close(fig)
+
+
+def test_accuracy_figure_without_attacks_has_clean_and_certified_bars_only():
+    s = _report_with_attacks()
+    del s["empirical"]
+    fig = accuracy_figure(s)
+    assert list(_bars(fig.axes[0])) == ["clean", "certified"]
+    assert fig.axes[0].get_title().endswith("certified accuracy on CIFAR-10, n=200; error bars: 95 % CI")
+    matplotlib.pyplot.close(fig)
+
+
+def test_threat_model_note_names_the_applied_patch_size():
+    from bagcert.report import threat_model_note
+
+    masks = torch.zeros(3, 1, 224, 224)
+    masks[:, :, 10:60, 20:70] = 1  # a 50x50 patch on every image
+    assert threat_model_note("imagenet-patch", masks, (5, 5)) == \
+        "imagenet-patch: outside the certified threat model (patch 50x50 px > certified 5x5)"
+    assert threat_model_note("imagenet-patch", masks, (50, 50)) is None
+    masks[1] = 0
+    masks[1, :, 0:40, 0:3] = 1          # fits in 40x40; a rotated (diagonal) patch spans its bounding box
+    masks[2] = 0
+    masks[2, 0, torch.arange(60, 130), torch.arange(60, 130)] = 1
+    assert threat_model_note("imagenet-patch", masks, (40, 40)) == \
+        "imagenet-patch: outside the certified threat model for 2 of 3 images (patch 50-70 x 50-70 px > certified 40x40)"
+
+
+def test_imagenet_patch_example_figure_says_outside_the_certified_threat_model():
+    x = torch.rand(2, 3, 64, 64)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[0, :, 5:25, 5:25] = 1  # 20x20 against a 5x5 certificate
+    masks[1, :, 30:34, 30:34] = 1  # 4x4: inside
+    adv = {"imagenet-patch": (x, torch.tensor([1, 1]), masks)}
+    fig = attack_examples_figure(x, torch.tensor([0, 1]), torch.tensor([0, 1]), adv, ["a", "b"], title="imagenet-patch, 5x5 patch",
+                                 patch_size=(5, 5))
+    sup, titles = _titles(fig)
+    flat = " ".join(sup.split())  # the title is wrapped to the figure's width
+    assert "imagenet-patch: outside the certified threat model for 1 of 2 images (patch 20x20 px > certified 5x5)" in flat
+    assert titles[1] == "imagenet-patch\noutside threat model (20x20 px)\npred: b (wrong)"
+    assert titles[3] == "imagenet-patch\npred: b"
+    matplotlib.pyplot.close(fig)

@@ -524,3 +524,107 @@ def test_peers_compare_benchmark_smoke(tmp_path):
     assert all(r["random_init"] for r in res["methods"].values())
     assert res["methods"]["bagcert"]["cost_ratio_to_bagcert"] == 1.0
     assert "torch_version" in res["env"] and res["dataset"]["num_images"] == 3
+
+
+def test_patchguard_exact_ties_follow_the_lower_index_rule_not_float_residues():
+    # class 1's map is class 0's turned by 180 degrees: the same total and the same window sums, so the masked
+    # evidence is tied exactly; float integral images give class 1 a residue of ~2e-15 more
+    a = torch.tensor([[5, 2, 1, 6, 3, 7], [7, 9, 8, 1, 8, 1], [8, 7, 2, 0, 6, 2], [3, 8, 6, 0, 5, 1], [8, 8, 3, 7, 0, 8],
+                      [1, 0, 6, 3, 5, 6]], dtype=torch.float64) / 10
+    u = torch.stack([a, a.flip(0).flip(1)])[None]
+    geom = Geometry.from_layers([(1, 1, 0)])
+    window = peers.evidence_window_size(geom, (6, 6), 2)
+    masked = robust_masking(u, window)
+    assert float(masked[0, 1] - masked[0, 0]) != 0.0  # the residue is there
+    res = patchguard_certify_evidence(u, None, geom, (6, 6), 2)
+    assert int(res.prediction) == 0 and not bool(res.certified)
+    # the same tie in votes: summed in integers, exactly equal
+    votes = (torch.stack([a, a.flip(0).flip(1)])[None] > 0.45).double()
+    assert int(patchguard_certify_evidence(votes, None, geom, (6, 6), 2).prediction) == 0
+    assert robust_masking(votes, window).dtype == torch.int64
+    # the model path's prediction follows the same rule
+    assert int(peers.patchguard.masked_prediction(masked, peers.patchguard.tie_tolerance(u))) == 0
+
+
+def naive_patchguard_margins(u, geom, image_size, patch, tau):
+    """(margin with PatchGuard's tighter lower bound, margin with the plain bound) per sample, by explicit loops over
+    patch positions and windows (module doc of bagcert.peers.patchguard); u [N, C, h, w], predictions from
+    naive_masked."""
+    N, C, h, w = u.shape
+    wh, ww = peers.evidence_window_size(geom, image_size, patch)
+    wins = [(i, j) for i in range(h - wh + 1) for j in range(w - ww + 1)]
+    masked = torch.stack([naive_masked(u[:, c], (wh, ww), tau) for c in range(C)], 1)
+    pred = masked.argmax(1)
+    H, W = image_size
+    tight, plain = [], []
+    for n in range(N):
+        y = int(pred[n])
+        best_t = best_p = float("inf")
+        for top, left in itertools.product(range(H - patch[0] + 1), range(W - patch[1] + 1)):
+            R = geom.affected_mask(image_size, patch, top, left)
+            inside = lambda i, j: bool(R[i : i + wh, j : j + ww].any())  # noqa: E731
+            covers = lambda i, j: int(R[i : i + wh, j : j + ww].sum()) == int(R.sum())  # noqa: E731
+            v = u[n, y] * ~R
+            t_v = float(v.sum())
+            s_v = {(i, j): float(v[i : i + wh, j : j + ww].sum()) for i, j in wins}
+            q_all = max(s_v.values())
+            q_ov = max([s_v[k] for k in wins if inside(*k)], default=0.0)
+            lb_plain = t_v - q_all
+            lb_tight = t_v - (q_all if q_all > tau * t_v else q_ov)
+            for c in range(C):
+                if c == y:
+                    continue
+                cov = max(float(u[n, c, i : i + wh, j : j + ww].sum()) for i, j in wins if covers(i, j))
+                ub = (float(u[n, c].sum()) - cov) / (1 - tau)
+                best_t, best_p = min(best_t, lb_tight - ub), min(best_p, lb_plain - ub)
+        tight.append(best_t)
+        plain.append(best_p)
+    return torch.tensor(tight, dtype=torch.float64), torch.tensor(plain, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case, tau", [(2, 0.5)] + [pytest.param(c, t, marks=pytest.mark.slow) for c in range(len(PG_CASES))
+                                                    for t in (0.2, 0.5) if (c, t) != (2, 0.5)])
+def test_patchguard_threshold_lower_bound_is_patchguards_tighter_one_and_sound_by_brute_force(case, tau):
+    """tau > 0: the margin is the one of PatchGuard's lower bound (only windows overlapping the patch are
+    subtracted when the zeroed map is not detected), computed here by explicit loops; it is never below the plain
+    bound's and certifies more somewhere; no enumerated patch flips a certified sample."""
+    geom, image_size, patch = PG_CASES[case]
+    h, w = geom.grid_size(*image_size)
+    u = skewed_evidence(6, 3, (h, w), seed=20 + case)
+    res = patchguard_certify_evidence(u, None, geom, image_size, patch, threshold=tau)
+    tight, plain = naive_patchguard_margins(u, geom, image_size, patch, tau)
+    assert torch.allclose(res.margin, tight, atol=1e-9), (res.margin, tight)
+    assert bool((tight >= plain - 1e-12).all())
+    window = peers.evidence_window_size(geom, image_size, patch)
+    H, W = image_size
+    for n in range(u.shape[0]):
+        if not bool(res.certified[n]):
+            continue
+        y = int(res.prediction[n])
+        big = float(u[n].sum()) + 1.0
+        for top, left in itertools.product(range(H - patch[0] + 1), range(W - patch[1] + 1)):
+            mask = geom.affected_mask(image_size, patch, top, left)
+            values = (0.0, 0.37, big) if mask.sum() <= 4 else (0.0, big)
+            lo_y, _ = worst_case(u[n, y], mask, window, values, tau)
+            for c in set(range(3)) - {y}:
+                _, hi_c = worst_case(u[n, c], mask, window, values, tau)
+                assert hi_c < lo_y, (n, top, left, c)
+
+
+def test_patchguard_tighter_threshold_bound_certifies_what_the_plain_bound_cannot():
+    # y's evidence spread evenly (no window is detected, with or without the patch), another class at 0.71 of it:
+    # the plain bound subtracts a whole window outside the patch (margin 28 - 28.4 < 0), PatchGuard's only a window
+    # overlapping it (29 - 28.4 > 0); every patch with evidence {0, big} on its affected set leaves y predicted
+    geom, image_size, patch, tau = Geometry.from_layers([(2, 1, 0)]), (7, 7), (1, 1), 0.2
+    u = torch.stack([torch.full((6, 6), v, dtype=torch.float64) for v in (1.0, 0.71, 0.1)])[None]
+    res = patchguard_certify_evidence(u, None, geom, image_size, patch, threshold=tau)
+    tight, plain = naive_patchguard_margins(u, geom, image_size, patch, tau)
+    assert float(plain[0]) == pytest.approx(28 - 28.4) and float(tight[0]) == pytest.approx(29 - 28.4)
+    assert int(res.prediction) == 0 and bool(res.certified) and float(res.margin) == pytest.approx(0.6)
+    window = peers.evidence_window_size(geom, image_size, patch)
+    big = float(u.sum()) + 1.0
+    for top, left in itertools.product(range(7), range(7)):
+        mask = geom.affected_mask(image_size, patch, top, left)
+        lo_y, _ = worst_case(u[0, 0], mask, window, (0.0, 0.5, big), tau)
+        for c in (1, 2):
+            assert worst_case(u[0, c], mask, window, (0.0, 0.5, big), tau)[1] < lo_y

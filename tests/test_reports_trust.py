@@ -448,3 +448,80 @@ def test_sigterm_during_a_run_leaves_no_staging_folder(tmp_path):
     assert proc.returncode == 143
     assert "SIGTERM" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".rep*"))
+
+
+# ------------------------------------------------------------------------------------------------ confidence intervals
+def _cert(n, correct, certified):
+    from bagcert.certification import CertResult
+
+    flags = lambda k: torch.arange(n) < k  # noqa: E731
+    return CertResult(prediction=torch.where(flags(correct), 0, 1), label=torch.zeros(n, dtype=torch.long), correct=flags(correct),
+                      certified=flags(certified), margin=torch.where(flags(certified), 1, -1),
+                      worst_position=torch.zeros(n, 2, dtype=torch.long), patch_size=(5, 5), aggregation="votes")
+
+
+def test_binomial_ci95_is_the_exact_clopper_pearson_interval():
+    from scipy.stats import beta
+
+    from bagcert.report import binomial_ci95
+
+    # by hand: with 0 of n the upper end solves (1 - p)^n = 0.025, with n of n the lower end p^n = 0.025
+    lo, hi = binomial_ci95(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** 0.1, abs=1e-12) and round(hi, 4) == 0.3085
+    lo, hi = binomial_ci95(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.025 ** 0.1, abs=1e-12) and round(lo, 4) == 0.6915
+    # against scipy's beta quantiles (the textbook definition, not the function used inside)
+    lo, hi = binomial_ci95(112, 200)
+    assert lo == pytest.approx(beta.ppf(0.025, 112, 89), abs=1e-12) and hi == pytest.approx(beta.ppf(0.975, 113, 88), abs=1e-12)
+    assert (round(lo, 4), round(hi, 4)) == (0.4883, 0.6299) and lo < 0.56 < hi
+    assert binomial_ci95(0, 0) is None
+    with pytest.raises(ValueError, match="need 0 <= count <= n"):
+        binomial_ci95(11, 10)
+    with pytest.raises(ValueError, match="must be integers"):
+        binomial_ci95(0.5, 10)
+
+
+def test_results_json_and_summary_md_give_the_interval_of_every_accuracy(tmp_path):
+    from bagcert.report import binomial_ci95, write_certification_report
+
+    results = {"5": _cert(200, 112, 67), "3x7": _cert(200, 112, 1)}
+    robust = {"5": {"pgd": torch.tensor([True, True, True, False]), "imagenet-patch": torch.tensor([True, False, False, False])}}
+    per = {"5": {"patch_size": [5, 5], "num_images": 4, "clean_accuracy": 1.0, "certified_accuracy": 0.5, "certified_count": 2,
+                 "robust_accuracy": {"pgd": 0.75, "imagenet-patch": 0.25}, "robust_count": {"pgd": 3, "imagenet-patch": 1},
+                 "correct_count": 4, "overall_robust_accuracy": 0.75, "overall_robust_count": 3, "overall_attacks": ["pgd"],
+                 "in_threat_model": {"pgd": True, "imagenet-patch": False}, "certified_broken": 0, "broken_by": {}, "figures": []}}
+    summary = {"attacks": ["pgd", "imagenet-patch"], "num_images_attacked": 4, "subset_seed": 0, "skipped": {}, "notes": [],
+               "settings": {}, "per_size": per}
+    doc = write_certification_report(tmp_path, results, {"forward_s": 1.0, "certify_s": 0.5, "total_s": 1.5}, {},
+                                     {"name": "synthetic", "root": None, "split": "test"}, None,
+                                     empirical={"summary": summary, "indices": [0, 1, 2, 3], "robust": robust})
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["clean_accuracy_ci95"] == binomial_ci95(112, 200)
+    assert doc["certified_accuracy_ci95"] == {"5": binomial_ci95(67, 200), "3x7": binomial_ci95(1, 200)}
+    e = doc["empirical"]["per_size"]["5"]
+    assert e["certified_accuracy_ci95"] == binomial_ci95(2, 4) and e["clean_accuracy_ci95"] == binomial_ci95(4, 4)
+    assert e["robust_accuracy_ci95"] == {"pgd": binomial_ci95(3, 4), "imagenet-patch": binomial_ci95(1, 4)}
+    assert e["overall_robust_accuracy_ci95"] == binomial_ci95(3, 4)
+    assert "robust_accuracy_ci95" not in per["5"]  # the caller's object is left as it was
+    md = (tmp_path / "summary.md").read_text()
+    assert "Clean accuracy: **56.00 %** (112 / 200; 95 % CI 48.8-63.0 %)" in md
+    assert "| 5x5 | 33.50 % (27.0-40.5) | 67 |" in md and "| 3x7 | 0.50 % (0.0-2.8) | 1 |" in md
+    assert "Clopper-Pearson" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 5x5 | 50.00 %"))
+    assert row == ("| 5x5 | 50.00 % (6.8-93.2) | 75.00 % (19.4-99.4) | 25.00 % (0.6-80.6) (outside threat model) | "
+                   "75.00 % (19.4-99.4) | 0 |")
+
+
+def test_printed_summary_and_json_line_carry_the_intervals(tiny_checkpoint, tmp_path, capsys):
+    from bagcert.report import binomial_ci95
+
+    out = tmp_path / "rep"
+    assert certify.main(["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:12", "--patch-sizes", "2",
+                         "--output", str(out), "--threads", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    line = json.loads(printed.strip().splitlines()[-1])
+    ci = binomial_ci95(res["correct_count"], 12)
+    assert line["clean_accuracy_ci95"] == [round(v, 6) for v in ci] and res["clean_accuracy_ci95"] == ci
+    assert line["certified_accuracy_ci95"]["2"] == [round(v, 6) for v in binomial_ci95(res["certified_count"]["2"], 12)]
+    assert f"95 % CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f} %" in printed

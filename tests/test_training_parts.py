@@ -324,3 +324,31 @@ def test_train_cli_data_path_is_chosen_said_and_logged(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_cli.main(common + ["--data-path", "disk"])
     assert e.value.code == 2 and "argument --data-path: invalid choice: 'disk'" in capsys.readouterr().err
+
+
+def test_training_without_tensorboard_installed_says_one_line_and_goes_on(tmp_path, monkeypatch, capsys):
+    """TensorBoard is an optional extra: a run that asks for its logs while it is not installed (simulated by
+    blocking the import) trains to the end, without a tb folder, after one line on stderr."""
+    import sys
+
+    from bagcert.training_parts import TrainLog
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
+    log = TrainLog(tmp_path / "r", tensorboard=True, say=lambda m: None)
+    log.start(0, resumed=False)
+    log.open_tensorboard()
+    log.scalars("train", {"loss": 1.0}, 1)
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tensorboard is not installed" in err and "pip install 'bagcert[tensorboard]'" in err
+    assert log.writer is None and not (tmp_path / "r" / "tb").exists()
+
+    import train as train_cli
+
+    out = tmp_path / "run"
+    assert train_cli.main(["--dataset", "synthetic", "--model", "cifar_bagnet5_s2", "--model-kwargs", '{"width": 8}',
+                           "--batch-size", "8", "--max-steps", "1", "--eval-images", "8", "--no-progress", "--threads", "1",
+                           "--no-amp", "--eval-patch-sizes", "2", "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tensorboard is not installed") == 1 and "Traceback" not in err
+    assert (out / "model.pt").exists() and not (out / "tb").exists()

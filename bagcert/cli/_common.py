@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
+__all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "bounded_number", "positive_number", "nonnegative_number",
+           "unit_number", "workers", "check_workers_apply", "check_output_outside_dataset", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
            "one_line", "exit_on_sigterm", "user_errors", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
            "plt_or_none", "save_figure", "json_line", "add_output_arguments", "output_is_default", "show_path",
-           "written_message", "progress_bar"]
+           "written_message", "progress_bar", "add_model_module_argument", "import_model_modules"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -53,10 +54,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose usage errors are one line on stderr (``prog: error: ...; see --help``)
     and exit status 2, instead of the whole usage block followed by the error; ``--help`` shows every
-    default (:class:`HelpFormatter`)."""
+    default (:class:`HelpFormatter`).
+
+    Options must be spelled out: ``allow_abbrev=False``, so ``--epoch 3`` is refused instead of being taken as
+    ``--epochs`` (an abbreviation silently changes meaning the day another option shares its prefix)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -106,6 +111,30 @@ def user_errors(prefix: str = ""):
         raise SystemExit(one_line(f"{prefix}{e}")) from None
 
 
+def add_model_module_argument(p, note: str = "") -> None:
+    """``--model-module FILE_OR_MODULE`` (repeatable, ``args.model_modules``): a .py file or dotted module that
+    registers models of the user's own (:func:`bagcert.models.load_model_module`; docs/own_model_plugin.md)."""
+    p.add_argument("--model-module", dest="model_modules", action="append", metavar="FILE_OR_MODULE",
+                   help="import this .py file or dotted module first, so that its bagcert.register_model(...) calls "
+                   f"take effect: a model of your own (repeatable{'; ' + note if note else ''}; docs/own_model_plugin.md)")
+
+
+def import_model_modules(modules) -> None:
+    """Import the ``--model-module`` files / modules (None: none given); one line (``SystemExit``) naming the first
+    that cannot be imported: not found, or the exception its code raised, with its file and line."""
+    from ..models import PluginError, load_model_module
+
+    if modules is None:
+        return
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise SystemExit(f"model_modules must be a list of .py files or dotted module names, got {modules!r}")
+    for module in modules:
+        try:
+            load_model_module(module)
+        except PluginError as e:
+            raise SystemExit(one_line(f"--model-module {module}: {e.detail}")) from None
+
+
 def device(text) -> str:
     """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... -> the same text, checked (argparse ``type=``): an unknown device
     type or an accelerator this machine does not have is refused."""
@@ -143,6 +172,78 @@ def positive_int(text) -> int:
 def nonnegative_int(text) -> int:
     """``"0"`` -> 0; negative or non-integer text is refused (argparse ``type=``), for counts where 0 means none."""
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def bounded_number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+                   what: str | None = None):
+    """An argparse ``type=`` reading a finite number like :func:`parse_number` (``0.03``, ``8/255``) and refusing
+    one outside ``[lo, hi]`` (``lo_open`` / ``hi_open``: that end excluded; None: unbounded), with one line
+    naming the range (``must be a number > 0, got -1``; ``what`` replaces "a number > 0" when given)."""
+    bounds = " and ".join(f"{op} {b:g}" for op, b in ((">" if lo_open else ">=", lo), ("<" if hi_open else "<=", hi))
+                          if b is not None)
+    what = what or f"a number{' ' + bounds if bounds else ''}"
+
+    def parse(text) -> float:
+        value = parse_number(text)
+        ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or (value < hi if hi_open else value <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = "number"  # parse_list and argparse name the kind by it
+    return parse
+
+
+#: ``"0.01"`` -> 0.01; zero or negative is refused (learning rates, step sizes, decay factors).
+positive_number = bounded_number(0, lo_open=True)
+#: ``"0"`` -> 0.0; negative is refused.
+nonnegative_number = bounded_number(0)
+#: a value in [0, 1]: a pixel value or an L-inf budget in the images' [0, 1] pixel units (accepts ``8/255``).
+unit_number = bounded_number(0, 1, what="a number in [0, 1] (pixel units)")
+
+
+def workers(text) -> int:
+    """``"4"`` -> 4 loader processes (argparse ``type=``): an integer >= 0 and at most
+    :func:`bagcert.streaming.max_loader_workers` (usable CPU cores and available memory, shared by the torchrun
+    processes on this machine); more is refused with one line instead of ending in the OOM killer."""
+    from ..streaming import max_loader_workers
+
+    value = nonnegative_int(text)
+    limit, why = max_loader_workers(explain=True)
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"{value} loader processes is more than this machine can run: at most {limit} ({why})")
+    return value
+
+
+def check_workers_apply(workers_given: int | None, requested: str, chosen: str, flag: str = "--workers") -> None:
+    """``--workers`` read the images of the stream path only. Given (not None, not 0) with ``--data-path memory``
+    it can never apply: ``SystemExit`` with one line. Given with ``--data-path auto`` that chose the memory path,
+    stderr says it is unused (the choice was not the user's). The rule of every tool: an option that the command
+    line itself makes inapplicable is refused; one made moot by an automatic choice is said on stderr."""
+    if not workers_given or chosen != "memory":
+        return
+    if requested == "memory":
+        raise SystemExit(f"{flag} {workers_given} applies to the stream path only; --data-path memory decodes every image in "
+                         f"this process (drop {flag}, or give --data-path stream)")
+    print(f"note: {flag} {workers_given} is unused: --data-path auto chose the memory path (give --data-path stream to "
+          "decode in loader processes)", file=sys.stderr, flush=True)
+
+
+def check_output_outside_dataset(output, dataset, flag: str = "--output") -> None:
+    """Refuse (``SystemExit``, one line) an output folder that is the dataset folder or lies inside it: a report
+    or run folder there would be listed as one more class folder by every later run on that dataset.
+    ``dataset`` is a dataset spec (``synthetic[:N]``, ``cifar10:<root>``, ``folder:<root>`` or a path)."""
+    from ..data import _is_synthetic, _spec_root
+
+    if output is None or dataset is None or _is_synthetic(str(dataset)):
+        return
+    root = _spec_root(str(dataset))
+    if not root.is_dir():
+        return
+    out, root = Path(os.path.realpath(os.fspath(output))), Path(os.path.realpath(root))
+    if out == root or root in out.parents:
+        raise SystemExit(f"{flag} {output} lies inside the dataset folder {show_path(root)}: every later run would read it "
+                         "as one more class folder; write outside the dataset")
 
 
 class _ExplicitOutput(argparse.Action):
@@ -187,7 +288,7 @@ def add_cache_argument(p: argparse.ArgumentParser) -> None:
                    help="decode the images afresh; neither read nor write the decode cache ($BAGCERT_CACHE, default ~/.cache/bagcert)")
 
 
-def prepare_output(path, overwrite: bool = False, default_folder: bool = False):
+def prepare_output(path, overwrite: bool = False, default_folder: bool = False, dataset=None):
     """Check, before any work, that the report folder ``path`` can be written, and return its
     :class:`~bagcert.report.ReportFolder` (nothing is created yet). A path that is a file or lies under
     one, an unwritable parent, a folder of other files, or a folder holding a report without ``overwrite``
@@ -196,9 +297,13 @@ def prepare_output(path, overwrite: bool = False, default_folder: bool = False):
     ``default_folder``: ``path`` is the tool's default folder, not one the user named (``args`` from
     :func:`add_output_arguments`: :func:`output_is_default`). A bagcert report already there is then
     replaced without ``overwrite``, and stderr says so (``replacing the previous report in outputs/certify
-    (default folder; pass --output to keep reports)``); a folder holding other files is still refused."""
+    (default folder; pass --output to keep reports)``); a folder holding other files is still refused.
+
+    ``dataset``: the run's dataset spec; an output folder inside that dataset's folder is refused
+    (:func:`check_output_outside_dataset`)."""
     from ..report import ReportFolder, ReportFolderError, _one_report_tool
 
+    check_output_outside_dataset(path, dataset)
     if default_folder and not overwrite and Path(path).is_dir() and _one_report_tool(Path(path)) is not None:
         overwrite = True
         print(f"replacing the previous report in {show_path(path)} (default folder; pass --output to keep reports)",

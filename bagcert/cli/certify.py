@@ -3,13 +3,16 @@
 With no arguments it certifies the shipped default model, bagcert-cifar10-r5-dense
 (checkpoints/bagcert_cifar10_r5s2_dense.pt), on the 200 CIFAR-10 test images bundled in samples/cifar10 and
 prints the report (into outputs/certify, replaced by the next run that leaves --output at its default).
+The shipped models and samples come with an installed package too: --checkpoint takes a shipped model's name
+(`bagcert models` lists them with their card numbers) or a file.
 
 Examples (`bagcert certify ...` and `python certify.py ...` are the same command):
     bagcert certify
     bagcert certify --dataset ../shared/data/cifar10 --patch-sizes 1,2,3,4,5,6,7,8,3x7 --output outputs/c10-full
-    bagcert certify --checkpoint checkpoints/bagcert_imagenette_r17s8.pt --dataset ../shared/data/imagenette/images-160 --patch-sizes 1%,2%,3%
-                                            # the Imagenette model, bagcert-imagenette-r17
+    bagcert certify --checkpoint bagcert-imagenette-r17 --dataset ../shared/data/imagenette/images-160 --patch-sizes 1%,2%,3%
+                                            # the Imagenette model (checkpoints/bagcert_imagenette_r17s8.pt)
     bagcert certify --checkpoint my.pt --dataset /data/imagenet/val --num-images 5000 --data-path stream --workers 8
+    bagcert certify --checkpoint runs/mine/model.pt --model-module my_models.py   # a model of your own (docs/own_model_plugin.md)
     torchrun --nproc-per-node 2 certify.py --dataset ...     # shards images over processes, one report
     bagcert certify --attacks pgd,pgd-adaptive,universal,feature-space --attack-images 100 --patch-sizes 5
 
@@ -21,7 +24,8 @@ same results.json numbers and per_sample.csv. The choice and its reason are prin
 in results.json (config.data_path, config.data_path_reason). --attacks need the images in memory.
 
 Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv (one row per
-image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). The
+image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). Every
+accuracy comes with its exact 95 % confidence interval over the images (docs/certification.md). The
 last line printed is a one-line JSON summary. The files are written into a private staging folder beside
 --output and moved into place together, so the folder always holds one run's complete set; a folder that
 already holds a report is refused unless --overwrite (which replaces all of its files). Mistakes in the
@@ -51,7 +55,7 @@ holds the most votes is masked before the votes are counted, so the votes a patc
 window and only the prediction's lost votes count. One forward pass per image; it combines with --dense. The
 report's method is "patchguard-votes". It is refused with --attacks (the attacks optimise the vote count, not
 the masked prediction) and with --aggregation:
-    bagcert certify --checkpoint checkpoints/bagcert_cifar10_r5s2_dense.pt --dataset ../shared/data/cifar10 --patch-sizes 5 --robust-masking
+    bagcert certify --checkpoint bagcert-cifar10-r5-dense --dataset ../shared/data/cifar10 --patch-sizes 5 --robust-masking
 """
 
 from __future__ import annotations
@@ -66,16 +70,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_output_arguments, checkpoint_input_size, device, nonnegative_int, one_line, output_is_default,
-                      positive_int, prepare_output, show_path, user_errors, written_message)
+from ._common import (Parser, exit_on_sigterm, add_cache_argument, add_model_module_argument, import_model_modules, add_output_arguments,
+                      check_workers_apply, checkpoint_input_size, device, one_line, output_is_default, positive_int, prepare_output,
+                      show_path, user_errors, written_message)
+from ._common import workers as _workers
+from .. import shipped
+from ._bad_images import bad_image_exit, check_skip_bad_images, drop_skipped, skip_record
 from ..empirical import ATTACK_NAMES
 from ..peers.classifiers import FORMAT as PEER_FORMAT
 
-__all__ = ["build_parser", "main", "run_certification", "DEFAULT_CHECKPOINT", "DEFAULT_DATASET", "DEFAULT_PATCH_SIZES"]
+__all__ = ["build_parser", "main", "run_certification", "DEFAULT_MODEL", "DEFAULT_CHECKPOINT", "DEFAULT_DATASET", "DEFAULT_PATCH_SIZES"]
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "bagcert_cifar10_r5s2_dense.pt"
-DEFAULT_DATASET = ROOT / "samples" / "cifar10"
+#: the shipped default model's name (--checkpoint's default), its file and the bundled samples (--dataset's
+#: default): in a checkout's checkpoints/ and samples/, in an installed package under bagcert/_data
+DEFAULT_MODEL = shipped.DEFAULT_MODEL
+DEFAULT_CHECKPOINT = shipped.shipped_models()[DEFAULT_MODEL].path
+DEFAULT_DATASET = shipped.samples_path("cifar10")
 DEFAULT_PATCH_SIZES = "1,2,3,4,5,6,7,8,3x7,7x3"
 DEFAULT_OUTPUT = "outputs/certify"
 DATA_PATHS = ("auto", "memory", "stream")
@@ -153,6 +163,12 @@ def _open_data(args, meta, size, num_classes, attacks, world):
 
     if args.data_path == "stream" and attacks:
         raise SystemExit("--data-path stream: --attacks need the images in memory; use --data-path memory (or auto)")
+    if getattr(args, "skip_bad_images", False):  # image by image, so that one bad file costs only itself
+        stream = _open_eval_stream(args, meta, size, num_classes)
+        loaded = getattr(stream, "loaded", None)
+        if loaded is not None:
+            return loaded, False, "memory: the data is held in memory by its loader (--skip-bad-images: nothing to decode)"
+        return stream, True, "stream: --skip-bad-images reads the images one by one and skips the files that cannot be decoded"
     if args.data_path == "memory" or attacks:
         data = _load_eval_data(args, meta, size, num_classes)
         c, h, w = data.images.shape[1:]
@@ -224,16 +240,16 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     """The argument parser of ``bagcert certify`` (every option's default is shown by ``--help``)."""
     p = Parser(prog=prog, description=__doc__)
     p.add_argument(
-        "--checkpoint", default=str(DEFAULT_CHECKPOINT.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_CHECKPOINT),
-        help="bagcert checkpoint (the default is the shipped default model, bagcert-cifar10-r5-dense) or a peer classifier "
+        "--checkpoint", default=DEFAULT_MODEL,
+        help="a shipped model's name (bagcert models lists them), a bagcert checkpoint file, or a peer classifier "
         "(peer_classifier.pt of bagcert train --peer: de-randomized smoothing or PatchCleanser, certified with the spec "
-        "recorded in the file)",
+        f"recorded in the file) (default: {DEFAULT_MODEL}, the shipped default model)",
     )
+    add_model_module_argument(p, "for a checkpoint of a model registered outside bagcert")
     p.add_argument(
         "--dataset",
-        default=str(DEFAULT_DATASET.relative_to(ROOT)) if Path.cwd() == ROOT else str(DEFAULT_DATASET),
         help="CIFAR-10 folder (torchvision cifar-10-batches-py or <root>/test/<class>/*), an ImageNet-style folder, or "
-        "synthetic[:N] (the default is the 200 bundled CIFAR-10 test images)",
+        "synthetic[:N] (default: the 200 CIFAR-10 test images bundled with bagcert, samples/cifar10 in a checkout)",
     )
     p.add_argument(
         "--split", default="test",
@@ -263,8 +279,12 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    help="memory: decode the whole split first; stream: decode batch by batch in --workers processes, "
                    "memory independent of the number of images; auto: memory while the decoded set fits 25%% of the "
                    "available memory")
-    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes of the stream path "
-                   "(0 decodes in the main process)")
+    p.add_argument("--workers", type=_workers, default=0, help="DataLoader worker processes of the stream path "
+                   "(0 decodes in the main process; at most what the CPU cores and memory allow); refused with --data-path memory")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="certify the other images when a file cannot be decoded (read on the stream path, image by image) "
+                   "and list the skipped files in the report (results.json dataset.skipped_images, summary.md); without it "
+                   "such a file ends the run with one line naming it")
     add_cache_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset (with --num-images) and synthetic data")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
@@ -293,6 +313,11 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     return p
 
 
+def _rounded(ci):
+    """A 95 % interval [lo, hi] rounded to 6 decimals for the JSON line (None stays None)."""
+    return None if ci is None else [round(v, 6) for v in ci]
+
+
 @exit_on_sigterm
 def main(argv=None, prog: str = "bagcert certify") -> int:
     """Run the CLI; returns the exit status (0, or 3 when an attack broke a certified sample). A mistake in
@@ -311,6 +336,8 @@ def main(argv=None, prog: str = "bagcert certify") -> int:
         "forward_passes_per_image": summary["forward_passes_per_image"],
         "clean_accuracy": round(summary["clean_accuracy"], 6),
         "certified_accuracy": {k: round(v, 6) for k, v in summary["certified_accuracy"].items()},
+        "clean_accuracy_ci95": _rounded(summary.get("clean_accuracy_ci95")),
+        "certified_accuracy_ci95": {k: _rounded(v) for k, v in (summary.get("certified_accuracy_ci95") or {}).items()},
         "num_images": summary["num_images"],
         "images_per_s": round(summary["images_per_s"], 2),
         "output": show_path(args.output),
@@ -318,6 +345,9 @@ def main(argv=None, prog: str = "bagcert certify") -> int:
     if empirical:
         per = empirical["summary"]["per_size"]
         line["empirical_robust_accuracy"] = {k: {a: round(v, 6) for a, v in r["robust_accuracy"].items()} for k, r in per.items()}
+        per = (summary.get("empirical") or {}).get("per_size") or {}
+        line["empirical_robust_accuracy_ci95"] = {k: {a: _rounded(v) for a, v in (r.get("robust_accuracy_ci95") or {}).items()}
+                                                  for k, r in per.items()}
         line["certified_broken"] = summary["certified_broken"]
     print(json.dumps(line))
     broken = {k: v for k, v in summary["certified_broken"].items() if v}
@@ -380,13 +410,18 @@ def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, pa
 
 def _run_cli(args):
     """The whole run for parsed ``args``: ``(summary, empirical, markdown)`` on rank 0, None on other ranks;
-    always leaves the process group it joined."""
+    always leaves the process group it joined (without waiting for the other ranks when the run fails). An image
+    that cannot be read is ``SystemExit`` with its one-line message."""
     from ..training import leave_process_group
 
     try:
-        return _run(args)
-    finally:
-        leave_process_group()
+        with bad_image_exit(args):  # a file the stream path cannot decode mid-run: one line naming it
+            out = _run(args)
+    except BaseException:  # an error or a signal: a peer may be gone, so no barrier (no gloo traceback after the message)
+        leave_process_group(failed=True)
+        raise
+    leave_process_group()
+    return out
 
 
 def _run(args):
@@ -403,6 +438,12 @@ def _run(args):
 
     # ---- 1. the arguments alone (nothing read, nothing written) --------------------------------------------
     attacks = _parse_attacks(args.attacks)
+    unused = [f for f, v in (("--attack-patch-sizes", args.attack_patch_sizes), ("--attack-images", args.attack_images)) if v is not None]
+    if unused and not attacks:
+        raise SystemExit(f"{' and '.join(unused)} apply only with --attacks (no attack runs without it); give --attacks "
+                         f"{ATTACK_NAMES[0]},... or drop {' and '.join(unused)}")
+    if args.data_path == "memory":
+        check_workers_apply(args.workers, "memory", "memory")
     if args.peer_batch_size < 1:
         raise SystemExit(f"--peer-batch-size must be >= 1, got {args.peer_batch_size}")
     if args.data_path not in DATA_PATHS:
@@ -416,6 +457,8 @@ def _run(args):
     if args.robust_masking and args.aggregation:
         raise SystemExit(f"--robust-masking cannot be combined with --aggregation {args.aggregation}: robust masking "
                          "certifies the votes with its own rule; give one of the two")
+    if getattr(args, "skip_bad_images", False):
+        check_skip_bad_images(args, attacks, world)
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -430,9 +473,11 @@ def _run(args):
         if args.data_path == "stream":
             raise SystemExit("--data-path stream: --attacks need the images in memory; use --data-path memory (or auto)")
     # ---- 2. the report folder: checked now, written only after the work (staged, then moved into place) --------
-    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args)) if rank == 0 else None
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args), dataset=args.dataset) if rank == 0 else None
 
-    # ---- 3. the checkpoint (a peer classifier is recognised by its format) ------------------------------------
+    # ---- 3. the checkpoint (a shipped model's name or a file; a peer classifier is recognised by its format) ----
+    import_model_modules(getattr(args, "model_modules", None))  # models of the user's own, before the file is read
+    _resolve_inputs(args)
     is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
     if is_peer and args.robust_masking:
         raise SystemExit(f"--robust-masking applies to bagcert models only; {args.checkpoint} is a peer classifier, "
@@ -461,6 +506,8 @@ def _run(args):
     data, streamed, data_reason = _open_data(args, meta, size, model.num_classes, attacks, world)
     if rank == 0:
         print(f"data path: {data_reason}", file=sys.stderr, flush=True)
+        if args.data_path == "auto":
+            check_workers_apply(args.workers, "auto", "stream" if streamed else "memory")
     if len(data.classes) != model.num_classes:
         raise SystemExit(f"dataset has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":
@@ -514,7 +561,15 @@ def _run(args):
 
     # ---- 5. the work ----------------------------------------------------------------------------------------
     progress = args.progress and not args.quiet and rank == 0
-    source = StreamSource(data, workers=args.workers) if streamed else data
+    skip_file = None
+    if streamed and getattr(args, "skip_bad_images", False):
+        from ..streaming import SkipBadImages
+
+        skip_dir = tempfile.TemporaryDirectory(prefix="bagcert-skipped-")
+        skip_file = Path(skip_dir.name) / "skipped.tsv"
+        source = StreamSource(SkipBadImages(data, skip_file), workers=args.workers)
+    else:
+        source = StreamSource(data, workers=args.workers) if streamed else data
     if args.robust_masking:
         from ..peers import PatchGuardMasking
 
@@ -538,6 +593,10 @@ def _run(args):
             peer["certifier"], model, source, sizes, mask_set=peer.get("mask_set"), batch_size=args.batch_size,
             device=args.device, progress=progress, rank=rank, world=world,
         )
+    skipped = None
+    if skip_file is not None:
+        results, skipped = drop_skipped(results, data, skip_file)
+        skip_dir.cleanup()
     if world > 1:
         t = torch.tensor([timing["forward_s"], timing["certify_s"], timing["total_s"]], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -559,6 +618,8 @@ def _run(args):
     summary_keys = ("dataset", "epochs", "wall_seconds", "eval")
     if peer is None:
         ckpt = {"path": str(args.checkpoint), "model": model.config["name"], "model_kwargs": model.config["kwargs"]}
+        if args.checkpoint_name:
+            ckpt["name"] = args.checkpoint_name  # a shipped model, addressed by its name or its file
     else:
         ckpt = {"path": str(args.checkpoint), "format": PEER_FORMAT, "model": model.config["backbone"],
                 "model_kwargs": model.config["model_kwargs"], "in_channels": model.config["in_channels"]}
@@ -578,6 +639,8 @@ def _run(args):
                 **_progress_kwarg(progress),
             )
         provenance = _stream_provenance(data) if streamed else sample_provenance(data)
+        if skipped is not None:
+            provenance, dataset["skipped_images"] = skip_record(provenance, skipped)
         summary = write_certification_report(
             stage, results, timing, config, dataset, ckpt, device=args.device, empirical=empirical, method=method,
             provenance=provenance, run_id=folder.run_id,
@@ -612,6 +675,25 @@ def _size_tokens(flag: str, text: str) -> list:
         for t in tokens:
             _percent(t) if t.endswith("%") else parse_patch_size(t)
     return tokens
+
+
+def _resolve_inputs(args) -> None:
+    """A shipped model's name in ``--checkpoint`` becomes its file and a missing ``--dataset`` the bundled samples
+    (paths as the tools print them); ``args.checkpoint_name`` is the shipped model's name, also when its file was
+    given, else None. A name that is neither a file nor a shipped model is one line listing the shipped names."""
+    from ..checkpoint import CheckpointError
+
+    given = str(args.checkpoint)
+    try:
+        path = shipped.resolve_checkpoint(given)
+    except CheckpointError as e:
+        raise SystemExit(one_line(f"--checkpoint {given}: {e}")) from None
+    if given in shipped.model_names():
+        args.checkpoint_name, args.checkpoint = given, show_path(path)
+    else:
+        args.checkpoint_name = shipped.shipped_name(path)
+    if args.dataset is None:
+        args.dataset = show_path(shipped.samples_path("cifar10"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from ._common import (
-    Parser, exit_on_sigterm, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
-    plt_or_none, positive_int, progress_bar, commit_report, output_is_default, prepare_output, show_path, written_message, save_figure, set_threads, user_errors, write_report,
+    Parser, checkpoint_input_size, exit_on_sigterm, add_run_arguments, bounded_number, dataset_info, json_line, load_model_and_data, nonnegative_int,
+    parse_list, pct, plt_or_none, positive_int, positive_number, unit_number, progress_bar, commit_report, output_is_default,
+    prepare_output, show_path, written_message, save_figure, set_threads, user_errors, write_report,
 )
 
 
@@ -60,26 +61,27 @@ def build_parser(prog: str = "bagcert defensive-patch"):
     g.add_argument("--corner", choices=["top-left", "top-right", "bottom-left", "bottom-right"], help="square: corner")
     g = p.add_argument_group("optimisation")
     g.add_argument("--stage1-epochs", type=nonnegative_int, default=10)
-    g.add_argument("--stage1-lr", type=parse_number, default=1e-3)
+    g.add_argument("--stage1-lr", type=positive_number, default=1e-3)
     g.add_argument("--stage2-epochs", type=nonnegative_int, default=30)
-    g.add_argument("--stage2-lr", type=parse_number, default=0.03, help="per-model copies (cross-entropy)")
-    g.add_argument("--correlation-lr", type=parse_number, default=0.03, help="shared patch (correlation matching)")
+    g.add_argument("--stage2-lr", type=positive_number, default=0.03, help="per-model copies (cross-entropy)")
+    g.add_argument("--correlation-lr", type=positive_number, default=0.03, help="shared patch (correlation matching)")
     g.add_argument("--milestones", default="3,8,15,25", help="outer epochs where both learning rates are multiplied by --gamma")
-    g.add_argument("--gamma", type=parse_number, default=1 / 3)
+    g.add_argument("--gamma", type=bounded_number(0, 1, lo_open=True, what="a decay factor in (0, 1]"), default=1 / 3,
+                   help="learning-rate factor at each milestone, in (0, 1]")
     g.add_argument("--batch-size", type=positive_int, default=128)
-    g.add_argument("--blank", type=parse_number, default=0.5, help="stage 1 background value")
+    g.add_argument("--blank", type=unit_number, default=0.5, help="stage 1 background value, a pixel value in [0, 1]")
     g.add_argument("--eot", action="store_true", help="expectation over random shifts / brightness during optimisation")
     g.add_argument("--max-shift", type=nonnegative_int, default=2)
-    g.add_argument("--brightness", type=parse_number, default=0.1)
+    g.add_argument("--brightness", type=unit_number, default=0.1, help="--eot: brightness shifts up to this, in [0, 1]")
     g = p.add_argument_group("evaluation")
     g.add_argument("--corruptions", default="all", help="comma-separated names, 'all' or 'none'")
     g.add_argument("--severities", default="1,2,3,4,5")
-    g.add_argument("--pgd-eps", type=parse_number, default=8 / 255, help="L-inf budget (0 skips PGD); accepts 8/255")
+    g.add_argument("--pgd-eps", type=unit_number, default=8 / 255, help="L-inf budget in [0, 1] pixel units (0 skips PGD); accepts 8/255")
     g.add_argument("--pgd-steps", type=nonnegative_int, default=10)
-    g.add_argument("--pgd-step", type=parse_number, default=2 / 255)
-    g.add_argument("--attack-patch-size", type=nonnegative_int, default=5, help="adversarial patch side (0 skips)")
+    g.add_argument("--pgd-step", type=positive_number, default=2 / 255)
+    g.add_argument("--attack-patch-size", type=nonnegative_int, default=5, help="adversarial patch side, at most the image side (0 skips)")
     g.add_argument("--attack-steps", type=nonnegative_int, default=20)
-    g.add_argument("--attack-step", type=parse_number, default=0.05)
+    g.add_argument("--attack-step", type=positive_number, default=0.05)
     g.add_argument("--attack-restarts", type=positive_int, default=1)
     g.add_argument("--prediction", choices=["model", "logits"], default="model", help="accuracy of argmax model(x) (votes) or of the mean logits")
     g.add_argument("--eval-batch-size", type=positive_int, default=100)
@@ -108,16 +110,30 @@ def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
         raise SystemExit(f"--severities must lie in 1..5, got {severities}")
     milestones = parse_list(args.milestones, int, "milestones")
     # before any work; written at the end as one set (a default folder is replaced, an explicit one needs --overwrite)
-    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args))
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args), dataset=args.dataset)
 
     model, meta, test = load_model_and_data(args.checkpoint, args.dataset, args.eval_split, args.seed, args.num_eval,
                                             "--num-eval", default=200, cache=args.cache)
+    _check_geometry(args, tuple(test.images.shape[-2:]))  # before the patch is made: an hour of work must not end in it
+
+    source_classes = list(meta.get("classes") or ([] if test.name == "synthetic" else test.classes))
 
     def other_model(path, role):
+        """Another model the patches are evaluated on: it must predict the source model's classes, in the same
+        order (a patch is made for a class label; a model of other classes would be scored against wrong labels)."""
         with user_errors(f"--{role}-checkpoint {path}: "):
-            m, _ = load_checkpoint(path)
+            m, other_meta = load_checkpoint(path)
         if m.num_classes != model.num_classes:
             raise SystemExit(f"{role} model {path} has {m.num_classes} classes, the source model {model.num_classes}")
+        classes = list(other_meta.get("classes") or [])
+        if source_classes and classes != source_classes:
+            what = (f"records no class names, so its labels cannot be matched to the source model's {source_classes}" if not classes
+                    else f"predicts the classes {classes}, the source model {source_classes}")
+            raise SystemExit(f"--{role}-checkpoint {path} {what}: its accuracy with the patches would be scored against "
+                             f"other labels; give a model of the source model's classes")
+        if checkpoint_input_size(other_meta, path) != checkpoint_input_size(meta, args.checkpoint):
+            raise SystemExit(f"--{role}-checkpoint {path} was trained on {checkpoint_input_size(other_meta, path)} px images, the "
+                             f"source model on {checkpoint_input_size(meta, args.checkpoint)} px: the patches do not fit it")
         return m.eval()
 
     overlap = set(map(str, args.ensemble_checkpoint)) & set(map(str, args.transfer_checkpoint))
@@ -173,6 +189,30 @@ def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
         raise
     finally:
         folder.discard()
+
+
+def _check_geometry(args, image_size) -> None:
+    """The patch shape and the attack patch against the ``image_size`` (H, W) images, before any work: the shape
+    options of the other shape are refused, a frame or square that does not fit is one line
+    (:func:`bagcert.defense.patch_mask`'s rule), and so is an attack patch larger than the images."""
+    from ..defense.defensive_patch import patch_mask
+
+    H, W = image_size
+    other = ("--size", "--corner") if args.shape == "frame" else ("--outer", "--width")
+    given = [f for f in other if getattr(args, f[2:]) is not None]
+    if given:
+        raise SystemExit(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --shape "
+                         f"{'square' if args.shape == 'frame' else 'frame'} only, not --shape {args.shape}")
+    if not args.patch:
+        kwargs = {"outer": args.outer, "width": args.width} if args.shape == "frame" else {"size": args.size, "corner": args.corner}
+        try:
+            patch_mask((H, W), args.shape, **kwargs)
+        except ValueError as e:
+            given = " ".join(f"--{k} {v}" for k, v in kwargs.items() if v is not None)
+            raise SystemExit(f"--shape {args.shape}{' ' + given if given else ''}: {e}") from None
+    if args.attack_patch_size > min(H, W):
+        raise SystemExit(f"--attack-patch-size {args.attack_patch_size} is larger than the {H}x{W} images "
+                         f"(at most {min(H, W)}; 0 skips the patch attack)")
 
 
 def _evaluate_and_report(args, folder, patch, made, model, ensemble, transfer, test, corruptions, severities, milestones) -> int:

@@ -139,11 +139,13 @@ def main(argv=None, prog: str = "bagcert imagenet-a") -> int:
         print("--data is deprecated: use --dataset (same meaning)", file=sys.stderr)
     set_threads(args)
     # an unwritable --output or another run's report: refused before any work; written at the end as one set
-    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args))
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args), dataset=args.dataset)
     with user_errors(f"--checkpoint {args.checkpoint}: "):
         model, meta = load_checkpoint(args.checkpoint)
     model.to(args.device).eval()
     size = args.size or int(meta.get("input_size", 224))
+    if args.size is not None:
+        _check_size(model, meta, args.size)
     resize = args.resize or meta.get("resize") or round(size * 256 / 224)
     if resize < size:
         raise SystemExit(f"--resize ({resize}) must be >= the crop size ({size})")
@@ -212,6 +214,22 @@ def main(argv=None, prog: str = "bagcert imagenet-a") -> int:
     line["output"] = show_path(args.output)
     print(json_line(line))
     return 0
+
+
+def _check_size(model, meta: dict, size: int) -> None:
+    """``--size``: refused below one receptive field of the model (and below its smallest input): every output
+    location would see mostly padding, nothing the model was trained on. A size other than the checkpoint's
+    ``input_size`` is allowed (a BagNet is a bag of local features) and said on stderr."""
+    geometry = getattr(model, "geometry", None)
+    if geometry is not None:
+        least = max(max(geometry.receptive_field), geometry.min_input_size())
+        if size < least:
+            raise SystemExit(f"--size {size} is smaller than the model's receptive field ({least} px): the crops would hold "
+                             f"less than one of its local windows; give --size >= {least} (the checkpoint was trained at "
+                             f"{meta.get('input_size', 'an unrecorded size')})")
+    trained = meta.get("input_size")
+    if trained is not None and size != trained:
+        print(f"note: --size {size} differs from the {trained} px the checkpoint was trained at", file=sys.stderr, flush=True)
 
 
 class _NoBar:

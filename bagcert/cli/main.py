@@ -5,6 +5,7 @@
     bagcert imagenet-a [options]        ImageNet-A / subset evaluation: accuracy, calibration, AURRA
     bagcert defensive-patch [options]   make and evaluate a defensive patch
     bagcert roi [options]               regions of importance and attack, and their neutralisation
+    bagcert models [--json]             the shipped models with their card numbers
 
 ``bagcert <command> --help`` shows a command's options with their defaults. The rest of the command line
 is handed to the command's ``main(argv)`` unchanged. An unknown command is one line on stderr and exit
@@ -27,6 +28,7 @@ COMMANDS = {
     "imagenet-a": ("bagcert.cli.imagenet_a", "ImageNet-A or ImageNet-subset evaluation: accuracy, calibration error, AURRA"),
     "defensive-patch": ("bagcert.cli.defensive_patch", "make a defensive patch for a model and evaluate it"),
     "roi": ("bagcert.cli.roi", "regions of importance and attack, and how well neutralising them restores accuracy"),
+    "models": ("bagcert.cli.models", "list the shipped models (names for --checkpoint) with their card numbers"),
 }
 
 

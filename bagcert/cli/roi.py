@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ._common import (
     Parser, exit_on_sigterm, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
+    positive_number, unit_number,
     commit_report, output_is_default, plt_or_none, show_path, written_message, positive_int, prepare_output, save_figure, set_threads, write_report,
 )
 
@@ -42,9 +43,9 @@ def build_parser(prog: str = "bagcert roi"):
                    help="first N of a seeded permutation (default 100 or all when fewer; more than the split has is refused)")
     g = p.add_argument_group("attack")
     g.add_argument("--attack", choices=["patch", "pgd"], default="patch")
-    g.add_argument("--eps", type=parse_number, default=8 / 255, help="pgd: L-inf budget (accepts 8/255)")
+    g.add_argument("--eps", type=unit_number, default=8 / 255, help="pgd: L-inf budget in [0, 1] pixel units (accepts 8/255)")
     g.add_argument("--steps", type=nonnegative_int, default=20)
-    g.add_argument("--step", type=parse_number, help="step size (default: 0.05 for patch, eps / 4 for pgd)")
+    g.add_argument("--step", type=positive_number, help="step size (default: 0.05 for patch, eps / 4 for pgd)")
     g.add_argument("--attack-patch-size", type=positive_int, default=5, help="patch side in pixels (at most the image side)")
     g = p.add_argument_group("regions")
     g.add_argument("--roi", choices=["auto", "local", "occlusion"], default="auto", help="auto: local logits for bagcert models")
@@ -76,7 +77,7 @@ def main(argv=None, prog: str = "bagcert roi") -> int:
     if args.roa_box < 1 or args.roa_box % 2 == 0:
         raise SystemExit(f"--roa-box must be an odd integer >= 1, got {args.roa_box}")
     # before any work; written at the end as one set (a default folder is replaced, an explicit one needs --overwrite)
-    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args))
+    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args), dataset=args.dataset)
     model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images, "--num-images",
                                             default=100, cache=args.cache)
     H, W = data.images.shape[-2:]

@@ -3,7 +3,9 @@
 Examples:
     python train.py --dataset ../shared/data/cifar10 --model cifar_bagnet9_s2 --epochs 30 --amp --output runs/c10
     python train.py --config runs/c10/config.json --resume           # continue a killed run exactly
+    python train.py --model my_net --model-module my_models.py ...   # a model of your own (docs/own_model_plugin.md)
     torchrun --nproc-per-node 2 train.py --dataset ... --amp          # DDP (gloo on CPU, nccl on CUDA)
+    torchrun --nproc-per-node 4 train.py --dataset ... --device cuda --sync-bn   # batch norm over the global batch
     python train.py --dataset ../shared/data/cifar10 --peer drs-column:4 --output runs/drs    # a peer's base classifier
     python train.py --dataset ../shared/data/cifar10 --peer patchcleanser:5 --output runs/pc
 
@@ -32,14 +34,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from ..checkpoint import CheckpointError
+from ._common import add_model_module_argument, import_model_modules
 from ..data import DatasetError, load_dataset, seeded_split
 from ..streaming import choose_data_path, decoded_size_bytes, open_stream
 from ..training import (
-    TrainConfig, TrainingError, _peer_spec, check_output_folder, distributed_env, stream_augmentation, train,
+    TrainConfig, TrainingError, _peer_spec, check_output_folder, check_sync_bn, distributed_env, stream_augmentation, train,
 )
+from ._common import Parser, check_output_outside_dataset, check_workers_apply, device, positive_int, workers
 
 
 def _parse_list(text):
@@ -53,7 +58,7 @@ def _parse_list(text):
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=__doc__)  # one-line usage errors, no abbreviated options
     p.add_argument("--config", help="JSON config file (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from <output>/last.pt if it exists")
     g = p.add_argument_group("data")
@@ -73,10 +78,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="memory: decode the whole set into one uint8 tensor (the fast path for CIFAR-10, Imagenette); "
                         "stream: decode per batch in --workers loader processes (ImageNet); auto (default): memory while "
                         "the decoded set fits 25%% of the available memory (bagcert.streaming.choose_data_path)")
-    g.add_argument("--workers", type=int, help="loader processes of the stream path (default min(8, CPUs))")
+    g.add_argument("--workers", type=workers, help="loader processes of the stream path (default min(8, CPUs); at most "
+                   "what the CPU cores and memory allow, bagcert.streaming.max_loader_workers); refused with --data-path memory")
     g.add_argument("--pad", type=int)
     g = p.add_argument_group("model")
-    g.add_argument("--model")
+    g.add_argument("--model", help="a registered model name (bagcert.list_models()), or one that --model-module or an "
+                   "installed plugin registers")
+    add_model_module_argument(g, "recorded in config.json")
     g.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"width": 128, "receptive_field": 9}\'')
     g.add_argument("--peer", help="train the base classifier of a peer defense instead of a bagcert model: drs-column:B, "
                    "drs-block:B [,encoding=mask|levine_feizi|fill] (de-randomized smoothing, band B) or patchcleanser:P "
@@ -117,13 +125,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CPU with AMX, CUDA)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--device")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="torchrun on GPUs: batch-norm layers use the statistics of the global batch (torch.nn.SyncBatchNorm) "
+                        "instead of each process's share, so N processes train what one process would; refused on CPU "
+                        "(docs/training.md, \"Batch norm under DDP\")")
+    g.add_argument("--device", type=device, help="cpu, cuda, cuda:N or mps (refused when this machine has none)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--eval-every", type=float, help="epochs between evaluations")
     g.add_argument("--eval-patch-sizes", type=_parse_list)
     g.add_argument("--checkpoint-minutes", type=float)
-    g.add_argument("--max-steps", type=int)
+    g.add_argument("--max-steps", type=positive_int, help="stop after this many optimiser steps (>= 1)")
     g.add_argument("--log-every", type=int)
     g.add_argument("--output")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None)
@@ -172,6 +184,9 @@ def _show_defaults(p: argparse.ArgumentParser) -> None:
         if action.dest in fields:
             value = RECIPE.get(action.dest, getattr(base, action.dest))
             shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+            if action.dest == "dataset":
+                shown = (f"{value} when that folder exists, else the 200 CIFAR-10 test images bundled with bagcert, "
+                         "split 80/20 by a seeded split: a smoke test, not a training set")
             text = (action.help or "").rstrip()
             action.help = (text + " " if text else "") + f"(default: {shown})".replace("%", "%%")
 
@@ -201,17 +216,51 @@ def resolve_config(args) -> TrainConfig:
                 f"--peer {values['peer']} trains a base classifier with cross-entropy: --loss {values['loss']} "
                 "(from the command line or the config file) does not apply; give --loss ce"
             )
+    if values["dataset"] == RECIPE["dataset"] and not os.path.isdir(RECIPE["dataset"]):
+        values["dataset"] = _bundled_dataset()
+    import_model_modules(values.get("model_modules"))
     cfg = TrainConfig(**values)
     try:
         cfg.check()
     except ValueError as e:
         name = str(e).split()[0]
         raise SystemExit(f"{e} (--{name.replace('_', '-')} or {name!r} in the config file)") from None
+    _check_machine_values(cfg)
     try:
         _peer_spec(cfg)
     except ValueError as e:
         raise SystemExit(f"--peer: {e}") from None
     return cfg
+
+
+def _bundled_dataset() -> str:
+    """The recipe's dataset when it is not there (run outside a checkout beside ../shared/data): the bundled
+    CIFAR-10 samples' image folder, which training cuts with its seeded train/test split; said on stderr."""
+    from ._common import show_path
+    from ..shipped import samples_path
+
+    folder = show_path(samples_path("cifar10") / "test")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"no --dataset and no {RECIPE['dataset']} here: training on the 200 CIFAR-10 test images bundled with "
+              f"bagcert ({folder}, a seeded train/test split): a smoke test; give --dataset for a real run", file=sys.stderr)
+    return folder
+
+
+def _check_machine_values(cfg) -> None:
+    """The values a config file can carry past the flags' ``type=`` checks, checked the same way: the device exists
+    on this machine, the loader processes fit its cores and memory, and ``max_steps`` (>= 1) trains something."""
+    import argparse as _argparse
+
+    for name, check in (("device", device), ("workers", workers)):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        try:
+            check(value)
+        except _argparse.ArgumentTypeError as e:
+            raise SystemExit(f"--{name} {value} (or {name!r} in the config file): {e}") from None
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise SystemExit(f"--max-steps must be >= 1 (or 'max_steps' in the config file), got {cfg.max_steps}: 0 steps train nothing")
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -248,16 +297,25 @@ def _main(argv=None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     cfg = resolve_config(args)
     check_output_folder(cfg.output)  # before loading data or building anything
+    check_output_outside_dataset(cfg.output, cfg.dataset)
     if not cfg.peer:
         _check_model(cfg)
     rank, world, _ = distributed_env()
+    import torch
+
+    check_sync_bn(cfg, world, torch.device(cfg.device).type)
     if cfg.peer and rank == 0:
         print(f"training the base classifier of peer {cfg.peer} ({cfg.model}) with cross-entropy; the bagcert loss options are unused")
     size = cfg.image_size
     if cfg.random_crop and (cfg.resize is None or cfg.resize < size):
         raise SystemExit(f"--random-crop needs --resize >= --image-size ({size}), got resize {cfg.resize}")
     train_size = cfg.resize if cfg.random_crop else size
+    if cfg.data_path == "memory":
+        check_workers_apply(cfg.workers, "memory", "memory")  # refused before any image is read
+    _check_cifar_size(cfg)
     path, reason, train_data = _choose_data_path(cfg, train_size)
+    if rank == 0 and cfg.data_path == "auto":
+        check_workers_apply(cfg.workers, "auto", path)  # auto chose memory: said on stderr
     try:
         if path == "memory":
             eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
@@ -300,6 +358,26 @@ def _main(argv=None, prog: str | None = None) -> int:
     if rank == 0:
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
+
+
+def _check_cifar_size(cfg) -> None:
+    """A CIFAR-10 layout (torchvision's batches, or <root>/train/<the ten classes>) holds 32x32 images that are never
+    resized: any other --image-size (or --random-crop / --resize) is one line before anything is decoded. The
+    training loop checks every dataset's image size again (bagcert.training.check_run_inputs)."""
+    from ..data import _find_cifar_batches, _is_cifar_folder, _is_synthetic, _spec_root
+
+    if _is_synthetic(cfg.dataset):
+        return
+    kind = cfg.dataset.split(":", 1)[0] if ":" in cfg.dataset else ""
+    root = _spec_root(cfg.dataset)
+    if not (kind == "cifar10" or (kind != "folder" and (_find_cifar_batches(root) or _is_cifar_folder(root, "train")))):
+        return
+    if cfg.image_size != 32:
+        raise SystemExit(f"--image-size {cfg.image_size}: {cfg.dataset} is a CIFAR-10 layout of 32x32 images, which are not "
+                         "resized; give --image-size 32 (the loss and the certificate are built for the image size)")
+    if cfg.random_crop or cfg.resize is not None:
+        raise SystemExit(f"--resize / --random-crop apply to ImageNet-style folders; {cfg.dataset} is a CIFAR-10 layout of "
+                         "32x32 images, which are not resized: leave them out")
 
 
 def _choose_data_path(cfg, train_size):

@@ -1,48 +1,147 @@
 """Model registry: ``create_model(name, num_classes=..., **kwargs)`` and ``list_models()``.
 
 Every model records ``model.config = {"name": ..., "kwargs": {...}}`` so that a checkpoint can
-rebuild it from the registry.
+rebuild it from the registry. Models from outside the package are registered the same way, by an
+installed plugin (entry point group ``bagcert.models``) or a model module (``--model-module``), see
+:mod:`bagcert.models.plugins` and docs/own_model_plugin.md.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Callable
 
+from torch import nn
+
+from ..geometry import Geometry
 from .bagnet import BagNet
 from .base import IMAGENET_MEAN, IMAGENET_STD, BagModel, InputError, check_images
 from .cifar import CifarBagNet
+from .vit import WindowViT
+from .region import RegionResNet, resnet_bagnet, resnet_receptive_fields, resnet_to_bagnet
+from .plugins import ENTRY_POINT_GROUP, PluginError, load_model_module, load_plugins
 
 __all__ = ["create_model", "list_models", "register_model", "to_dense", "BagModel", "BagNet", "CifarBagNet", "InputError",
-           "check_images"]
+           "check_images", "RegionResNet", "resnet_to_bagnet", "resnet_receptive_fields", "WindowViT",
+           "ENTRY_POINT_GROUP", "PluginError", "load_model_module", "load_plugins"]
 
 _REGISTRY: dict[str, tuple[Callable, dict, str]] = {}
 
 
+def _origin(factory) -> tuple:
+    """(qualified name, source file) of a factory: the same definition executed twice (a model file imported
+    both by ``--model-module`` and by ``import``) has the same origin."""
+    code = getattr(factory, "__code__", None)
+    if code is None and inspect.isclass(factory):  # a class: the file of its first method defined in Python
+        code = next((v.__code__ for v in vars(factory).values() if hasattr(v, "__code__")), None)
+    source = code.co_filename if code is not None else None
+    if source is None:
+        try:
+            source = inspect.getfile(factory)
+        except (TypeError, OSError):
+            source = None
+    return (getattr(factory, "__qualname__", None), source)
+
+
 def register_model(name: str, factory: Callable, description: str = "", **defaults) -> None:
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is already registered")
+    """Add a model constructor to the registry under ``name``; ``create_model(name, ...)`` then builds it.
+
+    Args:
+        name: the registry name (recorded in checkpoints; a checkpoint loads only where ``name`` is registered).
+        factory: a class or function ``factory(num_classes=..., **kwargs)`` returning a :class:`BagModel`
+            (``features_to_logits`` and ``self.geometry``), or an ``nn.Module`` with ``local_logits(x)``
+            [B, C, h, w], a :class:`~bagcert.geometry.Geometry` in ``.geometry`` and ``.num_classes``.
+        description: one line for listings.
+        **defaults: keyword arguments of the preset (builtins only, so that checkpoints can record them);
+            ``create_model``'s keyword arguments override them.
+
+    Raises:
+        ValueError: ``name`` is empty or not a str, or already registered by another definition (registering
+            the same definition again, e.g. a model file imported twice, replaces the entry).
+        TypeError: ``factory`` is not callable.
+    """
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ValueError(f"model name must be a non-empty str without surrounding spaces, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"register_model({name!r}, ...): factory must be a class or function that builds the model, "
+                        f"got {type(factory).__name__}")
+    if name in _REGISTRY and _origin(_REGISTRY[name][0]) != _origin(factory):
+        qualname, source = _origin(_REGISTRY[name][0])
+        where = f" by {qualname}" + (f" in {source}" if source else "") if qualname else ""
+        raise ValueError(f"model {name!r} is already registered{where}; choose another name")
     _REGISTRY[name] = (factory, defaults, description)
 
 
+def _is_registered(name: str) -> bool:
+    """Whether ``name`` is registered, loading the installed plugins first when it is not (PluginError when one
+    fails)."""
+    if name in _REGISTRY:
+        return True
+    load_plugins()
+    return name in _REGISTRY
+
+
 def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted registry names, optionally filtered by a substring."""
+    """Sorted registry names, optionally filtered by a substring; installed plugins are loaded first.
+
+    Raises:
+        PluginError (a ValueError): an installed plugin failed to load (one line naming it).
+    """
+    load_plugins()
     names = sorted(_REGISTRY)
     return [n for n in names if pattern is None or pattern in n]
 
 
+def _check_built(name: str, factory, model) -> None:
+    """Refuse what a factory returned unless bagcert can certify it and save it (one line)."""
+    who = getattr(factory, "__name__", type(factory).__name__)
+    expected = ("expected a bagcert.BagModel subclass (features_to_logits and self.geometry = Geometry.from_layers([...])) "
+                "or an nn.Module with local_logits(x) -> [B, C, h, w], a Geometry in .geometry and an int .num_classes")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r}: its factory {who} returned a {type(model).__name__}, not a model; {expected}")
+    if not isinstance(model, BagModel) and not callable(getattr(model, "local_logits", None)):
+        raise TypeError(f"model {name!r}: its factory {who} returned a {type(model).__name__} without local_logits; {expected}")
+    geometry = getattr(model, "geometry", None)
+    if not isinstance(geometry, Geometry):
+        got = "no geometry" if geometry is None else f"geometry of type {type(geometry).__name__}"
+        raise TypeError(f"model {name!r}: its factory {who} returned a {type(model).__name__} with {got}; set "
+                        "self.geometry = bagcert.Geometry.from_layers([(kernel, stride, padding), ...]) in its __init__")
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise TypeError(f"model {name!r}: its factory {who} returned a {type(model).__name__} whose num_classes is "
+                        f"{num_classes!r}; expected an int >= 2")
+
+
 def create_model(name: str, num_classes: int | None = None, **kwargs) -> BagModel:
-    """Build a registered model. Keyword arguments override the preset's defaults."""
-    if name not in _REGISTRY:
+    """Build a registered model. Keyword arguments override the preset's defaults.
+
+    A name that is not registered loads the installed plugins (entry point group ``bagcert.models``) first.
+
+    Returns:
+        the model, with ``model.config = {"name": name, "kwargs": {...}}`` (the preset's defaults updated by the
+        arguments), which :func:`bagcert.save_checkpoint` records.
+
+    Raises:
+        ValueError: an unknown name (with close matches and how to register one).
+        PluginError (a ValueError): an installed plugin failed to load.
+        TypeError: the factory returned something bagcert cannot certify (not a BagModel, no geometry, ...).
+        Whatever the factory raises for bad arguments.
+    """
+    if not _is_registered(name):
         close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (bagcert.list_models() lists all {len(_REGISTRY)})")
+        raise ValueError(
+            f"unknown model {name!r}{hint} (bagcert.list_models() lists all {len(_REGISTRY)}; a model of your own is "
+            f"registered by a --model-module FILE or an installed plugin, docs/own_model_plugin.md)"
+        )
     factory, defaults, _ = _REGISTRY[name]
     args = dict(defaults)
     args.update(kwargs)
     if num_classes is not None:
         args["num_classes"] = num_classes
     model = factory(**args)
+    _check_built(name, factory, model)
     model.config = {"name": name, "kwargs": {k: v for k, v in args.items()}}
     return model
 
@@ -102,3 +201,31 @@ for _rf in (17, 33):
         f"CPU-sized ImageNet-style backbone, receptive field {_rf}, stride 8 (ImageNet normalisation)",
         receptive_field=_rf, stride=8, width=192, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )
+
+# --- standard backbones as region scorers (docs/backbones.md) ------------------------------------
+register_model(
+    "resnet_bagnet", resnet_bagnet,
+    "a torchvision ResNet (arch=resnet18..152, random weights) with the BagNet recipe (keep, stem, maxpool, layer_strides)",
+    arch="resnet18", num_classes=10, keep=1, stem="imagenet", maxpool=True, layer_strides=None, mean=IMAGENET_MEAN,
+    std=IMAGENET_STD, aggregation="votes",
+)
+register_model(
+    "cifar_vit", WindowViT,
+    "windowed ViT (PatchCURE's SRF ViT): attention inside windows of tokens, one location per window "
+    "(patch_size, window, width, depth, heads)",
+)
+for _p, _w in ((2, 2), (4, 2), (4, (8, 1))):
+    _wname = f"{_w[0]}x{_w[1]}" if isinstance(_w, tuple) else str(_w)
+    _rf = f"{_w[0] * _p}x{_w[1] * _p}" if isinstance(_w, tuple) else f"{_w * _p}"
+    register_model(
+        f"cifar_vit_p{_p}_w{_wname}", WindowViT,
+        f"windowed ViT, {_p} px tokens, windows of {_wname} tokens: receptive field = stride = {_rf} px",
+        patch_size=_p, window=list(_w) if isinstance(_w, tuple) else _w,
+    )
+register_model(
+    "image_vit_p16_w14x2", WindowViT,
+    "windowed ViT at 224 px, PatchCURE's ViT-SRF 14x2 geometry (16 px tokens, windows of 14x2 tokens: 224x32 px "
+    "columns, 1x7 locations) at ViT-Ti size (width 192, depth 12, heads 3; ImageNet normalisation)",
+    patch_size=16, window=[14, 2], width=192, depth=12, heads=3, mlp_ratio=4.0, num_classes=1000,
+    mean=IMAGENET_MEAN, std=IMAGENET_STD,
+)

@@ -20,6 +20,12 @@ Robust masking (the defended prediction). For each class c, with ``T_c = sum_l u
     m_c         = T_c - max_w S_c(w)   if detected_c   else   T_c
     prediction  = argmax_c m_c          (ties to the lower class index)
 
+Ties are decided by the rule, not by rounding: integer evidence (votes) is summed in int64, so equal masked vote
+counts are equal; float evidence (clipped logits) is summed in float64 and masked evidence within
+``TIE_TOLERANCE * max(1, largest class total)`` (1e-9 relative) of the maximum counts as tied
+(:func:`masked_prediction`). A certificate needs a margin above ``1e-9 * max(1, largest class total)`` for either
+kind (the bounds are computed in float64 and divided by ``1 - tau``).
+
 With tau = 0 the highest-evidence window is always removed.
 
 Certificate. A patch at pixel position p changes only the locations in R(p), and may set their
@@ -54,6 +60,17 @@ evidence with R(p) set to zero. Evidence is non-negative, so dropping terms only
   tau = 0 the bound is attained (the adversary zeroes y's evidence on R(p)); the test suite checks
   this equality by brute force, so the bound is neither loose nor optimistic.
 
+  With tau > 0 the bound is tightened as in PatchGuard's own analysis (Xiang et al. 2021): a masked window
+  w* that does not overlap R(p) holds only unchanged evidence, ``S'_y(w*) = S_v(w*)``, and being detected
+  means ``S_v(w*) > tau T'_y >= tau T_v`` (``T_v = T_y - W_y(R(p))``; the patch cannot lower evidence outside
+  R(p)). So when the zeroed map v is not detected (``max_w S_v(w) <= tau T_v``), only a window overlapping
+  R(p) can be masked, and
+
+      LB_y(p) = T_v - max_{w in 𝒲, w ∩ R(p) ≠ ∅} S_v(w)       (0 for the maximum over no window),
+
+  else the bound above. With tau = 0 both agree (v not detected means v = 0). The brute-force tests
+  check soundness for tau > 0 and that the tighter bound certifies more than the plain one.
+
 Decision. Certified iff ``LB_y(p) > UB_c(p)`` for every pixel position p of the patch fully inside
 the image and every class c != y. The inequality is strict: a tie after the attack is never
 certified, whichever way the tie rule would break it. ``margin`` = min over p and c of
@@ -78,6 +95,9 @@ __all__ = [
     "robust_masking",
     "patchguard_certify_evidence",
     "window_sums",
+    "masked_prediction",
+    "tie_tolerance",
+    "TIE_TOLERANCE",
 ]
 
 
@@ -105,14 +125,50 @@ def window_sums(evidence: torch.Tensor, window: tuple[int, int]) -> torch.Tensor
     return I[..., wh:, ww:] - I[..., :-wh, ww:] - I[..., wh:, :-ww] + I[..., :-wh, :-ww]
 
 
+#: Relative tolerance of the float path: masked evidence within ``TIE_TOLERANCE * max(1, largest class total)`` of
+#: the maximum counts as tied with it (the prediction then takes the lower class index), and a certificate needs a
+#: margin above the same amount. Float window sums from integral images carry rounding residues (~1e-16 relative)
+#: that would otherwise decide exact ties.
+TIE_TOLERANCE = 1e-9
+
+
+def _integer_valued(evidence: torch.Tensor) -> bool:
+    """Whether every entry is an integer and every class total fits float64's exact integers (BagCert votes)."""
+    if not evidence.dtype.is_floating_point:
+        return True
+    if evidence.numel() == 0:
+        return True
+    return bool((evidence == evidence.round()).all()) and float(evidence.abs().sum(dim=(-2, -1)).max()) < 2.0 ** 52
+
+
 def robust_masking(evidence: torch.Tensor, window: tuple[int, int], threshold: float = 0.0) -> torch.Tensor:
-    """Masked class evidence m_c [N, C] (see the module doc); the prediction is its argmax."""
-    ws = window_sums(evidence, window).flatten(-2)
+    """Masked class evidence m_c [N, C] (see the module doc); the prediction is :func:`masked_prediction` of it.
+
+    Integer-valued evidence (BagCert's votes) is summed in int64 and returned as int64: equal masked vote counts are
+    equal exactly. Other evidence is summed in float64 (its ties are decided with :data:`TIE_TOLERANCE`)."""
+    x = evidence.round().long() if _integer_valued(evidence) else evidence.double()
+    ws = window_sums(x, window).flatten(-2)
     best = ws.max(dim=-1).values
-    total = evidence.sum(dim=(-2, -1))
+    total = x.sum(dim=(-2, -1))
     # DetectWindow: the highest window is masked iff it holds more than a tau share of the evidence
     detected = best > threshold * total
     return torch.where(detected, total - best, total)
+
+
+def tie_tolerance(evidence: torch.Tensor) -> torch.Tensor:
+    """Per-sample tolerance [N] of the float path: ``TIE_TOLERANCE * max(1, largest class total)``; 0 for
+    integer-valued evidence (exact sums)."""
+    if _integer_valued(evidence):
+        return torch.zeros(evidence.shape[0], dtype=torch.float64, device=evidence.device)
+    return TIE_TOLERANCE * torch.clamp(evidence.double().sum(dim=(-2, -1)).abs().amax(dim=1), min=1.0)
+
+
+def masked_prediction(masked: torch.Tensor, tol=None) -> torch.Tensor:
+    """The robust-masking prediction int64 [N] from masked evidence [N, C]: the lowest class index among the classes
+    whose masked evidence is within ``tol`` [N] (default 0: exact) of the maximum (the documented lower-index rule)."""
+    top = masked.amax(dim=1, keepdim=True)
+    near = masked >= (top if tol is None else top - tol.to(masked.dtype).view(-1, 1))
+    return near.to(torch.uint8).argmax(dim=1)  # the first True: argmax returns the first of equal maxima
 
 
 def _check_clip(clip):
@@ -180,8 +236,8 @@ def patchguard_certify_evidence(
     nh, nw = h - wh + 1, w - ww + 1
     ws = window_sums(u, (wh, ww))  # [N, C, nh, nw]   S_c(w) for every window
     total = u.sum(dim=(2, 3))  # [N, C]           T_c
-    masked = robust_masking(u, (wh, ww), threshold)
-    pred = masked.argmax(dim=1)  # ties to the lower class index
+    tol = tie_tolerance(evidence)  # 0 for votes (integer sums), else TIE_TOLERANCE relative
+    pred = masked_prediction(robust_masking(evidence, (wh, ww), threshold), tol)  # ties to the lower class index
 
     table = window_table(geometry, (H, W), (ph, pw))  # distinct affected ranges, on the host
     ur, uc = table.rows, table.cols
@@ -219,26 +275,36 @@ def patchguard_certify_evidence(
     # intersection of window columns [j, j+ww-1] with [c0, c1], as integral-image indices [b0, b1)
     b0 = torch.maximum(tj[None, :], c0[:, None])  # [Uc, nw]
     b1 = torch.maximum(torch.minimum(tj[None, :] + ww - 1, c1[:, None]) + 1, b0)
+    # windows (column starts) that overlap each unique column range; an empty range overlaps nothing
+    ov_c = (tj[None, :] <= c1[:, None]) & (tj[None, :] + ww - 1 >= uc[:, 0][:, None]) & ~empty_c[:, None]  # [Uc, nw]
+    tol_v = 1e-9 * torch.clamp(total.abs().amax(dim=1), min=1.0)[:, None]  # [N, 1]
     lb = torch.empty(N, ur.shape[0], uc.shape[0], dtype=torch.float64, device=u.device)
     for k, (r0, r1) in enumerate(ur.tolist()):
         a0 = torch.clamp(torch.maximum(ti, torch.tensor(r0)), max=h)  # [nh]
         a1 = torch.maximum(torch.minimum(ti + wh - 1, torch.tensor(r1)) + 1, a0)
         strip = Iy[:, a1, :] - Iy[:, a0, :]  # [N, nh, w+1]: column-cumulative sums of the row strip
         inter = strip[:, :, b1] - strip[:, :, b0]  # [N, nh, Uc, nw]  W_y(w ∩ R)
-        q = (ws_y[:, :, None, :] - inter).amax(dim=(1, 3))  # [N, Uc]  max_w S_v(w)
+        s_v = ws_y[:, :, None, :] - inter  # [N, nh, Uc, nw]  S_v(w): y's evidence with R zeroed, per window
+        q_all = s_v.amax(dim=(1, 3))  # [N, Uc]  max over every window
+        ov_r = (ti <= r1) & (ti + wh - 1 >= r0) & (r1 >= r0)  # [nh] window rows that overlap R's rows
+        ov = (ov_r[:, None, None] & ov_c[None, :, :]).to(s_v.device)  # [nh, Uc, nw]
+        q_ov = torch.where(ov, s_v, torch.zeros((), dtype=s_v.dtype, device=s_v.device)).amax(dim=(1, 3))  # [N, Uc]
         r_lo, r_hi = min(r0, h), max(r1 + 1, min(r0, h))
         # W_y(R) over rows [r0, r1] and every unique column range (zero for empty ranges)
         cs = Iy[:, r_hi, :] - Iy[:, r_lo, :]  # [N, w+1]
         c_hi = torch.maximum(c1 + 1, c0)
         w_r = cs[:, c_hi] - cs[:, c0]  # [N, Uc]
-        lb[:, k, :] = total_y[:, None] - w_r - q
+        t_v = total_y[:, None] - w_r  # [N, Uc]  T_v
+        # a window outside R can be the masked one only if the zeroed map v is detected (module doc); near the
+        # threshold count v as detected (the smaller bound)
+        v_detected = q_all > threshold * t_v - tol_v
+        lb[:, k, :] = t_v - torch.where(v_detected, q_all, q_ov)
 
     margins = lb - ub_other  # [N, Ur, Uc]
     flat = margins.reshape(N, -1)
     margin, arg = flat.min(dim=1)
-    # float sums: demand a margin clearly above the rounding noise of float64 sums
-    tol = 1e-9 * torch.clamp(total.abs().amax(dim=1), min=1.0)
-    certified = margin > tol
+    # float sums (and the division by 1 - tau): demand a margin clearly above the rounding noise of float64 sums
+    certified = margin > 1e-9 * torch.clamp(total.abs().amax(dim=1), min=1.0)
     first_r, first_c = table.first_row.to(arg.device), table.first_col.to(arg.device)
     worst = torch.stack([first_r[arg // uc.shape[0]], first_c[arg % uc.shape[0]]], dim=1)
     return make_result(pred, labels, certified, margin, (ph, pw), name, worst)
@@ -322,11 +388,11 @@ class PatchGuardMasking(PeerCertifier):
         """The robust-masking prediction, int64 [N] (ties to the lower class); the window depends on ``patch_size``."""
         if patch_size is None:
             raise ValueError("PatchGuard's masking window depends on the patch size: pass patch_size")
-        ev = self.evidence(model, images).double()
+        ev = self.evidence(model, images)
         size = tuple(images.shape[-2:])
         geometry = verify_geometry(model, size).for_map(size, ev.shape[-2:])
         window = evidence_window_size(geometry, size, patch_size)
-        return robust_masking(ev, window, self.threshold).argmax(dim=1)
+        return masked_prediction(robust_masking(ev, window, self.threshold), tie_tolerance(ev))
 
     def forward_passes_per_image(self, image_size=None, patch_size=None) -> int:
         return 1
