@@ -255,7 +255,8 @@ def save_checkpoint(path, model, **metadata) -> Path:
 def _geometry_record(model, metadata) -> dict | None:
     """The verified geometry of a model whose code is not a built-in registry class (a plugin or wrapped model), at
     the metadata's ``input_size`` (or the last image size a wrapped model saw), as builtins; None for built-in
-    models (their geometry is derived from the layers they build). Raises ValueError when it cannot be recorded."""
+    models (their geometry is derived from the layers they build) and when no image size is known. Raises
+    GeometryError (a ValueError) for a declared geometry that does not cover the true one."""
     from .geometry_inference import _trusted, verify_geometry
 
     if _trusted(model) or not hasattr(model, "geometry"):
@@ -265,8 +266,8 @@ def _geometry_record(model, metadata) -> dict | None:
         image_size = (size, size)
     elif getattr(getattr(model, "geometry", None), "grid", None) is not None:
         image_size = model.geometry.grid[0]
-    else:
-        raise ValueError("cannot record the model's geometry: pass input_size=<image side in pixels> as metadata")
+    else:  # no image size to check it at: nothing recorded (certifying still checks it on its images)
+        return None
     was = model.training
     model.eval()  # the geometry of the model as it certifies (BatchNorm with its running statistics)
     try:
