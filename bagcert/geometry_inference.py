@@ -17,10 +17,14 @@ weights and the input values (a superset: a window's interval is the hull of its
   (activations, residual sums: the union of the branches), BatchNorm in eval mode, concatenation, chunks
   and ``glu`` along channels, reductions over channels (softmax over classes), permutes, and reshapes that
   keep each image axis whole (it may share a dimension with the batch: ``[B*H*W, C]`` for a per-location
-  ``Linear`` / ``LayerNorm`` in channels-last layout, ``[B*W, C, H]`` for a ``conv1d`` along the rows).
+  ``Linear`` / ``LayerNorm`` in channels-last layout, ``[B*W, C, H]`` for a ``conv1d`` along the rows),
+* windows: a reshape that cuts an image axis into blocks (outer dim: the window, inner dims: the position in
+  it) keeps the axis on the outer dim with each block's hull; attention (scaled dot product, batched matrix
+  products) is followed when the tokens it mixes carry no image axis (attention inside windows).
 
 Everything else that touches a tensor derived from the image is refused with the reason, among them:
-global or adaptive pooling and means over the image axes, flatten + linear, attention, BatchNorm in
+global or adaptive pooling and means over the image axes, flatten + linear, attention over tokens that are
+image locations (unwindowed), BatchNorm in
 training mode (batch statistics), group/instance/layer norm over the image, interpolation and
 upsampling, transposed convolutions, circular padding (a border location sees the opposite border),
 concatenation along an image axis, gathers and in-place writes into slices.

@@ -279,6 +279,8 @@ def test_per_location_linear_and_conv1d(make, expected):
     pytest.param("cifar_bagnet13", dict(width=8, norm="skipinit"), (20, 24), marks=pytest.mark.slow),
     ("image_bagnet17_s8", dict(width=16), (40, 48)),
     pytest.param("bagnet17_w025", dict(width=0.03), (48, 56), marks=pytest.mark.slow),
+    ("cifar_vit_p4_w8x1", dict(width=12, depth=1), (64, 36)),  # windowed attention: windows of 8x1 tokens
+    ("resnet_bagnet", dict(keep=1, layer_strides=[1, 1, 1, 1]), (32, 28)),
 ])
 def test_registry_models_infer_their_declared_geometry(name, kwargs, size):
     model = bagcert.create_model(name, num_classes=10, **kwargs).eval()
@@ -299,9 +301,18 @@ def test_dense_model_infers_its_declared_geometry():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", bagcert.list_models())
 def test_every_registry_model_infers_its_declared_geometry(name):
-    kwargs = dict(width=0.03) if name.startswith("bagnet") else dict(width=8)
+    if name.startswith("bagnet"):
+        kwargs = dict(width=0.03)
+    elif "vit" in name:
+        kwargs = dict(width=12, depth=1)
+    elif name.startswith("resnet"):
+        kwargs = {}
+    else:
+        kwargs = dict(width=8)
     model = bagcert.create_model(name, num_classes=10, **kwargs).eval()
-    size = (64, 64) if "bagnet" in name and not name.startswith("cifar") else (32, 32)
+    # at least two windows per axis for the ViTs (a single window row is not recognised as a window cut)
+    size = (448, 448) if name.startswith("image_vit") else (64, 64) if "vit" in name or (
+        "bagnet" in name and not name.startswith("cifar")) else (32, 32)
     status, inferred, msg = geometry_report(model.geometry, model, size)
     assert status == "equal", msg
 
