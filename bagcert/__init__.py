@@ -7,7 +7,7 @@ from .empirical import SoundnessError, evaluate_empirical
 from .geometry import Geometry, parse_patch_size
 from .geometry_inference import GeometryError, GeometryWarning, infer_geometry, verify_geometry
 from .models import BagModel, InputError, create_model, list_models, load_model_module, register_model
-from .peers import ClippedBagNet, DerandomizedSmoothing, PatchCleanser, PatchGuardMasking
+from .peers import ClippedBagNet, DerandomizedSmoothing, LocalDoubleMasking, PatchCleanser, PatchGuardMasking
 from .wrap import WrappedBagModel, wrap_model
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "GeometryError",
     "GeometryWarning",
     "InputError",
+    "LocalDoubleMasking",
     "PatchCleanser",
     "PatchGuardMasking",
     "SoundnessError",

@@ -282,6 +282,8 @@ def resume_config_changes(stored: dict, cfg: TrainConfig) -> dict:
     defaults = json.loads(json.dumps(asdict(TrainConfig())))
     new = json.loads(json.dumps(asdict(cfg)))
     old = {k: stored.get(k, defaults[k]) for k in new}
+    if isinstance(old["resize"], int) and isinstance(old["image_size"], int) and old["resize"] < old["image_size"]:
+        old["resize"] = None  # stored before TrainConfig.check refused it: no loader applied it (see export_checkpoint)
     differ = [k for k in sorted(new) if old[k] != new[k]]
     if old["time_budget_minutes"] is not None and new["time_budget_minutes"] is not None and "epochs" in differ:
         differ.remove("epochs")
@@ -767,11 +769,13 @@ class TrainingFailed(TrainingError):
 def _error_line(e: BaseException) -> str:
     """One line for an exception: a DataLoader worker's wrapped error is cut to its original last line."""
     text = str(e).strip()
-    if "Original Traceback" in text:
+    if "Original Traceback" in text:  # "...\nbagcert.data.DatasetError: <message>": the original's last line
         text = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
-    else:
-        text = " ".join(text.split())
-    return text if text.startswith(type(e).__name__) else f"{type(e).__name__}: {text}"
+        head, sep, rest = text.partition(": ")
+        if sep and head.replace(".", "").replace("_", "").isalnum():
+            return f"{head.rsplit('.', 1)[-1]}: {' '.join(rest.split())}"
+    text = " ".join(text.split())
+    return f"{type(e).__name__}: {text}"
 
 
 def _failed_run(e: Exception, run: RunState, out: Path, in_step: bool, save, tlog, elapsed) -> TrainingFailed:

@@ -399,11 +399,12 @@ def test_receptive_field_7_declared_as_1_is_refused():
         assert not torch.allclose(model.local_logits(x)[:, :, 4, 4], model.local_logits(x2)[:, :, 4, 4])
     with pytest.raises(GeometryError, match=r"receptive field 1, stride 2, padding 0.*receptive field 7, stride 2, padding 3"):
         bagcert.certify(model, x, torch.zeros(3, dtype=torch.long), patch_size=1)
-    for cert in (bagcert.ClippedBagNet(), bagcert.PatchGuardMasking()):
+    for cert in (bagcert.ClippedBagNet(), bagcert.PatchGuardMasking(), bagcert.LocalDoubleMasking()):
         with pytest.raises(GeometryError):
             cert.certify(model, x, None, 1)
-    with pytest.raises(GeometryError):
-        bagcert.PatchGuardMasking().predict(model, x, 1)
+    for cert in (bagcert.PatchGuardMasking(), bagcert.LocalDoubleMasking()):
+        with pytest.raises(GeometryError):
+            cert.predict(model, x, 1)
     # the right declaration passes without a warning
     model.geometry = Geometry.from_layers([(7, 2, 3), (1, 1, 0)])
     with warnings.catch_warnings():
@@ -422,8 +423,9 @@ def test_certify_dataset_paths_check_the_geometry():
     data = Dataset(images=images, labels=torch.zeros(4, dtype=torch.long), classes=["a", "b", "c"], name="synthetic")
     with pytest.raises(GeometryError):
         certify_dataset(bad, data, [3])
-    with pytest.raises(GeometryError):
-        certify_peer_dataset(bagcert.PatchGuardMasking(), bad, data, [3])
+    for cert in (bagcert.PatchGuardMasking(), bagcert.LocalDoubleMasking()):
+        with pytest.raises(GeometryError):
+            certify_peer_dataset(cert, bad, data, [3])
     good = wrap_model(net, mean=MEAN, std=STD).eval()
     results, _ = certify_dataset(good, data, [3])
     assert results["3"].num_samples == 4

@@ -110,6 +110,9 @@ def test_export_recovers_a_run_stored_with_a_resize_below_the_image_size(tmp_pat
     torch.save(state, out / "last.pt")
     _, meta = bagcert.load_checkpoint(export_checkpoint(out, tmp_path / "export.pt"))
     assert "resize" not in meta and meta["ignored_resize"] == 8 and meta["input_size"] == 32
+    # and --resume without the resize (it never applied) continues the run to a model.pt
+    assert train(_cfg(out, max_steps=2), data, held, resume=True, **QUIET)["steps"] == 2
+    assert bagcert.load_checkpoint(out / "model.pt")[1]["trained_steps"] == 2
 
 
 def _fail_once_at(monkeypatch, step, error):
@@ -146,14 +149,15 @@ def test_an_error_mid_run_saves_last_pt_and_resume_matches_an_uninterrupted_run(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_undecodable_image_on_the_stream_path_ends_train_py_with_one_line_and_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_undecodable_image_on_the_stream_path_ends_train_py_with_one_line_and_a_checkpoint(tmp_path, workers):
     data = _folder(tmp_path / "f", {"train": ["a", "b"], "test": ["a", "b"]}, size=32, per_class=8)
     bad = data / "train" / "b" / "7.png"
     bad.write_bytes(b"not an image")
     out = tmp_path / "run"
     argv = ["--dataset", str(data), "--num-classes", "2", "--image-size", "32", "--resize", "32", "--data-path", "stream",
-            "--workers", "0", "--pad", "4", "--epochs", "3", "--output", str(out)] + FAST + ["--max-steps", "6"]
-    line = _refused(argv, r"^training failed during step \d+ \(DatasetError: .*7\.png.*\); .*last\.pt")
+            "--workers", workers, "--pad", "4", "--epochs", "3", "--output", str(out)] + FAST + ["--max-steps", "6"]
+    line = _refused(argv, r"^training failed during step \d+ \(DatasetError: /\S*7\.png cannot be decoded.*\); .*last\.pt")
     step = torch.load(out / "last.pt", weights_only=True)["step"]
     assert f"holds the {step} finished steps" in line
 

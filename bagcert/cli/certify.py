@@ -56,6 +56,16 @@ window and only the prediction's lost votes count. One forward pass per image; i
 report's method is "patchguard-votes". It is refused with --attacks (the attacks optimise the vote count, not
 the masked prediction) and with --aggregation:
     bagcert certify --checkpoint bagcert-cifar10-r5-dense --dataset ../shared/data/cifar10 --patch-sizes 5 --robust-masking
+
+Double masking of the votes (--double-masking, bagcert models only; docs/peers.md): PatchCleanser's double-masking
+rule applied to the vote map (bagcert.peers.LocalDoubleMasking): windows of the map that hold every affected set
+R(p) are removed one and two at a time from the vote counts, and an image is certified when every two-mask
+prediction is the same class. One forward pass per image plus window sums; it combines with --dense. The mask set
+is built for the largest of --patch-sizes (rows and columns separately) and certifies every size with one
+prediction, so the sizes share one result (certify one size per run for per-size numbers); it is recorded in
+results.json (config.double_masking_mask_set). The report's method is "double-masking-votes". Refused with --attacks,
+--aggregation and --robust-masking:
+    bagcert certify --checkpoint bagcert-cifar10-r5-dense --dataset ../shared/data/cifar10 --patch-sizes 5 --double-masking
 """
 
 from __future__ import annotations
@@ -270,6 +280,11 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    help="certify with PatchGuard robust masking of the votes (report method patchguard-votes) instead of "
                    "the vote count; one forward pass per image; combines with --dense, not with --attacks or "
                    "--aggregation. bagcert models only")
+    p.add_argument("--double-masking", action="store_true",
+                   help="certify with double masking of the votes on the local map (PatchCleanser's rule on the vote "
+                   "map, report method double-masking-votes) instead of the vote count; one forward pass per image; one "
+                   "mask set, built for the largest of --patch-sizes, certifies every size; combines with --dense, not "
+                   "with --attacks, --aggregation or --robust-masking. bagcert models only")
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
@@ -459,6 +474,15 @@ def _run(args):
                          "certifies the votes with its own rule; give one of the two")
     if getattr(args, "skip_bad_images", False):
         check_skip_bad_images(args, attacks, world)
+    if args.double_masking:
+        for flag, given in (("--attacks", bool(attacks)), ("--aggregation", bool(args.aggregation)),
+                            ("--robust-masking", args.robust_masking)):
+            if given:
+                why = {"--attacks": "the attacks optimise the vote count, not the double-masking prediction, so they would "
+                                    "not test its certificate; certify without --attacks",
+                       "--aggregation": "double masking certifies the votes with its own rule; give one of the two",
+                       "--robust-masking": "they are two different certificates of the votes; give one of the two"}[flag]
+                raise SystemExit(f"--double-masking cannot be combined with {flag}: {why}")
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -481,6 +505,9 @@ def _run(args):
     is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
     if is_peer and args.robust_masking:
         raise SystemExit(f"--robust-masking applies to bagcert models only; {args.checkpoint} is a peer classifier, "
+                         "certified by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)")
+    if is_peer and args.double_masking:
+        raise SystemExit(f"--double-masking applies to bagcert models only; {args.checkpoint} is a peer classifier, "
                          "certified by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)")
     peer = _load_peer(args) if is_peer else None
     if peer is None and args.mask_patch_size:
@@ -570,6 +597,7 @@ def _run(args):
         source = StreamSource(SkipBadImages(data, skip_file), workers=args.workers)
     else:
         source = StreamSource(data, workers=args.workers) if streamed else data
+    config_extra = {}
     if args.robust_masking:
         from ..peers import PatchGuardMasking
 
@@ -577,6 +605,22 @@ def _run(args):
         if rank == 0:
             print(f"certificate: {masking.name}, PatchGuard robust masking of the votes (not the vote count)",
                   file=sys.stderr, flush=True)
+        results, timing = certify_peer_dataset(
+            masking, model, source, sizes, batch_size=args.batch_size, device=args.device, progress=progress,
+            rank=rank, world=world,
+        )
+        method = {"method": masking.name, "forward_passes_per_image": masking.forward_passes_per_image(), "peer": None}
+    elif args.double_masking:
+        from ..peers import LocalDoubleMasking
+
+        mask_patch = (max(s[0] for s in sizes), max(s[1] for s in sizes))
+        masking = LocalDoubleMasking(evidence="votes", mask_patch_size=mask_patch)
+        ms = masking.mask_set(model.geometry, (H, W), mask_patch)
+        config_extra["double_masking_mask_set"] = {"mask_patch_size": list(mask_patch), **ms.to_dict()}
+        if rank == 0:
+            print(f"certificate: {masking.name}, double masking of the votes on the local map (not the vote count); mask "
+                  f"set: {ms.num_masks} windows of {ms.mask_size[0]}x{ms.mask_size[1]} locations covering every "
+                  f"{mask_patch[0]}x{mask_patch[1]} patch, one mask set for every patch size", file=sys.stderr, flush=True)
         results, timing = certify_peer_dataset(
             masking, model, source, sizes, batch_size=args.batch_size, device=args.device, progress=progress,
             rank=rank, world=world,
@@ -612,6 +656,7 @@ def _run(args):
     config["data_path_requested"] = args.data_path
     config["data_path_reason"] = data_reason
     config["output"] = str(args.output)
+    config.update(config_extra)
     dataset = {"name": data.name, "root": data.info.get("root"), "split": data.info.get("split", args.split)}
     if "seeded_split" in data.info:
         dataset["seeded_split"] = data.info["seeded_split"]

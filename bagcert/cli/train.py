@@ -20,7 +20,10 @@ Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes <output>/last.pt an
 one line; ``--config <output>/config.json --resume`` continues exactly. --resume refuses settings that would
 make it another run (model, data, batch size, optimiser, loss, seed, ...), naming them; a new end (--epochs,
 --time-budget-minutes, --max-steps) and evaluation/logging/system settings are allowed and logged
-(docs/guarantees.md, "Training runs: stop, resume, logs").
+(docs/guarantees.md, "Training runs: stop, resume, logs"). An unexpected error mid-run (a loader worker killed, an
+image that cannot be decoded) also writes last.pt with the finished steps and ends with one line saying how to
+continue. Data of another size than --image-size, test class folders that differ from the training ones and
+patch sizes larger than the image are refused before the first step.
 
 --data-path auto|memory|stream (default auto): the in-memory uint8 path while the decoded set fits 25 % of
 the available memory, else images decoded per batch by --workers loader processes (bagcert.streaming);

@@ -10,6 +10,7 @@ from ..evaluation import certify_batches, check_patch_sizes
 from ..geometry_inference import verify_geometry
 from .base import make_result
 from .patchcleanser import PatchCleanser, double_masking_from_pairs
+from .local_masking import LocalDoubleMasking
 from .patchguard import PatchGuardMasking
 from .smoothing import affected_ablations, certify_counts
 
@@ -20,14 +21,15 @@ __all__ = ["certify_peer_dataset"]
 def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, batch_size: int = 250, device="cpu",
                          progress: bool = False, rank: int = 0, world: int = 1):
     """``bagcert.evaluation.certify_dataset`` for a peer certifier (de-randomized smoothing, PatchCleanser or
-    PatchGuard robust masking of a bagcert model):
+    PatchGuard robust masking or local double masking of a bagcert model):
     the same batches, the same sharding over ranks and the same ``(results, timing)``.
 
     The network evaluations of a batch are made once for all patch sizes and timed as ``forward_s``: the
     ablation votes (de-randomized smoothing: each size only changes Δ) or the two-mask prediction table of
     ``mask_set`` (PatchCleanser: one mask set for every size, each at most its patch, so the certificate is
     the same for all of them), or the evidence map (PatchGuard: one pass of the model, every size masks its
-    own window). ``certify_s`` times the certificates computed from them, with the
+    own window; :class:`LocalDoubleMasking`: one pass, each size its own mask set unless the certifier fixes one
+    with ``mask_patch_size``). ``certify_s`` times the certificates computed from them, with the
     certifier's own rules (``certify_counts``; ``double_masking_from_pairs`` and the all-pairs check), so
     the results equal ``cert.certify(classifier, x, y, size)`` (PatchCleanser: with ``mask_set``'s patch).
     """
@@ -36,7 +38,7 @@ def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, 
     H, W = data.images.shape[-2:]
     keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     pc = isinstance(cert, PatchCleanser)
-    pg = isinstance(cert, PatchGuardMasking)
+    pg = isinstance(cert, (PatchGuardMasking, LocalDoubleMasking))
     if pg:  # the bag model's declared geometry, checked once per (model, image size); registry models are trusted
         geometry = verify_geometry(classifier, (H, W))
     if pc:
@@ -62,7 +64,7 @@ def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, 
         if y.numel() and int(y.max()) >= C:
             raise ValueError(f"labels must lie in [0, {C})")
         if pg:
-            res = {k: cert.certify_evidence(evidence, y, geometry, (H, W), s) for k, s in zip(keys, sizes)}
+            res = {k: cert.certify_evidence(evidence, y, geometry.for_map((H, W), evidence.shape[-2:]), (H, W), s) for k, s in zip(keys, sizes)}
         elif pc:
             pred = double_masking_from_pairs(table, C)
             M = table.shape[1]
