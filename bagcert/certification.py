@@ -29,6 +29,7 @@ import torch
 
 from .aggregation import get_aggregation, predict
 from .geometry import Geometry, normalize_image_size, normalize_patch_sizes, parse_patch_size
+from .geometry_inference import verify_geometry
 
 __all__ = ["CertResult", "WindowTable", "certify", "certify_logits", "integral_image", "window_margins", "window_table"]
 
@@ -232,7 +233,9 @@ def certify_logits(
         local_logits: floating-point [N, C, h, w] per-location class logits, N >= 1, C >= 2, all finite.
         labels: int64 [N] in [0, C) (any integer dtype is converted to int64), or None (then ``correct`` is
             all False).
-        geometry: the model's :class:`~bagcert.geometry.Geometry`.
+        geometry: the model's :class:`~bagcert.geometry.Geometry`; one without a layer chain (``Geometry(rf, stride,
+            padding)``) takes its grid from the logit map. This function trusts the geometry: check a model's with
+            :func:`bagcert.verify_geometry`.
         image_size: (H, W) in pixels of the images the logits came from.
         patch_size: int or (height, width) (or ``"5"`` / ``"3x7"``) -> returns a :class:`CertResult`.
         patch_sizes: a list of sizes -> returns ``{size as given: CertResult}``. Each size once: ``[5, 5]`` and
@@ -274,11 +277,14 @@ def certify_logits(
     else:  # no host synchronisation: a sample with a non-finite logit is simply never certified
         finite = torch.isfinite(local_logits).flatten(1).all(dim=1)
     H, W = normalize_image_size(image_size)
-    if geometry.layers and geometry.grid_size(H, W) != (h, w):
-        raise ValueError(
-            f"local-logit map is {h}x{w} but the geometry gives {geometry.grid_size(H, W)} locations "
-            f"for a {H}x{W} image: logits and image size do not belong together"
-        )
+    if geometry.knows_grid(H, W):
+        if geometry.grid_size(H, W) != (h, w):
+            raise ValueError(
+                f"local-logit map is {h}x{w} but the geometry gives {geometry.grid_size(H, W)} locations "
+                f"for a {H}x{W} image: logits and image size do not belong together"
+            )
+    else:  # a geometry without a layer chain takes its grid from the logit map
+        geometry = geometry.at_grid((H, W), (h, w))
     keys, sizes = _checked_sizes(patch_size, patch_sizes, (H, W))
     labels = _check_labels(labels, N, C, local_logits.device)
 
@@ -384,6 +390,9 @@ def certify(
 
     Raises:
         RuntimeError: the model is in training mode.
+        GeometryError (a ValueError): the model's declared ``geometry`` does not cover its true receptive field,
+            or the true one cannot be established (:func:`bagcert.verify_geometry`: built-in registry models are
+            trusted, any other model is checked once per image size; a larger declared geometry only warns).
         TypeError: ``model`` is not a bagcert model; ``patch_sizes`` is not a list; ``batch_size`` not an int.
         ValueError: images that are not a floating-point [N, 3, H, W] batch with N >= 1 (the model's
             :class:`~bagcert.models.InputError`, a ValueError, also reports values outside [0, 1]); labels that
@@ -415,6 +424,8 @@ def certify(
     bs = batch_size or N
     image_size = tuple(images.shape[-2:])
     _checked_sizes(patch_size, patch_sizes, image_size)
+    # the geometry the certificate uses: checked against the model's computation once per (model, image size)
+    geometry = verify_geometry(model, image_size)
     # validate labels before spending a forward pass
     num_classes = getattr(model, "num_classes", None)
     if labels is not None:
@@ -428,7 +439,7 @@ def certify(
             certify_logits(
                 logits,
                 y,
-                model.geometry,
+                geometry,
                 image_size,
                 patch_size,
                 patch_sizes=patch_sizes,

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from .certification import CertResult, certify_logits
 from .geometry import parse_patch_size
+from .geometry_inference import verify_geometry
 
 __all__ = ["certify_dataset", "certify_batches", "StreamSource", "size_key", "vote_statistics"]
 
@@ -67,6 +68,7 @@ def certify_dataset(
     H, W = data.images.shape[-2:]
     keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     agg = aggregation or model.aggregation
+    geometry = verify_geometry(model, (H, W))  # checked once per (model, image size); registry models are trusted
     accel = torch.device(device).type != "cpu"
     timer = _Timer(device)
 
@@ -74,7 +76,7 @@ def certify_dataset(
         t = timer.start()
         z = model.local_logits(x)
         t = timer.lap(t, "forward")
-        res = certify_logits(z, y, model.geometry, (H, W), patch_sizes=sizes, aggregation=agg, check_finite=not accel)
+        res = certify_logits(z, y, geometry, (H, W), patch_sizes=sizes, aggregation=agg, check_finite=not accel)
         timer.lap(t, "certify")
         return dict(zip(keys, res.values())), 0.0, 0.0
 

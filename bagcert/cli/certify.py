@@ -547,6 +547,11 @@ def _run(args):
     if too_large:
         raise SystemExit(f"--patch-sizes {', '.join(too_large)}: larger than the {H}x{W} images")
     keys = [size_key(s) for s in sizes]
+    if peer is None:  # the geometry the certificate uses, checked on these images (registry models are trusted)
+        from ..geometry_inference import verify_geometry
+
+        with user_errors(f"--checkpoint {args.checkpoint}: "):
+            verify_geometry(model, (H, W))
     if args.robust_masking and len(keys) > 1:
         raise SystemExit(f"--robust-masking certifies one patch size per run (got {', '.join(keys)}): its prediction masks a "
                          "window made for the patch size, so clean accuracy and predictions differ per size; give one size, "
