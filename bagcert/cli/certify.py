@@ -257,7 +257,11 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=250, help="images per batch and process")
+    p.add_argument("--batch-size", type=positive_int, default=250, help="images per batch and process (the results do not "
+                   "depend on it: the network runs on chunks of a fixed size, bagcert.inference)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32, or bf16 autocast (faster on CPUs with AMX / avx512_bf16 and on GPUs): then the predictions and "
+                   "certificates are those of the model as evaluated in bf16, recorded in the report. bagcert models only")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--data-path", choices=DATA_PATHS, default="auto",
                    help="memory: decode the whole split first; stream: decode batch by batch in --workers processes, "
@@ -416,6 +420,10 @@ def _run(args):
     if args.robust_masking and args.aggregation:
         raise SystemExit(f"--robust-masking cannot be combined with --aggregation {args.aggregation}: robust masking "
                          "certifies the votes with its own rule; give one of the two")
+    if args.precision not in ("fp32", "bf16"):
+        raise SystemExit(f"--precision must be fp32 or bf16, got {args.precision!r}")
+    if args.precision != "fp32" and args.robust_masking:
+        raise SystemExit(f"--precision {args.precision} applies to the vote-count certificate; --robust-masking runs in fp32")
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -525,7 +533,7 @@ def _run(args):
     elif peer is None:
         results, timing = certify_dataset(
             model, source, sizes, batch_size=args.batch_size, device=args.device, aggregation=args.aggregation,
-            progress=progress, rank=rank, world=world,
+            progress=progress, rank=rank, world=world, precision=args.precision,
         )
         method = {"method": "bagcert", "forward_passes_per_image": 1, "peer": None}
     else:
@@ -634,6 +642,8 @@ def _load_peer(args) -> dict:
         )
     if args.dense:
         raise SystemExit(f"--dense applies to bagcert models only; {args.checkpoint} is a peer classifier")
+    if args.precision != "fp32":
+        raise SystemExit(f"--precision {args.precision} applies to bagcert models only; {args.checkpoint} is a peer classifier")
     if _parse_attacks(args.attacks):
         raise SystemExit(
             f"--attacks does not apply to peer classifiers ({args.checkpoint}): the attacks and their soundness check "
