@@ -40,9 +40,9 @@ CONFIGS = [  # receptive field, stride, padding, norm, image size, dense
 ]
 
 
-def _random_model(rf, stride, padding, norm, dense):
+def _random_model(rf, stride, padding, norm, dense, width=16):
     torch.manual_seed(0)
-    m = CifarBagNet(receptive_field=rf, stride=stride, padding=padding, width=16, norm=norm, dense=dense).eval()
+    m = CifarBagNet(receptive_field=rf, stride=stride, padding=padding, width=width, norm=norm, dense=dense).eval()
     with torch.no_grad():
         for p in m.parameters():  # away from the identity start, so every layer matters
             p.normal_(0, 0.3)
@@ -145,21 +145,28 @@ def _results_equal(a, b):
             assert torch.equal(getattr(a[k], f), getattr(b[k], f)), (k, f)
 
 
+def _rows(results, n):
+    return {k: bagcert.CertResult(*(getattr(r, f)[:n] for f in ("prediction", "label", "correct", "certified", "margin",
+                                                                "worst_position")), r.patch_size, r.aggregation)
+            for k, r in results.items()}
+
+
 def test_certify_results_do_not_depend_on_the_batch_size():
-    """The 200 sample images at batch sizes 1 (first 16 images), 7 and 200 and as one call: identical logits and
-    CertResults."""
-    m, _ = bagcert.load_checkpoint(DENSE_CKPT)
+    """The 200 sample images at batch sizes 7 and 200 and with the default batch, and the first 24 one by one:
+    identical logits and CertResults (a narrow dense model with dilated layers and batch norm, so that the test
+    stays fast; the shipped model's rows are checked by the test above and, on the full test set, by the slow test
+    below)."""
+    m = _random_model(9, 2, "same", "bn", True, width=8)
     data = load_cifar10(SAMPLES, "test")
     x, y = data.images.float() / 255, data.labels
     logits = {bs: torch.cat([evaluate_local_logits(m, x[i : i + bs]) for i in range(0, len(x), bs)]) for bs in (7, 200)}
     assert torch.equal(logits[7], logits[200])
-    assert torch.equal(torch.cat([evaluate_local_logits(m, x[i : i + 1]) for i in range(16)]), logits[200][:16])
+    assert torch.equal(torch.cat([evaluate_local_logits(m, x[i : i + 1]) for i in range(24)]), logits[200][:24])
     by_bs = {bs: bagcert.certify(m, x, y, patch_sizes=SIZES, batch_size=bs) for bs in (7, 200, None)}
-    _results_equal(by_bs[7], by_bs[200])
-    _results_equal(by_bs[None], by_bs[200])
-    one = bagcert.certify(m, x[:16], y[:16], patch_sizes=SIZES, batch_size=1)
-    _results_equal(one, {k: bagcert.CertResult.concat([v]) for k, v in
-                         certify_logits(logits[200][:16], y[:16], m.geometry, (32, 32), patch_sizes=SIZES).items()})
+    for bs in (7, None):
+        _results_equal(by_bs[bs], by_bs[200])
+    _results_equal(by_bs[200], certify_logits(logits[200], y, m.geometry, (32, 32), patch_sizes=SIZES))
+    _results_equal(bagcert.certify(m, x[:24], y[:24], patch_sizes=SIZES, batch_size=1), _rows(by_bs[200], 24))
 
 
 def _reference_logits(model, x, bs=250):
@@ -239,7 +246,7 @@ def test_full_test_set_results_do_not_depend_on_batch_size_or_processes(tmp_path
 def test_bf16_precision_certifies_the_bf16_evaluated_model():
     m, _ = bagcert.load_checkpoint(DENSE_CKPT)
     data = load_cifar10(SAMPLES, "test")
-    x, y = data.images[:40].float() / 255, data.labels[:40]
+    x, y = data.images[:16].float() / 255, data.labels[:16]
     z16 = evaluate_local_logits(m, x, precision="bf16")
     z32 = evaluate_local_logits(m, x)
     assert z16.dtype == torch.float32 and not torch.equal(z16, z32)
@@ -258,12 +265,10 @@ def test_cli_records_the_precision(tiny_checkpoint, tmp_path):
     args = ["--checkpoint", str(tiny_checkpoint), "--dataset", "synthetic:12", "--patch-sizes", "3", "--no-progress", "--quiet",
             "--threads", "1", "--batch-size", "5"]
     assert cli_certify.main(args + ["--precision", "bf16", "--output", str(tmp_path / "bf16")]) == 0
-    assert cli_certify.main(args + ["--output", str(tmp_path / "fp32")]) == 0
     r16 = json.loads((tmp_path / "bf16" / "results.json").read_text())
-    r32 = json.loads((tmp_path / "fp32" / "results.json").read_text())
-    assert r16["config"]["precision"] == "bf16" and r32["config"]["precision"] == "fp32"
+    assert r16["config"]["precision"] == "bf16"
     assert "- precision: bf16" in (tmp_path / "bf16" / "summary.md").read_text()
-    assert "- precision: fp32" in (tmp_path / "fp32" / "summary.md").read_text()
+    assert cli_certify.build_parser().parse_args([]).precision == "fp32"  # the default, recorded the same way
     with pytest.raises(SystemExit) as e:
         cli_certify.main(args + ["--precision", "fp16", "--output", str(tmp_path / "bad")])
     assert e.value.code == 2
