@@ -214,19 +214,29 @@ def test_full_test_set_certifies_as_the_module_does():
     assert len(explained) <= 10  # a handful at most, each listed above
 
 
+def _rows_by_dataset_index(folder):
+    """per_sample.csv as {dataset_index: the row without its position in the run}."""
+    import csv
+
+    with open(folder / "per_sample.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {r["dataset_index"]: {k: v for k, v in r.items() if k != "index"} for r in rows}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (CIFAR / "test").is_dir(), reason="CIFAR-10 test set not available")
 def test_full_test_set_results_do_not_depend_on_batch_size_or_processes(tmp_path):
-    """``bagcert certify`` on the full test set: --batch-size 1, 7 and 500, and two torchrun processes (gloo) at
-    --batch-size 7 (the stream path) give the same per-image rows."""
+    """``bagcert certify`` on the full test set at --batch-size 7 and 500 and with two torchrun processes (gloo,
+    the stream path, --batch-size 7), and 300 of its images one by one (--batch-size 1, each image its own padded
+    chunk): every image's row of per_sample.csv is the same."""
     common = [str(ROOT / "certify.py"), "--checkpoint", str(DENSE_CKPT), "--dataset", str(CIFAR), "--patch-sizes", "1,3,5,8,3x7",
               "--no-progress", "--quiet", "--threads", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     runs = {}
-    for bs in (1, 7, 500):
+    for bs, extra in ((7, []), (500, []), (1, ["--num-images", "300"])):
         out = tmp_path / f"bs{bs}"
-        r = subprocess.run([sys.executable] + common + ["--batch-size", str(bs), "--output", str(out)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=3600)
+        r = subprocess.run([sys.executable] + common + ["--batch-size", str(bs), "--output", str(out)] + extra, cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=3600)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[bs] = out
     with socket.socket() as s:
@@ -238,8 +248,10 @@ def test_full_test_set_results_do_not_depend_on_batch_size_or_processes(tmp_path
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     runs["ddp"] = tmp_path / "ddp"
-    rows = {k: (v / "per_sample.csv").read_text() for k, v in runs.items()}
-    assert rows[1] == rows[7] == rows[500] == rows["ddp"]
+    rows = {k: _rows_by_dataset_index(v) for k, v in runs.items()}
+    assert len(rows[500]) == 10000 and len(rows[1]) == 300
+    assert rows[7] == rows[500] == rows["ddp"]
+    assert all(rows[1][i] == rows[500][i] for i in rows[1])
     assert json.loads((runs["ddp"] / "results.json").read_text())["config"]["world_size"] == 2
 
 
