@@ -57,8 +57,9 @@ def flops_per_image(model, image_size) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "bagcert_cifar10_r5s2_dense.pt"))
-    default_data = ROOT.parent / "shared" / "data" / "cifar10"
-    p.add_argument("--dataset", default=str(default_data if default_data.is_dir() else ROOT / "samples" / "cifar10"))
+    shared = [ROOT.parent / "shared" / "data" / "cifar10", ROOT.parent.parent / "shared" / "data" / "cifar10"]
+    default_data = next((d for d in shared if d.is_dir()), ROOT / "samples" / "cifar10")
+    p.add_argument("--dataset", default=str(default_data), help="CIFAR-10 folder (default: the shared test set, else the samples)")
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=250, help="images per batch (the CLI's default)")
     p.add_argument("--repeats", type=int, default=5)

@@ -21,7 +21,9 @@ from conftest import ROOT, SHARED
 
 DENSE_CKPT = ROOT / "checkpoints" / "bagcert_cifar10_r5s2_dense.pt"
 SAMPLES = ROOT / "samples" / "cifar10"
-CIFAR = SHARED / "cifar10"
+# the shared CIFAR-10 folder beside the checkout (or beside the folder of worktrees)
+CIFAR = next((p for p in (SHARED / "cifar10", ROOT.parent.parent / "shared" / "data" / "cifar10") if (p / "test").is_dir()),
+             SHARED / "cifar10")
 SIZES = [1, 2, 3, 4, 5, 6, 7, 8, (3, 7), (7, 3), (2, 8), (8, 2)]
 # a vote may flip between two float32 evaluations only where the logit is this close to the threshold 0
 NEAR_ZERO = 1e-5
