@@ -20,6 +20,11 @@ memory while it fits 25 % of the available memory (bagcert.streaming.choose_data
 same results.json numbers and per_sample.csv. The choice and its reason are printed on stderr and recorded
 in results.json (config.data_path, config.data_path_reason). --attacks need the images in memory.
 
+Speed and precision: the network runs as an inference copy (batch norm folded, dense models without dilated
+convolutions, channels_last on the CPU; bagcert.inference) on chunks of a fixed number of images, so every image's
+result is the same whatever --batch-size, the number of processes or the data path. --precision bf16 certifies the
+model as evaluated in bf16 autocast (faster on CPUs with AMX / avx512_bf16 and on GPUs), recorded in the report.
+
 Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv (one row per
 image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). The
 last line printed is a one-line JSON summary. The files are written into a private staging folder beside
