@@ -154,21 +154,21 @@ def _rows(results, n):
 
 
 def test_certify_results_do_not_depend_on_the_batch_size():
-    """The 200 sample images at batch sizes 7 and 200 and with the default batch, and the first 24 one by one:
-    identical logits and CertResults (a narrow dense model with dilated layers and batch norm, so that the test
-    stays fast; the shipped model's rows are checked by the test above and, on the full test set, by the slow test
-    below)."""
+    """The 200 sample images certified at batch sizes 7 and 200 and with the default batch, the first 8 one by one
+    (logits: the first 70 in batches of 7, the first 8 one by one): identical logits and CertResults. A narrow dense
+    model with dilated layers and batch norm keeps the test fast; the shipped model's rows are checked by the test
+    above and, on the full test set, by the slow test below."""
     m = _random_model(9, 2, "same", "bn", True, width=8)
     data = load_cifar10(SAMPLES, "test")
     x, y = data.images.float() / 255, data.labels
-    logits = {bs: torch.cat([evaluate_local_logits(m, x[i : i + bs]) for i in range(0, len(x), bs)]) for bs in (7, 200)}
-    assert torch.equal(logits[7], logits[200])
-    assert torch.equal(torch.cat([evaluate_local_logits(m, x[i : i + 1]) for i in range(24)]), logits[200][:24])
-    by_bs = {bs: bagcert.certify(m, x, y, patch_sizes=SIZES, batch_size=bs) for bs in (7, 200, None)}
+    logits = {200: evaluate_local_logits(m, x), 7: torch.cat([evaluate_local_logits(m, x[i : i + 7]) for i in range(0, 70, 7)])}
+    assert torch.equal(logits[7], logits[200][:70])
+    assert torch.equal(torch.cat([evaluate_local_logits(m, x[i : i + 1]) for i in range(8)]), logits[200][:8])
+    by_bs = {bs: bagcert.certify(m, x, y, patch_sizes=[1, 5, (3, 7)], batch_size=bs) for bs in (7, 200, None)}
     for bs in (7, None):
         _results_equal(by_bs[bs], by_bs[200])
-    _results_equal(by_bs[200], certify_logits(logits[200], y, m.geometry, (32, 32), patch_sizes=SIZES))
-    _results_equal(bagcert.certify(m, x[:24], y[:24], patch_sizes=SIZES, batch_size=1), _rows(by_bs[200], 24))
+    _results_equal(by_bs[200], certify_logits(logits[200], y, m.geometry, (32, 32), patch_sizes=[1, 5, (3, 7)]))
+    _results_equal(bagcert.certify(m, x[:8], y[:8], patch_sizes=[1, 5, (3, 7)], batch_size=1), _rows(by_bs[200], 8))
 
 
 def _reference_logits(model, x, bs=250):
