@@ -23,6 +23,11 @@ memory while it fits 25 % of the available memory (bagcert.streaming.choose_data
 same results.json numbers and per_sample.csv. The choice and its reason are printed on stderr and recorded
 in results.json (config.data_path, config.data_path_reason). --attacks need the images in memory.
 
+Speed and precision: the network runs as an inference copy (batch norm folded, dense models without dilated
+convolutions, channels_last on the CPU; bagcert.inference) on chunks of a fixed number of images, so every image's
+result is the same whatever --batch-size, the number of processes or the data path. --precision bf16 certifies the
+model as evaluated in bf16 autocast (faster on CPUs with AMX / avx512_bf16 and on GPUs), recorded in the report.
+
 Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv (one row per
 image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). Every
 accuracy comes with its exact 95 % confidence interval over the images (docs/certification.md). The
@@ -288,7 +293,11 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=250, help="images per batch and process")
+    p.add_argument("--batch-size", type=positive_int, default=250, help="images per batch and process (the results do not "
+                   "depend on it: the network runs on chunks of a fixed size, bagcert.inference)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32, or bf16 autocast (faster on CPUs with AMX / avx512_bf16 and on GPUs): then the predictions and "
+                   "certificates are those of the model as evaluated in bf16, recorded in the report. bagcert models only")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--data-path", choices=DATA_PATHS, default="auto",
                    help="memory: decode the whole split first; stream: decode batch by batch in --workers processes, "
@@ -483,6 +492,11 @@ def _run(args):
                        "--aggregation": "double masking certifies the votes with its own rule; give one of the two",
                        "--robust-masking": "they are two different certificates of the votes; give one of the two"}[flag]
                 raise SystemExit(f"--double-masking cannot be combined with {flag}: {why}")
+    if args.precision not in ("fp32", "bf16"):
+        raise SystemExit(f"--precision must be fp32 or bf16, got {args.precision!r}")
+    if args.precision != "fp32" and (args.robust_masking or args.double_masking):
+        flag = "--robust-masking" if args.robust_masking else "--double-masking"
+        raise SystemExit(f"--precision {args.precision} applies to the vote-count certificate; {flag} runs in fp32")
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -629,7 +643,7 @@ def _run(args):
     elif peer is None:
         results, timing = certify_dataset(
             model, source, sizes, batch_size=args.batch_size, device=args.device, aggregation=args.aggregation,
-            progress=progress, rank=rank, world=world,
+            progress=progress, rank=rank, world=world, precision=args.precision,
         )
         method = {"method": "bagcert", "forward_passes_per_image": 1, "peer": None}
     else:
@@ -766,6 +780,8 @@ def _load_peer(args) -> dict:
         )
     if args.dense:
         raise SystemExit(f"--dense applies to bagcert models only; {args.checkpoint} is a peer classifier")
+    if args.precision != "fp32":
+        raise SystemExit(f"--precision {args.precision} applies to bagcert models only; {args.checkpoint} is a peer classifier")
     if _parse_attacks(args.attacks):
         raise SystemExit(
             f"--attacks does not apply to peer classifiers ({args.checkpoint}): the attacks and their soundness check "
