@@ -101,6 +101,9 @@ class _Dep:
 _AXIS_NAME = {"H": "image rows (height)", "W": "image columns (width)", "B": "batch"}
 
 
+_OPAQUE = object()  # an output derived from the image that the analysis does not follow: any use is refused
+
+
 class _Refuse(Exception):
     pass
 
@@ -333,11 +336,16 @@ def _attention(deps_in: list, op: str, n_out):
     return res if n_out is None else (res,) + (None,) * (n_out - 1)
 
 
-def _reduce_dims(args, op_short, ndim):
+def _reduce_dims(args, op_short, ndim, kwargs=None):
+    kwargs = kwargs or {}
     """The dims a reduction reduces (None: all)."""
     if op_short in ("_softmax", "_log_softmax", "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp",
                     "cummax", "cummin"):
         dims = args[1]
+    elif op_short in ("topk", "kthvalue"):  # (self, k, dim=-1, ...): args[1] is k, not a dim
+        dims = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+    elif op_short in ("sort", "mode") and len(args) == 1 and "dim" not in kwargs:  # (self, dim=-1, ...)
+        dims = -1
     elif len(args) > 1 and isinstance(args[1], (int, list, tuple)) and not isinstance(args[1], bool):
         dims = args[1]
     elif op_short in ("norm", "linalg_vector_norm") and len(args) > 2:
@@ -372,6 +380,8 @@ def _analyse(gm, H: int, W: int):
     tensors = [a for a in flat if isinstance(_shape(a), tuple)]
     if len(tensors) != 1:
         raise _Refuse(f"the local-logit function returns {len(tensors)} tensors; expected one map [B, C, h, w]")
+    if env[tensors[0]] is _OPAQUE:
+        raise _Refuse("the local-logit function returns an auxiliary output the analysis does not follow")
     return env[tensors[0]], _shape(tensors[0])
 
 
@@ -417,6 +427,9 @@ def _handle(node, env):
     if getattr(target, "__name__", "") == "getitem":  # one output of a multi-output op
         src = env.get(args[0])
         return src[args[1]] if isinstance(src, tuple) else None
+    if any(env.get(a) is _OPAQUE for a in flat):
+        _refuse(op, "uses an auxiliary output of an operation (e.g. the statistics of a normalisation) that the "
+                    "analysis does not follow")
     if not deps:
         if any(isinstance(env.get(a), tuple) and any(isinstance(e, _Dep) for e in env.get(a)) for a in flat):
             _refuse(op, "unexpected use of a multi-output operation")
@@ -460,7 +473,8 @@ def _handle(node, env):
         shp = out_shape if out_shape is not None else _shape_of_tuple(node)
         res = _spatial_op(dep, _shape(args[0]), shp, nsp, op, "pooling",
                           lambda k, ax, n: _window(ax, n, kernel[k], stride[k], padding[k], dilation[k]))
-        return (res, None) if short.endswith("with_indices") else res
+        # the indices (argmax positions) depend on the same window as the values
+        return (res, res) if short.endswith("with_indices") else res
     if short in ("native_batch_norm", "batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm",
                  "miopen_batch_norm"):
         training = args[5] if len(args) > 5 else kwargs.get("training", False)
@@ -482,7 +496,8 @@ def _handle(node, env):
             _refuse(op, "LayerNorm over an image axis normalises with statistics over the whole image")
         if any(dep_of(a) is not None for a in args[2:4]):
             _refuse(op, "LayerNorm with weights computed from the image")
-        return (dep, None, None)
+        # mean and rstd (statistics of the input) are not followed: a use of them is refused
+        return (dep, _OPAQUE, _OPAQUE)
     if short in ("constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
                  "replication_pad2d", "pad"):
         dep = dep_of(args[0])
@@ -643,7 +658,7 @@ def _handle(node, env):
         if dep is None:
             _refuse(op, "a reduction whose extra operands depend on the image")
         nd = len(dep.labels)
-        dims = _reduce_dims(args, short, nd)
+        dims = _reduce_dims(args, short, nd, kwargs)
         for d in dims:
             ax = _comps_axes(dep.labels[d])
             if ax:
@@ -652,14 +667,15 @@ def _handle(node, env):
         if short in _KEEPS_REDUCED_DIM:
             res = _Dep(dep.labels, dep.axes)
         else:
-            keep = out_shape is not None and len(out_shape) == nd
+            first = out_shape if out_shape is not None else _shape_of_tuple(node)  # (values, indices): values
+            keep = len(first) == nd
             if keep:
                 labels = tuple(() if d in dims else c for d, c in enumerate(dep.labels))
             else:
                 labels = tuple(c for d, c in enumerate(dep.labels) if d not in dims)
             res = _Dep(labels, dep.axes)
-        if out_shape is None:  # multi-output (values, indices)
-            return (res, None)
+        if out_shape is None:  # multi-output (values, indices): the indices depend on the same pixels as the values
+            return (res, res)
         return res
     if short in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
