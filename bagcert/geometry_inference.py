@@ -764,7 +764,7 @@ def _describe(module) -> str:
     return getattr(module, "_bagcert_name", None) or type(module).__name__
 
 
-def _trace(module, H: int, W: int):
+def _trace(module, H: int, W: int, batch: int = 2):
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.func import functionalize
 
@@ -778,7 +778,7 @@ def _trace(module, H: int, W: int):
                     f"padding_mode='circular': {_REFUSED['_pad_circular']}"
                 )
     dtype, device = _param_like(module)
-    x = torch.zeros(2, 3, H, W, dtype=dtype, device=device)
+    x = torch.zeros(batch, 3, H, W, dtype=dtype, device=device)
 
     def f(x):
         return fn(x)
@@ -831,11 +831,23 @@ def _fit(ax: _Axis, n_img: int, what: str, module) -> tuple[int, int, int]:
 
 def _infer(module, image_size) -> _Inferred:
     H, W = normalize_image_size(image_size)
-    gm = _trace(module, H, W)
-    try:
-        dep, shape = _analyse(gm, H, W)
-    except _Refuse as e:
-        raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: {e}") from None
+    # traced with a batch of 2 and of 1: Python code that branches on the batch size (``if x.shape[0] == 1``,
+    # ``x.squeeze()``) is followed at each, and both must give the same dependency (certify runs single images)
+    found = []
+    for batch in (2, 1):
+        gm = _trace(module, H, W, batch)
+        try:
+            dep, shape = _analyse(gm, H, W)
+        except _Refuse as e:
+            extra = " (with a batch of one image)" if batch == 1 else ""
+            raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images{extra}: "
+                                f"{e}") from None
+        found.append((dep, shape))
+    (dep, shape), (dep1, shape1) = found
+    if not _same_dependency(dep, shape, dep1, shape1):
+        raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: it computes a "
+                            "batch of one image differently from a batch of two (Python code that branches on the "
+                            "batch size), so no single geometry holds for every batch")
     if dep is None:  # a constant map: no patch can change it, any declared geometry is sound for it
         if shape is None or len(shape) != 4 or shape[1] < 2:
             raise GeometryError(f"{_describe(module)} returns {shape}; expected local logits [B, C, h, w], C >= 2")
@@ -857,6 +869,19 @@ def _infer(module, image_size) -> _Inferred:
     geom = Geometry((rh[0], rw[0]), (rh[1], rw[1]), (rh[2], rw[2]), grid=((H, W), (h, w)))
     ax_h, ax_w = dep.axes["H"], dep.axes["W"]
     return _Inferred(geom, (ax_h.lo.clone(), ax_h.hi.clone()), (ax_w.lo.clone(), ax_w.hi.clone()), int(shape[1]), (h, w))
+
+
+def _same_dependency(dep, shape, dep1, shape1) -> bool:
+    """The traces at batch sizes 2 and 1 give the same class maps with the same pixel intervals."""
+    if (dep is None) != (dep1 is None) or shape is None or shape1 is None or shape[1:] != shape1[1:]:
+        return False
+    if dep is None:
+        return True
+    if len(shape) == 4 and [_plain(dep.labels[d], shape[d]) for d in (2, 3)] != \
+            [_plain(dep1.labels[d], shape1[d]) for d in (2, 3)]:
+        return False
+    return all(torch.equal(dep.axes[k].lo, dep1.axes[k].lo) and torch.equal(dep.axes[k].hi, dep1.axes[k].hi)
+               and dep.axes[k].stride == dep1.axes[k].stride for k in ("H", "W"))
 
 
 def _probe_check(module, inferred: _Inferred, H: int, W: int, seed: int = 0) -> None:

@@ -86,3 +86,45 @@ def test_layer_norm_statistics_are_not_followed():
 
     with pytest.raises(GeometryError, match="auxiliary output"):
         infer_geometry(Net(f).eval(), SIZE, check=False)
+
+
+class BatchOfOne(nn.Module):
+    """A batch of one image takes another code path (``if x.shape[0] == 1``): a 5x5 window instead of 1x1."""
+
+    def __init__(self, refused_path: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.refused_path = refused_path
+
+    def forward(self, x):
+        y = self.conv(x)
+        if x.shape[0] == 1:
+            if self.refused_path:
+                return y + x.mean((1, 2, 3)).view(-1, 1, 1, 1)  # global: every location sees the whole image
+            return F.avg_pool2d(y, 5, 1, 2)
+        return y
+
+
+@pytest.mark.parametrize("refused_path, match", [(True, "batch of one image"), (False, "batch of one image")])
+def test_batch_size_branches_are_refused(refused_path, match):
+    from bagcert import certify, wrap_model
+
+    net = BatchOfOne(refused_path).eval()
+    with pytest.raises(GeometryError, match=match):
+        infer_geometry(net, SIZE)
+    model = wrap_model(net, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with pytest.raises(GeometryError, match=match):  # certify runs the single image it is given
+        certify(model, torch.rand(1, 3, *SIZE), torch.tensor([0]), patch_size=2)
+
+
+def test_a_submodule_in_training_mode_is_refused():
+    from bagcert import certify, wrap_model
+
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Dropout(0.5)).eval()
+    model = wrap_model(net, mean=(0.5,) * 3, std=(0.25,) * 3)
+    x, y = torch.rand(2, 3, *SIZE), torch.tensor([0, 1])
+    assert certify(model, x, y, patch_size=2).certified.shape == (2,)
+    net[1].train()  # dropout draws a new mask per pass: the certified prediction is not the one a patch meets
+    assert not model.training
+    with pytest.raises(RuntimeError, match="submodules\\) is in training mode"):
+        certify(model, x, y, patch_size=2)
