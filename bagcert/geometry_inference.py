@@ -1044,12 +1044,27 @@ def _fingerprint(model) -> tuple:
     return tuple((name, id(m), type(m).__name__, _settings(m), m.training) for name, m in model.named_modules())
 
 
+_PLAIN = (bool, int, float, str, type(None))
+_UNWATCHED = {"training", "check_inputs", "num_classes"}  # not part of the computation's geometry
+
+
+def _plain_value(v) -> bool:
+    return isinstance(v, _PLAIN) or (isinstance(v, tuple) and len(v) <= 16 and all(isinstance(e, _PLAIN) for e in v))
+
+
 def _settings(m) -> str:
-    """A layer's settings (kernel, stride, padding...), from ``extra_repr``; a bagcert model's own line names its
-    declared geometry, which is compared separately, so it is left out."""
+    """A layer's settings (kernel, stride, padding...), from ``extra_repr`` (a bagcert model's own line names its
+    declared geometry, which is compared separately, so it is left out), plus the shapes of its own parameters and
+    buffers and its plain attributes (numbers, strings, flags and tuples of them): replacing a weight by one with a
+    larger kernel (``padding='same'`` keeps the grid) or setting a flag that ``forward`` branches on changes it."""
     from .models.base import BagModel
 
-    return "" if isinstance(m, BagModel) else m.extra_repr()
+    text = "" if isinstance(m, BagModel) else m.extra_repr()
+    shapes = tuple((n, tuple(t.shape)) for n, t in list(m._parameters.items()) + list(m._buffers.items())
+                   if t is not None)
+    plain = tuple(sorted((k, v) for k, v in vars(m).items()
+                         if not k.startswith("_") and k not in _UNWATCHED and _plain_value(v)))
+    return f"{text}|{shapes}|{plain}"
 
 
 def _trusted(model) -> bool:

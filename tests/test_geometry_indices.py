@@ -128,3 +128,31 @@ def test_a_submodule_in_training_mode_is_refused():
     assert not model.training
     with pytest.raises(RuntimeError, match="submodules\\) is in training mode"):
         certify(model, x, y, patch_size=2)
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, padding="same")
+        self.wide = False
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.avg_pool2d(y, 7, 1, 3) if self.wide else y
+
+
+@pytest.mark.parametrize("change", ["flag", "same-padding weight"])
+def test_changes_after_a_check_are_checked_again(change):
+    """The verdict cache watches plain attributes that forward branches on and the shapes of the weights."""
+    from bagcert import Geometry, certify, wrap_model
+
+    net = Flagged().eval()
+    model = wrap_model(net, mean=(0.5,) * 3, std=(0.25,) * 3, geometry=Geometry(1, 1, 0))
+    x, y = torch.rand(2, 3, *SIZE), torch.tensor([0, 1])
+    certify(model, x, y, patch_size=2)  # true: 1x1, cached
+    if change == "flag":
+        net.wide = True  # now 7x7
+    else:
+        net.conv.weight = nn.Parameter(torch.randn(2, 3, 5, 5))  # padding='same' keeps the grid: now 5x5
+    with pytest.raises(GeometryError, match="does not cover"):
+        certify(model, x, y, patch_size=2)
