@@ -7,7 +7,8 @@ the true geometry from the computation itself instead of trusting a declaration.
 Method (:func:`infer_geometry`). The module's local-logit function is traced with ``torch.fx``
 (``make_fx`` on fake tensors of the given image size, functionalised, down to ATen operations). Shape-
 dependent Python control flow is followed at that size; control flow that depends on pixel values
-cannot be traced and is refused. Then, for every tensor of the graph and each image axis, the analysis
+cannot be traced and is refused. The trace is taken with a batch of two images and with a batch of one, and
+both must give the same dependency (Python code that branches on the batch size is refused). Then, for every tensor of the graph and each image axis, the analysis
 carries the interval of input pixels ``[lo[i], hi[i]]`` that location ``i`` can depend on, whatever the
 weights and the input values (a superset: a window's interval is the hull of its inputs' intervals):
 
@@ -1103,8 +1104,9 @@ def verify_geometry(model, image_size) -> Geometry:
 
     The inferred geometry is cached per model (weakly: the cache never keeps a model alive) and image size, keyed
     by a fingerprint of the model's submodules (identity, type, ``extra_repr()`` settings such
-    as kernel, stride, padding and dilation, train/eval mode): replacing a layer, changing a convolution's settings
-    triggers a new inference; a new ``model.geometry`` is compared again (cheap). The warning for a larger
+    as kernel, stride, padding and dilation, the shapes of their parameters and buffers, their plain attributes
+    (numbers, strings, flags), train/eval mode): replacing a layer or a weight, changing a convolution's settings or
+    a flag that ``forward`` branches on triggers a new inference; a new ``model.geometry`` is compared again (cheap). The warning for a larger
     declaration is given once per model, image size and declaration. Editing ``forward`` code on a live object is not
     detected: call ``bagcert.geometry_inference.clear_cache()`` after doing so.
 
