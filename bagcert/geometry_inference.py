@@ -8,8 +8,8 @@ Method (:func:`infer_geometry`). The module's local-logit function is traced wit
 (``make_fx`` on fake tensors of the given image size, functionalised, down to ATen operations). Shape-
 dependent Python control flow is followed at that size; control flow that depends on pixel values
 cannot be traced and is refused. The trace is taken with a batch of two images and with a batch of one, and
-both must give the same dependency (Python code that branches on the batch size is refused). Then, for every tensor of the graph and each image axis, the analysis
-carries the interval of input pixels ``[lo[i], hi[i]]`` that location ``i`` can depend on, whatever the
+both must give the same dependency (Python code that branches on the batch size is refused). Then, for every
+tensor of the graph and each image axis, the analysis carries the interval of input pixels ``[lo[i], hi[i]]`` that location ``i`` can depend on, whatever the
 weights and the input values (a superset: a window's interval is the hull of its inputs' intervals):
 
 * convolutions and max/avg pooling (any kernel, stride, padding, dilation, ceil mode; rectangular),
