@@ -787,7 +787,9 @@ def _trace(module, H: int, W: int, batch: int = 2):
     # tracing must leave the module as it was (a BatchNorm in training mode would count a batch)
     saved = [(b, b.detach().clone()) for b in module.buffers()] if isinstance(module, torch.nn.Module) else []
     try:
-        with _InputsUnchecked(module), warnings.catch_warnings():
+        # under no_grad, as every certifier runs the model: a forward that branches on torch.is_grad_enabled()
+        # is traced on the path that is certified, whatever the caller's grad mode
+        with _InputsUnchecked(module), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             gm = make_fx(functionalize(f), tracing_mode="fake", _allow_non_fake_inputs=True)(x)
     except GeometryError:

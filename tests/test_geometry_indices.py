@@ -156,3 +156,27 @@ def test_changes_after_a_check_are_checked_again(change):
         net.conv.weight = nn.Parameter(torch.randn(2, 3, 5, 5))  # padding='same' keeps the grid: now 5x5
     with pytest.raises(GeometryError, match="does not cover"):
         certify(model, x, y, patch_size=2)
+
+
+class GradModeBranch(nn.Module):
+    """Without autograd (as the certifiers run it) every location also sees the whole image's mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if not torch.is_grad_enabled():
+            y = y + (x.mean((1, 2, 3)).view(-1, 1, 1, 1) > 0.5).float()
+        return y
+
+
+def test_the_trace_follows_the_no_grad_path_the_certifiers_run():
+    from bagcert import wrap_model
+
+    with torch.enable_grad():  # the caller's grad mode does not choose the traced path
+        with pytest.raises(GeometryError, match="global average pooling"):
+            infer_geometry(GradModeBranch().eval(), SIZE)
+        with pytest.raises(GeometryError, match="global average pooling"):
+            wrap_model(GradModeBranch().eval(), mean=(0.5,) * 3, std=(0.25,) * 3, image_size=SIZE)
