@@ -334,7 +334,8 @@ def _attention(deps_in: list, op: str, n_out):
     labels = tuple(ref.labels[:-2]) + ((), ())
     axes = {lab: _union_axes([d.axes[lab] for d in deps_in], ref.axes[lab].n, op, lab) for lab in ("H", "W")}
     res = _Dep(labels, axes)
-    return res if n_out is None else (res,) + (None,) * (n_out - 1)
+    # the other outputs (log-sum-exp, seeds...) are not followed: a use of them is refused
+    return res if n_out is None else (res,) + (_OPAQUE,) * (n_out - 1)
 
 
 def _reduce_dims(args, op_short, ndim, kwargs=None):
