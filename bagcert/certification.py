@@ -30,6 +30,7 @@ import torch
 from .aggregation import get_aggregation, predict
 from .geometry import Geometry, normalize_image_size, normalize_patch_sizes, parse_patch_size
 from .geometry_inference import verify_geometry
+from .models.base import in_training_mode
 
 __all__ = ["CertResult", "WindowTable", "certify", "certify_logits", "integral_image", "window_margins", "window_table"]
 
@@ -409,9 +410,9 @@ def certify(
             are not an integer [N] in [0, num_classes); ``batch_size < 1``; an empty or duplicated list of patch
             sizes; a patch larger than the image; an unknown aggregation. All are raised before the forward pass.
     """
-    if getattr(model, "training", False):
+    if in_training_mode(model):
         raise RuntimeError(
-            "model is in training mode (batch-norm statistics would depend on the batch); call model.eval() first"
+            "model (or one of its submodules) is in training mode (batch-norm statistics would depend on the batch); call model.eval() first"
         )
     if not hasattr(model, "local_logits") or not hasattr(model, "geometry"):
         raise TypeError("certify needs a bagcert model with .local_logits() and .geometry")

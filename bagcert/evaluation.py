@@ -10,6 +10,7 @@ import torch.distributed as dist
 from .certification import CertResult, certify_logits
 from .geometry import parse_patch_size
 from .geometry_inference import verify_geometry
+from .models.base import in_training_mode
 
 __all__ = ["certify_dataset", "certify_batches", "StreamSource", "size_key", "vote_statistics"]
 
@@ -68,8 +69,8 @@ def certify_dataset(
     the CPU) and ``timing = {"forward_s", "certify_s", "total_s", "images"}`` (this rank's times, seconds).
     Raises ``RuntimeError`` for a model in training mode, ``ValueError`` for duplicate or too-large patch sizes.
     """
-    if model.training:
-        raise RuntimeError("model is in training mode; call model.eval() before certifying")
+    if in_training_mode(model):
+        raise RuntimeError("model (or one of its submodules) is in training mode; call model.eval() before certifying")
     H, W = data.images.shape[-2:]
     keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     agg = aggregation or model.aggregation

@@ -7,8 +7,9 @@ the true geometry from the computation itself instead of trusting a declaration.
 Method (:func:`infer_geometry`). The module's local-logit function is traced with ``torch.fx``
 (``make_fx`` on fake tensors of the given image size, functionalised, down to ATen operations). Shape-
 dependent Python control flow is followed at that size; control flow that depends on pixel values
-cannot be traced and is refused. Then, for every tensor of the graph and each image axis, the analysis
-carries the interval of input pixels ``[lo[i], hi[i]]`` that location ``i`` can depend on, whatever the
+cannot be traced and is refused. The trace is taken with a batch of two images and with a batch of one, and
+both must give the same dependency (Python code that branches on the batch size is refused). Then, for every
+tensor of the graph and each image axis, the analysis carries the interval of input pixels ``[lo[i], hi[i]]`` that location ``i`` can depend on, whatever the
 weights and the input values (a superset: a window's interval is the hull of its inputs' intervals):
 
 * convolutions and max/avg pooling (any kernel, stride, padding, dilation, ceil mode; rectangular),
@@ -99,6 +100,9 @@ class _Dep:
 
 
 _AXIS_NAME = {"H": "image rows (height)", "W": "image columns (width)", "B": "batch"}
+
+
+_OPAQUE = object()  # an output derived from the image that the analysis does not follow: any use is refused
 
 
 class _Refuse(Exception):
@@ -330,14 +334,20 @@ def _attention(deps_in: list, op: str, n_out):
     labels = tuple(ref.labels[:-2]) + ((), ())
     axes = {lab: _union_axes([d.axes[lab] for d in deps_in], ref.axes[lab].n, op, lab) for lab in ("H", "W")}
     res = _Dep(labels, axes)
-    return res if n_out is None else (res,) + (None,) * (n_out - 1)
+    # the other outputs (log-sum-exp, seeds...) are not followed: a use of them is refused
+    return res if n_out is None else (res,) + (_OPAQUE,) * (n_out - 1)
 
 
-def _reduce_dims(args, op_short, ndim):
+def _reduce_dims(args, op_short, ndim, kwargs=None):
+    kwargs = kwargs or {}
     """The dims a reduction reduces (None: all)."""
     if op_short in ("_softmax", "_log_softmax", "softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp",
                     "cummax", "cummin"):
         dims = args[1]
+    elif op_short in ("topk", "kthvalue"):  # (self, k, dim=-1, ...): args[1] is k, not a dim
+        dims = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+    elif op_short in ("sort", "mode") and len(args) == 1 and "dim" not in kwargs:  # (self, dim=-1, ...)
+        dims = -1
     elif len(args) > 1 and isinstance(args[1], (int, list, tuple)) and not isinstance(args[1], bool):
         dims = args[1]
     elif op_short in ("norm", "linalg_vector_norm") and len(args) > 2:
@@ -372,6 +382,8 @@ def _analyse(gm, H: int, W: int):
     tensors = [a for a in flat if isinstance(_shape(a), tuple)]
     if len(tensors) != 1:
         raise _Refuse(f"the local-logit function returns {len(tensors)} tensors; expected one map [B, C, h, w]")
+    if env[tensors[0]] is _OPAQUE:
+        raise _Refuse("the local-logit function returns an auxiliary output the analysis does not follow")
     return env[tensors[0]], _shape(tensors[0])
 
 
@@ -417,6 +429,9 @@ def _handle(node, env):
     if getattr(target, "__name__", "") == "getitem":  # one output of a multi-output op
         src = env.get(args[0])
         return src[args[1]] if isinstance(src, tuple) else None
+    if any(env.get(a) is _OPAQUE for a in flat):
+        _refuse(op, "uses an auxiliary output of an operation (e.g. the statistics of a normalisation) that the "
+                    "analysis does not follow")
     if not deps:
         if any(isinstance(env.get(a), tuple) and any(isinstance(e, _Dep) for e in env.get(a)) for a in flat):
             _refuse(op, "unexpected use of a multi-output operation")
@@ -460,7 +475,8 @@ def _handle(node, env):
         shp = out_shape if out_shape is not None else _shape_of_tuple(node)
         res = _spatial_op(dep, _shape(args[0]), shp, nsp, op, "pooling",
                           lambda k, ax, n: _window(ax, n, kernel[k], stride[k], padding[k], dilation[k]))
-        return (res, None) if short.endswith("with_indices") else res
+        # the indices (argmax positions) depend on the same window as the values
+        return (res, res) if short.endswith("with_indices") else res
     if short in ("native_batch_norm", "batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm",
                  "miopen_batch_norm"):
         training = args[5] if len(args) > 5 else kwargs.get("training", False)
@@ -482,7 +498,8 @@ def _handle(node, env):
             _refuse(op, "LayerNorm over an image axis normalises with statistics over the whole image")
         if any(dep_of(a) is not None for a in args[2:4]):
             _refuse(op, "LayerNorm with weights computed from the image")
-        return (dep, None, None)
+        # mean and rstd (statistics of the input) are not followed: a use of them is refused
+        return (dep, _OPAQUE, _OPAQUE)
     if short in ("constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
                  "replication_pad2d", "pad"):
         dep = dep_of(args[0])
@@ -643,7 +660,7 @@ def _handle(node, env):
         if dep is None:
             _refuse(op, "a reduction whose extra operands depend on the image")
         nd = len(dep.labels)
-        dims = _reduce_dims(args, short, nd)
+        dims = _reduce_dims(args, short, nd, kwargs)
         for d in dims:
             ax = _comps_axes(dep.labels[d])
             if ax:
@@ -652,14 +669,15 @@ def _handle(node, env):
         if short in _KEEPS_REDUCED_DIM:
             res = _Dep(dep.labels, dep.axes)
         else:
-            keep = out_shape is not None and len(out_shape) == nd
+            first = out_shape if out_shape is not None else _shape_of_tuple(node)  # (values, indices): values
+            keep = len(first) == nd
             if keep:
                 labels = tuple(() if d in dims else c for d, c in enumerate(dep.labels))
             else:
                 labels = tuple(c for d, c in enumerate(dep.labels) if d not in dims)
             res = _Dep(labels, dep.axes)
-        if out_shape is None:  # multi-output (values, indices)
-            return (res, None)
+        if out_shape is None:  # multi-output (values, indices): the indices depend on the same pixels as the values
+            return (res, res)
         return res
     if short in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -748,7 +766,7 @@ def _describe(module) -> str:
     return getattr(module, "_bagcert_name", None) or type(module).__name__
 
 
-def _trace(module, H: int, W: int):
+def _trace(module, H: int, W: int, batch: int = 2):
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.func import functionalize
 
@@ -762,7 +780,7 @@ def _trace(module, H: int, W: int):
                     f"padding_mode='circular': {_REFUSED['_pad_circular']}"
                 )
     dtype, device = _param_like(module)
-    x = torch.zeros(2, 3, H, W, dtype=dtype, device=device)
+    x = torch.zeros(batch, 3, H, W, dtype=dtype, device=device)
 
     def f(x):
         return fn(x)
@@ -770,7 +788,9 @@ def _trace(module, H: int, W: int):
     # tracing must leave the module as it was (a BatchNorm in training mode would count a batch)
     saved = [(b, b.detach().clone()) for b in module.buffers()] if isinstance(module, torch.nn.Module) else []
     try:
-        with _InputsUnchecked(module), warnings.catch_warnings():
+        # under no_grad, as every certifier runs the model: a forward that branches on torch.is_grad_enabled()
+        # is traced on the path that is certified, whatever the caller's grad mode
+        with _InputsUnchecked(module), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             gm = make_fx(functionalize(f), tracing_mode="fake", _allow_non_fake_inputs=True)(x)
     except GeometryError:
@@ -815,11 +835,23 @@ def _fit(ax: _Axis, n_img: int, what: str, module) -> tuple[int, int, int]:
 
 def _infer(module, image_size) -> _Inferred:
     H, W = normalize_image_size(image_size)
-    gm = _trace(module, H, W)
-    try:
-        dep, shape = _analyse(gm, H, W)
-    except _Refuse as e:
-        raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: {e}") from None
+    # traced with a batch of 2 and of 1: Python code that branches on the batch size (``if x.shape[0] == 1``,
+    # ``x.squeeze()``) is followed at each, and both must give the same dependency (certify runs single images)
+    found = []
+    for batch in (2, 1):
+        gm = _trace(module, H, W, batch)
+        try:
+            dep, shape = _analyse(gm, H, W)
+        except _Refuse as e:
+            extra = " (with a batch of one image)" if batch == 1 else ""
+            raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images{extra}: "
+                                f"{e}") from None
+        found.append((dep, shape))
+    (dep, shape), (dep1, shape1) = found
+    if not _same_dependency(dep, shape, dep1, shape1):
+        raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: it computes a "
+                            "batch of one image differently from a batch of two (Python code that branches on the "
+                            "batch size), so no single geometry holds for every batch")
     if dep is None:  # a constant map: no patch can change it, any declared geometry is sound for it
         if shape is None or len(shape) != 4 or shape[1] < 2:
             raise GeometryError(f"{_describe(module)} returns {shape}; expected local logits [B, C, h, w], C >= 2")
@@ -841,6 +873,19 @@ def _infer(module, image_size) -> _Inferred:
     geom = Geometry((rh[0], rw[0]), (rh[1], rw[1]), (rh[2], rw[2]), grid=((H, W), (h, w)))
     ax_h, ax_w = dep.axes["H"], dep.axes["W"]
     return _Inferred(geom, (ax_h.lo.clone(), ax_h.hi.clone()), (ax_w.lo.clone(), ax_w.hi.clone()), int(shape[1]), (h, w))
+
+
+def _same_dependency(dep, shape, dep1, shape1) -> bool:
+    """The traces at batch sizes 2 and 1 give the same class maps with the same pixel intervals."""
+    if (dep is None) != (dep1 is None) or shape is None or shape1 is None or shape[1:] != shape1[1:]:
+        return False
+    if dep is None:
+        return True
+    if len(shape) == 4 and [_plain(dep.labels[d], shape[d]) for d in (2, 3)] != \
+            [_plain(dep1.labels[d], shape1[d]) for d in (2, 3)]:
+        return False
+    return all(torch.equal(dep.axes[k].lo, dep1.axes[k].lo) and torch.equal(dep.axes[k].hi, dep1.axes[k].hi)
+               and dep.axes[k].stride == dep1.axes[k].stride for k in ("H", "W"))
 
 
 def _probe_check(module, inferred: _Inferred, H: int, W: int, seed: int = 0) -> None:
@@ -1003,12 +1048,27 @@ def _fingerprint(model) -> tuple:
     return tuple((name, id(m), type(m).__name__, _settings(m), m.training) for name, m in model.named_modules())
 
 
+_PLAIN = (bool, int, float, str, type(None))
+_UNWATCHED = {"training", "check_inputs", "num_classes"}  # not part of the computation's geometry
+
+
+def _plain_value(v) -> bool:
+    return isinstance(v, _PLAIN) or (isinstance(v, tuple) and len(v) <= 16 and all(isinstance(e, _PLAIN) for e in v))
+
+
 def _settings(m) -> str:
-    """A layer's settings (kernel, stride, padding...), from ``extra_repr``; a bagcert model's own line names its
-    declared geometry, which is compared separately, so it is left out."""
+    """A layer's settings (kernel, stride, padding...), from ``extra_repr`` (a bagcert model's own line names its
+    declared geometry, which is compared separately, so it is left out), plus the shapes of its own parameters and
+    buffers and its plain attributes (numbers, strings, flags and tuples of them): replacing a weight by one with a
+    larger kernel (``padding='same'`` keeps the grid) or setting a flag that ``forward`` branches on changes it."""
     from .models.base import BagModel
 
-    return "" if isinstance(m, BagModel) else m.extra_repr()
+    text = "" if isinstance(m, BagModel) else m.extra_repr()
+    shapes = tuple((n, tuple(t.shape)) for n, t in list(m._parameters.items()) + list(m._buffers.items())
+                   if t is not None)
+    plain = tuple(sorted((k, v) for k, v in vars(m).items()
+                         if not k.startswith("_") and k not in _UNWATCHED and _plain_value(v)))
+    return f"{text}|{shapes}|{plain}"
 
 
 def _trusted(model) -> bool:
@@ -1047,8 +1107,9 @@ def verify_geometry(model, image_size) -> Geometry:
 
     The inferred geometry is cached per model (weakly: the cache never keeps a model alive) and image size, keyed
     by a fingerprint of the model's submodules (identity, type, ``extra_repr()`` settings such
-    as kernel, stride, padding and dilation, train/eval mode): replacing a layer, changing a convolution's settings
-    triggers a new inference; a new ``model.geometry`` is compared again (cheap). The warning for a larger
+    as kernel, stride, padding and dilation, the shapes of their parameters and buffers, their plain attributes
+    (numbers, strings, flags), train/eval mode): replacing a layer or a weight, changing a convolution's settings or
+    a flag that ``forward`` branches on triggers a new inference; a new ``model.geometry`` is compared again (cheap). The warning for a larger
     declaration is given once per model, image size and declaration. Editing ``forward`` code on a live object is not
     detected: call ``bagcert.geometry_inference.clear_cache()`` after doing so.
 

@@ -34,6 +34,30 @@ def _range_hint(lo: float, hi: float) -> str:
     return ""
 
 
+# torch.nn layer families that compute the same in training and eval mode (MultiheadAttention, in
+# ``activation``, applies dropout in training mode and is excluded by name)
+_MODE_FREE = {f"torch.nn.modules.{m}" for m in ("conv", "linear", "activation", "pooling", "padding", "container",
+                                                 "flatten", "pixelshuffle", "normalization", "sparse", "channelshuffle",
+                                                 "fold", "distance")}
+
+
+def in_training_mode(model) -> bool:
+    """Whether ``model`` or a submodule whose computation depends on the mode is in training mode.
+
+    A certificate holds for a deterministic prediction: a submodule left in training mode (dropout draws a new
+    mask per forward pass, BatchNorm uses the batch's statistics, a custom module may branch on
+    ``self.training``) makes the patched image's prediction differ from the one that was certified, so the
+    certifiers refuse it. torch.nn layers that ignore the mode (convolutions, linear layers, activations,
+    pooling, padding, containers, LayerNorm / GroupNorm) are not counted: a freshly built head may stay as it is.
+    ``model.eval()`` clears every flag."""
+    if getattr(model, "training", False):
+        return True
+    if not isinstance(model, nn.Module):
+        return False
+    return any(m.training and not (type(m).__module__ in _MODE_FREE and not isinstance(m, nn.MultiheadAttention))
+               for m in model.modules())
+
+
 def check_images(x: torch.Tensor, min_size: int | None = None) -> None:
     """Validate a batch of images against the pixel-space contract: floating-point [B, 3, H, W] in [0, 1].
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..certification import CertResult, _check_labels
 from ..geometry import parse_patch_size
-from ..models.base import check_images
+from ..models.base import check_images, in_training_mode
 
 __all__ = ["PeerCertifier", "as_classifier", "check_images_for_peer", "check_labels", "make_result", "batched_predictions"]
 
@@ -51,9 +51,9 @@ def as_classifier(model_or_fn) -> Callable[[torch.Tensor], torch.Tensor]:
     """Return a callable ``x -> logits [B, C]``; refuse a module in training mode."""
     if not callable(model_or_fn):
         raise TypeError(f"expected a model or a callable x -> logits, got {type(model_or_fn).__name__}")
-    if isinstance(model_or_fn, nn.Module) and model_or_fn.training:
+    if isinstance(model_or_fn, nn.Module) and in_training_mode(model_or_fn):
         raise RuntimeError(
-            "model is in training mode (batch-norm statistics would depend on the batch); call model.eval() first"
+            "model (or one of its submodules) is in training mode (batch-norm statistics would depend on the batch); call model.eval() first"
         )
     return model_or_fn
 

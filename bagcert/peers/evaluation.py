@@ -8,6 +8,7 @@ import torch
 
 from ..evaluation import certify_batches, check_patch_sizes
 from ..geometry_inference import verify_geometry
+from ..models.base import in_training_mode
 from .base import make_result
 from .patchcleanser import PatchCleanser, double_masking_from_pairs
 from .local_masking import LocalDoubleMasking
@@ -33,8 +34,8 @@ def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, 
     certifier's own rules (``certify_counts``; ``double_masking_from_pairs`` and the all-pairs check), so
     the results equal ``cert.certify(classifier, x, y, size)`` (PatchCleanser: with ``mask_set``'s patch).
     """
-    if classifier.training:
-        raise RuntimeError("classifier is in training mode; call .eval() before certifying")
+    if in_training_mode(classifier):
+        raise RuntimeError("classifier (or one of its submodules) is in training mode; call .eval() before certifying")
     H, W = data.images.shape[-2:]
     keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     pc = isinstance(cert, PatchCleanser)
