@@ -408,5 +408,7 @@ def certify_batch_size(model, image_size, chunk: int) -> int:
     ``CERTIFY_BYTES`` (512 MiB), at least one chunk. The results do not depend on it."""
     g = getattr(model, "geometry", None)
     h, w = g.grid_size(*image_size) if getattr(g, "layers", None) else image_size
-    per_image = 64 * int(getattr(model, "num_classes", 10)) * (h + 1) * (w + 1)
+    # a model that does not say its class count (a wrapped module): budget for 1,000 classes (smaller batches)
+    classes = getattr(model, "num_classes", None) or 1000
+    per_image = 64 * int(classes) * (h + 1) * (w + 1)
     return max(1, CERTIFY_BYTES // (per_image * chunk)) * chunk

@@ -286,3 +286,15 @@ def test_cli_records_the_precision(tiny_checkpoint, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli_certify.main(args + ["--precision", "fp16", "--output", str(tmp_path / "bad")])
     assert e.value.code == 2
+
+
+def test_certify_without_batch_size_for_a_wrapped_module_that_does_not_name_its_classes():
+    """A wrapped module (num_classes unknown) is chunked by default like a registry model, same results as one batch."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    model = bagcert.wrap_model(net, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert getattr(model, "num_classes", None) is None
+    x, y = torch.rand(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0])
+    a = bagcert.certify(model, x, y, patch_size=3)
+    b = bagcert.certify(model, x, y, patch_size=3, batch_size=5)
+    assert torch.equal(a.prediction, b.prediction) and torch.equal(a.margin, b.margin)
