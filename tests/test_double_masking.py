@@ -367,3 +367,56 @@ def test_benchmark_scripts_smoke(tmp_path):
     assert set(doc["results"]) == {"votes (BagCert count)", "double-masking-votes", "patchguard-votes (robust masking)",
                                    "double-masking-votes-k6", "double-masking-logits clip(-1, 1)"}
     assert doc["feature_space_check"] == {"images": 0, "broken": 0}
+
+
+def test_certify_cli_double_masking_logits_records_evidence_and_clip(voting_checkpoint, tmp_path, capsys):
+    out = tmp_path / "dml"
+    argv = ["--checkpoint", str(voting_checkpoint), "--dataset", "synthetic:16", "--double-masking",
+            "--double-masking-evidence", "logits", "--double-masking-clip=-0.5,2", "--patch-sizes", "3", "--output", str(out)]
+    rc, line, err = _main(argv, capsys)
+    assert rc == 0 and line["method"] == "double-masking-logits"
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "double-masking-logits"
+    assert (res["config"]["double_masking_evidence"], res["config"]["double_masking_clip"]) == ("logits", [-0.5, 2.0])
+    assert "double masking of the local logits clipped to (-0.5, 2)" in err
+    model, _ = bagcert.load_checkpoint(voting_checkpoint)
+    data = load_dataset("synthetic:16", "test")
+    direct = LocalDoubleMasking("logits", clip=(-0.5, 2.0)).certify(model.eval(), data.float_images(), data.labels, 3)
+    with open(out / "per_sample.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["prediction"]) for r in rows] == direct.prediction.tolist()
+    assert [int(r["certified_3"]) for r in rows] == direct.certified.int().tolist()
+
+
+def test_certify_cli_double_masking_evidence_defaults(voting_checkpoint, tmp_path, capsys):
+    """Logits without a clip use (-1, 1); --double-masking alone stays the votes (clip None)."""
+    got = {}
+    for name, extra in (("logits", ["--double-masking-evidence", "logits"]), ("votes", [])):
+        out = tmp_path / name
+        argv = ["--checkpoint", str(voting_checkpoint), "--dataset", "synthetic:8", "--double-masking", "--patch-sizes", "3",
+                "--output", str(out)] + extra
+        assert _main(argv, capsys)[0] == 0
+        cfg = json.loads((out / "results.json").read_text())["config"]
+        got[name] = (cfg["double_masking_evidence"], cfg["double_masking_clip"])
+    assert got == {"logits": ("logits", [-1.0, 1.0]), "votes": ("votes", None)}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--double-masking-evidence", "logits"], "--double-masking-evidence applies only with --double-masking"),
+    (["--double-masking-clip=-1,1"], "--double-masking-clip applies only with --double-masking"),
+    (["--double-masking", "--double-masking-evidence", "votes", "--double-masking-clip=0,1"],
+     "--double-masking-clip applies to --double-masking-evidence logits only"),
+    (["--double-masking", "--double-masking-clip", "1,1"], "--double-masking-clip must be two finite numbers"),
+    (["--double-masking", "--double-masking-clip", "0,inf"], "--double-masking-clip must be two finite numbers"),
+    (["--double-masking", "--double-masking-clip", "a,b"], "--double-masking-clip must be two finite numbers"),
+    (["--double-masking", "--double-masking-clip", "1"], "--double-masking-clip must be two finite numbers"),
+])
+def test_certify_cli_double_masking_evidence_refusals_are_one_line(voting_checkpoint, tmp_path, extra, message):
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(voting_checkpoint), "--dataset", "synthetic:8", "--patch-sizes", "3", "--output", str(out),
+            "--no-progress"] + extra
+    with pytest.raises(SystemExit) as e:
+        certify.main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    assert e.value.code.startswith(message), e.value.code
+    assert not out.exists()

@@ -71,6 +71,7 @@ results.json (config.double_masking_mask_set). The report's method is "double-ma
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import sys
@@ -285,6 +286,12 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    "map, report method double-masking-votes) instead of the vote count; one forward pass per image; one "
                    "mask set, built for the largest of --patch-sizes, certifies every size; combines with --dense, not "
                    "with --attacks, --aggregation or --robust-masking. bagcert models only")
+    p.add_argument("--double-masking-evidence", choices=["votes", "logits"],
+                   help="with --double-masking: the evidence on the local map, votes 1[z > 0] (default) or the local "
+                   "logits clipped into --double-masking-clip (report method double-masking-logits)")
+    p.add_argument("--double-masking-clip", metavar="LOW,HIGH",
+                   help="with --double-masking-evidence logits: the clip of the local logits, two finite numbers with "
+                   "LOW < HIGH (default -1,1); write it with = when LOW is negative: --double-masking-clip=-2,2")
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
@@ -483,6 +490,7 @@ def _run(args):
                        "--aggregation": "double masking certifies the votes with its own rule; give one of the two",
                        "--robust-masking": "they are two different certificates of the votes; give one of the two"}[flag]
                 raise SystemExit(f"--double-masking cannot be combined with {flag}: {why}")
+    dm_evidence, dm_clip = _double_masking_options(args)
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -609,11 +617,15 @@ def _run(args):
         from ..peers import LocalDoubleMasking
 
         mask_patch = (max(s[0] for s in sizes), max(s[1] for s in sizes))
-        masking = LocalDoubleMasking(evidence="votes", mask_patch_size=mask_patch)
+        masking = LocalDoubleMasking(evidence=dm_evidence, clip=dm_clip, mask_patch_size=mask_patch)
         ms = masking.mask_set(model.geometry, (H, W), mask_patch)
         config_extra["double_masking_mask_set"] = {"mask_patch_size": list(mask_patch), **ms.to_dict()}
+        config_extra["double_masking_evidence"] = dm_evidence
+        config_extra["double_masking_clip"] = None if masking.clip is None else list(masking.clip)
+        what = ("the votes" if dm_evidence == "votes"
+                else f"the local logits clipped to ({masking.clip[0]:g}, {masking.clip[1]:g})")
         if rank == 0:
-            print(f"certificate: {masking.name}, double masking of the votes on the local map (not the vote count); mask "
+            print(f"certificate: {masking.name}, double masking of {what} on the local map (not the vote count); mask "
                   f"set: {ms.num_masks} windows of {ms.mask_size[0]}x{ms.mask_size[1]} locations covering every "
                   f"{mask_patch[0]}x{mask_patch[1]} patch, one mask set for every patch size", file=sys.stderr, flush=True)
         results, timing = certify_peer_dataset(
@@ -701,6 +713,32 @@ def _progress_kwarg(progress: bool) -> dict:
     from ..empirical import run_empirical_evaluation
 
     return {"progress": progress} if "progress" in inspect.signature(run_empirical_evaluation).parameters else {}
+
+
+def _double_masking_options(args) -> tuple:
+    """(evidence, clip) of --double-masking from --double-masking-evidence and --double-masking-clip: ("votes", None)
+    by default, clip (low, high) floats or None (the certifier's default (-1, 1)) for logits. Refuses either flag
+    without --double-masking, a clip with votes and a clip that is not two finite numbers LOW < HIGH (SystemExit,
+    one line)."""
+    evidence, clip_text = args.double_masking_evidence, args.double_masking_clip
+    for flag, value in (("--double-masking-evidence", evidence), ("--double-masking-clip", clip_text)):
+        if value is not None and not args.double_masking:
+            raise SystemExit(f"{flag} applies only with --double-masking; add --double-masking or drop {flag}")
+    evidence = evidence or ("logits" if clip_text is not None else "votes")
+    if clip_text is None:
+        return evidence, None
+    if evidence == "votes":
+        raise SystemExit("--double-masking-clip applies to --double-masking-evidence logits only; votes are already "
+                         "{0, 1}")
+    parts = str(clip_text).split(",")
+    try:
+        low, high = (float(v) for v in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+        raise SystemExit(f"--double-masking-clip must be two finite numbers LOW,HIGH with LOW < HIGH (e.g. -1,1), "
+                         f"got {clip_text!r}")
+    return evidence, (low, high)
 
 
 def _size_tokens(flag: str, text: str) -> list:
