@@ -292,6 +292,12 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     p.add_argument("--double-masking-clip", metavar="LOW,HIGH",
                    help="with --double-masking-evidence logits: the clip of the local logits, two finite numbers with "
                    "LOW < HIGH (default -1,1); write it with = when LOW is negative: --double-masking-clip=-2,2")
+    p.add_argument("--certifier", choices=["shipped", "votes"],
+                   help="votes: the vote count (BagCert's certificate); shipped: the shipped model's own default "
+                   "certificate (bagcert-cifar10-r5-dense: double masking of the local logits clipped to (-1, 1), at its "
+                   "card patch size 5 unless --patch-sizes is given). Default: the shipped certificate when no "
+                   "certificate flag (--double-masking, --robust-masking, --aggregation) and no --attacks are given, "
+                   "else the one they ask for; other checkpoints: the vote count")
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
@@ -491,6 +497,7 @@ def _run(args):
                        "--robust-masking": "they are two different certificates of the votes; give one of the two"}[flag]
                 raise SystemExit(f"--double-masking cannot be combined with {flag}: {why}")
     dm_evidence, dm_clip = _double_masking_options(args)
+    _check_certifier_flag(args, attacks)
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -511,6 +518,10 @@ def _run(args):
     import_model_modules(getattr(args, "model_modules", None))  # models of the user's own, before the file is read
     _resolve_inputs(args)
     is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
+    several = args.patch_sizes is not None and len(size_tokens) > 1
+    shipped_cert = None if is_peer else _apply_shipped_certifier(args, attacks, several, rank)
+    if shipped_cert is not None:
+        dm_evidence, dm_clip = _double_masking_options(args)
     if is_peer and args.robust_masking:
         raise SystemExit(f"--robust-masking applies to bagcert models only; {args.checkpoint} is a peer classifier, "
                          "certified by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)")
@@ -535,6 +546,8 @@ def _run(args):
     size = checkpoint_input_size(meta, args.checkpoint)
     if args.patch_sizes is None:
         text = DEFAULT_PATCH_SIZES if peer is None or peer["mask_patch"] is None else size_key(peer["mask_patch"])
+        if shipped_cert is not None:
+            text = shipped.shipped_models()[args.checkpoint_name].card_patch  # one mask set: the card's patch size
         size_tokens = _size_tokens("--patch-sizes", text)
 
     # ---- 4. the data (in memory or streamed), and the sizes against the images ------------------------------
@@ -600,7 +613,7 @@ def _run(args):
         source = StreamSource(SkipBadImages(data, skip_file), workers=args.workers)
     else:
         source = StreamSource(data, workers=args.workers) if streamed else data
-    config_extra = {}
+    config_extra = {} if shipped_cert is None else {"shipped_certifier": shipped_cert}
     if args.robust_masking:
         from ..peers import PatchGuardMasking
 
@@ -713,6 +726,63 @@ def _progress_kwarg(progress: bool) -> dict:
     from ..empirical import run_empirical_evaluation
 
     return {"progress": progress} if "progress" in inspect.signature(run_empirical_evaluation).parameters else {}
+
+
+def _check_certifier_flag(args, attacks) -> None:
+    """Refuse --certifier with a flag that names another certificate, and --certifier shipped with --attacks
+    (SystemExit, one line)."""
+    if args.certifier is None:
+        return
+    for flag, given in (("--double-masking", args.double_masking), ("--robust-masking", args.robust_masking),
+                        ("--aggregation", bool(args.aggregation))):
+        if given:
+            raise SystemExit(f"--certifier {args.certifier} cannot be combined with {flag}: both choose the certificate; "
+                             "give one of the two")
+    if args.certifier == "shipped" and attacks:
+        raise SystemExit("--certifier shipped cannot be combined with --attacks: the attacks optimise the vote count, so "
+                         "they test the vote certificate; give --certifier votes (or drop --certifier) to attack")
+
+
+def _apply_shipped_certifier(args, attacks, several: bool, rank: int) -> dict | None:
+    """The shipped model's own certificate (shipped.json "certifier"), applied to ``args`` when the user chose no
+    certificate and one patch size at most (``several``: more than one given; the vote count certifies each size on
+    its own, a double-masking run shares one mask set among them): sets --double-masking and its evidence and clip.
+    Returns the applied spec, else None (the vote count or the certificate the flags ask for). Says on stderr which
+    certificate is used and how to get the other."""
+    spec = shipped.shipped_certifier(args.checkpoint_name) if args.checkpoint_name else None
+    if args.certifier == "votes":
+        if spec is not None and rank == 0:
+            print(f"certificate: the vote count (--certifier votes; {args.checkpoint_name}'s default is "
+                  f"double-masking-{spec['evidence']})", file=sys.stderr, flush=True)
+        return None
+    if spec is None:
+        if args.certifier == "shipped":
+            raise SystemExit(f"--certifier shipped: {args.checkpoint_name or args.checkpoint} has no shipped certificate "
+                             "of its own (it is certified by the vote count); drop --certifier")
+        return None
+    chosen = [f for f, v in (("--double-masking", args.double_masking), ("--robust-masking", args.robust_masking),
+                             ("--aggregation", bool(args.aggregation)), ("--attacks", bool(attacks))) if v]
+    if chosen:
+        if rank == 0 and not args.double_masking and not args.robust_masking:
+            print(f"certificate: the vote count ({' and '.join(chosen)} given; {args.checkpoint_name}'s default "
+                  f"double-masking-{spec['evidence']} is not used)", file=sys.stderr, flush=True)
+        return None
+    if several and args.certifier is None:
+        if rank == 0:
+            print(f"certificate: the vote count (several --patch-sizes: it certifies each size on its own; "
+                  f"{args.checkpoint_name}'s default double-masking-{spec['evidence']} certifies one size per run, "
+                  "give one size or --certifier shipped)", file=sys.stderr, flush=True)
+        return None
+    if spec.get("kind") != "double-masking":
+        raise SystemExit(f"bagcert/shipped.json: {args.checkpoint_name} names an unknown certifier {spec.get('kind')!r}")
+    args.double_masking = True
+    args.double_masking_evidence = spec["evidence"]
+    if spec["clip"] is not None:
+        args.double_masking_clip = ",".join(f"{float(v):g}" for v in spec["clip"])
+    if rank == 0:
+        print(f"certificate: {args.checkpoint_name}'s default, double-masking-{spec['evidence']} (give --certifier votes "
+              "for the vote count)", file=sys.stderr, flush=True)
+    return spec
 
 
 def _double_masking_options(args) -> tuple:
