@@ -210,6 +210,39 @@ def test_certified_prediction_survives_every_feature_space_patch(case):
     assert flips_uncertified > 0  # the adversary is strong enough to move uncertified samples
 
 
+@pytest.mark.parametrize("case", range(len(ADVERSARY_CASES)))
+def test_certified_clipped_logit_prediction_survives_feature_space_patches(case):
+    """Clipped-logit evidence (the default certificate of bagcert-cifar10-r5-dense): every affected set R(p) rewritten
+    with values anywhere in the clip (each class alone at the top, everything at the bottom, every class but one at the
+    top, random values) changes no certified prediction."""
+    layers, image_size, patch, C, k = ADVERSARY_CASES[case]
+    lo, hi = -1.0, 1.0
+    geom = Geometry.from_layers(layers)
+    h, w = geom.grid_size(*image_size)
+    ms = feature_mask_set(geom, image_size, patch, k)
+    g = torch.Generator().manual_seed(70 + case)
+    u = (random_votes(16, C, (h, w), seed=60 + case) * 2 - 1) * torch.rand(16, C, h, w, generator=g)  # in (-1, 1)
+    res = double_masking_certify_evidence(u, None, geom, image_size, patch, k=k, clip_bound=1.0)
+    assert int(res.certified.sum()) > 0
+    H, W = image_size
+    regions = {tuple(geom.affected_mask(image_size, patch, t, l).flatten().tolist())
+               for t, l in itertools.product(range(H - patch[0] + 1), range(W - patch[1] + 1))}
+    flips_uncertified = 0
+    for region in regions:
+        R = torch.tensor(region).view(h, w)
+        n_loc = int(R.sum())
+        one = torch.eye(C).repeat_interleave(n_loc, dim=1)  # [C, C * n_loc]: one class at the top
+        bits = torch.cat([one, 1 - one, torch.zeros(1, C * n_loc)])
+        values = torch.cat([lo + (hi - lo) * bits, lo + (hi - lo) * torch.rand(30, C * n_loc, generator=g)])
+        patterns = values.view(-1, C, n_loc)
+        attacked = u[:, None].expand(len(u), len(patterns), C, h, w).clone()  # every sample x every pattern
+        attacked[:, :, :, R] = patterns
+        changed = (double_masking_predict(attacked.flatten(0, 1), ms).view(len(u), -1) != res.prediction[:, None]).any(1)
+        assert not bool((changed & res.certified).any()), (torch.nonzero(changed & res.certified).flatten().tolist(), region)
+        flips_uncertified += int((changed & ~res.certified).sum())
+    assert flips_uncertified > 0  # the adversary is strong enough to move uncertified samples
+
+
 # ----------------------------------------------------------------------------------------------
 # the certifier on a model, the toolkit's attacks, certify --double-masking
 # ----------------------------------------------------------------------------------------------

@@ -66,6 +66,15 @@ prediction, so the sizes share one result (certify one size per run for per-size
 results.json (config.double_masking_mask_set). The report's method is "double-masking-votes". Refused with --attacks,
 --aggregation and --robust-masking:
     bagcert certify --checkpoint bagcert-cifar10-r5-dense --dataset ../shared/data/cifar10 --patch-sizes 5 --double-masking
+--double-masking-evidence logits applies the same rule to the local logits clipped into --double-masking-clip
+(default -1,1; method "double-masking-logits"); both are recorded in results.json (config.double_masking_evidence,
+config.double_masking_clip).
+
+The default certificate of a shipped model (bagcert/shipped.json, "certifier"): bagcert-cifar10-r5-dense is certified
+by double masking of its local logits clipped to (-1, 1) when no certificate flag (--double-masking, --robust-masking,
+--aggregation), no --attacks and at most one patch size are given, at its card patch size 5 unless --patch-sizes
+names one; --certifier votes gives the vote count, --certifier shipped insists on the shipped certificate. stderr
+says which certificate is used; results.json records it (config.shipped_certifier).
 """
 
 from __future__ import annotations
