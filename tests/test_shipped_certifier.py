@@ -97,3 +97,17 @@ def test_certifier_shipped_with_several_sizes_shares_one_mask_set(tmp_path, caps
                         "--output", str(tmp_path / "r")], capsys)
     assert rc == 0 and line["method"] == "double-masking-logits"
     assert line["certified_accuracy"]["2"] == line["certified_accuracy"]["3"]
+
+
+def test_certifier_is_refused_for_a_peer_classifier(tmp_path):
+    from bagcert import peers
+
+    spec = peers.parse_peer_spec("drs-column:3")
+    clf = spec.build_classifier("cifar_bagnet5_s2", 10, width=8).eval()
+    path = tmp_path / "peer.pt"
+    peers.save_peer_classifier(path, clf, peer=spec.to_dict(), input_size=32, classes=[str(i) for i in range(10)])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        certify.main(["--checkpoint", str(path), "--dataset", "synthetic:4", "--certifier", "votes", "--output", str(out),
+                      "--no-progress"])
+    assert str(e.value.code).startswith("--certifier applies to bagcert models only") and not out.exists()

@@ -527,6 +527,9 @@ def _run(args):
     import_model_modules(getattr(args, "model_modules", None))  # models of the user's own, before the file is read
     _resolve_inputs(args)
     is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
+    if is_peer and args.certifier:
+        raise SystemExit(f"--certifier applies to bagcert models only; {args.checkpoint} is a peer classifier, certified "
+                         "by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)")
     several = args.patch_sizes is not None and len(size_tokens) > 1
     shipped_cert = None if is_peer else _apply_shipped_certifier(args, attacks, several, rank)
     if shipped_cert is not None:
@@ -770,7 +773,8 @@ def _apply_shipped_certifier(args, attacks, several: bool, rank: int) -> dict | 
                              "of its own (it is certified by the vote count); drop --certifier")
         return None
     chosen = [f for f, v in (("--double-masking", args.double_masking), ("--robust-masking", args.robust_masking),
-                             ("--aggregation", bool(args.aggregation)), ("--attacks", bool(attacks))) if v]
+                             ("--aggregation", bool(args.aggregation)), ("--attacks", bool(attacks)),
+                             ("--precision", getattr(args, "precision", "fp32") != "fp32")) if v]
     if chosen:
         if rank == 0 and not args.double_masking and not args.robust_masking:
             print(f"certificate: the vote count ({' and '.join(chosen)} given; {args.checkpoint_name}'s default "
