@@ -5,8 +5,10 @@ from .certification import CertResult, certify, certify_logits
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .empirical import SoundnessError, evaluate_empirical
 from .geometry import Geometry, parse_patch_size
+from .geometry_inference import GeometryError, GeometryWarning, infer_geometry, verify_geometry
 from .models import BagModel, InputError, create_model, list_models, load_model_module, register_model
 from .peers import ClippedBagNet, DerandomizedSmoothing, LocalDoubleMasking, PatchCleanser, PatchGuardMasking
+from .wrap import WrappedBagModel, wrap_model
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,8 @@ __all__ = [
     "ClippedBagNet",
     "DerandomizedSmoothing",
     "Geometry",
+    "GeometryError",
+    "GeometryWarning",
     "InputError",
     "LocalDoubleMasking",
     "PatchCleanser",
@@ -28,12 +32,16 @@ __all__ = [
     "create_model",
     "evaluate_empirical",
     "get_aggregation",
+    "infer_geometry",
     "list_models",
     "load_checkpoint",
     "load_model_module",
     "parse_patch_size",
     "register_model",
     "save_checkpoint",
+    "verify_geometry",
+    "wrap_model",
+    "WrappedBagModel",
 ]
 
 # defensive patches + corruptions (bagcert.defense), RoI / RoA analysis (bagcert.analysis)

@@ -29,6 +29,7 @@ import torch
 
 from .aggregation import get_aggregation, predict
 from .geometry import Geometry, normalize_image_size, normalize_patch_sizes, parse_patch_size
+from .geometry_inference import verify_geometry
 
 __all__ = ["CertResult", "WindowTable", "certify", "certify_logits", "integral_image", "window_margins", "window_table"]
 
@@ -232,7 +233,9 @@ def certify_logits(
         local_logits: floating-point [N, C, h, w] per-location class logits, N >= 1, C >= 2, all finite.
         labels: int64 [N] in [0, C) (any integer dtype is converted to int64), or None (then ``correct`` is
             all False).
-        geometry: the model's :class:`~bagcert.geometry.Geometry`.
+        geometry: the model's :class:`~bagcert.geometry.Geometry`; one without a layer chain (``Geometry(rf, stride,
+            padding)``) takes its grid from the logit map. This function trusts the geometry: check a model's with
+            :func:`bagcert.verify_geometry`.
         image_size: (H, W) in pixels of the images the logits came from.
         patch_size: int or (height, width) (or ``"5"`` / ``"3x7"``) -> returns a :class:`CertResult`.
         patch_sizes: a list of sizes -> returns ``{size as given: CertResult}``. Each size once: ``[5, 5]`` and
@@ -274,11 +277,14 @@ def certify_logits(
     else:  # no host synchronisation: a sample with a non-finite logit is simply never certified
         finite = torch.isfinite(local_logits).flatten(1).all(dim=1)
     H, W = normalize_image_size(image_size)
-    if geometry.layers and geometry.grid_size(H, W) != (h, w):
-        raise ValueError(
-            f"local-logit map is {h}x{w} but the geometry gives {geometry.grid_size(H, W)} locations "
-            f"for a {H}x{W} image: logits and image size do not belong together"
-        )
+    if geometry.knows_grid(H, W):
+        if geometry.grid_size(H, W) != (h, w):
+            raise ValueError(
+                f"local-logit map is {h}x{w} but the geometry gives {geometry.grid_size(H, W)} locations "
+                f"for a {H}x{W} image: logits and image size do not belong together"
+            )
+    else:  # a geometry without a layer chain takes its grid from the logit map
+        geometry = geometry.at_grid((H, W), (h, w))
     keys, sizes = _checked_sizes(patch_size, patch_sizes, (H, W))
     labels = _check_labels(labels, N, C, local_logits.device)
 
@@ -366,8 +372,14 @@ def certify(
     aggregation=None,
     batch_size: int | None = None,
     return_position_margins: bool = False,
+    precision: str = "fp32",
 ):
     """Certify a BagNet-style model's predictions against patches, from ONE forward pass.
+
+    The forward pass runs the model's inference-optimised form (:mod:`bagcert.inference`: batch norm folded into
+    the convolutions, a dense model without dilated convolutions, channels_last on the CPU) in chunks of a fixed
+    number of images (:func:`bagcert.inference.chunk_size`), so each image's logits, and so its prediction and
+    certificate, are bit-identical whatever ``batch_size`` or the other images passed with it.
 
     Args:
         model: a bagcert model (has ``local_logits`` and ``geometry``), in eval mode.
@@ -380,12 +392,19 @@ def certify(
         patch_sizes: list of sizes -> returns ``{size: CertResult}`` from the same forward pass; each size
             once (see :func:`bagcert.geometry.normalize_patch_sizes`).
         aggregation: defaults to the model's own (``model.aggregation``, ``"votes"``).
-        batch_size: split the forward pass into chunks of this many images (an int >= 1; None: one chunk).
+        batch_size: certify this many images at a time (an int >= 1; None: as many as fit a memory budget of
+            about 512 MiB for the certificate's tensors). Results do not depend on it.
+        precision: ``"fp32"`` (default) or ``"bf16"``: evaluate the model under bf16 autocast (faster on CPUs with
+            AMX / avx512_bf16 and on GPUs). The prediction and certificate are then those of the model as
+            evaluated in bf16: sound for that model, and possibly different from the float32 model's.
 
     Raises:
         RuntimeError: the model is in training mode.
+        GeometryError (a ValueError): the model's declared ``geometry`` does not cover its true receptive field,
+            or the true one cannot be established (:func:`bagcert.verify_geometry`: built-in registry models are
+            trusted, any other model is checked once per image size; a larger declared geometry only warns).
         TypeError: ``model`` is not a bagcert model; ``patch_sizes`` is not a list; ``batch_size`` not an int.
-        ValueError: images that are not a floating-point [N, 3, H, W] batch with N >= 1 (the model's
+        ValueError: an unknown ``precision`` (or bf16 on a device without it); images that are not a floating-point [N, 3, H, W] batch with N >= 1 (the model's
             :class:`~bagcert.models.InputError`, a ValueError, also reports values outside [0, 1]); labels that
             are not an integer [N] in [0, num_classes); ``batch_size < 1``; an empty or duplicated list of patch
             sizes; a patch larger than the image; an unknown aggregation. All are raised before the forward pass.
@@ -412,9 +431,16 @@ def certify(
         raise TypeError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (images per forward pass), got {batch_size}")
-    bs = batch_size or N
+    from .inference import certify_batch_size, check_precision, chunk_size, evaluate_local_logits, inference_copy
+
+    check_precision(precision, images.device)
     image_size = tuple(images.shape[-2:])
     _checked_sizes(patch_size, patch_sizes, image_size)
+    # the geometry the certificate uses: checked against the model's computation once per (model, image size)
+    geometry = verify_geometry(model, image_size)
+    fast = inference_copy(model, precision)
+    chunk = chunk_size(model, image_size)
+    bs = batch_size or certify_batch_size(model, image_size, chunk)
     # validate labels before spending a forward pass
     num_classes = getattr(model, "num_classes", None)
     if labels is not None:
@@ -422,13 +448,13 @@ def certify(
     chunks = []
     for start in range(0, N, bs):
         x = images[start : start + bs]
-        logits = model.local_logits(x)
+        logits = evaluate_local_logits(fast, x, precision=precision, chunk=chunk)
         y = None if labels is None else labels[start : start + bs]
         chunks.append(
             certify_logits(
                 logits,
                 y,
-                model.geometry,
+                geometry,
                 image_size,
                 patch_size,
                 patch_sizes=patch_sizes,

@@ -4,7 +4,12 @@ A checkpoint is a plain dict of tensors and Python builtins::
 
     {"format": "bagcert-checkpoint", "format_version": 1,
      "model": {"name": <registry name>, "kwargs": {...}},
-     "state_dict": {name: tensor}, "metadata": {...builtins...}}
+     "state_dict": {name: tensor}, "metadata": {...builtins...},
+     "geometry": {"image_size": [H, W], "grid": [h, w], "receptive_field": [r, r], "stride": [s, s], "padding": [p, p]}}
+
+``geometry`` is written only for models that are not built-in registry classes (a plugin factory, or a
+:func:`bagcert.wrap_model` model built by a registered factory): their verified geometry at ``input_size``,
+checked again against the rebuilt model on loading (a changed architecture is refused).
 
 It is stored as torch's zip archive and loaded with ``torch.load(weights_only=True)``: a file that is
 not a zip archive (truncated, random bytes, a bare pickle, torch's legacy format) is refused without
@@ -208,6 +213,12 @@ def save_checkpoint(path, model, **metadata) -> Path:
     from .models import _is_registered  # local import: models import nothing from here
 
     config = getattr(model, "config", None)
+    if hasattr(model, "infer_geometry_at") and not (isinstance(config, dict) and isinstance(config.get("name"), str)):
+        raise ValueError(  # a bagcert.wrap_model model: its code is not in the registry
+            "a wrapped model is saved under a registry name, so that loading can rebuild it: register a factory "
+            "that returns it (bagcert.register_model(name, factory)) and build it with bagcert.create_model(name) "
+            "(docs/own_model_plugin.md)"
+        )
     if not isinstance(config, dict) or not isinstance(config.get("name"), str):
         raise ValueError(
             f"model has no registry config (a {type(model).__name__} with model.config = {_describe(config)}); a checkpoint "
@@ -226,6 +237,7 @@ def save_checkpoint(path, model, **metadata) -> Path:
     problem = _metadata_problem(metadata, getattr(model, "num_classes", None), 1)
     if problem:
         raise ValueError(f"cannot save {path}: {problem}")
+    geometry = _geometry_record(model, metadata)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     obj = {
         "format": FORMAT,
@@ -234,8 +246,72 @@ def save_checkpoint(path, model, **metadata) -> Path:
         "state_dict": state,
         "metadata": metadata,
     }
+    if geometry is not None:
+        obj["geometry"] = geometry
     atomic_torch_save(obj, path)
     return Path(path)
+
+
+def _geometry_record(model, metadata) -> dict | None:
+    """The verified geometry of a model whose code is not a built-in registry class (a plugin or wrapped model), at
+    the metadata's ``input_size`` (or the last image size a wrapped model saw), as builtins; None for built-in
+    models (their geometry is derived from the layers they build) and when no image size is known. Raises
+    GeometryError (a ValueError) for a declared geometry that does not cover the true one."""
+    from .geometry_inference import _trusted, verify_geometry
+
+    if _trusted(model) or not hasattr(model, "geometry"):
+        return None
+    size = metadata.get("input_size")
+    if isinstance(size, int) and not isinstance(size, bool):
+        image_size = (size, size)
+    elif getattr(getattr(model, "geometry", None), "grid", None) is not None:
+        image_size = model.geometry.grid[0]
+    else:  # no image size to check it at: nothing recorded (certifying still checks it on its images)
+        return None
+    was = model.training
+    model.eval()  # the geometry of the model as it certifies (BatchNorm with its running statistics)
+    try:
+        g = verify_geometry(model, image_size)  # a GeometryError (ValueError) for a declared geometry that is wrong
+        grid = _grid_of(model, g, image_size)
+    finally:
+        model.train(was)
+    return {"image_size": list(image_size), "grid": list(grid), "receptive_field": list(g.receptive_field),
+            "stride": list(g.stride), "padding": list(g.padding)}
+
+
+def _grid_of(model, geometry, image_size):
+    """The grid of ``model`` on ``image_size`` images: the geometry's own, else the model's (one blank image)."""
+    if geometry.knows_grid(*image_size):
+        return geometry.grid_size(*image_size)
+    p = next(iter(list(model.parameters()) + list(model.buffers())))
+    with torch.no_grad():
+        return tuple(model.local_logits(torch.zeros(1, 3, *image_size, device=p.device)).shape[-2:])
+
+
+def _check_geometry_record(path, model, record) -> None:
+    """The rebuilt model's geometry must be the one recorded at saving (the architecture code may have changed)."""
+    from .geometry_inference import GeometryError, verify_geometry
+
+    try:
+        H, W = (int(v) for v in record["image_size"])
+        saved = ([int(v) for v in record[k]] for k in ("receptive_field", "stride", "padding", "grid"))
+        saved = tuple(tuple(v) for v in saved)
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path} is malformed: 'geometry' is {_describe(record)}; expected image_size, grid, "
+                              "receptive_field, stride and padding as lists of ints") from None
+    try:
+        g = verify_geometry(model, (H, W))
+        now = (g.receptive_field, g.stride, g.padding, tuple(_grid_of(model, g, (H, W))))
+    except GeometryError as e:
+        raise CheckpointError(f"{path}: the rebuilt model's geometry cannot be verified: {_one_line(e, 400)}") from None
+    if now != saved:
+        def text(v):
+            return f"receptive field {list(v[0])}, stride {list(v[1])}, padding {list(v[2])}, grid {list(v[3])}"
+
+        raise CheckpointError(
+            f"{path}: the rebuilt model's geometry on {H}x{W} images is {text(now)} but the checkpoint recorded "
+            f"{text(saved)}: the model's code changed since it was saved"
+        )
 
 
 def _describe(value) -> str:
@@ -407,6 +483,9 @@ def load_checkpoint(path, map_location="cpu"):
         model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the architecture: {_one_line(e, 400)}") from None
-    check_metadata(obj["metadata"], path, getattr(model, "num_classes", None), model.geometry.min_input_size())
+    geometry_size = model.geometry.min_input_size() if model.geometry is not None else 1
+    check_metadata(obj["metadata"], path, getattr(model, "num_classes", None), geometry_size)
     model.to(map_location).eval()
+    if "geometry" in obj:  # a plugin or wrapped model: its geometry is checked again against the recorded one
+        _check_geometry_record(path, model, obj["geometry"])
     return model, obj["metadata"]

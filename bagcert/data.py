@@ -819,19 +819,31 @@ def augment_batch(
     sel = torch.arange(B) if rows is None else rows
     if crop is not None and not 1 <= crop <= min(H, W) + 2 * pad:
         raise ValueError(f"crop {crop} must lie in [1, {min(H, W) + 2 * pad}] for {H}x{W} images with pad {pad}")
+    cropping = pad > 0 or (crop is not None and (crop, crop) != (H, W))
+    fast = cropping and x.device.type == "cpu"  # flip and crop per image (_shifted_crops): the same pixels, faster
     if flip:
         f = (torch.rand(n, generator=generator) < 0.5)[sel]
-        x = torch.where(f.view(B, 1, 1, 1).to(x.device), x.flip(3), x)
-    if pad > 0 or (crop is not None and (crop, crop) != (H, W)):
-        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
+        if not fast:
+            x = torch.where(f.view(B, 1, 1, 1).to(x.device), x.flip(3), x)
+    if cropping:
         Ho, Wo = (H, W) if crop is None else (crop, crop)
         dy = torch.randint(0, H + 2 * pad - Ho + 1, (n,), generator=generator)[sel].to(x.device)
         dx = torch.randint(0, W + 2 * pad - Wo + 1, (n,), generator=generator)[sel].to(x.device)
+        if fast:
+            flips = f.tolist() if flip else None
+            return _cutout(_shifted_crops(x, dy.tolist(), dx.tolist(), pad, Ho, Wo, flips), generator, cutout, n, sel)
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
         H, W = Ho, Wo
         r = dy.view(B, 1) + torch.arange(H, device=x.device).view(1, H)  # [B, H]
         c = dx.view(B, 1) + torch.arange(W, device=x.device).view(1, W)  # [B, W]
         bidx = torch.arange(B, device=x.device).view(B, 1, 1)
         x = xp.permute(0, 2, 3, 1)[bidx, r.view(B, H, 1), c.view(B, 1, W)].permute(0, 3, 1, 2)
+    return _cutout(x, generator, cutout, n, sel)
+
+
+def _cutout(x: torch.Tensor, generator: torch.Generator, cutout: int, n: int, sel: torch.Tensor) -> torch.Tensor:
+    """:func:`augment_batch`'s last stage: cutout squares (drawn for the global batch of ``n``), contiguous result."""
+    B, _, H, W = x.shape
     if cutout > 0:
         cy = torch.randint(0, H, (n,), generator=generator)[sel].to(x.device)
         cx = torch.randint(0, W, (n,), generator=generator)[sel].to(x.device)
@@ -841,3 +853,23 @@ def augment_batch(
         m = ((r - cy.view(B, 1, 1)).abs() <= half) & ((c - cx.view(B, 1, 1)).abs() <= half)
         x = x.masked_fill(m.unsqueeze(1), 0)
     return x.contiguous()
+
+
+def _shifted_crops(x: torch.Tensor, dy: list, dx: list, pad: int, Ho: int, Wo: int, flips: list | None = None) -> torch.Tensor:
+    """Image i's ``Ho`` x ``Wo`` window at (dy[i], dx[i]) of ``x`` (flipped left-right first where ``flips[i]``)
+    zero-padded by ``pad``: [B, C, Ho, Wo].
+
+    Equal to flipping the whole batch and indexing the padded batch (the generic path of :func:`augment_batch`,
+    tested), but without materialising flipped and padded batches or gathering pixel by pixel: one block copy of
+    the window's part inside the image per image.
+    """
+    B, C, H, W = x.shape
+    out = x.new_zeros((B, C, Ho, Wo))
+    for i in range(B):
+        src = x[i].flip(-1) if flips is not None and flips[i] else x[i]
+        oy, ox = dy[i] - pad, dx[i] - pad  # window origin in unpadded coordinates
+        r0, r1 = max(0, -oy), min(Ho, H - oy)
+        c0, c1 = max(0, -ox), min(Wo, W - ox)
+        if r0 < r1 and c0 < c1:
+            out[i, :, r0:r1, c0:c1] = src[:, r0 + oy : r1 + oy, c0 + ox : c1 + ox]
+    return out

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from .certification import CertResult, certify_logits
 from .geometry import parse_patch_size
+from .geometry_inference import verify_geometry
 
 __all__ = ["certify_dataset", "certify_batches", "StreamSource", "size_key", "vote_statistics"]
 
@@ -44,8 +45,13 @@ def certify_dataset(
     progress: bool = False,
     rank: int = 0,
     world: int = 1,
+    precision: str = "fp32",
 ):
     """Certify every image of ``data`` for every patch size from one forward pass per batch.
+
+    The forward pass is :func:`bagcert.inference.evaluate_local_logits` (the model's inference-optimised form in
+    fixed-size chunks), as in :func:`bagcert.certify`: every image's result is bit-identical whatever
+    ``batch_size``, ``world`` or data path. ``precision``: ``"fp32"`` or ``"bf16"`` (see :func:`bagcert.certify`).
 
     ``data``: a :class:`bagcert.data.Dataset` (uint8 images held in memory) or a :class:`StreamSource`
     (images decoded batch by batch by DataLoader workers, never all held). Under torch.distributed
@@ -67,14 +73,19 @@ def certify_dataset(
     H, W = data.images.shape[-2:]
     keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     agg = aggregation or model.aggregation
+    geometry = verify_geometry(model, (H, W))  # checked once per (model, image size); registry models are trusted
     accel = torch.device(device).type != "cpu"
     timer = _Timer(device)
+    from .inference import check_precision, chunk_size, evaluate_local_logits, inference_copy
+
+    check_precision(precision, device)
+    chunk = chunk_size(model, (H, W))
 
     def certify_batch(x, y):
         t = timer.start()
-        z = model.local_logits(x)
+        z = evaluate_local_logits(fast, x, precision=precision, chunk=chunk)
         t = timer.lap(t, "forward")
-        res = certify_logits(z, y, model.geometry, (H, W), patch_sizes=sizes, aggregation=agg, check_finite=not accel)
+        res = certify_logits(z, y, geometry, (H, W), patch_sizes=sizes, aggregation=agg, check_finite=not accel)
         timer.lap(t, "certify")
         return dict(zip(keys, res.values())), 0.0, 0.0
 
@@ -82,6 +93,7 @@ def certify_dataset(
     if accel and check is not None:
         model.check_inputs = False  # our own uint8 data, scaled to [0, 1]: the per-batch host check would wait for the device
     try:
+        fast = inference_copy(model, precision)
         results, timing = certify_batches(data, keys, certify_batch, batch_size=batch_size, device=device, progress=progress,
                                           desc="certify", rank=rank, world=world)
     finally:

@@ -24,7 +24,7 @@ patches, square images or positions away from the border.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import torch
@@ -138,45 +138,160 @@ def normalize_image_size(image_size) -> tuple[int, int]:
     return H, W
 
 
+def _pair(value, what: str) -> tuple[int, int]:
+    """``5`` or ``(5, 7)`` as an ``(rows, cols)`` pair of ints (bools refused)."""
+    import operator
+
+    vals = value if isinstance(value, (tuple, list)) else (value, value)
+    try:
+        if len(vals) != 2 or any(isinstance(v, bool) for v in vals):
+            raise TypeError
+        return int(operator.index(vals[0])), int(operator.index(vals[1]))
+    except TypeError:
+        raise TypeError(f"{what} must be an int or a (rows, cols) pair of ints, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """Receptive-field geometry along both axes (rows first)."""
+    """Receptive-field geometry along both axes (rows first).
+
+    Location ``(i, j)`` sees the pixel rows ``[i*stride[0] - padding[0], i*stride[0] - padding[0] + receptive_field[0] - 1]``
+    and the same for the columns with index 1 (clipped to the image). Three ways to build one:
+
+    * ``Geometry.from_layers([(kernel, stride, padding), ...])``: compose the convolution chain of the model's
+      main path; each entry may give ``(rows, cols)`` pairs for rectangular kernels, strides or paddings. The
+      chain also gives the grid size of any image (``grid_size``) and the smallest usable image.
+    * ``Geometry(receptive_field, stride, padding)`` with ints or ``(rows, cols)`` pairs and no chain: the grid
+      size is then taken from the local-logit map when certifying (``certify`` / ``certify_logits``), or
+      fixed with :meth:`at_grid`.
+    * :func:`bagcert.infer_geometry` traces a module and returns the exact geometry for one image size.
+
+    Attributes:
+        receptive_field, stride, padding: ``(rows, cols)`` pairs of ints in pixels (ints are accepted and
+            duplicated). ``receptive_field >= 1``, ``stride >= 1``; ``padding`` may be negative (a location's
+            window starting inside the image).
+        layers: the chain given to :meth:`from_layers` (``()`` when none): entries ``(k, s, p)`` of ints
+            (square) or of ``(rows, cols)`` pairs.
+        grid: ``((H, W), (h, w))``: the known grid of one image size, or None.
+
+    Raises:
+        TypeError / ValueError: values that are not ints or pairs of ints; a receptive field or stride below 1.
+    """
 
     receptive_field: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]
-    layers: tuple = ()  # main-path conv chain (kernel, stride, padding), same for both axes
+    layers: tuple = ()  # main-path conv chain (kernel, stride, padding); ints (square) or (rows, cols) pairs
+    grid: tuple | None = None  # ((H, W), (h, w)): the grid of one image size, for geometries without a chain
+
+    def __post_init__(self):
+        rf, st, pad = (_pair(self.receptive_field, "receptive_field"), _pair(self.stride, "stride"),
+                       _pair(self.padding, "padding"))
+        if min(rf) < 1:
+            raise ValueError(f"receptive_field must be >= 1 pixel along both axes, got {rf}")
+        if min(st) < 1:
+            raise ValueError(f"stride must be >= 1 pixel along both axes, got {st}")
+        object.__setattr__(self, "receptive_field", rf)
+        object.__setattr__(self, "stride", st)
+        object.__setattr__(self, "padding", pad)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if self.grid is not None:
+            (H, W), (h, w) = self.grid
+            object.__setattr__(self, "grid", ((int(H), int(W)), (int(h), int(w))))
 
     @classmethod
     def from_layers(cls, layers: Iterable[ConvSpec]) -> "Geometry":
-        """Compose a chain of square convolutions ``(kernel, stride, padding)``."""
-        layers = tuple((int(k), int(s), int(p)) for k, s, p in layers)
-        r, j, start = 1, 1, 0
-        for k, s, p in layers:
-            # a kernel of size k at stride s on a grid of jump j widens the window by (k-1)*j
-            r += (k - 1) * j
-            start -= p * j
-            j *= s
-        return cls((r, r), (j, j), (-start, -start), layers)
+        """Compose a chain of convolutions ``(kernel, stride, padding)`` (pooling layers count as convolutions).
+
+        Each of kernel, stride and padding is an int (both axes) or a ``(rows, cols)`` pair, e.g.
+        ``[(7, 2, 3), ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))]``. A dilated kernel counts as
+        ``dilation * (kernel - 1) + 1``. Padding is applied on both sides (PyTorch's ``padding=``).
+        """
+        norm = []
+        for entry in layers:
+            k, s, p = entry
+            k, s, p = _pair(k, "kernel"), _pair(s, "stride"), _pair(p, "padding")
+            if min(k) < 1 or min(s) < 1:
+                raise ValueError(f"layer {entry!r}: kernel and stride must be >= 1")
+            square = k[0] == k[1] and s[0] == s[1] and p[0] == p[1]
+            norm.append((k[0], s[0], p[0]) if square else (k, s, p))
+        layers = tuple(norm)
+        rf, st, pad = [], [], []
+        for axis in (0, 1):
+            r, j, start = 1, 1, 0
+            for k, s, p in _axis_chain(layers, axis):
+                # a kernel of size k at stride s on a grid of jump j widens the window by (k-1)*j
+                r += (k - 1) * j
+                start -= p * j
+                j *= s
+            rf.append(r), st.append(j), pad.append(-start)
+        return cls(tuple(rf), tuple(st), tuple(pad), layers)
+
+    def at_grid(self, image_size, grid_size) -> "Geometry":
+        """This geometry with its grid fixed to ``grid_size`` (h, w) locations for ``image_size`` (H, W) pixels.
+
+        Raises:
+            ValueError: the geometry has a layer chain that gives another grid for this image size.
+        """
+        H, W = normalize_image_size(image_size)
+        h, w = (int(v) for v in grid_size)
+        if self.layers and self.grid_size(H, W) != (h, w):
+            raise ValueError(
+                f"the layer chain gives {self.grid_size(H, W)} locations for a {H}x{W} image, not {(h, w)}"
+            )
+        return replace(self, grid=((H, W), (h, w)))
+
+    def knows_grid(self, height: int, width: int) -> bool:
+        """Whether :meth:`grid_size` can answer for this image size (a layer chain, or the grid fixed for it)."""
+        return bool(self.layers) or (self.grid is not None and self.grid[0] == (int(height), int(width)))
+
+    def for_map(self, image_size, map_size) -> "Geometry":
+        """This geometry for a local map of ``map_size`` (h, w) locations on ``image_size`` (H, W) images: one that
+        knows its grid must give ``map_size`` (else ValueError); one without a chain takes the map's grid."""
+        H, W = normalize_image_size(image_size)
+        h, w = (int(v) for v in map_size)
+        if self.knows_grid(H, W):
+            if self.grid_size(H, W) != (h, w):
+                raise ValueError(
+                    f"local map is {h}x{w} but the geometry gives {self.grid_size(H, W)} locations for a {H}x{W} image: "
+                    "map and image size do not belong together"
+                )
+            return self
+        return self.at_grid((H, W), (h, w))
 
     # --- output grid -------------------------------------------------------------------
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Number of output locations along each axis for an input of this size."""
-        return (self._axis_grid(height), self._axis_grid(width))
+        """Number of output locations along each axis for an input of this size.
 
-    def _axis_grid(self, n: int) -> int:
+        Raises:
+            ValueError: the geometry has no layer chain and no grid for this image size (build it with
+                :meth:`from_layers`, fix it with :meth:`at_grid`, or certify, which takes the grid from the
+                local-logit map).
+        """
         if not self.layers:
-            raise ValueError("this geometry was built without its layer chain; grid size unknown")
-        for k, s, p in self.layers:
+            if self.grid is not None and self.grid[0] == (int(height), int(width)):
+                return self.grid[1]
+            known = f" (it knows the grid of {self.grid[0][0]}x{self.grid[0][1]} images only)" if self.grid else ""
+            raise ValueError(
+                f"this geometry has no layer chain, so the grid size of a {height}x{width} image is unknown{known}; "
+                "build it with Geometry.from_layers(...), fix it with geometry.at_grid(image_size, (h, w)), or certify, "
+                "which takes the grid from the local-logit map"
+            )
+        return (self._axis_grid(height, 0), self._axis_grid(width, 1))
+
+    def _axis_grid(self, n: int, axis: int = 0) -> int:
+        for k, s, p in _axis_chain(self.layers, axis):
             n = (n + 2 * p - k) // s + 1
             if n <= 0:
                 return 0
         return n
 
     def min_input_size(self) -> int:
-        """Smallest square input that yields at least one output location."""
+        """Smallest square input that yields at least one output location (1 without a layer chain)."""
+        if not self.layers:
+            return 1
         n = 1
-        while self._axis_grid(n) < 1:
+        while self._axis_grid(n, 0) < 1 or self._axis_grid(n, 1) < 1:
             n += 1
         return n
 
@@ -248,6 +363,13 @@ class Geometry:
             "stride": list(self.stride),
             "padding": list(self.padding),
         }
+
+
+def _axis_chain(layers, axis: int):
+    """The ``(kernel, stride, padding)`` ints of every layer along ``axis`` (0 rows, 1 columns)."""
+    for k, s, p in layers:
+        yield (k[axis] if isinstance(k, tuple) else k, s[axis] if isinstance(s, tuple) else s,
+               p[axis] if isinstance(p, tuple) else p)
 
 
 def axis_ranges(n: int, length: int, grid: int, rf: int, stride: int, padding: int) -> torch.Tensor:

@@ -653,6 +653,15 @@ def _dense_note(s: dict) -> str:
     return ", evaluated densely (every pixel a location)" if _is_dense((s.get("checkpoint") or {}).get("model_kwargs")) else ""
 
 
+def _markdown_precision(s: dict) -> list:
+    """The precision line of summary.md ("fp32", or "bf16": certificates of the model as evaluated in bf16)."""
+    p = (s.get("config") or {}).get("precision")
+    if p is None:
+        return []
+    note = " (predictions and certificates are those of the model as evaluated in bf16 autocast)" if p == "bf16" else ""
+    return [f"- precision: {p}{note}"]
+
+
 def _markdown(s: dict) -> str:
     lines = [
         "# Certification report",
@@ -661,6 +670,7 @@ def _markdown(s: dict) -> str:
         *_markdown_skipped(s["dataset"].get("skipped_images")),
         f"- checkpoint: {_checkpoint_text(s.get('checkpoint'))}{_dense_note(s)}",
         f"- aggregation: {s['aggregation']}",
+        *_markdown_precision(s),
         *_markdown_method(s),
         f"- device: {s['device']} ({s['hardware']})",
         f"- {code_version_text(s)}, {s['created']}",

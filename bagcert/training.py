@@ -123,6 +123,13 @@ class TrainConfig:
     # under DDP, batch-norm layers normalise with the statistics of the global batch (torch.nn.SyncBatchNorm)
     # instead of each process's share of it; needs CUDA (see check_sync_bn and docs/training.md)
     sync_bn: bool = False
+    # torch.compile of the forward pass and the loss together (one graph, its backward compiled with it); the
+    # margin weight enters as a tensor so that its warm-up does not recompile (docs/training.md, "On a CPU")
+    compile_step: bool = False
+    # the optimiser's fused kernel (torch.optim AdamW/Adam fused=True; SGD has none): one kernel per parameter instead
+    # of torch's per-parameter loop of small operations on CPU; rounding differs from the unfused update in the last bits
+    fused_optimizer: bool = False
+    eval_amp: bool = False  # bf16 autocast in the evaluations during training (their numbers move by rounding only)
     device: str = "cpu"
     data_path: str = "auto"  # auto | memory | stream: how train.py reads the training data (bagcert.streaming.choose_data_path)
     workers: int | None = None  # loader processes of the stream path (None: min(8, CPUs))
@@ -238,10 +245,11 @@ def _make_optimizer(cfg: TrainConfig, model):
     for n, p in model.named_parameters():
         (no_decay if p.dim() <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if getattr(cfg, "fused_optimizer", False) else {}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), **fused)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, **fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     raise ValueError(f"optimizer must be adamw, adam or sgd, got {cfg.optimizer!r}")
@@ -262,6 +270,8 @@ RESUME_REFUSED = frozenset({
 RESUME_ALLOWED = frozenset({
     "epochs", "time_budget_minutes", "max_steps", "eval_images", "eval_every", "eval_patch_sizes", "checkpoint_minutes",
     "log_every", "threads", "device", "compile", "channels_last", "output", "tensorboard", "progress", "workers",
+    # how the same step is computed (compiled, fused kernels) and how evaluations are computed: rounding only
+    "compile_step", "fused_optimizer", "eval_amp",
     # where the model's code is imported from (the model's name and arguments are refused above)
     "model_modules",
     # the resolved path (memory or stream) is what counts: it is stored in last.pt and a resume must use the same one
@@ -528,6 +538,52 @@ def _loss_function(cfg: TrainConfig, model, peer, margin_warm: int):
     return loss_of
 
 
+def _identity(x):
+    return x
+
+
+def _compiled_step_loss(cfg: TrainConfig, net, model, peer, margin_warm: int):
+    """``loss_of(step) -> (x, y) -> (loss, stats)`` that runs the forward pass of ``net`` (bf16 autocast with
+    ``cfg.amp``) and the loss of :func:`_loss_function` as one ``torch.compile``d function, for ``train_step`` with
+    the identity as its forward (``cfg.compile_step``).
+
+    The bagcert loss's margin weight (warmed up over ``margin_warm`` steps) is passed as a 0-d tensor, so that its
+    changing value does not make dynamo recompile at every step; with a tensor weight the margin term is always
+    computed (weight 0 adds 0). The forward pass and the loss are the same operations as without ``compile_step``;
+    inductor's fused kernels round differently in the last bits, as with ``cfg.compile``.
+    """
+    device_type = next(model.parameters()).device.type
+    if cfg.loss == "ce":
+        inner = _loss_function(cfg, model, peer, margin_warm)(0)
+
+        def ce_step(x, y):
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.amp):
+                z = net(x)
+            return inner(z, y)
+
+        compiled = torch.compile(ce_step)
+        return lambda step: compiled
+    loss_fn = BagCertLoss(
+        model.geometry, (cfg.image_size, cfg.image_size), cfg.patch_sizes, tau=cfg.tau, kappa=cfg.kappa,
+        margin_weight=cfg.margin_weight, bce_weight=cfg.bce_weight, ce_weight=cfg.ce_weight,
+        label_smoothing=cfg.label_smoothing, bce_pos_weight=cfg.bce_pos_weight, margin_reduce=cfg.margin_reduce,
+    )
+
+    def bagcert_step(x, y, mw):
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.amp):
+            z = net(x)
+        loss, stats = loss_fn(z, y, margin_weight=mw)
+        stats["robust_train"] = (stats.pop("margin") > 0).float().mean()
+        return loss, stats
+
+    compiled = torch.compile(bagcert_step)
+
+    def loss_of(step):
+        mw = torch.tensor(cfg.margin_weight * min(1.0, step / margin_warm), dtype=torch.float32)
+        return lambda x, y: compiled(x, y, mw.to(x.device))
+    return loss_of
+
+
 def _write_config(out: Path, cfg: TrainConfig) -> None:
     atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
 
@@ -644,13 +700,16 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
                 if bn else "--sync-bn: the model has no batch-norm layer; nothing to synchronise")
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
-    fwd = torch.compile(net) if cfg.compile else net
+    fwd = torch.compile(net) if cfg.compile and not cfg.compile_step else net
+    if cfg.compile_step:  # forward and loss in one compiled function; train_step's forward is then the identity
+        loss_of = _compiled_step_loss(cfg, net, model, peer, margin_warm)
+        fwd = _identity
     no_sync = net.no_sync if world > 1 and cfg.grad_accum > 1 else None
     tlog.open_tensorboard()
 
     eval_every_steps = max(1, int(round(cfg.eval_every * steps_per_epoch)))
     evaluator = None if eval_data is None else Evaluator(
-        eval_data, cfg.eval_patch_sizes, device, rank, world, peer, cfg.seed, workers=workers)
+        eval_data, cfg.eval_patch_sizes, device, rank, world, peer, cfg.seed, workers=workers, amp=cfg.eval_amp)
     pbar = None
     t_start = time.perf_counter()
 

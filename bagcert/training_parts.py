@@ -700,14 +700,16 @@ class Evaluator:
     bagcert.streaming dataset (read with ``workers`` loader processes). Under DDP each rank evaluates a share
     and the counts are summed, so every rank gets the numbers of one process."""
 
-    def __init__(self, data, patch_sizes, device, rank: int = 0, world: int = 1, peer=None, seed: int = 0, workers: int = 0):
+    def __init__(self, data, patch_sizes, device, rank: int = 0, world: int = 1, peer=None, seed: int = 0, workers: int = 0,
+                 amp: bool = False):
         self.data, self.patch_sizes, self.device = data, list(patch_sizes), device
         self.rank, self.world, self.peer, self.seed, self.workers = rank, world, peer, seed, workers
+        self.amp = amp  # bf16 autocast of the evaluation's forward passes (not for a peer)
 
     def __call__(self, model, data=None) -> dict:
         data = self.data if data is None else data
         if self.peer is None:
-            return evaluate(model, data, self.patch_sizes, device=self.device, amp=False, rank=self.rank, world=self.world,
+            return evaluate(model, data, self.patch_sizes, device=self.device, amp=self.amp, rank=self.rank, world=self.world,
                             workers=self.workers)
         return _evaluate_peer(model, data, self.peer, self.seed, device=self.device, rank=self.rank, world=self.world)
 
@@ -761,11 +763,18 @@ class MemoryBatches:
         self.n = len(data) if cfg.train_limit is None else min(cfg.train_limit, len(data))
         self.step_batch = cfg.batch_size * cfg.grad_accum
         self.steps_per_epoch = self.n // self.step_batch
+        self._perm = (None, None)  # (epoch, its order): drawn once per epoch, not at every step
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """``randperm(n)`` seeded by ``(seed, epoch)``: the order of the training images in ``epoch``."""
+        if self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.n, generator=_seeded(self.cfg.seed, epoch)))
+        return self._perm[1]
 
     def micro_batches(self, step: int):
         cfg, B = self.cfg, self.cfg.batch_size
         epoch, k = divmod(step, self.steps_per_epoch)
-        perm = torch.randperm(self.n, generator=_seeded(cfg.seed, epoch))
+        perm = self.epoch_order(epoch)
         gidx = perm[k * self.step_batch : (k + 1) * self.step_batch]
         for j in range(cfg.grad_accum):
             rows = torch.arange(j * B + self.rank, (j + 1) * B, self.world)
@@ -775,10 +784,18 @@ class MemoryBatches:
                 self.data.images[idx], _seeded(cfg.seed, epoch, k, 7), flip=cfg.flip, pad=cfg.pad, cutout=cfg.cutout,
                 rows=rows, global_size=len(gidx), crop=cfg.image_size if cfg.random_crop else None,
             )
-            yield _finish(xb.to(self.device).float().div_(255.0), cfg, self.peer, (epoch, k), rows, len(gidx)), y
+            yield _finish(_to_float(xb, self.device, cfg.channels_last), cfg, self.peer, (epoch, k), rows, len(gidx)), y
 
     def close(self) -> None:
         pass
+
+
+def _to_float(xb: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    """uint8 [b, 3, S, S] -> float32 in [0, 1] on ``device``, channels_last when asked: one conversion copy into
+    the final layout (the same values as ``.float().div_(255)`` followed by a channels_last copy)."""
+    xb = xb.to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(xb.shape, dtype=torch.float32, device=xb.device, memory_format=fmt).copy_(xb).div_(255.0)
 
 
 def _finish(x, cfg, peer, at, rows, global_size):
@@ -834,7 +851,8 @@ class StreamBatches:
             if cfg.cutout > 0:
                 x = augment_batch(x, _seeded(cfg.seed, epoch, k, 7), flip=False, pad=0, cutout=cfg.cutout, rows=rows,
                                   global_size=self.step_batch)
-            yield _finish(x.float().div_(255.0), cfg, self.peer, (epoch, k), rows, self.step_batch), y.to(self.device, non_blocking=True)
+            yield (_finish(_to_float(x, self.device, cfg.channels_last), cfg, self.peer, (epoch, k), rows, self.step_batch),
+                   y.to(self.device, non_blocking=True))
 
     def close(self) -> None:
         self._it, self.loader = None, None

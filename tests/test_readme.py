@@ -13,7 +13,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/getting_started.md"]
+DOCS = ["README.md", "docs/getting_started.md", "docs/own_model.md"]
 REPO_PATHS = ("checkpoints/", "samples/", "docs/")
 _BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```", re.S | re.M)
 

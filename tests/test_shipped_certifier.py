@@ -56,7 +56,7 @@ def test_given_patch_sizes_are_kept(tmp_path, capsys):
     assert rc == 0 and line["method"] == "double-masking-logits" and list(line["certified_accuracy"]) == ["3"]
 
 
-@pytest.mark.parametrize("extra", [["--certifier", "votes"], ["--aggregation", "votes"], []])
+@pytest.mark.parametrize("extra", [["--certifier", "votes"], ["--aggregation", "votes"], ["--precision", "bf16"], []])
 def test_certifier_votes_and_vote_count_flags_give_the_vote_count(tmp_path, capsys, extra):
     """--certifier votes, a flag of the vote count, or several patch sizes (one double-masking run shares one mask set
     among them; the vote count certifies each size on its own)."""
@@ -82,6 +82,7 @@ def test_other_models_keep_the_vote_count_and_explicit_double_masking_its_flags(
     (["--certifier", "shipped", "--robust-masking"], "--certifier shipped cannot be combined with --robust-masking"),
     (["--certifier", "shipped", "--attacks", "pgd"], "--certifier shipped cannot be combined with --attacks"),
     (["--certifier", "shipped", "--checkpoint", "bagcert-cifar10-r9"], "--certifier shipped: bagcert-cifar10-r9 has no"),
+    (["--certifier", "shipped", "--precision", "bf16"], "--certifier shipped cannot be combined with --precision bf16"),
 ])
 def test_certifier_refusals_are_one_line(tmp_path, extra, message):
     out = tmp_path / "out"

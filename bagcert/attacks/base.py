@@ -169,7 +169,21 @@ def inputs_unchecked(model):
 
 @torch.no_grad()
 def model_predict(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """The defended prediction ``model(x).argmax(1)`` (ties to the lower class index), in batches, no grad."""
+    """The defended prediction ``model(x).argmax(1)`` (ties to the lower class index), in batches, no grad.
+
+    A bagcert model in eval mode is evaluated exactly as :func:`bagcert.certify` evaluates it
+    (:func:`bagcert.inference.evaluate_local_logits`: the inference copy, fixed chunks), so that an attack is
+    judged by the same function whose prediction was certified, bit for bit; anything else through ``model(x)``.
+    """
+    if hasattr(model, "local_logits") and hasattr(model, "aggregation") and not getattr(model, "training", True):
+        from ..aggregation import get_aggregation
+        from ..inference import evaluate_local_logits
+
+        agg = get_aggregation(model.aggregation)
+        with torch.no_grad():
+            out = [agg.class_scores(evaluate_local_logits(model, images[i : i + batch_size])).argmax(1)
+                   for i in range(0, images.shape[0], batch_size)]
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=images.device)
     out = [model(images[i : i + batch_size]).argmax(1) for i in range(0, images.shape[0], batch_size)]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=images.device)
 

@@ -23,6 +23,11 @@ memory while it fits 25 % of the available memory (bagcert.streaming.choose_data
 same results.json numbers and per_sample.csv. The choice and its reason are printed on stderr and recorded
 in results.json (config.data_path, config.data_path_reason). --attacks need the images in memory.
 
+Speed and precision: the network runs as an inference copy (batch norm folded, dense models without dilated
+convolutions, channels_last on the CPU; bagcert.inference) on chunks of a fixed number of images, so every image's
+result is the same whatever --batch-size, the number of processes or the data path. --precision bf16 certifies the
+model as evaluated in bf16 autocast (faster on CPUs with AMX / avx512_bf16 and on GPUs), recorded in the report.
+
 Outputs in --output: results.json (canonical, schema in bagcert/report.py), per_sample.csv (one row per
 image, with its dataset index and source file), summary.md, certified_accuracy.png (with matplotlib). Every
 accuracy comes with its exact 95 % confidence interval over the images (docs/certification.md). The
@@ -310,7 +315,11 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
-    p.add_argument("--batch-size", type=positive_int, default=250, help="images per batch and process")
+    p.add_argument("--batch-size", type=positive_int, default=250, help="images per batch and process (the results do not "
+                   "depend on it: the network runs on chunks of a fixed size, bagcert.inference)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32, or bf16 autocast (faster on CPUs with AMX / avx512_bf16 and on GPUs): then the predictions and "
+                   "certificates are those of the model as evaluated in bf16, recorded in the report. bagcert models only")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--data-path", choices=DATA_PATHS, default="auto",
                    help="memory: decode the whole split first; stream: decode batch by batch in --workers processes, "
@@ -505,6 +514,11 @@ def _run(args):
                        "--aggregation": "double masking certifies the votes with its own rule; give one of the two",
                        "--robust-masking": "they are two different certificates of the votes; give one of the two"}[flag]
                 raise SystemExit(f"--double-masking cannot be combined with {flag}: {why}")
+    if args.precision not in ("fp32", "bf16"):
+        raise SystemExit(f"--precision must be fp32 or bf16, got {args.precision!r}")
+    if args.precision != "fp32" and (args.robust_masking or args.double_masking):
+        flag = "--robust-masking" if args.robust_masking else "--double-masking"
+        raise SystemExit(f"--precision {args.precision} applies to the vote-count certificate; {flag} runs in fp32")
     dm_evidence, dm_clip = _double_masking_options(args)
     _check_certifier_flag(args, attacks)
     if attacks:
@@ -580,6 +594,11 @@ def _run(args):
     if too_large:
         raise SystemExit(f"--patch-sizes {', '.join(too_large)}: larger than the {H}x{W} images")
     keys = [size_key(s) for s in sizes]
+    if peer is None:  # the geometry the certificate uses, checked on these images (registry models are trusted)
+        from ..geometry_inference import verify_geometry
+
+        with user_errors(f"--checkpoint {args.checkpoint}: "):
+            verify_geometry(model, (H, W))
     if args.robust_masking and len(keys) > 1:
         raise SystemExit(f"--robust-masking certifies one patch size per run (got {', '.join(keys)}): its prediction masks a "
                          "window made for the patch size, so clean accuracy and predictions differ per size; give one size, "
@@ -661,7 +680,7 @@ def _run(args):
     elif peer is None:
         results, timing = certify_dataset(
             model, source, sizes, batch_size=args.batch_size, device=args.device, aggregation=args.aggregation,
-            progress=progress, rank=rank, world=world,
+            progress=progress, rank=rank, world=world, precision=args.precision,
         )
         method = {"method": "bagcert", "forward_passes_per_image": 1, "peer": None}
     else:
@@ -753,6 +772,9 @@ def _check_certifier_flag(args, attacks) -> None:
     if args.certifier == "shipped" and attacks:
         raise SystemExit("--certifier shipped cannot be combined with --attacks: the attacks optimise the vote count, so "
                          "they test the vote certificate; give --certifier votes (or drop --certifier) to attack")
+    if args.certifier == "shipped" and getattr(args, "precision", "fp32") != "fp32":
+        raise SystemExit(f"--certifier shipped cannot be combined with --precision {args.precision}: --precision applies "
+                         "to the vote-count certificate; the shipped certificate runs in fp32")
 
 
 def _apply_shipped_certifier(args, attacks, several: bool, rank: int) -> dict | None:
@@ -882,6 +904,8 @@ def _load_peer(args) -> dict:
         )
     if args.dense:
         raise SystemExit(f"--dense applies to bagcert models only; {args.checkpoint} is a peer classifier")
+    if args.precision != "fp32":
+        raise SystemExit(f"--precision {args.precision} applies to bagcert models only; {args.checkpoint} is a peer classifier")
     if _parse_attacks(args.attacks):
         raise SystemExit(
             f"--attacks does not apply to peer classifiers ({args.checkpoint}): the attacks and their soundness check "

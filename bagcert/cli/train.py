@@ -128,6 +128,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CPU with AMX, CUDA)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the forward pass and the loss together (one graph with its backward)")
+    g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fused AdamW/Adam kernel (rounding differs in the last bits)")
+    g.add_argument("--eval-amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast in the evaluations during training")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="torchrun on GPUs: batch-norm layers use the statistics of the global batch (torch.nn.SyncBatchNorm) "
                         "instead of each process's share, so N processes train what one process would; refused on CPU "

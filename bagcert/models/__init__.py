@@ -103,10 +103,12 @@ def _check_built(name: str, factory, model) -> None:
     if not isinstance(model, BagModel) and not callable(getattr(model, "local_logits", None)):
         raise TypeError(f"model {name!r}: its factory {who} returned a {type(model).__name__} without local_logits; {expected}")
     geometry = getattr(model, "geometry", None)
-    if not isinstance(geometry, Geometry):
+    inferred = callable(getattr(model, "infer_geometry_at", None))  # bagcert.wrap_model: inferred per image size
+    if not isinstance(geometry, Geometry) and not inferred:
         got = "no geometry" if geometry is None else f"geometry of type {type(geometry).__name__}"
         raise TypeError(f"model {name!r}: its factory {who} returned a {type(model).__name__} with {got}; set "
-                        "self.geometry = bagcert.Geometry.from_layers([(kernel, stride, padding), ...]) in its __init__")
+                        "self.geometry = bagcert.Geometry.from_layers([(kernel, stride, padding), ...]) in its __init__, "
+                        "or return bagcert.wrap_model(module, ...), which infers it")
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise TypeError(f"model {name!r}: its factory {who} returned a {type(model).__name__} whose num_classes is "

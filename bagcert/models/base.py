@@ -73,7 +73,9 @@ def check_images(x: torch.Tensor, min_size: int | None = None) -> None:
 class BagModel(nn.Module):
     """A classifier whose class scores aggregate per-location logits of a small-receptive-field network.
 
-    Subclasses implement :meth:`features_to_logits` on normalised input and set ``self.geometry``.
+    Subclasses implement :meth:`features_to_logits` on normalised input and set ``self.geometry``; the
+    certification paths check that geometry against the computation (:func:`bagcert.verify_geometry`) unless the
+    model is a built-in registry model, and :func:`bagcert.wrap_model` wraps a plain module instead.
     Public surface:
 
     * ``local_logits(x)``: float images [B, 3, H, W] in [0, 1] -> [B, C, h, w].

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..geometry import Geometry
+from ..geometry_inference import mark_built
 from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel
 
 
@@ -167,6 +168,7 @@ class CifarBagNet(BagModel):
         for blk in blocks:  # start each residual branch near identity (zero-init last norm)
             if isinstance(blk.n2, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.zeros_(blk.n2.weight)
+        mark_built(self)  # the geometry above is derived from the layers built here: trusted by verify_geometry
 
     def features_to_logits(self, x):
         return self.head(self.blocks(self.stem(x)))

@@ -78,7 +78,7 @@ class AxisGeometry(Geometry):
             return gr
         return cls(
             (gr.receptive_field[0], gc.receptive_field[0]), (gr.stride[0], gc.stride[0]),
-            (gr.padding[0], gc.padding[0]), rows, cols,
+            (gr.padding[0], gc.padding[0]), rows, layers_cols=cols,
         )
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel
+from ..geometry_inference import mark_built
 from .region import AxisGeometry
 
 __all__ = ["WindowViT"]
@@ -122,6 +123,7 @@ class WindowViT(BagModel):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        mark_built(self)  # the geometry above is derived from the windows built here: trusted by verify_geometry
 
     def features_to_logits(self, x: torch.Tensor) -> torch.Tensor:
         t = self.patch_embed(x)  # [B, width, H // p, W // p]

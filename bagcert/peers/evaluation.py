@@ -7,6 +7,7 @@ import time
 import torch
 
 from ..evaluation import certify_batches, check_patch_sizes
+from ..geometry_inference import verify_geometry
 from .base import make_result
 from .patchcleanser import PatchCleanser, double_masking_from_pairs
 from .local_masking import LocalDoubleMasking
@@ -38,6 +39,8 @@ def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, 
     keys, sizes = check_patch_sizes(patch_sizes, (H, W))
     pc = isinstance(cert, PatchCleanser)
     pg = isinstance(cert, (PatchGuardMasking, LocalDoubleMasking))
+    if pg:  # the bag model's declared geometry, checked once per (model, image size); registry models are trusted
+        geometry = verify_geometry(classifier, (H, W))
     if pc:
         if mask_set is None:
             raise ValueError("PatchCleanser needs the mask set to certify with")
@@ -61,7 +64,7 @@ def certify_peer_dataset(cert, classifier, data, patch_sizes, *, mask_set=None, 
         if y.numel() and int(y.max()) >= C:
             raise ValueError(f"labels must lie in [0, {C})")
         if pg:
-            res = {k: cert.certify_evidence(evidence, y, classifier.geometry, (H, W), s) for k, s in zip(keys, sizes)}
+            res = {k: cert.certify_evidence(evidence, y, geometry.for_map((H, W), evidence.shape[-2:]), (H, W), s) for k, s in zip(keys, sizes)}
         elif pc:
             pred = double_masking_from_pairs(table, C)
             M = table.shape[1]

@@ -91,6 +91,7 @@ import torch.nn.functional as F
 
 from ..certification import CertResult
 from ..geometry import Geometry, normalize_image_size, parse_patch_size
+from ..geometry_inference import verify_geometry
 from .base import PeerCertifier, as_classifier, check_images_for_peer, check_labels, make_result
 from .patchcleanser import mask_axis
 
@@ -697,7 +698,9 @@ class LocalDoubleMasking(PeerCertifier):
     def certify(self, model, images: torch.Tensor, labels, patch_size) -> CertResult:
         """Prediction and certificate of ``images`` float [N, 3, H, W] in [0, 1] against a patch of ``patch_size``."""
         ev = self.evidence(model, images)
-        return self.certify_evidence(ev, labels, model.geometry, tuple(images.shape[-2:]), patch_size)
+        size = tuple(images.shape[-2:])
+        geometry = verify_geometry(model, size).for_map(size, ev.shape[-2:])  # the declared geometry, checked
+        return self.certify_evidence(ev, labels, geometry, size, patch_size)
 
     @torch.no_grad()
     def predict(self, model, images: torch.Tensor, patch_size=None) -> torch.Tensor:
@@ -705,7 +708,9 @@ class LocalDoubleMasking(PeerCertifier):
         if patch_size is None:
             raise ValueError("double masking's mask set depends on the patch size: pass patch_size")
         ev = self.evidence(model, images)
-        return double_masking_predict(ev, self.mask_set(model.geometry, tuple(images.shape[-2:]), patch_size))
+        size = tuple(images.shape[-2:])
+        geometry = verify_geometry(model, size).for_map(size, ev.shape[-2:])
+        return double_masking_predict(ev, self.mask_set(geometry, size, patch_size))
 
     def forward_passes_per_image(self, image_size=None, patch_size=None) -> int:
         return 1

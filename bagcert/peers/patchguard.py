@@ -85,6 +85,7 @@ import torch
 
 from ..certification import CertResult, window_table
 from ..geometry import Geometry, parse_patch_size
+from ..geometry_inference import verify_geometry
 from .base import PeerCertifier, as_classifier, check_images_for_peer, check_labels, make_result
 
 __all__ = [
@@ -219,6 +220,8 @@ def patchguard_certify_evidence(
     if C < 2:
         raise ValueError(f"need at least 2 classes to certify, got {C}")
     H, W = int(image_size[0]), int(image_size[1])
+    if not geometry.knows_grid(H, W):  # a geometry without a layer chain takes its grid from the map
+        geometry = geometry.at_grid((H, W), (h, w))
     if geometry.grid_size(H, W) != (h, w):
         raise ValueError(f"evidence map is {h}x{w} but the geometry gives {geometry.grid_size(H, W)} for {H}x{W} images")
     ph, pw = parse_patch_size(patch_size)
@@ -377,7 +380,8 @@ class PatchGuardMasking(PeerCertifier):
         of ``patch_size`` (int or (h, w) pixels); ``labels`` int64 [N] or None. Returns a ``CertResult`` with
         float64 margins in evidence units."""
         ev = self.evidence(model, images)
-        return self.certify_evidence(ev, labels, model.geometry, tuple(images.shape[-2:]), patch_size)
+        geometry = verify_geometry(model, tuple(images.shape[-2:]))  # the declared geometry, checked (or inferred)
+        return self.certify_evidence(ev, labels, geometry, tuple(images.shape[-2:]), patch_size)
 
     @torch.no_grad()
     def predict(self, model, images: torch.Tensor, patch_size=None) -> torch.Tensor:
@@ -385,7 +389,9 @@ class PatchGuardMasking(PeerCertifier):
         if patch_size is None:
             raise ValueError("PatchGuard's masking window depends on the patch size: pass patch_size")
         ev = self.evidence(model, images)
-        window = evidence_window_size(model.geometry, tuple(images.shape[-2:]), patch_size)
+        size = tuple(images.shape[-2:])
+        geometry = verify_geometry(model, size).for_map(size, ev.shape[-2:])
+        window = evidence_window_size(geometry, size, patch_size)
         return masked_prediction(robust_masking(ev, window, self.threshold), tie_tolerance(ev))
 
     def forward_passes_per_image(self, image_size=None, patch_size=None) -> int:
