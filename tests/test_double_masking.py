@@ -400,6 +400,12 @@ def test_benchmark_scripts_smoke(tmp_path):
     assert set(doc["results"]) == {"votes (BagCert count)", "double-masking-votes", "patchguard-votes (robust masking)",
                                    "double-masking-votes-k6", "double-masking-logits clip(-1, 1)"}
     assert doc["feature_space_check"] == {"images": 0, "broken": 0}
+    assert acc.main(["--checkpoint", ckpt, "--dataset", samples, "--num-images", "4", "--adversary-images", "0",
+                     "--pgd-images", "2", "--pgd-steps", "1", "--pgd-locations", "1", "--pgd-evidence", "logits",
+                     "--pgd-clip=-1:1", "--output", str(out)]) == 0
+    pgd = json.loads(out.read_text())["pgd_check"]
+    assert (pgd["judge"], pgd["clip"], pgd["images"]) == ("double-masking-logits", [-1.0, 1.0], 2)
+    assert all(pgd[a]["certified_broken"] == 0 and pgd[a]["broken_image_indices"] == [] for a in ("pgd", "pgd-adaptive"))
 
 
 def test_certify_cli_double_masking_logits_records_evidence_and_clip(voting_checkpoint, tmp_path, capsys):
