@@ -29,7 +29,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 
 __all__ = ["ShippedModel", "DEFAULT_MODEL", "shipped_models", "resolve_checkpoint", "samples_path", "shipped_name",
-           "data_location", "model_names"]
+           "data_location", "model_names", "shipped_certifier"]
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when bagcert is imported from one
 
@@ -80,6 +80,7 @@ class ShippedModel:
         certified_accuracy: fraction in [0, 1] certified and correct against ``card_patch`` patches; None likewise.
         evaluated_on: ``"<dataset name>, <split> split, <n> images"`` of the report; None likewise.
         report: the shipped report's results.json this installation reads.
+        certifier: the model's default certificate (:func:`shipped_certifier`), None for the vote count.
     """
 
     name: str
@@ -93,6 +94,7 @@ class ShippedModel:
     certified_accuracy: float | None
     evaluated_on: str | None
     report: Path
+    certifier: dict | None = None
 
     def as_dict(self) -> dict:
         """JSON-ready fields (paths as strings)."""
@@ -124,13 +126,27 @@ def shipped_models() -> dict[str, ShippedModel]:
         clean, certified, where = _read_card(report, m["card_patch"])
         out[m["name"]] = ShippedModel(name=m["name"], file=m["file"], path=_locate(m["file"]), data=m["data"],
                                       about=m["about"], card=m["card"], card_patch=m["card_patch"], clean_accuracy=clean,
-                                      certified_accuracy=certified, evaluated_on=where, report=report)
+                                      certified_accuracy=certified, evaluated_on=where, report=report,
+                                      certifier=shipped_certifier(m["name"]))
     return out
 
 
 def model_names() -> list[str]:
     """The shipped model names, the default first."""
     return [m["name"] for m in _manifest()["models"]]
+
+
+def shipped_certifier(name) -> dict | None:
+    """The default certificate of the shipped model ``name`` (its ``"certifier"`` entry in shipped.json), which
+    ``bagcert certify`` uses when no certifier flag is given: ``{"kind": "double-masking", "evidence": "logits" or
+    "votes", "clip": [low, high] or None}``; None for a model certified by the vote count, and for a name that is
+    not a shipped model."""
+    for m in _manifest()["models"]:
+        if m["name"] == name and m.get("certifier"):
+            spec = dict(m["certifier"])
+            spec.setdefault("clip", None)
+            return spec
+    return None
 
 
 def _names_hint() -> str:

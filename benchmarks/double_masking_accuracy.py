@@ -8,7 +8,8 @@ patch and every class c other than the prediction y, the votes inside R(p) are r
 and every class but y set), and the double-masking prediction of the rewritten map is computed; a certified image
 whose prediction changes is a soundness bug (exit status 1). With ``--pgd-images N`` the toolkit's PGD (random and
 certificate-guided positions; it optimises the vote count) also attacks the first N images, and every adversarial
-image is judged by the double-masking prediction: a certified image whose prediction changes is a soundness bug.
+image is judged by the double-masking prediction (of the votes, or with ``--pgd-evidence logits`` of the local
+logits clipped to ``--pgd-clip``): a certified image whose prediction changes is a soundness bug.
 
     python benchmarks/double_masking_accuracy.py --dataset ../shared/data/cifar10 --num-images 500 --threads 2 \
         --output docs/results/double_masking_accuracy.json
@@ -83,6 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--pgd-images", type=int, default=0)
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--pgd-locations", type=int, default=10)
+    p.add_argument("--pgd-evidence", choices=["votes", "logits"], default="votes",
+                   help="the double-masking certificate that judges the PGD images")
+    p.add_argument("--pgd-clip", default="-1:1", help="LOW:HIGH clip of the local logits for --pgd-evidence logits")
     p.add_argument("--threads", type=int)
     p.add_argument("--output")
     args = p.parse_args(argv)
@@ -130,12 +134,21 @@ def main(argv=None) -> int:
         x = data.images[index[:k]].float() / 255
         attacks = {a: build_attack(a, size, steps=args.pgd_steps, locations=args.pgd_locations) for a in ("pgd", "pgd-adaptive")}
         emp = evaluate_empirical(model, x, y[:k], size, attacks)  # raises SoundnessError if a vote certificate breaks
-        dm = certifiers["double-masking-votes"]
-        ok = dm_res.certified[:k] & dm_res.correct[:k]
-        pgd = {"images": k, "steps": args.pgd_steps, "locations": args.pgd_locations, "certified_correct": int(ok.sum())}
+        if args.pgd_evidence == "votes":
+            dm, judge = certifiers["double-masking-votes"], dm_res
+        else:
+            lo, hi = (float(v) for v in args.pgd_clip.split(":"))
+            dm = LocalDoubleMasking("logits", clip=(lo, hi))
+            judge = dm.certify_evidence(z.clamp(lo, hi), y, model.geometry, (H, W), size)
+        ok = judge.certified[:k] & judge.correct[:k]
+        pgd = {"images": k, "steps": args.pgd_steps, "locations": args.pgd_locations, "judge": dm.name,
+               "clip": None if dm.clip is None else list(dm.clip), "clean_correct": int(judge.correct[:k].sum()),
+               "certified_correct": int(ok.sum())}
         for a, r in emp.results.items():
             after = dm.predict(model, r.adv_images, size)
-            pgd[a] = {"double_masking_robust": float(((after == y[:k]) & dm_res.correct[:k]).float().mean()),
+            broken_idx = torch.nonzero(ok & (after != y[:k])).flatten()
+            pgd[a] = {"double_masking_robust": float(((after == y[:k]) & judge.correct[:k]).float().mean()),
+                      "broken_image_indices": index[:k][broken_idx].tolist(),
                       "vote_count_robust": float((r.predictions == y[:k]).float().mean()),
                       "certified_broken": int((ok & (after != y[:k])).sum())}
             pgd_broken += pgd[a]["certified_broken"]

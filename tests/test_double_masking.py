@@ -210,6 +210,39 @@ def test_certified_prediction_survives_every_feature_space_patch(case):
     assert flips_uncertified > 0  # the adversary is strong enough to move uncertified samples
 
 
+@pytest.mark.parametrize("case", range(len(ADVERSARY_CASES)))
+def test_certified_clipped_logit_prediction_survives_feature_space_patches(case):
+    """Clipped-logit evidence (the default certificate of bagcert-cifar10-r5-dense): every affected set R(p) rewritten
+    with values anywhere in the clip (each class alone at the top, everything at the bottom, every class but one at the
+    top, random values) changes no certified prediction."""
+    layers, image_size, patch, C, k = ADVERSARY_CASES[case]
+    lo, hi = -1.0, 1.0
+    geom = Geometry.from_layers(layers)
+    h, w = geom.grid_size(*image_size)
+    ms = feature_mask_set(geom, image_size, patch, k)
+    g = torch.Generator().manual_seed(70 + case)
+    u = (random_votes(16, C, (h, w), seed=60 + case) * 2 - 1) * torch.rand(16, C, h, w, generator=g)  # in (-1, 1)
+    res = double_masking_certify_evidence(u, None, geom, image_size, patch, k=k, clip_bound=1.0)
+    assert int(res.certified.sum()) > 0
+    H, W = image_size
+    regions = {tuple(geom.affected_mask(image_size, patch, t, l).flatten().tolist())
+               for t, l in itertools.product(range(H - patch[0] + 1), range(W - patch[1] + 1))}
+    flips_uncertified = 0
+    for region in regions:
+        R = torch.tensor(region).view(h, w)
+        n_loc = int(R.sum())
+        one = torch.eye(C).repeat_interleave(n_loc, dim=1)  # [C, C * n_loc]: one class at the top
+        bits = torch.cat([one, 1 - one, torch.zeros(1, C * n_loc)])
+        values = torch.cat([lo + (hi - lo) * bits, lo + (hi - lo) * torch.rand(30, C * n_loc, generator=g)])
+        patterns = values.view(-1, C, n_loc)
+        attacked = u[:, None].expand(len(u), len(patterns), C, h, w).clone()  # every sample x every pattern
+        attacked[:, :, :, R] = patterns
+        changed = (double_masking_predict(attacked.flatten(0, 1), ms).view(len(u), -1) != res.prediction[:, None]).any(1)
+        assert not bool((changed & res.certified).any()), (torch.nonzero(changed & res.certified).flatten().tolist(), region)
+        flips_uncertified += int((changed & ~res.certified).sum())
+    assert flips_uncertified > 0  # the adversary is strong enough to move uncertified samples
+
+
 # ----------------------------------------------------------------------------------------------
 # the certifier on a model, the toolkit's attacks, certify --double-masking
 # ----------------------------------------------------------------------------------------------
@@ -367,3 +400,62 @@ def test_benchmark_scripts_smoke(tmp_path):
     assert set(doc["results"]) == {"votes (BagCert count)", "double-masking-votes", "patchguard-votes (robust masking)",
                                    "double-masking-votes-k6", "double-masking-logits clip(-1, 1)"}
     assert doc["feature_space_check"] == {"images": 0, "broken": 0}
+    assert acc.main(["--checkpoint", ckpt, "--dataset", samples, "--num-images", "4", "--adversary-images", "0",
+                     "--pgd-images", "2", "--pgd-steps", "1", "--pgd-locations", "1", "--pgd-evidence", "logits",
+                     "--pgd-clip=-1:1", "--output", str(out)]) == 0
+    pgd = json.loads(out.read_text())["pgd_check"]
+    assert (pgd["judge"], pgd["clip"], pgd["images"]) == ("double-masking-logits", [-1.0, 1.0], 2)
+    assert all(pgd[a]["certified_broken"] == 0 and pgd[a]["broken_image_indices"] == [] for a in ("pgd", "pgd-adaptive"))
+
+
+def test_certify_cli_double_masking_logits_records_evidence_and_clip(voting_checkpoint, tmp_path, capsys):
+    out = tmp_path / "dml"
+    argv = ["--checkpoint", str(voting_checkpoint), "--dataset", "synthetic:16", "--double-masking",
+            "--double-masking-evidence", "logits", "--double-masking-clip=-0.5,2", "--patch-sizes", "3", "--output", str(out)]
+    rc, line, err = _main(argv, capsys)
+    assert rc == 0 and line["method"] == "double-masking-logits"
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "double-masking-logits"
+    assert (res["config"]["double_masking_evidence"], res["config"]["double_masking_clip"]) == ("logits", [-0.5, 2.0])
+    assert "double masking of the local logits clipped to (-0.5, 2)" in err
+    model, _ = bagcert.load_checkpoint(voting_checkpoint)
+    data = load_dataset("synthetic:16", "test")
+    direct = LocalDoubleMasking("logits", clip=(-0.5, 2.0)).certify(model.eval(), data.float_images(), data.labels, 3)
+    with open(out / "per_sample.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["prediction"]) for r in rows] == direct.prediction.tolist()
+    assert [int(r["certified_3"]) for r in rows] == direct.certified.int().tolist()
+
+
+def test_certify_cli_double_masking_evidence_defaults(voting_checkpoint, tmp_path, capsys):
+    """Logits without a clip use (-1, 1); --double-masking alone stays the votes (clip None)."""
+    got = {}
+    for name, extra in (("logits", ["--double-masking-evidence", "logits"]), ("votes", [])):
+        out = tmp_path / name
+        argv = ["--checkpoint", str(voting_checkpoint), "--dataset", "synthetic:8", "--double-masking", "--patch-sizes", "3",
+                "--output", str(out)] + extra
+        assert _main(argv, capsys)[0] == 0
+        cfg = json.loads((out / "results.json").read_text())["config"]
+        got[name] = (cfg["double_masking_evidence"], cfg["double_masking_clip"])
+    assert got == {"logits": ("logits", [-1.0, 1.0]), "votes": ("votes", None)}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--double-masking-evidence", "logits"], "--double-masking-evidence applies only with --double-masking"),
+    (["--double-masking-clip=-1,1"], "--double-masking-clip applies only with --double-masking"),
+    (["--double-masking", "--double-masking-evidence", "votes", "--double-masking-clip=0,1"],
+     "--double-masking-clip applies to --double-masking-evidence logits only"),
+    (["--double-masking", "--double-masking-clip", "1,1"], "--double-masking-clip must be two finite numbers"),
+    (["--double-masking", "--double-masking-clip", "0,inf"], "--double-masking-clip must be two finite numbers"),
+    (["--double-masking", "--double-masking-clip", "a,b"], "--double-masking-clip must be two finite numbers"),
+    (["--double-masking", "--double-masking-clip", "1"], "--double-masking-clip must be two finite numbers"),
+])
+def test_certify_cli_double_masking_evidence_refusals_are_one_line(voting_checkpoint, tmp_path, extra, message):
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(voting_checkpoint), "--dataset", "synthetic:8", "--patch-sizes", "3", "--output", str(out),
+            "--no-progress"] + extra
+    with pytest.raises(SystemExit) as e:
+        certify.main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    assert e.value.code.startswith(message), e.value.code
+    assert not out.exists()

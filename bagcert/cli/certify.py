@@ -71,11 +71,21 @@ prediction, so the sizes share one result (certify one size per run for per-size
 results.json (config.double_masking_mask_set). The report's method is "double-masking-votes". Refused with --attacks,
 --aggregation and --robust-masking:
     bagcert certify --checkpoint bagcert-cifar10-r5-dense --dataset ../shared/data/cifar10 --patch-sizes 5 --double-masking
+--double-masking-evidence logits applies the same rule to the local logits clipped into --double-masking-clip
+(default -1,1; method "double-masking-logits"); both are recorded in results.json (config.double_masking_evidence,
+config.double_masking_clip).
+
+The default certificate of a shipped model (bagcert/shipped.json, "certifier"): bagcert-cifar10-r5-dense is certified
+by double masking of its local logits clipped to (-1, 1) when no certificate flag (--double-masking, --robust-masking,
+--aggregation), no --attacks and at most one patch size are given, at its card patch size 5 unless --patch-sizes
+names one; --certifier votes gives the vote count, --certifier shipped insists on the shipped certificate. stderr
+says which certificate is used; results.json records it (config.shipped_certifier).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import sys
@@ -290,6 +300,18 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    "map, report method double-masking-votes) instead of the vote count; one forward pass per image; one "
                    "mask set, built for the largest of --patch-sizes, certifies every size; combines with --dense, not "
                    "with --attacks, --aggregation or --robust-masking. bagcert models only")
+    p.add_argument("--double-masking-evidence", choices=["votes", "logits"],
+                   help="with --double-masking: the evidence on the local map, votes 1[z > 0] (default) or the local "
+                   "logits clipped into --double-masking-clip (report method double-masking-logits)")
+    p.add_argument("--double-masking-clip", metavar="LOW,HIGH",
+                   help="with --double-masking-evidence logits: the clip of the local logits, two finite numbers with "
+                   "LOW < HIGH (default -1,1); write it with = when LOW is negative: --double-masking-clip=-2,2")
+    p.add_argument("--certifier", choices=["shipped", "votes"],
+                   help="votes: the vote count (BagCert's certificate); shipped: the shipped model's own default "
+                   "certificate (bagcert-cifar10-r5-dense: double masking of the local logits clipped to (-1, 1), at its "
+                   "card patch size 5 unless --patch-sizes is given). Default: the shipped certificate when no "
+                   "certificate flag (--double-masking, --robust-masking, --aggregation) and no --attacks are given, "
+                   "else the one they ask for; other checkpoints: the vote count")
     p.add_argument("--num-images", type=positive_int,
                    help="certify only the first N images of a seeded permutation (N larger than the data set is refused; "
                    "default: all)")
@@ -497,6 +519,8 @@ def _run(args):
     if args.precision != "fp32" and (args.robust_masking or args.double_masking):
         flag = "--robust-masking" if args.robust_masking else "--double-masking"
         raise SystemExit(f"--precision {args.precision} applies to the vote-count certificate; {flag} runs in fp32")
+    dm_evidence, dm_clip = _double_masking_options(args)
+    _check_certifier_flag(args, attacks)
     if attacks:
         for flag, value in (("--attack-steps", args.attack_steps), ("--attack-locations", args.attack_locations)):
             if value < (0 if flag == "--attack-steps" else 1):
@@ -517,6 +541,13 @@ def _run(args):
     import_model_modules(getattr(args, "model_modules", None))  # models of the user's own, before the file is read
     _resolve_inputs(args)
     is_peer = _checkpoint_format(args.checkpoint) == PEER_FORMAT
+    if is_peer and args.certifier:
+        raise SystemExit(f"--certifier applies to bagcert models only; {args.checkpoint} is a peer classifier, certified "
+                         "by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)")
+    several = args.patch_sizes is not None and len(size_tokens) > 1
+    shipped_cert = None if is_peer else _apply_shipped_certifier(args, attacks, several, rank)
+    if shipped_cert is not None:
+        dm_evidence, dm_clip = _double_masking_options(args)
     if is_peer and args.robust_masking:
         raise SystemExit(f"--robust-masking applies to bagcert models only; {args.checkpoint} is a peer classifier, "
                          "certified by its own rule (de-randomized smoothing or PatchCleanser, from the spec in the file)")
@@ -541,6 +572,8 @@ def _run(args):
     size = checkpoint_input_size(meta, args.checkpoint)
     if args.patch_sizes is None:
         text = DEFAULT_PATCH_SIZES if peer is None or peer["mask_patch"] is None else size_key(peer["mask_patch"])
+        if shipped_cert is not None:
+            text = shipped.shipped_models()[args.checkpoint_name].card_patch  # one mask set: the card's patch size
         size_tokens = _size_tokens("--patch-sizes", text)
 
     # ---- 4. the data (in memory or streamed), and the sizes against the images ------------------------------
@@ -611,7 +644,7 @@ def _run(args):
         source = StreamSource(SkipBadImages(data, skip_file), workers=args.workers)
     else:
         source = StreamSource(data, workers=args.workers) if streamed else data
-    config_extra = {}
+    config_extra = {} if shipped_cert is None else {"shipped_certifier": shipped_cert}
     if args.robust_masking:
         from ..peers import PatchGuardMasking
 
@@ -628,11 +661,15 @@ def _run(args):
         from ..peers import LocalDoubleMasking
 
         mask_patch = (max(s[0] for s in sizes), max(s[1] for s in sizes))
-        masking = LocalDoubleMasking(evidence="votes", mask_patch_size=mask_patch)
+        masking = LocalDoubleMasking(evidence=dm_evidence, clip=dm_clip, mask_patch_size=mask_patch)
         ms = masking.mask_set(model.geometry, (H, W), mask_patch)
         config_extra["double_masking_mask_set"] = {"mask_patch_size": list(mask_patch), **ms.to_dict()}
+        config_extra["double_masking_evidence"] = dm_evidence
+        config_extra["double_masking_clip"] = None if masking.clip is None else list(masking.clip)
+        what = ("the votes" if dm_evidence == "votes"
+                else f"the local logits clipped to ({masking.clip[0]:g}, {masking.clip[1]:g})")
         if rank == 0:
-            print(f"certificate: {masking.name}, double masking of the votes on the local map (not the vote count); mask "
+            print(f"certificate: {masking.name}, double masking of {what} on the local map (not the vote count); mask "
                   f"set: {ms.num_masks} windows of {ms.mask_size[0]}x{ms.mask_size[1]} locations covering every "
                   f"{mask_patch[0]}x{mask_patch[1]} patch, one mask set for every patch size", file=sys.stderr, flush=True)
         results, timing = certify_peer_dataset(
@@ -720,6 +757,93 @@ def _progress_kwarg(progress: bool) -> dict:
     from ..empirical import run_empirical_evaluation
 
     return {"progress": progress} if "progress" in inspect.signature(run_empirical_evaluation).parameters else {}
+
+
+def _check_certifier_flag(args, attacks) -> None:
+    """Refuse --certifier with a flag that names another certificate, and --certifier shipped with --attacks
+    (SystemExit, one line)."""
+    if args.certifier is None:
+        return
+    for flag, given in (("--double-masking", args.double_masking), ("--robust-masking", args.robust_masking),
+                        ("--aggregation", bool(args.aggregation))):
+        if given:
+            raise SystemExit(f"--certifier {args.certifier} cannot be combined with {flag}: both choose the certificate; "
+                             "give one of the two")
+    if args.certifier == "shipped" and attacks:
+        raise SystemExit("--certifier shipped cannot be combined with --attacks: the attacks optimise the vote count, so "
+                         "they test the vote certificate; give --certifier votes (or drop --certifier) to attack")
+    if args.certifier == "shipped" and getattr(args, "precision", "fp32") != "fp32":
+        raise SystemExit(f"--certifier shipped cannot be combined with --precision {args.precision}: --precision applies "
+                         "to the vote-count certificate; the shipped certificate runs in fp32")
+
+
+def _apply_shipped_certifier(args, attacks, several: bool, rank: int) -> dict | None:
+    """The shipped model's own certificate (shipped.json "certifier"), applied to ``args`` when the user chose no
+    certificate and one patch size at most (``several``: more than one given; the vote count certifies each size on
+    its own, a double-masking run shares one mask set among them): sets --double-masking and its evidence and clip.
+    Returns the applied spec, else None (the vote count or the certificate the flags ask for). Says on stderr which
+    certificate is used and how to get the other."""
+    spec = shipped.shipped_certifier(args.checkpoint_name) if args.checkpoint_name else None
+    if args.certifier == "votes":
+        if spec is not None and rank == 0:
+            print(f"certificate: the vote count (--certifier votes; {args.checkpoint_name}'s default is "
+                  f"double-masking-{spec['evidence']})", file=sys.stderr, flush=True)
+        return None
+    if spec is None:
+        if args.certifier == "shipped":
+            raise SystemExit(f"--certifier shipped: {args.checkpoint_name or args.checkpoint} has no shipped certificate "
+                             "of its own (it is certified by the vote count); drop --certifier")
+        return None
+    chosen = [f for f, v in (("--double-masking", args.double_masking), ("--robust-masking", args.robust_masking),
+                             ("--aggregation", bool(args.aggregation)), ("--attacks", bool(attacks)),
+                             ("--precision", getattr(args, "precision", "fp32") != "fp32")) if v]
+    if chosen:
+        if rank == 0 and not args.double_masking and not args.robust_masking:
+            print(f"certificate: the vote count ({' and '.join(chosen)} given; {args.checkpoint_name}'s default "
+                  f"double-masking-{spec['evidence']} is not used)", file=sys.stderr, flush=True)
+        return None
+    if several and args.certifier is None:
+        if rank == 0:
+            print(f"certificate: the vote count (several --patch-sizes: it certifies each size on its own; "
+                  f"{args.checkpoint_name}'s default double-masking-{spec['evidence']} certifies one size per run, "
+                  "give one size or --certifier shipped)", file=sys.stderr, flush=True)
+        return None
+    if spec.get("kind") != "double-masking":
+        raise SystemExit(f"bagcert/shipped.json: {args.checkpoint_name} names an unknown certifier {spec.get('kind')!r}")
+    args.double_masking = True
+    args.double_masking_evidence = spec["evidence"]
+    if spec["clip"] is not None:
+        args.double_masking_clip = ",".join(f"{float(v):g}" for v in spec["clip"])
+    if rank == 0:
+        print(f"certificate: {args.checkpoint_name}'s default, double-masking-{spec['evidence']} (give --certifier votes "
+              "for the vote count)", file=sys.stderr, flush=True)
+    return spec
+
+
+def _double_masking_options(args) -> tuple:
+    """(evidence, clip) of --double-masking from --double-masking-evidence and --double-masking-clip: ("votes", None)
+    by default, clip (low, high) floats or None (the certifier's default (-1, 1)) for logits. Refuses either flag
+    without --double-masking, a clip with votes and a clip that is not two finite numbers LOW < HIGH (SystemExit,
+    one line)."""
+    evidence, clip_text = args.double_masking_evidence, args.double_masking_clip
+    for flag, value in (("--double-masking-evidence", evidence), ("--double-masking-clip", clip_text)):
+        if value is not None and not args.double_masking:
+            raise SystemExit(f"{flag} applies only with --double-masking; add --double-masking or drop {flag}")
+    evidence = evidence or ("logits" if clip_text is not None else "votes")
+    if clip_text is None:
+        return evidence, None
+    if evidence == "votes":
+        raise SystemExit("--double-masking-clip applies to --double-masking-evidence logits only; votes are already "
+                         "{0, 1}")
+    parts = str(clip_text).split(",")
+    try:
+        low, high = (float(v) for v in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+        raise SystemExit(f"--double-masking-clip must be two finite numbers LOW,HIGH with LOW < HIGH (e.g. -1,1), "
+                         f"got {clip_text!r}")
+    return evidence, (low, high)
 
 
 def _size_tokens(flag: str, text: str) -> list:
