@@ -11,6 +11,8 @@ import itertools
 import json
 
 import pytest
+from pathlib import Path
+
 import torch
 
 import bagcert
@@ -459,3 +461,18 @@ def test_certify_cli_double_masking_evidence_refusals_are_one_line(voting_checkp
     assert isinstance(e.value.code, str) and "\n" not in e.value.code
     assert e.value.code.startswith(message), e.value.code
     assert not out.exists()
+
+
+def test_double_masking_of_the_default_model_does_not_depend_on_the_batch_size():
+    """The evidence is computed as bagcert.certify computes logits (fixed chunks): the same bits at any batch size."""
+    from bagcert.data import load_cifar10
+    from bagcert.peers import LocalDoubleMasking
+
+    torch.set_num_threads(1)
+    model, _ = bagcert.load_checkpoint("bagcert-cifar10-r5-dense")
+    data = load_cifar10(str(Path(__file__).resolve().parents[1] / "samples" / "cifar10"))
+    x, y = data.images[:20].float() / 255, data.labels[:20]
+    runs = [LocalDoubleMasking("logits", batch_size=bs).certify(model, x, y, patch_size=5) for bs in (1, 7, 20)]
+    for r in runs[1:]:
+        assert torch.equal(r.prediction, runs[0].prediction) and torch.equal(r.certified, runs[0].certified)
+        assert torch.equal(r.margin, runs[0].margin)

@@ -87,6 +87,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ..inference import evaluate_local_logits
 import torch.nn.functional as F
 
 from ..certification import CertResult
@@ -675,7 +677,9 @@ class LocalDoubleMasking(PeerCertifier):
             raise TypeError("double masking on the local map needs a bagcert model with .local_logits() and .geometry")
         check_images_for_peer(images)
         bs = self.batch_size or images.shape[0]
-        z = torch.cat([model.local_logits(images[i : i + bs]) for i in range(0, images.shape[0], bs)])
+        # evaluated as bagcert.certify evaluates the model (inference copy, fixed chunks): each image's evidence is
+        # the same bits whatever the batch it comes in
+        z = torch.cat([evaluate_local_logits(model, images[i : i + bs]) for i in range(0, images.shape[0], bs)])
         if self.evidence_kind == "votes":
             return (z > 0).to(z.dtype)
         return z.clamp(min=self.clip[0], max=self.clip[1])

@@ -83,6 +83,8 @@ from __future__ import annotations
 
 import torch
 
+from ..inference import evaluate_local_logits
+
 from ..certification import CertResult, window_table
 from ..geometry import Geometry, parse_patch_size
 from ..geometry_inference import verify_geometry
@@ -362,7 +364,7 @@ class PatchGuardMasking(PeerCertifier):
             raise TypeError("PatchGuard needs a bagcert model with .local_logits() and .geometry")
         check_images_for_peer(images)
         bs = self.batch_size or images.shape[0]
-        chunks = [model.local_logits(images[i : i + bs]) for i in range(0, images.shape[0], bs)]
+        chunks = [evaluate_local_logits(model, images[i : i + bs]) for i in range(0, images.shape[0], bs)]  # as certify does
         z = torch.cat(chunks)
         if self.evidence_kind == "votes":
             return (z > 0).to(z.dtype)
