@@ -11,11 +11,14 @@
 #   2. dense fine-tuning from stage 1, STAGE2_SECONDS (default 120 s = 2 min); together 9 minutes of training
 #   3. certify.py on the full test set (dense), then PGD and certificate-guided PGD on ATTACK_IMAGES test images
 #      (certify.py exits non-zero if any certificate is broken)
+#   4. the best one-pass certificate on CPU so far: double masking of the local logits clipped to (-1, 1), 5x5, on the
+#      full test set (report_double_masking/), and PGD / certificate-guided PGD judged by its defended prediction on
+#      DM_ATTACK_IMAGES images (benchmarks/double_masking_accuracy.py, on the host's CPU cores; it lists any broken image)
 # OUT receives: stage1/ and stage2/ (config.json, train_log.jsonl, train_stdout.log, model.pt), report/ (results.json,
 # summary.md, per_sample.csv), attack/ and attack_adaptive/ (summary.md), env.txt (torch, device, date).
 #
 # CPU smoke test (tiny budget, a 3,000-image training subset, 200 test images):
-#   DEVICE=cpu STAGE1_SECONDS=60 STAGE2_SECONDS=90 TEST_IMAGES=200 ATTACK_IMAGES=10 ATTACK_STEPS=5 \
+#   DEVICE=cpu STAGE1_SECONDS=60 STAGE2_SECONDS=90 TEST_IMAGES=200 ATTACK_IMAGES=10 ATTACK_STEPS=5 DM_ATTACK_IMAGES=4 \
 #       EXTRA="--train-limit 3000 --threads 2" KWARGS='{"width":32}' PY=.venv/bin/python \
 #       OUT=/tmp/gpu_recipe_smoke bash benchmarks/gpu_cifar_recipe.sh
 set -euo pipefail
@@ -31,6 +34,7 @@ LR=${LR:-0.004}
 TEST_IMAGES=${TEST_IMAGES:-0}          # 0: the full test set
 ATTACK_IMAGES=${ATTACK_IMAGES:-500}
 ATTACK_STEPS=${ATTACK_STEPS:-100}
+DM_ATTACK_IMAGES=${DM_ATTACK_IMAGES:-100}
 EXTRA=${EXTRA:-}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 BAGCERT_CACHE=${BAGCERT_CACHE:-/tmp/bagcert_recipe_cache}
@@ -68,4 +72,11 @@ for attack in pgd pgd-adaptive; do
         --attacks "$attack" --attack-steps "$ATTACK_STEPS" --attack-locations 20 --batch-size 250 --device "$DEVICE" \
         --no-progress --output "$OUT/$folder" --overwrite
 done
-ls -la "$OUT" "$OUT/report"
+# 4. double masking of clipped logits (docs/peers.md), and the attacks judged by its prediction
+"$PY" certify.py --checkpoint "$OUT/stage2/model.pt" --dataset "$DATA" "${n[@]}" --patch-sizes 5 --double-masking \
+    --double-masking-evidence logits --batch-size 1000 --device "$DEVICE" --no-progress \
+    --output "$OUT/report_double_masking" --overwrite
+"$PY" benchmarks/double_masking_accuracy.py --checkpoint "$OUT/stage2/model.pt" --dataset "$DATA" \
+    --num-images "$DM_ATTACK_IMAGES" --logit-clips=-1:1 --adversary-images 0 --pgd-images "$DM_ATTACK_IMAGES" \
+    --pgd-evidence logits --pgd-clip=-1:1 --output "$OUT/double_masking_pgd_check.json"
+ls -la "$OUT" "$OUT/report" "$OUT/report_double_masking"
