@@ -833,25 +833,34 @@ def _fit(ax: _Axis, n_img: int, what: str, module) -> tuple[int, int, int]:
     return end + P + 1, S, P
 
 
-def _infer(module, image_size) -> _Inferred:
+def _images(batch: int) -> str:
+    return "one image" if batch == 1 else f"{batch} images"
+
+
+def _infer(module, image_size, extra_batches=()) -> _Inferred:
     H, W = normalize_image_size(image_size)
-    # traced with a batch of 2 and of 1: Python code that branches on the batch size (``if x.shape[0] == 1``,
-    # ``x.squeeze()``) is followed at each, and both must give the same dependency (certify runs single images)
+    # traced with a batch of 2, of 1 and of every batch size in ``extra_batches`` (the fixed chunk that
+    # bagcert.certify evaluates the model at, :func:`bagcert.inference.chunk_size`): Python code that branches on
+    # the batch size (``if x.shape[0] == 1``, ``x.squeeze()``) is followed at each, and all must give the same
+    # dependency
+    batches = [2, 1] + sorted({int(b) for b in extra_batches} - {1, 2})
     found = []
-    for batch in (2, 1):
+    for batch in batches:
         gm = _trace(module, H, W, batch)
         try:
             dep, shape = _analyse(gm, H, W)
         except _Refuse as e:
-            extra = " (with a batch of one image)" if batch == 1 else ""
+            extra = "" if batch == 2 else f" (with a batch of {_images(batch)})"
             raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images{extra}: "
                                 f"{e}") from None
         found.append((dep, shape))
-    (dep, shape), (dep1, shape1) = found
-    if not _same_dependency(dep, shape, dep1, shape1):
-        raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: it computes a "
-                            "batch of one image differently from a batch of two (Python code that branches on the "
-                            "batch size), so no single geometry holds for every batch")
+    (dep, shape) = found[0]
+    for batch, (dep_b, shape_b) in zip(batches[1:], found[1:]):
+        if not _same_dependency(dep, shape, dep_b, shape_b):
+            raise GeometryError(f"cannot establish the geometry of {_describe(module)} on {H}x{W} images: it computes "
+                                f"a batch of {_images(batch)} differently from a batch of two "
+                                "(Python code that branches on the batch size), so no single geometry holds for every "
+                                "batch")
     if dep is None:  # a constant map: no patch can change it, any declared geometry is sound for it
         if shape is None or len(shape) != 4 or shape[1] < 2:
             raise GeometryError(f"{_describe(module)} returns {shape}; expected local logits [B, C, h, w], C >= 2")
@@ -934,7 +943,7 @@ def _probe_check(module, inferred: _Inferred, H: int, W: int, seed: int = 0) -> 
             )
 
 
-def infer_geometry(module, image_size, *, check: bool = True) -> Geometry:
+def infer_geometry(module, image_size, *, check: bool = True, batch_sizes=()) -> Geometry:
     """The exact receptive-field geometry of ``module`` on images of ``image_size``, per axis.
 
     Args:
@@ -944,6 +953,9 @@ def infer_geometry(module, image_size, *, check: bool = True) -> Geometry:
         image_size: ``(H, W)`` in pixels.
         check: also run the gradient cross-check with the module's own weights (one forward and backward pass
             on a few random images; see the module doc).
+        batch_sizes: batch sizes to trace at besides 2 and 1 (ints >= 1): a module whose computation branches on
+            the batch size is refused unless every traced batch gives the same dependency.
+            :func:`verify_geometry` adds the fixed chunk at which :func:`bagcert.certify` evaluates the model.
 
     Returns:
         A :class:`~bagcert.geometry.Geometry` with per-axis ``receptive_field``, ``stride``, ``padding`` (pixels)
@@ -959,7 +971,7 @@ def infer_geometry(module, image_size, *, check: bool = True) -> Geometry:
     """
     H, W = normalize_image_size(image_size)
     _logit_function(module)
-    inferred = _infer(module, (H, W))
+    inferred = _infer(module, (H, W), batch_sizes)
     if check:
         _probe_check(module, inferred, H, W)
     if inferred.geometry is None:
@@ -1136,7 +1148,9 @@ def verify_geometry(model, image_size) -> Geometry:
         per_model = {}
     entry = per_model.get(key)
     if entry is None:
-        inferred = _infer(model, (H, W))
+        from .inference import chunk_size
+
+        inferred = _infer(model, (H, W), (chunk_size(model, (H, W)),))  # also at the batch certify runs it at
         _probe_check(model, inferred, H, W)
         entry = (inferred, {})  # the inferred geometry and the verdicts on the declarations seen so far
         with _LOCK:

@@ -64,7 +64,11 @@ class WrappedBagModel(BagModel):
         key = ((H, W), _fingerprint(self.net))
         geometry = self._inferred.get(key)
         if geometry is None:
-            geometry = infer_geometry(_Normalised(self.net, self.mean, self.std), (H, W))
+            from .inference import chunk_size
+
+            # traced also at the batch size bagcert.certify evaluates this model at (its fixed chunk)
+            geometry = infer_geometry(_Normalised(self.net, self.mean, self.std), (H, W),
+                                      batch_sizes=(chunk_size(self, (H, W)),))
             if len(self._inferred) >= 16:
                 self._inferred.clear()
             self._inferred[key] = geometry

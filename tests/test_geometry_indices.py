@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bagcert
 from bagcert import GeometryError, infer_geometry
 
 SIZE = (10, 10)
@@ -180,3 +181,28 @@ def test_the_trace_follows_the_no_grad_path_the_certifiers_run():
             infer_geometry(GradModeBranch().eval(), SIZE)
         with pytest.raises(GeometryError, match="global average pooling"):
             wrap_model(GradModeBranch().eval(), mean=(0.5,) * 3, std=(0.25,) * 3, image_size=SIZE)
+
+
+def test_a_branch_on_the_batch_size_certify_evaluates_at_is_refused():
+    """certify runs a user model in fixed chunks (bagcert.inference.chunk_size): a forward that goes global at
+    exactly that batch size is traced there too and refused, not certified with its small-window geometry."""
+    from bagcert.inference import chunk_size
+
+    class Sneaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.chunk = None
+
+        def forward(self, x):
+            z = self.conv(x)
+            if x.shape[0] == self.chunk:  # global at the chunk size only
+                z = z + z.mean(dim=(2, 3), keepdim=True)
+            return z
+
+    net = Sneaky().eval()
+    model = bagcert.wrap_model(net, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    net.chunk = chunk_size(model, (16, 16))
+    assert net.chunk not in (1, 2)
+    with pytest.raises(bagcert.GeometryError, match="batch"):
+        bagcert.certify(model, torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2]), patch_size=3)
