@@ -50,6 +50,7 @@ and image size; see :func:`verify_geometry` for what invalidates the cache.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 import weakref
@@ -837,6 +838,19 @@ def _images(batch: int) -> str:
     return "one image" if batch == 1 else f"{batch} images"
 
 
+def _check_image_memory(H: int, W: int, images: int) -> None:
+    """Refuse (ValueError, one line) an image size whose float32 input batch of ``images`` would not fit half of
+    this machine's physical memory, before anything is allocated."""
+    need = images * 3 * H * W * 4
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: let torch's allocator decide
+        return
+    if need > total // 2:
+        raise ValueError(f"images of {H}x{W} pixels are too large to analyse on this machine: {images} of them take "
+                         f"{need / 2**30:.1f} GiB, more than half of its {total / 2**30:.1f} GiB of memory")
+
+
 def _infer(module, image_size, extra_batches=()) -> _Inferred:
     H, W = normalize_image_size(image_size)
     # traced with a batch of 2, of 1 and of every batch size in ``extra_batches`` (the fixed chunk that
@@ -844,6 +858,7 @@ def _infer(module, image_size, extra_batches=()) -> _Inferred:
     # the batch size (``if x.shape[0] == 1``, ``x.squeeze()``) is followed at each, and all must give the same
     # dependency
     batches = [2, 1] + sorted({int(b) for b in extra_batches} - {1, 2})
+    _check_image_memory(H, W, max(batches + [9]))  # the traced batches and the 9 probe images of _probe_check
     found = []
     for batch in batches:
         gm = _trace(module, H, W, batch)
@@ -971,6 +986,9 @@ def infer_geometry(module, image_size, *, check: bool = True, batch_sizes=()) ->
     """
     H, W = normalize_image_size(image_size)
     _logit_function(module)
+    if isinstance(batch_sizes, (str, bytes)) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be a sequence of ints >= 1 (batch sizes to trace at), got {batch_sizes!r}")
     inferred = _infer(module, (H, W), batch_sizes)
     if check:
         _probe_check(module, inferred, H, W)

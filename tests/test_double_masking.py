@@ -476,3 +476,11 @@ def test_double_masking_of_the_default_model_does_not_depend_on_the_batch_size()
     for r in runs[1:]:
         assert torch.equal(r.prediction, runs[0].prediction) and torch.equal(r.certified, runs[0].certified)
         assert torch.equal(r.margin, runs[0].margin)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, "a", 2.5, True])
+def test_local_double_masking_refuses_a_bad_batch_size(batch_size):
+    from bagcert.peers import LocalDoubleMasking
+
+    with pytest.raises(ValueError, match="batch_size must be None or an int >= 1"):
+        LocalDoubleMasking(batch_size=batch_size)

@@ -206,3 +206,20 @@ def test_a_branch_on_the_batch_size_certify_evaluates_at_is_refused():
     assert net.chunk not in (1, 2)
     with pytest.raises(bagcert.GeometryError, match="batch"):
         bagcert.certify(model, torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2]), patch_size=3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_sizes": (-1,)}, "batch_sizes must be"),
+    ({"batch_sizes": "ab"}, "batch_sizes must be"),
+])
+def test_infer_geometry_refuses_bad_batch_sizes(kwargs, match):
+    net = nn.Conv2d(3, 4, 3, padding=1).eval()
+    with pytest.raises(ValueError, match=match):
+        infer_geometry(net, (8, 8), **kwargs)
+
+
+def test_infer_geometry_refuses_an_image_size_no_memory_holds_in_one_line():
+    net = nn.Conv2d(3, 4, 3, padding=1).eval()
+    with pytest.raises(ValueError, match="too large to analyse on this machine") as e:
+        infer_geometry(net, (10**6, 10**6))
+    assert "\n" not in str(e.value)

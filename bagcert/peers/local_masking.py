@@ -663,6 +663,8 @@ class LocalDoubleMasking(PeerCertifier):
         self.k = k
         self.exact_margin = bool(exact_margin)
         self.mask_patch_size = None if mask_patch_size is None else parse_patch_size(mask_patch_size)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be None or an int >= 1 (images per forward pass), got {batch_size!r}")
         self.batch_size = batch_size
         self.name = f"double-masking-{evidence}"
         if kk is not None:
