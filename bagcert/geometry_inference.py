@@ -49,7 +49,6 @@ and image size; see :func:`verify_geometry` for what invalidates the cache.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import warnings

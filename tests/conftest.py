@@ -28,6 +28,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (documentation examples run as a user would paste them), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_checkpoint(tmp_path):
     import bagcert
 

@@ -7,7 +7,6 @@ checked directly.
 """
 
 import argparse
-import io
 import os
 import subprocess
 import sys

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/getting_started.md", "docs/own_model.md"]
@@ -45,14 +44,6 @@ def test_extractor_finds_the_tour_and_resolves_paths():
     assert resolve_repo_paths('load(".", "m")') == f'load("{REPO.as_posix()}", "m")'
     readme = python_blocks((REPO / "README.md").read_text(encoding="utf-8"))
     assert any("bagcert.certify(" in block for block in readme)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("doc, block", list(_cases()))

@@ -303,14 +303,6 @@ def test_vit_rejects_bad_arguments():
         WindowViT(patch_size=0)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("index", range(2))
 def test_backbones_doc_examples_run_as_pasted(index, tmp_path, monkeypatch, one_thread):
     from test_readme import python_blocks, resolve_repo_paths

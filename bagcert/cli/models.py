@@ -45,8 +45,8 @@ def format_table(models) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (header, *rows)]
     lines += [
         "",
-        f"* the default of bagcert certify. Use a model by its name: bagcert certify --checkpoint NAME, "
-        f"bagcert.load_checkpoint(NAME).",
+        "* the default of bagcert certify. Use a model by its name: bagcert certify --checkpoint NAME, "
+        "bagcert.load_checkpoint(NAME).",
         f"Files read from the {data_location()} ({'bagcert/_data' if data_location() == 'package' else 'checkpoints/'}); "
         "numbers from each model's shipped report; model cards: docs/model_card*.md in the source repository.",
     ]
