@@ -105,7 +105,11 @@ class TrainConfig:
     ema: float = 0.0  # decay per step (warmed up, see ema_decay); 0 disables
     init_from: str | None = None  # start from this model checkpoint's weights (same model and kwargs) instead of random
     # loss
-    loss: str = "bagcert"  # bagcert | ce
+    loss: str = "bagcert"  # bagcert | ce | masking (bagcert.losses_masking: certified training for double masking)
+    masking_evidence: str = "logits"  # logits | votes; masking_clip: the logits' clip; masking_pairs: greedy | all
+    masking_clip: float = 1.0
+    masking_pairs: str = "greedy"
+    masking_scale: float = 10.0  # CE temperature on the evidence normalised into [-1, 1]
     patch_sizes: list = field(default_factory=lambda: [5])
     tau: float = 2.0
     kappa: float = 0.25
@@ -184,7 +188,7 @@ class TrainConfig:
             raise ValueError(f"cutout must be at most image_size ({self.image_size}): a {self.cutout}x{self.cutout} square "
                              f"is larger than the {self.image_size}x{self.image_size} training images, got {self.cutout}")
         number("test_fraction", lo=0, hi=1, lo_open=True, hi_open=True)
-        for name in ("epochs", "lr", "tau", "bce_pos_weight", "eval_every"):
+        for name in ("epochs", "lr", "tau", "bce_pos_weight", "eval_every", "masking_clip", "masking_scale"):
             number(name, lo=0, lo_open=True)
         number("time_budget_minutes", lo=0, lo_open=True, optional=True)
         for name in ("weight_decay", "warmup_epochs", "margin_weight", "margin_warmup_epochs", "bce_weight", "ce_weight",
@@ -194,9 +198,12 @@ class TrainConfig:
         for name in ("momentum", "ema", "label_smoothing"):
             number(name, lo=0, hi=1, hi_open=True)
         for name, allowed in (("optimizer", ("adamw", "adam", "sgd")), ("schedule", ("cosine", "onecycle", "constant")),
-                              ("loss", ("bagcert", "ce")), ("margin_reduce", ("min", "mean")), ("data_path", DATA_PATHS)):
+                              ("loss", ("bagcert", "ce", "masking")), ("margin_reduce", ("min", "mean")), ("data_path", DATA_PATHS),
+                              ("masking_evidence", ("logits", "votes")), ("masking_pairs", ("greedy", "all"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.loss == "masking" and self.compile_step:
+            raise ValueError("compile_step does not support loss 'masking' (its pair search runs outside autograd); drop it")
         from .models import _is_registered, list_models, load_model_module
 
         if not isinstance(self.model_modules, list) or not all(isinstance(m, str) and m.strip() for m in self.model_modules):
@@ -265,7 +272,7 @@ RESUME_REFUSED = frozenset({
     "test_fraction", "model", "model_kwargs", "peer", "batch_size", "optimizer", "lr", "weight_decay", "momentum",
     "schedule", "warmup_epochs", "ema", "init_from", "loss", "patch_sizes", "tau", "kappa", "margin_weight",
     "margin_warmup_epochs", "bce_weight", "bce_pos_weight", "margin_reduce", "ce_weight", "label_smoothing", "amp", "seed",
-    "grad_accum", "lr_scale_batch", "sync_bn",
+    "grad_accum", "lr_scale_batch", "sync_bn", "masking_evidence", "masking_clip", "masking_pairs", "masking_scale",
 })
 RESUME_ALLOWED = frozenset({
     "epochs", "time_budget_minutes", "max_steps", "eval_images", "eval_every", "eval_patch_sizes", "checkpoint_minutes",
@@ -376,7 +383,7 @@ def check_run_inputs(cfg: TrainConfig, train_data, eval_data=None, peer=None) ->
             f"label would be scored against another class; the test split needs the training split's class folders "
             f"({len(a)}: {', '.join(map(str, a[:12]))}{' ...' if len(a) > 12 else ''})")
     groups = [("eval_patch_sizes", cfg.eval_patch_sizes)] if peer is None else []
-    if peer is None and cfg.loss == "bagcert":
+    if peer is None and cfg.loss in ("bagcert", "masking"):
         groups.insert(0, ("patch_sizes", cfg.patch_sizes))
     for name, sizes in groups:
         try:
@@ -521,6 +528,9 @@ def _loss_function(cfg: TrainConfig, model, peer, margin_warm: int):
                 return loss, {"loss": loss.detach()}
             return f
         return loss_of
+    if cfg.loss == "masking":
+        from .losses_masking import masking_loss_of
+        return masking_loss_of(cfg, model.geometry, margin_warm)
     loss_fn = BagCertLoss(
         model.geometry, (cfg.image_size, cfg.image_size), cfg.patch_sizes, tau=cfg.tau, kappa=cfg.kappa,
         margin_weight=cfg.margin_weight, bce_weight=cfg.bce_weight, ce_weight=cfg.ce_weight,

@@ -113,7 +113,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    "layout for bagnet9/17/33 (e.g. bagnet16-105524de.pth.tar: docs/imagenet.md); --resume takes precedence "
                    "once the run has a last.pt")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=["bagcert", "ce"])
+    g.add_argument("--loss", choices=["bagcert", "ce", "masking"],
+                   help="masking: certified training for double masking on the local map (bagcert.losses_masking)")
+    g.add_argument("--masking-evidence", choices=["logits", "votes"], help="--loss masking: clipped logits or votes")
+    g.add_argument("--masking-clip", type=float, help="--loss masking: logits clipped to (-clip, clip)")
+    g.add_argument("--masking-pairs", choices=["greedy", "all"],
+                   help="--loss masking: worst pair by greedy search (2M windows) or over all M^2 pairs")
+    g.add_argument("--masking-scale", type=float, help="--loss masking: CE temperature on the evidence normalised to [-1, 1]")
     g.add_argument("--patch-sizes", type=_parse_list, help="training patch sizes, e.g. 5 or 3,5")
     g.add_argument("--tau", type=float)
     g.add_argument("--kappa", type=float)
