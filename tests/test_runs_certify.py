@@ -101,6 +101,7 @@ def test_values_are_normalised_and_the_config_is_frozen(tmp_path):
                            num_images="8", output=tmp_path / "x", model_modules=["m.py"])
     assert (config.patch_sizes, config.attacks, config.attack_patch_sizes) == ("5,3x7,2%", "pgd,universal", "3x7")
     assert CertifyConfig(double_masking=True, double_masking_clip=(-2, 2.5)).double_masking_clip == "-2,2.5"
+    assert CertifyConfig(patch_sizes=5).patch_sizes == "5" and CertifyConfig(attacks=None).attacks == ""
     assert config.num_images == 8 and config.output == str(tmp_path / "x") and config.model_modules == ("m.py",)
     assert config.checked() is config
     with pytest.raises(dataclasses.FrozenInstanceError):
