@@ -106,8 +106,9 @@ def test_values_are_normalised_and_the_config_is_frozen(tmp_path):
     assert config.checked() is config
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.num_images = 9
-    # the CLI's defaults are the config's defaults
+    # one field per option of the command, by its argument name, with the command's defaults
     args = cli_certify.build_parser().parse_args([])
+    assert {f.name for f in dataclasses.fields(CertifyConfig)} == set(vars(args)) - {"output_given"}
     assert cli_certify.config_from_args(args) == CertifyConfig()
 
 
