@@ -48,3 +48,8 @@ __all__ = [
 from . import analysis, defense  # noqa: E402
 
 __all__ += ["analysis", "defense"]
+
+# end-to-end runs as a config + one function (bagcert.runs): the certification run of `bagcert certify`
+from .runs import CertifyConfig, certify_run, run_certification  # noqa: E402
+
+__all__ += ["CertifyConfig", "certify_run", "run_certification"]

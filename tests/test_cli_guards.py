@@ -373,11 +373,11 @@ def test_certify_leaves_without_a_gloo_error_when_a_peer_is_gone(tmp_path):
         if rank == 1:
             os._exit(0)  # a killed rank
         import time
-        from bagcert.cli import certify
+        from bagcert.runs import certify
         time.sleep(2)
-        certify._run = lambda args: (_ for _ in ()).throw(SystemExit("stopped by SIGTERM; no report was written"))
+        certify._run = lambda cfg: (_ for _ in ()).throw(SystemExit("stopped by SIGTERM; no report was written"))
         try:
-            certify._run_cli(None)
+            certify.certify_run(certify.CertifyConfig())
             q.put("returned")
         except SystemExit as e:
             q.put(f"SystemExit: {e.code}")

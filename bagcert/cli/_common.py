@@ -9,16 +9,16 @@ import contextlib
 import copy
 import functools
 import json
-import math
 import os
 import signal
 import sys
 import tempfile
 import threading
-from fractions import Fraction
 from pathlib import Path
 
 import torch
+
+from ..runs import _values
 
 __all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "bounded_number", "positive_number", "nonnegative_number",
            "unit_number", "workers", "check_workers_apply", "check_output_outside_dataset", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
@@ -135,60 +135,41 @@ def import_model_modules(modules) -> None:
             raise SystemExit(one_line(f"--model-module {module}: {e.detail}")) from None
 
 
+def _argparse_type(check, text):
+    """``check(text)`` (a :mod:`bagcert.runs._values` function) with its ``ValueError`` as argparse's
+    ``ArgumentTypeError``, so that argparse prints ``argument --flag: <message>``."""
+    try:
+        return check(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def device(text) -> str:
     """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... -> the same text, checked (argparse ``type=``): an unknown device
-    type or an accelerator this machine does not have is refused."""
-    try:
-        dev = torch.device(str(text).strip())
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (expected cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (use cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine (use cpu)")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{text!r}: bagcert runs on cpu, cuda or mps, not {dev.type}")
-    return str(dev)
-
-
-def _int_at_least(text, minimum: int, expected: str) -> int:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {value}")
-    return value
+    type or an accelerator this machine does not have is refused (:func:`bagcert.runs._values.device`)."""
+    return _argparse_type(_values.device, text)
 
 
 def positive_int(text) -> int:
     """``"4"`` -> 4; zero, negative or non-integer text is refused (argparse ``type=``)."""
-    return _int_at_least(text, 1, "a positive integer")
+    return _argparse_type(_values.positive_int, text)
 
 
 def nonnegative_int(text) -> int:
     """``"0"`` -> 0; negative or non-integer text is refused (argparse ``type=``), for counts where 0 means none."""
-    return _int_at_least(text, 0, "an integer >= 0")
+    return _argparse_type(_values.nonnegative_int, text)
 
 
 def bounded_number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
                    what: str | None = None):
     """An argparse ``type=`` reading a finite number like :func:`parse_number` (``0.03``, ``8/255``) and refusing
     one outside ``[lo, hi]`` (``lo_open`` / ``hi_open``: that end excluded; None: unbounded), with one line
-    naming the range (``must be a number > 0, got -1``; ``what`` replaces "a number > 0" when given)."""
-    bounds = " and ".join(f"{op} {b:g}" for op, b in ((">" if lo_open else ">=", lo), ("<" if hi_open else "<=", hi))
-                          if b is not None)
-    what = what or f"a number{' ' + bounds if bounds else ''}"
+    naming the range (``must be a number > 0, got -1``; ``what`` replaces "a number > 0" when given;
+    :func:`bagcert.runs._values.number_in_range`)."""
 
     def parse(text) -> float:
-        value = parse_number(text)
-        ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or (value < hi if hi_open else value <= hi))
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
+        return _argparse_type(functools.partial(_values.number_in_range, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open,
+                                                what=what), text)
 
     parse.__name__ = "number"  # parse_list and argparse name the kind by it
     return parse
@@ -206,13 +187,7 @@ def workers(text) -> int:
     """``"4"`` -> 4 loader processes (argparse ``type=``): an integer >= 0 and at most
     :func:`bagcert.streaming.max_loader_workers` (usable CPU cores and available memory, shared by the torchrun
     processes on this machine); more is refused with one line instead of ending in the OOM killer."""
-    from ..streaming import max_loader_workers
-
-    value = nonnegative_int(text)
-    limit, why = max_loader_workers(explain=True)
-    if value > limit:
-        raise argparse.ArgumentTypeError(f"{value} loader processes is more than this machine can run: at most {limit} ({why})")
-    return value
+    return _argparse_type(_values.workers, text)
 
 
 def check_workers_apply(workers_given: int | None, requested: str, chosen: str, flag: str = "--workers") -> None:
@@ -348,13 +323,7 @@ def set_threads(args: argparse.Namespace) -> None:
 
 def parse_number(text) -> float:
     """``"0.03"``, ``"8/255"`` -> float (argparse ``type=``)."""
-    try:
-        value = float(Fraction(str(text).strip())) if "/" in str(text) else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (give e.g. 0.03 or 8/255)") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
+    return _argparse_type(_values.parse_number, text)
 
 
 def parse_list(text: str, kind=int, name: str = "list") -> list:

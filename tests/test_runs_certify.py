@@ -1,0 +1,151 @@
+"""bagcert.runs.certify: the certification run as a config + one function gives the report of `bagcert certify` with
+the same options, refuses bad values with one line naming the field before any work, and keeps argparse and process
+exits out of the library."""
+
+import csv
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import bagcert
+from bagcert.cli import certify as cli_certify
+from bagcert.runs import CertifyConfig, CertifyError, CertifyResult, certify_run
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples" / "cifar10"
+#: the numbers of results.json that must not depend on how the run was started
+NUMBERS = ("method", "forward_passes_per_image", "num_images", "correct_count", "clean_accuracy", "clean_accuracy_ci95",
+           "certified_accuracy", "certified_accuracy_ci95", "certified_count", "aggregation")
+
+
+def _rows(folder):
+    with open(folder / "per_sample.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("options, argv", [
+    ({"patch_sizes": [2, (3, 5)], "certifier": "votes"}, ["--patch-sizes", "2,3x5", "--certifier", "votes"]),
+    ({}, []),  # the shipped model's own certificate: double masking of clipped logits at its card patch size
+])
+def test_certify_run_gives_the_cli_report(options, argv, tmp_path, capsys, one_thread):
+    common = ["--dataset", str(SAMPLES), "--num-images", "8", "--threads", "1", "--no-progress", "--quiet"]
+    assert cli_certify.main(common + argv + ["--output", str(tmp_path / "cli")]) == 0
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    capsys.readouterr()
+
+    config = CertifyConfig(dataset=SAMPLES, num_images=8, threads=1, progress=False, quiet=True, output=tmp_path / "lib",
+                           **options)
+    result = certify_run(config)
+    assert isinstance(result, CertifyResult) and capsys.readouterr().out == ""  # the library prints no result
+    lib = json.loads((tmp_path / "lib" / "results.json").read_text())
+    assert {k: lib[k] for k in NUMBERS} == {k: cli[k] for k in NUMBERS}
+    assert lib["num_images"] == 8 and lib["checkpoint"] == cli["checkpoint"]
+    same_config = {k: v for k, v in lib["config"].items() if k not in ("output", "data_path_reason")}
+    assert same_config == {k: v for k, v in cli["config"].items() if k not in ("output", "data_path_reason")}
+    assert _rows(tmp_path / "lib") == _rows(tmp_path / "cli")
+    # the result is what was written
+    assert result.summary["run_id"] == lib["run_id"] and result.summary["certified_count"] == lib["certified_count"]
+    assert result.markdown == (tmp_path / "lib" / "summary.md").read_text()
+    assert result.empirical is None and result.broken == {}
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_images", 0, "must be a positive integer, got 0"),
+    ("batch_size", "many", "not an integer: 'many'"),
+    ("threads", -2, "must be a positive integer, got -2"),
+    ("workers", -1, "must be an integer >= 0, got -1"),
+    ("device", "tpu:0", "not a torch device: 'tpu:0' (expected cpu, cuda, cuda:N or mps)"),
+    ("data_path", "disk", "must be one of auto, memory, stream, got 'disk'"),
+    ("precision", "fp16", "must be one of fp32, bf16, got 'fp16'"),
+    ("aggregation", "mean", "must be one of votes, majority, clipped or None, got 'mean'"),
+    ("dense", "yes", "must be True or False, got 'yes'"),
+    ("attack_step_size", "big", "not a number: 'big'"),
+    ("seed", 1.5, "not an integer: 1.5"),
+])
+def test_a_bad_field_is_one_line_naming_the_field(field, value, expected):
+    with pytest.raises(ValueError) as info:
+        CertifyConfig(**{field: value})
+    text = str(info.value)
+    assert isinstance(info.value, CertifyError) and "\n" not in text
+    assert text.startswith(f"{field}: ") and expected in text, text
+
+
+@pytest.mark.parametrize("field, flag, value", [("num_images", "--num-images", "0"), ("batch_size", "--batch-size", "x"),
+                                                ("workers", "--workers", "-3"), ("device", "--device", "tpu")])
+def test_the_cli_refuses_the_same_values_with_the_same_message(field, flag, value, capsys):
+    with pytest.raises(ValueError) as info:
+        CertifyConfig(**{field: value})
+    with pytest.raises(SystemExit) as e:
+        cli_certify.main([flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert f"argument {flag}: {str(info.value)[len(field) + 2:]}" in err, err
+
+
+def test_option_combinations_are_refused_when_the_config_is_built():
+    with pytest.raises(CertifyError, match=r"^--robust-masking cannot be combined with --attacks: "):
+        CertifyConfig(robust_masking=True, attacks=["pgd"])
+    with pytest.raises(CertifyError, match=r"^--double-masking-clip applies only with --double-masking"):
+        CertifyConfig(double_masking_clip=(-2, 2))
+    with pytest.raises(CertifyError, match=r"^--patch-sizes: patch size 'abc' is not understood"):
+        CertifyConfig(patch_sizes="5,abc")
+    with pytest.raises(CertifyError, match=r"^--attacks: unknown attack 'pdg' \(did you mean pgd\?\)"):
+        CertifyConfig(attacks="pdg")
+
+
+def test_values_are_normalised_and_the_config_is_frozen(tmp_path):
+    config = CertifyConfig(patch_sizes=[5, (3, 7), "2%"], attack_patch_sizes=[(3, 7)], attacks=("pgd", "universal"),
+                           num_images="8", output=tmp_path / "x", model_modules=["m.py"])
+    assert (config.patch_sizes, config.attacks, config.attack_patch_sizes) == ("5,3x7,2%", "pgd,universal", "3x7")
+    assert CertifyConfig(double_masking=True, double_masking_clip=(-2, 2.5)).double_masking_clip == "-2,2.5"
+    assert CertifyConfig(patch_sizes=5).patch_sizes == "5" and CertifyConfig(attacks=None).attacks == ""
+    assert config.num_images == 8 and config.output == str(tmp_path / "x") and config.model_modules == ("m.py",)
+    assert config.checked() is config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.num_images = 9
+    # one field per option of the command, by its argument name, with the command's defaults
+    args = cli_certify.build_parser().parse_args([])
+    assert {f.name for f in dataclasses.fields(CertifyConfig)} == set(vars(args)) - {"output_given"}
+    assert cli_certify.config_from_args(args) == CertifyConfig()
+
+
+def test_input_mistakes_are_exceptions_not_exits(tiny_checkpoint, tmp_path, capsys, one_thread):
+    folder = tmp_path / "report"
+    config = CertifyConfig(checkpoint=tiny_checkpoint, dataset="synthetic:4", patch_sizes="2", threads=1, progress=False,
+                           output=folder)
+    assert certify_run(config).summary["num_images"] == 4
+    before = (folder / "results.json").read_text()
+    with pytest.raises(CertifyError, match=r"^--output: .*already holds a report"):
+        certify_run(config)
+    assert (folder / "results.json").read_text() == before  # refused before any work: the report is kept
+    with pytest.raises(CertifyError, match=r"^--checkpoint no-such-model: "):
+        certify_run(dataclasses.replace(config, checkpoint="no-such-model", overwrite=True))
+    with pytest.raises(CertifyError, match=r"^--num-images 5 is larger than the data set \(4 images"):
+        certify_run(dataclasses.replace(config, num_images=5, overwrite=True))
+    # run_certification takes a config too (alone), and returns its summary
+    summary = bagcert.run_certification(config=dataclasses.replace(config, overwrite=True))
+    assert summary["num_images"] == 4 and summary["certified_count"] == json.loads(before)["certified_count"]
+    with pytest.raises(ValueError, match="config= is given with num_images"):
+        bagcert.run_certification(config=config, num_images=2)
+    assert capsys.readouterr().out == ""
+
+
+_ARGPARSE = re.compile(r"^\s*(import\s+argparse|from\s+argparse\s+import)\b", re.M)
+_EXIT = re.compile(r"\bSystemExit\b|\bsys\.exit\(|^\s*exit\(", re.M)
+
+
+def test_the_library_run_has_no_argparse_and_no_process_exit():
+    """No argparse in the library: the CLI maps argv to a CertifyConfig. (Scoped to bagcert/runs and the modules the
+    certification run uses; to be widened to all of bagcert/ outside bagcert/cli.)"""
+    package = ROOT / "bagcert"
+    files = sorted((package / "runs").rglob("*.py"))
+    files += [package / f for f in ("__init__.py", "certification.py", "evaluation.py", "report.py", "streaming.py", "data.py",
+                                    "shipped.py", "empirical.py", "geometry.py", "geometry_inference.py", "checkpoint.py")]
+    files += sorted((package / "peers").rglob("*.py"))
+    assert len(files) > 12 and all(f.is_file() for f in files)
+    assert [str(f.relative_to(ROOT)) for f in files if _ARGPARSE.search(f.read_text())] == []
+    certify_files = [package / "runs" / f for f in ("certify.py", "_certify_parts.py", "_values.py")]
+    assert [str(f.relative_to(ROOT)) for f in certify_files if _EXIT.search(f.read_text())] == []
