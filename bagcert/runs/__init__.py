@@ -1,0 +1,19 @@
+"""Every end-to-end run as a typed config + one function (the command-line tools in bagcert/cli only map argv to
+the config, call the function and print): nothing here parses argv or exits.
+
+- :mod:`bagcert.runs.defensive_patch`: :class:`DefensivePatchConfig`, :func:`defensive_patch_run`
+- :mod:`bagcert.runs.imagenet_a`: :class:`ImageNetAConfig`, :func:`imagenet_a_run`
+- :mod:`bagcert.runs.roi`: :class:`RoiConfig`, :func:`roi_run`
+
+The report runs return an :class:`AnalysisReport` (results.json document, summary.md, one-line summary, folder)
+and raise ``ValueError`` with one line for a mistake in the input (:class:`FieldError` for a config field).
+"""
+
+from ._checks import FieldError
+from ._io import AnalysisReport
+from .defensive_patch import DefensivePatchConfig, defensive_patch_run
+from .imagenet_a import ImageNetAConfig, imagenet_a_run
+from .roi import RoiConfig, roi_run
+
+__all__ = ["AnalysisReport", "DefensivePatchConfig", "FieldError", "ImageNetAConfig", "RoiConfig", "defensive_patch_run", "imagenet_a_run",
+           "roi_run"]
