@@ -201,3 +201,18 @@ def test_no_argparse_in_the_library():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "bagcert").rglob("*.py")
                  if "cli" not in p.relative_to(ROOT / "bagcert").parts and pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_imagenet_a_run_names_an_unreadable_wnids_or_indices_file(tmp_path):
+    """A missing --wnids-file or an --indices-json that is not JSON was a traceback; now one line naming it."""
+    ckpt = tmp_path / "in1k.pt"
+    torch.manual_seed(0)
+    bagcert.save_checkpoint(ckpt, bagcert.create_model("cifar_bagnet5_s2", num_classes=1000, width=8).eval(), input_size=32)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "bad.json").write_text("{not json")
+    common = dict(checkpoint=str(ckpt), dataset=str(tmp_path / "data"), quiet=True)
+    with pytest.raises(ValueError, match=r"^--wnids-file .*missing.txt: \[Errno 2\] No such file"):
+        imagenet_a_run(ImageNetAConfig(**common, wnids_file=str(tmp_path / "missing.txt"), output=str(tmp_path / "o1")))
+    with pytest.raises(ValueError, match=r"^--indices-json .*bad.json: Expecting property name"):
+        imagenet_a_run(ImageNetAConfig(**common, indices_json=str(tmp_path / "bad.json"), output=str(tmp_path / "o2")))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

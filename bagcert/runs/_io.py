@@ -265,8 +265,9 @@ def check_run_fields(config) -> None:
     ``quiet``, ``cache``); ``FieldError`` naming the field."""
     from . import _checks
 
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+    if not _checks._is_int(config.seed):
         raise _checks.FieldError("seed", f"must be an integer, got {config.seed!r}")
+    set_field(config, "seed", int(config.seed))
     set_field(config, "threads", _checks.check_positive_int("threads", config.threads, allow_none=True))
     set_field(config, "output", _checks.check_path("output", config.output, allow_none=True))
     for name in ("overwrite", "quiet", "cache"):

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import _checks
-from ._io import (AnalysisReport, apply_threads, check_run_fields, commit_report, input_errors, output_path, pct, plt_or_none,
+from ._io import (AnalysisReport, apply_threads, check_run_fields, commit_report, input_errors, one_line, output_path, pct, plt_or_none,
                   prepare_output, recorded_config, save_figure, set_field, show_path, subset, write_report_files)
 
 __all__ = ["ImageNetAConfig", "imagenet_a_run", "DEFAULT_OUTPUT"]
@@ -213,8 +213,8 @@ def imagenet_a_run(config: ImageNetAConfig) -> AnalysisReport:
         if model.num_classes != 1000:
             raise ValueError(f"--mode imagenet-a needs a 1000-class ImageNet model; this checkpoint has {model.num_classes} classes "
                              "(use --mode subset)")
-        wnids = Path(config.wnids_file).read_text().split() if config.wnids_file else None
-        indices = json.loads(Path(config.indices_json).read_text()) if config.indices_json else None
+        wnids = _read_file("--wnids-file", config.wnids_file, lambda text: text.split())
+        indices = _read_file("--indices-json", config.indices_json, json.loads)
         data = load_imagenet_a(root, size=size, resize=resize, wnids=wnids, indices=indices, allow_subset=bool(wnids or indices))
         images, labels = data.images, data.labels
         if config.num_images is not None and config.num_images < len(labels):
@@ -262,6 +262,17 @@ def imagenet_a_run(config: ImageNetAConfig) -> AnalysisReport:
         line.update(image_coverage=doc["image_coverage"], class_coverage=doc["class_coverage"])
     line["output"] = show_path(out)
     return AnalysisReport(results=doc, markdown=md, summary=line, output=out)
+
+
+def _read_file(flag: str, path, parse):
+    """``parse(text of path)``, None when ``path`` is None; a missing or unreadable file, or text ``parse`` refuses
+    (not JSON), is a ``ValueError`` with one line naming ``flag`` and the file."""
+    if path is None:
+        return None
+    try:
+        return parse(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(one_line(f"{flag} {path}: {e}")) from e
 
 
 def _check_size(model, meta: dict, size: int) -> None:
