@@ -18,8 +18,8 @@ import bagcert
 from bagcert.cli import defensive_patch as cli_defpatch
 from bagcert.cli import imagenet_a as cli_ina
 from bagcert.cli import roi as cli_roi
-from bagcert.runs import (AnalysisReport, DefensivePatchConfig, FieldError, ImageNetAConfig, RoiConfig, defensive_patch_run,
-                          imagenet_a_run, roi_run)
+from bagcert.runs import (AnalysisReport, DefensivePatchConfig, FieldError, ImageNetAConfig, RoiConfig, RunInputError,
+                          defensive_patch_run, imagenet_a_run, roi_run)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples" / "cifar10"
@@ -141,7 +141,7 @@ def test_a_bad_config_value_is_one_line_naming_the_field(cls, field, value, mess
     with pytest.raises(ValueError) as exc:
         cls(checkpoint="m.pt", dataset="synthetic:8", **{field: value})
     text = str(exc.value)
-    assert isinstance(exc.value, FieldError) and exc.value.field == field
+    assert isinstance(exc.value, FieldError) and isinstance(exc.value, RunInputError) and exc.value.field == field
     assert text.startswith(message) and "\n" not in text
 
 
@@ -162,7 +162,7 @@ def test_the_runs_refuse_input_mistakes_with_value_errors_not_exits(tmp_path):
     train / evaluation images, a folder holding a report) is a ValueError from the library, before any work."""
     ckpt = _checkpoint(tmp_path / "m.pt", ["a", "b"])
     common = dict(checkpoint=str(ckpt), dataset="synthetic:8", quiet=True)
-    with pytest.raises(ValueError, match=r"^--num-images 9 is larger than the data set \(8 images\)"):
+    with pytest.raises(RunInputError, match=r"^--num-images 9 is larger than the data set \(8 images\)"):
         roi_run(RoiConfig(**common, num_images=9, output=str(tmp_path / "a")))
     with pytest.raises(ValueError, match="--attack-patch-size 40 is larger than the 32x32 images"):
         roi_run(RoiConfig(**common, attack_patch_size=40, output=str(tmp_path / "b")))
@@ -216,3 +216,19 @@ def test_imagenet_a_run_names_an_unreadable_wnids_or_indices_file(tmp_path):
     with pytest.raises(ValueError, match=r"^--indices-json .*bad.json: Expecting property name"):
         imagenet_a_run(ImageNetAConfig(**common, indices_json=str(tmp_path / "bad.json"), output=str(tmp_path / "o2")))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_failure_inside_the_computation_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the runs' refusals of their input become one line on the command line: a ValueError raised by the
+    computation is a bug and reaches the caller as itself (docs/guarantees.md, command-line tools)."""
+    import bagcert.analysis.roi as roi_lib
+
+    def broken(*a, **k):
+        raise ValueError("a bug inside the computation")
+
+    monkeypatch.setattr(roi_lib, "evaluate_neutralization", broken)
+    ckpt = _checkpoint(tmp_path / "m.pt", ["a", "b"])
+    with pytest.raises(ValueError, match="a bug inside the computation") as exc:
+        cli_roi.main(["--checkpoint", str(ckpt), "--dataset", "synthetic:8", "--num-images", "2", "--output", str(tmp_path / "o"),
+                      "--quiet"])
+    assert not isinstance(exc.value, bagcert.runs.RunInputError) and not (tmp_path / "o").exists()

@@ -112,17 +112,18 @@ def user_errors(prefix: str = ""):
 
 @contextlib.contextmanager
 def run_errors():
-    """Turn a library run's refusal (:mod:`bagcert.runs`) raised inside the block into ``SystemExit`` with one line
-    (exit status 1, no traceback): a config field's :class:`~bagcert.runs._checks.FieldError` spelled with its
-    option (``--roa-box must be an odd integer >= 1, got 2``), any other ``ValueError`` (DatasetError,
-    ReportFolderError, ...) or :class:`~bagcert.checkpoint.CheckpointError` as its message."""
-    from ..checkpoint import CheckpointError
+    """Turn a library run's refusal of its input (:mod:`bagcert.runs`) raised inside the block into ``SystemExit``
+    with one line (exit status 1, no traceback): a config field's :class:`~bagcert.runs._checks.FieldError` spelled
+    with its option (``--roa-box must be an odd integer >= 1, got 2``), any other
+    :class:`~bagcert.runs._checks.RunInputError` or :class:`~bagcert.report.ReportFolderError` as its message.
+    Anything else raised by the run is a failure inside the computation, a bug: it keeps its traceback."""
+    from ..report import ReportFolderError
 
     try:
         yield
     except _checks.FieldError as e:
         raise SystemExit(e.option_message()) from None
-    except (CheckpointError, ValueError) as e:
+    except (_checks.RunInputError, ReportFolderError) as e:
         raise SystemExit(one_line(e)) from None
 
 

@@ -6,14 +6,15 @@ the config, call the function and print): nothing here parses argv or exits.
 - :mod:`bagcert.runs.roi`: :class:`RoiConfig`, :func:`roi_run`
 
 The report runs return an :class:`AnalysisReport` (results.json document, summary.md, one-line summary, folder)
-and raise ``ValueError`` with one line for a mistake in the input (:class:`FieldError` for a config field).
+and raise :class:`RunInputError` (a ``ValueError``) with one line for a mistake in the input (:class:`FieldError` for a
+config field, :class:`~bagcert.report.ReportFolderError` for the report folder); anything else is a bug.
 """
 
-from ._checks import FieldError
+from ._checks import FieldError, RunInputError
 from ._io import AnalysisReport
 from .defensive_patch import DefensivePatchConfig, defensive_patch_run
 from .imagenet_a import ImageNetAConfig, imagenet_a_run
 from .roi import RoiConfig, roi_run
 
-__all__ = ["AnalysisReport", "DefensivePatchConfig", "FieldError", "ImageNetAConfig", "RoiConfig", "defensive_patch_run", "imagenet_a_run",
-           "roi_run"]
+__all__ = ["AnalysisReport", "DefensivePatchConfig", "FieldError", "ImageNetAConfig", "RoiConfig", "RunInputError", "defensive_patch_run",
+           "imagenet_a_run", "roi_run"]

@@ -1,5 +1,5 @@
 """Plain validators of run-config fields: each takes the field's name and value, returns the value (normalised:
-an int, a float, a tuple) and raises :class:`FieldError` (a ``ValueError``) with one line naming the field,
+an int, a float, a tuple) and raises :class:`FieldError` (a :class:`RunInputError`, a ``ValueError``) with one line naming the field,
 ``<name> must be a positive integer, got 0``.
 
 The command-line tools call the same checks from their argparse ``type=`` wrappers (bagcert/cli/_common.py) and
@@ -13,11 +13,17 @@ import math
 import os
 from numbers import Integral, Real
 
-__all__ = ["FieldError", "check_bool", "check_choice", "check_device", "check_list", "check_nonnegative_int", "check_number",
+__all__ = ["RunInputError", "FieldError", "check_bool", "check_choice", "check_device", "check_list", "check_nonnegative_int", "check_number",
            "check_path", "check_paths", "check_text", "check_positive_int", "number_range_text"]
 
 
-class FieldError(ValueError):
+class RunInputError(ValueError):
+    """A mistake in a run's input -- its config, the files and data it names, the report folder -- found before
+    the work or while reading the input; the message is one line saying what was wrong and what was expected.
+    The command-line tools print it and exit 1; any other exception out of a run is a bug and keeps its traceback."""
+
+
+class FieldError(RunInputError):
     """A config field holds a value the run refuses. ``str(e)`` is ``field + detail`` on one line
     (``"num_train must be a positive integer, got 0"``, ``"corruptions: unknown ['fog']; ..."``); ``field`` and
     ``detail`` are kept apart so that a command line can name its option instead of the field."""

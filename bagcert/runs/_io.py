@@ -2,9 +2,9 @@
 ``ValueError`` s, the report folder (results.json + summary.md + figures, staged and moved into place as one set,
 :class:`bagcert.report.ReportFolder`), and the small formatting helpers of the reports.
 
-Every refusal here is a ``ValueError`` (:class:`~bagcert.data.DatasetError`,
-:class:`~bagcert.report.ReportFolderError`, ...) whose message is one line naming the input the way the command
-line spells it (``--checkpoint m.pt: ...``, ``--num-eval 20 is larger than ...``); nothing exits.
+Every refusal here is a :class:`~bagcert.runs._checks.RunInputError` (a ``ValueError``), or a
+:class:`~bagcert.report.ReportFolderError` for the report folder, whose message is one line naming the input the
+way the command line spells it (``--checkpoint m.pt: ...``, ``--num-eval 20 is larger than ...``); nothing exits.
 bagcert/cli/_common.py turns them into ``SystemExit`` for the tools.
 """
 
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ._checks import RunInputError
 
 __all__ = ["AnalysisReport", "one_line", "input_errors", "checkpoint_input_size", "subset", "load_model_and_data", "dataset_info",
            "check_output_outside_dataset", "prepare_output", "commit_report", "write_report_files", "json_line", "show_path",
@@ -51,32 +53,32 @@ def one_line(text) -> str:
 def input_errors(prefix: str = ""):
     """Re-raise the errors about the user's input raised inside the block --
     :class:`~bagcert.checkpoint.CheckpointError` and the ``ValueError`` / ``TypeError`` of argument checks
-    (``DatasetError``, ``ReportFolderError``, ``PatchFileError`` are ``ValueError`` s) -- as one ``ValueError``
-    line ``<prefix><message>``. Wrap only the steps that read and check the user's input, never the computation."""
+    (``DatasetError``, ``ReportFolderError``, ``PatchFileError`` are ``ValueError`` s) -- as one
+    :class:`~bagcert.runs._checks.RunInputError` line ``<prefix><message>``. Wrap only the steps that read and check the user's input, never the computation."""
     from ..checkpoint import CheckpointError
 
     try:
         yield
     except (CheckpointError, ValueError, TypeError) as e:
-        raise ValueError(one_line(f"{prefix}{e}")) from e
+        raise RunInputError(one_line(f"{prefix}{e}")) from e
 
 
 def checkpoint_input_size(meta: dict, path, default: int = 32) -> int:
     """The checkpoint's ``input_size`` metadata (``default`` when absent), checked: an int >= 1 (and a ``resize``
-    >= it), else ``ValueError`` with one line naming the file."""
+    >= it), else ``RunInputError`` with one line naming the file."""
     size = meta.get("input_size", default) if isinstance(meta, dict) else default
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"{path}: malformed metadata: input_size is {size!r}, expected a positive int (pixels)")
+        raise RunInputError(f"{path}: malformed metadata: input_size is {size!r}, expected a positive int (pixels)")
     resize = meta.get("resize") if isinstance(meta, dict) else None
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < size):
-        raise ValueError(f"{path}: malformed metadata: resize is {resize!r}, expected a positive int >= input_size {size}")
+        raise RunInputError(f"{path}: malformed metadata: resize is {resize!r}, expected a positive int >= input_size {size}")
     return size
 
 
 def subset(data, num: int | None, seed: int, flag: str = "the number of images", default: int | None = None):
     """The first ``num`` images of a seeded permutation (sorted), or all when ``num`` is None.
 
-    A ``num`` larger than the data set is refused (``ValueError`` naming ``flag``): nothing is silently
+    A ``num`` larger than the data set is refused (``RunInputError`` naming ``flag``): nothing is silently
     clipped. ``default`` is the value used when ``num`` is None; a default larger than the data set takes
     every image and says so on stderr."""
     if num is None:
@@ -86,9 +88,9 @@ def subset(data, num: int | None, seed: int, flag: str = "the number of images",
             return data
         num = default
     if num < 1:
-        raise ValueError(f"{flag} must be >= 1, got {num}")
+        raise RunInputError(f"{flag} must be >= 1, got {num}")
     if num > len(data):
-        raise ValueError(f"{flag} {num} is larger than the data set ({len(data)} images); give at most {len(data)}")
+        raise RunInputError(f"{flag} {num} is larger than the data set ({len(data)} images); give at most {len(data)}")
     if num == len(data):
         return data
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -100,7 +102,7 @@ def load_model_and_data(checkpoint: str, dataset: str, split: str, seed: int, nu
     """``(model, meta, data)``; the dataset is resized to the checkpoint's ``input_size`` / ``resize``, and a
     folder without split folders is cut with the checkpoint's seeded split (``bagcert.data.load_checkpoint_split``).
     ``num`` / ``flag`` / ``default``: see :func:`subset`; ``cache=False`` bypasses the decode cache. A bad
-    checkpoint or dataset is a ``ValueError`` with one line."""
+    checkpoint or dataset is a ``RunInputError`` with one line."""
     from ..checkpoint import load_checkpoint
     from ..data import load_checkpoint_split
 
@@ -112,11 +114,11 @@ def load_model_and_data(checkpoint: str, dataset: str, split: str, seed: int, nu
         data = load_checkpoint_split(dataset, split, meta.get("split"), size=size, resize=meta.get("resize"), seed=seed,
                                      num_classes=model.num_classes, cache=cache)
     if len(data) == 0:
-        raise ValueError(f"dataset {dataset}, split {split}: no images")
+        raise RunInputError(f"dataset {dataset}, split {split}: no images")
     if len(data.classes) != model.num_classes:
-        raise ValueError(f"dataset {dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
+        raise RunInputError(f"dataset {dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
     if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":
-        raise ValueError(f"dataset classes {data.classes} differ from the checkpoint's classes {meta['classes']}")
+        raise RunInputError(f"dataset classes {data.classes} differ from the checkpoint's classes {meta['classes']}")
     return model, meta, subset(data, num, seed, flag, default)
 
 
@@ -135,7 +137,7 @@ def show_path(path) -> str:
 
 
 def check_output_outside_dataset(output, dataset, flag: str = "--output") -> None:
-    """Refuse (``ValueError``, one line) an output folder that is the dataset folder or lies inside it: a report
+    """Refuse (``RunInputError``, one line) an output folder that is the dataset folder or lies inside it: a report
     or run folder there would be listed as one more class folder by every later run on that dataset.
     ``dataset`` is a dataset spec (``synthetic[:N]``, ``cifar10:<root>``, ``folder:<root>`` or a path)."""
     from ..data import _is_synthetic, _spec_root
@@ -147,7 +149,7 @@ def check_output_outside_dataset(output, dataset, flag: str = "--output") -> Non
         return
     out, root = Path(os.path.realpath(os.fspath(output))), Path(os.path.realpath(root))
     if out == root or root in out.parents:
-        raise ValueError(f"{flag} {output} lies inside the dataset folder {show_path(root)}: every later run would read it "
+        raise RunInputError(f"{flag} {output} lies inside the dataset folder {show_path(root)}: every later run would read it "
                          "as one more class folder; write outside the dataset")
 
 

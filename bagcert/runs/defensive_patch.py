@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import _checks
+from ._checks import RunInputError
 from ._io import (AnalysisReport, apply_threads, check_run_fields, checkpoint_input_size, commit_report, dataset_info, input_errors,
                   load_model_and_data, output_path, pct, plt_or_none, prepare_output, progress_bar, recorded_config, save_figure,
                   set_field, show_path, write_report_files)
@@ -179,11 +180,12 @@ def defensive_patch_run(config: DefensivePatchConfig) -> AnalysisReport:
     progress bars (unless ``quiet``) and notes go to stderr. When an evaluation fails after a patch was made, the
     patch is kept in the staging folder (its path said on stderr) and the error is raised.
 
-    Raises ``ValueError`` with one line for a mistake in the input, before any work: an unwritable ``output``
-    or one holding a report without ``overwrite`` (:class:`~bagcert.report.ReportFolderError`), a bad
-    checkpoint, dataset or patch file, an ensemble / transfer model of other classes or image size, a model given
-    both as ensemble and transfer, overlapping train and evaluation images, shape options of the other shape, a
-    patch shape or attack patch that does not fit the images.
+    Raises :class:`~bagcert.runs._checks.RunInputError` (a ``ValueError``) with one line for a mistake in the
+    input, before any work: a bad checkpoint, dataset or patch file, an ensemble / transfer model of other classes
+    or image size, a model given both as ensemble and transfer, overlapping train and evaluation images, shape
+    options of the other shape, a patch shape or attack patch that does not fit the images;
+    :class:`~bagcert.report.ReportFolderError` for an unwritable ``output`` or one holding a report without
+    ``overwrite``. Any other error is a failure inside the computation.
     """
     from ..checkpoint import load_checkpoint
     from ..defense import DefensivePatch, make_defensive_patches
@@ -207,25 +209,25 @@ def defensive_patch_run(config: DefensivePatchConfig) -> AnalysisReport:
         with input_errors(f"--{role}-checkpoint {path}: "):
             m, other_meta = load_checkpoint(path)
         if m.num_classes != model.num_classes:
-            raise ValueError(f"{role} model {path} has {m.num_classes} classes, the source model {model.num_classes}")
+            raise RunInputError(f"{role} model {path} has {m.num_classes} classes, the source model {model.num_classes}")
         classes = list(other_meta.get("classes") or [])
         if source_classes and classes != source_classes:
             what = (f"records no class names, so its labels cannot be matched to the source model's {source_classes}" if not classes
                     else f"predicts the classes {classes}, the source model {source_classes}")
-            raise ValueError(f"--{role}-checkpoint {path} {what}: its accuracy with the patches would be scored against "
+            raise RunInputError(f"--{role}-checkpoint {path} {what}: its accuracy with the patches would be scored against "
                              f"other labels; give a model of the source model's classes")
         if checkpoint_input_size(other_meta, path) != checkpoint_input_size(meta, config.checkpoint):
-            raise ValueError(f"--{role}-checkpoint {path} was trained on {checkpoint_input_size(other_meta, path)} px images, the "
+            raise RunInputError(f"--{role}-checkpoint {path} was trained on {checkpoint_input_size(other_meta, path)} px images, the "
                              f"source model on {checkpoint_input_size(meta, config.checkpoint)} px: the patches do not fit it")
         return m.eval()
 
     overlap = set(config.ensemble_checkpoint) & set(config.transfer_checkpoint)
     if overlap:
-        raise ValueError(f"{sorted(overlap)} given as both --ensemble-checkpoint and --transfer-checkpoint: a transfer model must be held out")
+        raise RunInputError(f"{sorted(overlap)} given as both --ensemble-checkpoint and --transfer-checkpoint: a transfer model must be held out")
     ensemble = {path: other_model(path, "ensemble") for path in config.ensemble_checkpoint}
     transfer = {path: other_model(path, "transfer") for path in config.transfer_checkpoint}
     if config.patch and ensemble:
-        raise ValueError("--ensemble-checkpoint makes a patch; it cannot be combined with --patch")
+        raise RunInputError("--ensemble-checkpoint makes a patch; it cannot be combined with --patch")
     t0 = time.perf_counter()
     if config.patch:
         with input_errors(f"--patch {config.patch}: "):
@@ -237,7 +239,7 @@ def defensive_patch_run(config: DefensivePatchConfig) -> AnalysisReport:
         if config.train_split == config.eval_split:
             common = set(train.indices.tolist()) & set(test.indices.tolist())
             if common:
-                raise ValueError(
+                raise RunInputError(
                     f"--train-split and --eval-split are both {config.train_split!r}: {len(common)} of the {len(test)} "
                     f"evaluation images would also be images the patch is made on; give splits that do not overlap "
                     f"(e.g. --train-split train --eval-split test)")
@@ -260,7 +262,7 @@ def defensive_patch_run(config: DefensivePatchConfig) -> AnalysisReport:
             bar.close()
         made = {"dataset": dataset_info(train, config.train_split), "seconds": time.perf_counter() - t0}
     if patch.num_classes != model.num_classes or patch.image_size != tuple(test.images.shape[-2:]):
-        raise ValueError(f"patch is for {patch.num_classes} classes at {patch.image_size}; model/data need {model.num_classes} "
+        raise RunInputError(f"patch is for {patch.num_classes} classes at {patch.image_size}; model/data need {model.num_classes} "
                          f"at {tuple(test.images.shape[-2:])}")
     stage = folder.stage()
     patch.save(stage / "defensive_patch.pt")
@@ -285,7 +287,7 @@ def _check_geometry(config: DefensivePatchConfig, image_size) -> None:
     other = ("--size", "--corner") if config.shape == "frame" else ("--outer", "--width")
     given = [f for f in other if getattr(config, f[2:]) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --shape "
+        raise RunInputError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --shape "
                          f"{'square' if config.shape == 'frame' else 'frame'} only, not --shape {config.shape}")
     if not config.patch:
         kwargs = {"outer": config.outer, "width": config.width} if config.shape == "frame" else {"size": config.size, "corner": config.corner}
@@ -293,9 +295,9 @@ def _check_geometry(config: DefensivePatchConfig, image_size) -> None:
             patch_mask((H, W), config.shape, **kwargs)
         except ValueError as e:
             given = " ".join(f"--{k} {v}" for k, v in kwargs.items() if v is not None)
-            raise ValueError(f"--shape {config.shape}{' ' + given if given else ''}: {e}") from None
+            raise RunInputError(f"--shape {config.shape}{' ' + given if given else ''}: {e}") from None
     if config.attack_patch_size > min(H, W):
-        raise ValueError(f"--attack-patch-size {config.attack_patch_size} is larger than the {H}x{W} images "
+        raise RunInputError(f"--attack-patch-size {config.attack_patch_size} is larger than the {H}x{W} images "
                          f"(at most {min(H, W)}; 0 skips the patch attack)")
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import _checks
+from ._checks import RunInputError
 from ._io import (AnalysisReport, apply_threads, check_run_fields, commit_report, input_errors, one_line, output_path, pct, plt_or_none,
                   prepare_output, recorded_config, save_figure, set_field, show_path, subset, write_report_files)
 
@@ -169,7 +170,7 @@ def _subset_mode_data(root: Path, split: str, record: dict | None, size: int, re
             return cut_seeded_split(data, split, record, str(root))
         return load_checkpoint_split(str(root), split, record, size=size, resize=resize, cache=cache)
     except DatasetError as e:
-        raise DatasetError(f"--dataset {root} --split {split}: {e}") from None
+        raise RunInputError(f"--dataset {root} --split {split}: {e}") from None
 
 
 def imagenet_a_run(config: ImageNetAConfig) -> AnalysisReport:
@@ -180,10 +181,11 @@ def imagenet_a_run(config: ImageNetAConfig) -> AnalysisReport:
     Nothing goes to stdout; the progress bar (``progress`` and not ``quiet``) and notes (a crop size other than
     the checkpoint's) go to stderr.
 
-    Raises ``ValueError`` with one line for a mistake in the input: an unwritable ``output`` or one holding a
-    report without ``overwrite`` (:class:`~bagcert.report.ReportFolderError`), a bad checkpoint or dataset
-    (:class:`~bagcert.data.DatasetError`), a crop below the model's receptive field or below ``resize``, a mode
-    the model does not fit (imagenet-a needs 1000 classes, subset needs wnid class names).
+    Raises :class:`~bagcert.runs._checks.RunInputError` (a ``ValueError``) with one line for a mistake in the
+    input: a bad checkpoint, dataset, ``wnids_file`` or ``indices_json``, a crop below the model's receptive field
+    or below ``resize``, a mode the model does not fit (imagenet-a needs 1000 classes, subset needs wnid class
+    names); :class:`~bagcert.report.ReportFolderError` for an unwritable ``output`` or one holding a report
+    without ``overwrite``. Any other error is a failure inside the computation.
     """
     from ..checkpoint import load_checkpoint
     from ..imagenet_a import IMAGENET_A_INDICES, evaluate_imagenet_a, evaluate_subset_model, load_imagenet_a
@@ -202,7 +204,7 @@ def imagenet_a_run(config: ImageNetAConfig) -> AnalysisReport:
         _check_size(model, meta, config.size)
     resize = config.resize or meta.get("resize") or round(size * 256 / 224)
     if resize < size:
-        raise ValueError(f"--resize ({resize}) must be >= the crop size ({size})")
+        raise RunInputError(f"--resize ({resize}) must be >= the crop size ({size})")
     mode = config.mode
     if mode == "auto":
         mode = "imagenet-a" if model.num_classes == 1000 else "subset"
@@ -211,11 +213,12 @@ def imagenet_a_run(config: ImageNetAConfig) -> AnalysisReport:
 
     if mode == "imagenet-a":
         if model.num_classes != 1000:
-            raise ValueError(f"--mode imagenet-a needs a 1000-class ImageNet model; this checkpoint has {model.num_classes} classes "
+            raise RunInputError(f"--mode imagenet-a needs a 1000-class ImageNet model; this checkpoint has {model.num_classes} classes "
                              "(use --mode subset)")
         wnids = _read_file("--wnids-file", config.wnids_file, lambda text: text.split())
         indices = _read_file("--indices-json", config.indices_json, json.loads)
-        data = load_imagenet_a(root, size=size, resize=resize, wnids=wnids, indices=indices, allow_subset=bool(wnids or indices))
+        with input_errors("--dataset: "):  # a missing folder, a partial copy without wnids / indices (DatasetError)
+            data = load_imagenet_a(root, size=size, resize=resize, wnids=wnids, indices=indices, allow_subset=bool(wnids or indices))
         images, labels = data.images, data.labels
         if config.num_images is not None and config.num_images < len(labels):
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))[: config.num_images].sort().values
@@ -230,9 +233,9 @@ def imagenet_a_run(config: ImageNetAConfig) -> AnalysisReport:
     else:
         model_wnids = meta.get("classes")
         if not model_wnids or not all(isinstance(w, str) and _WNID.fullmatch(w) for w in model_wnids):
-            raise ValueError("--mode subset needs a checkpoint whose metadata 'classes' are ImageNet wnids (n + 8 digits)")
+            raise RunInputError("--mode subset needs a checkpoint whose metadata 'classes' are ImageNet wnids (n + 8 digits)")
         if len(model_wnids) != model.num_classes:
-            raise ValueError(f"checkpoint lists {len(model_wnids)} classes for a {model.num_classes}-class model")
+            raise RunInputError(f"checkpoint lists {len(model_wnids)} classes for a {model.num_classes}-class model")
         data = _subset_mode_data(root, config.split, meta.get("split"), size, resize, cache=config.cache)
         data = subset(data, config.num_images, config.seed)
         with torch.no_grad(), _bar(config, len(data)) as recorder.bar:
@@ -272,7 +275,7 @@ def _read_file(flag: str, path, parse):
     try:
         return parse(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(one_line(f"{flag} {path}: {e}")) from e
+        raise RunInputError(one_line(f"{flag} {path}: {e}")) from e
 
 
 def _check_size(model, meta: dict, size: int) -> None:
@@ -283,7 +286,7 @@ def _check_size(model, meta: dict, size: int) -> None:
     if geometry is not None:
         least = max(max(geometry.receptive_field), geometry.min_input_size())
         if size < least:
-            raise ValueError(f"--size {size} is smaller than the model's receptive field ({least} px): the crops would hold "
+            raise RunInputError(f"--size {size} is smaller than the model's receptive field ({least} px): the crops would hold "
                              f"less than one of its local windows; give --size >= {least} (the checkpoint was trained at "
                              f"{meta.get('input_size', 'an unrecorded size')})")
     trained = meta.get("input_size")

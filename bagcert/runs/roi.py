@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import _checks
+from ._checks import RunInputError
 from ._io import (AnalysisReport, apply_threads, check_run_fields, commit_report, dataset_info, load_model_and_data, output_path, pct,
                   plt_or_none, prepare_output, recorded_config, save_figure, set_field, show_path, write_report_files)
 
@@ -135,10 +136,11 @@ def roi_run(config: RoiConfig) -> AnalysisReport:
     summary (clean / adversarial / neutralised accuracies, RoI method, number of images, output) and the folder.
     Nothing goes to stdout; progress bars (unless ``quiet``) and notes go to stderr.
 
-    Raises ``ValueError`` with one line for a mistake in the input, before any work: a config that is not a
-    :class:`RoiConfig`, an unwritable ``output`` or one holding a report without ``overwrite``
-    (:class:`~bagcert.report.ReportFolderError`), a bad checkpoint or dataset, more ``num_images`` than the
-    split has, an attack patch larger than the images.
+    Raises :class:`~bagcert.runs._checks.RunInputError` (a ``ValueError``) with one line for a mistake in the
+    input, before any work: a bad checkpoint or dataset, more ``num_images`` than the split has, an attack patch
+    larger than the images; :class:`~bagcert.report.ReportFolderError` for an unwritable ``output`` or one holding
+    a report without ``overwrite``; ``TypeError`` for a config that is not a :class:`RoiConfig`. Any other error is
+    a failure inside the computation.
     """
     from ..analysis.roi import evaluate_neutralization
 
@@ -152,7 +154,7 @@ def roi_run(config: RoiConfig) -> AnalysisReport:
                                             "--num-images", default=100, cache=config.cache)
     H, W = data.images.shape[-2:]
     if config.attack == "patch" and config.attack_patch_size > min(H, W):
-        raise ValueError(f"--attack-patch-size {config.attack_patch_size} is larger than the {H}x{W} images")
+        raise RunInputError(f"--attack-patch-size {config.attack_patch_size} is larger than the {H}x{W} images")
     res = evaluate_neutralization(
         model, data.images, data.labels, attack=config.attack, eps=config.eps, steps=config.steps, step=config.step,
         attack_patch_size=config.attack_patch_size, roi_method=config.roi, reduce=config.reduce,
