@@ -34,6 +34,9 @@ class FieldError(RunInputError):
             self.detail = " " + self.detail
         super().__init__(f"{field}{self.detail}")
 
+    def __reduce__(self):  # picklable (a worker process may raise it)
+        return type(self), (self.field, self.detail)
+
     def option_message(self) -> str:
         """The same line with the field spelled as a command-line option (``num_train`` -> ``--num-train``)."""
         return f"--{self.field.replace('_', '-')}{self.detail}"
