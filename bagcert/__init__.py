@@ -53,3 +53,8 @@ __all__ += ["analysis", "defense"]
 from .runs import CertifyConfig, certify_run, run_certification  # noqa: E402
 
 __all__ += ["CertifyConfig", "certify_run", "run_certification"]
+
+# end-to-end report runs as a typed config + one function (bagcert.runs; the CLI tools call these)
+from .runs import DefensivePatchConfig, ImageNetAConfig, RoiConfig, defensive_patch_run, imagenet_a_run, roi_run  # noqa: E402
+
+__all__ += ["DefensivePatchConfig", "ImageNetAConfig", "RoiConfig", "defensive_patch_run", "imagenet_a_run", "roi_run"]

@@ -8,21 +8,18 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
-import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from ..runs import _values
+from ..runs import _checks, _io, _values
 
 __all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "bounded_number", "positive_number", "nonnegative_number",
            "unit_number", "workers", "check_workers_apply", "check_output_outside_dataset", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
-           "one_line", "exit_on_sigterm", "user_errors", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
+           "one_line", "exit_on_sigterm", "user_errors", "run_errors", "config_from_args", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
            "plt_or_none", "save_figure", "json_line", "add_output_arguments", "output_is_default", "show_path",
            "written_message", "progress_bar", "add_model_module_argument", "import_model_modules"]
 
@@ -93,7 +90,7 @@ def exit_on_sigterm(main):
 
 def one_line(text) -> str:
     """``text`` with every run of whitespace (newlines included) collapsed to one space."""
-    return " ".join(str(text).split())
+    return _io.one_line(text)
 
 
 @contextlib.contextmanager
@@ -109,6 +106,37 @@ def user_errors(prefix: str = ""):
         yield
     except (CheckpointError, ValueError, TypeError) as e:  # DatasetError, ReportFolderError, PatchFileError are ValueErrors
         raise SystemExit(one_line(f"{prefix}{e}")) from None
+
+
+@contextlib.contextmanager
+def run_errors():
+    """Turn a library run's refusal of its input (:mod:`bagcert.runs`) raised inside the block into ``SystemExit``
+    with one line (exit status 1, no traceback): a config field's :class:`~bagcert.runs._checks.FieldError` spelled
+    with its option (``--roa-box must be an odd integer >= 1, got 2``), any other
+    :class:`~bagcert.runs._checks.RunInputError` or :class:`~bagcert.report.ReportFolderError` as its message.
+    Anything else raised by the run is a failure inside the computation, a bug: it keeps its traceback."""
+    from ..report import ReportFolderError
+
+    try:
+        yield
+    except _checks.FieldError as e:
+        raise SystemExit(e.option_message()) from None
+    except (_checks.RunInputError, ReportFolderError) as e:
+        raise SystemExit(one_line(e)) from None
+
+
+def config_from_args(cls, args: argparse.Namespace, **overrides):
+    """``cls(**fields)`` for a run config dataclass: each field from the parsed ``args`` attribute of the same
+    name, ``output`` None when ``--output`` was left at its default (the run's default folder, replaced by each
+    run), ``overrides`` last. Refusals as :func:`run_errors`."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if "output" in values and output_is_default(args):
+        values["output"] = None
+    values.update(overrides)
+    with run_errors():
+        return cls(**values)
 
 
 def add_model_module_argument(p, note: str = "") -> None:
@@ -205,20 +233,10 @@ def check_workers_apply(workers_given: int | None, requested: str, chosen: str, 
 
 
 def check_output_outside_dataset(output, dataset, flag: str = "--output") -> None:
-    """Refuse (``SystemExit``, one line) an output folder that is the dataset folder or lies inside it: a report
-    or run folder there would be listed as one more class folder by every later run on that dataset.
-    ``dataset`` is a dataset spec (``synthetic[:N]``, ``cifar10:<root>``, ``folder:<root>`` or a path)."""
-    from ..data import _is_synthetic, _spec_root
-
-    if output is None or dataset is None or _is_synthetic(str(dataset)):
-        return
-    root = _spec_root(str(dataset))
-    if not root.is_dir():
-        return
-    out, root = Path(os.path.realpath(os.fspath(output))), Path(os.path.realpath(root))
-    if out == root or root in out.parents:
-        raise SystemExit(f"{flag} {output} lies inside the dataset folder {show_path(root)}: every later run would read it "
-                         "as one more class folder; write outside the dataset")
+    """Refuse (``SystemExit``, one line) an output folder that is the dataset folder or lies inside it
+    (:func:`bagcert.runs._io.check_output_outside_dataset`)."""
+    with user_errors():
+        _io.check_output_outside_dataset(output, dataset, flag)
 
 
 class _ExplicitOutput(argparse.Action):
@@ -265,38 +283,14 @@ def add_cache_argument(p: argparse.ArgumentParser) -> None:
 
 def prepare_output(path, overwrite: bool = False, default_folder: bool = False, dataset=None):
     """Check, before any work, that the report folder ``path`` can be written, and return its
-    :class:`~bagcert.report.ReportFolder` (nothing is created yet). A path that is a file or lies under
-    one, an unwritable parent, a folder of other files, or a folder holding a report without ``overwrite``
-    is ``SystemExit`` with one line.
-
-    ``default_folder``: ``path`` is the tool's default folder, not one the user named (``args`` from
-    :func:`add_output_arguments`: :func:`output_is_default`). A bagcert report already there is then
-    replaced without ``overwrite``, and stderr says so (``replacing the previous report in outputs/certify
-    (default folder; pass --output to keep reports)``); a folder holding other files is still refused.
-
-    ``dataset``: the run's dataset spec; an output folder inside that dataset's folder is refused
-    (:func:`check_output_outside_dataset`)."""
-    from ..report import ReportFolder, ReportFolderError, _one_report_tool
-
-    check_output_outside_dataset(path, dataset)
-    if default_folder and not overwrite and Path(path).is_dir() and _one_report_tool(Path(path)) is not None:
-        overwrite = True
-        print(f"replacing the previous report in {show_path(path)} (default folder; pass --output to keep reports)",
-              file=sys.stderr, flush=True)
-    try:
-        return ReportFolder(path, overwrite=overwrite)
-    except ReportFolderError as e:
-        raise SystemExit(f"--output: {one_line(e)}") from None
+    :class:`~bagcert.report.ReportFolder` (:func:`bagcert.runs._io.prepare_output`; ``default_folder``: see there,
+    for a tool's ``args`` it is :func:`output_is_default`). A folder that cannot take the report is ``SystemExit``
+    with one line."""
+    with user_errors():
+        return _io.prepare_output(path, overwrite, default_folder, dataset)
 
 
-def show_path(path) -> str:
-    """``path`` as the tools print it: relative to the working directory when it lies inside it, else absolute."""
-    p = Path(os.path.abspath(os.fspath(path)))
-    cwd = Path(os.getcwd())
-    try:
-        return str(p.relative_to(cwd)) or "."
-    except ValueError:
-        return str(p)
+show_path = _io.show_path
 
 
 def written_message(folder) -> str:
@@ -306,13 +300,7 @@ def written_message(folder) -> str:
     return f"report written to {show_path(folder)}/ ({', '.join(names)})"
 
 
-def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None, unit: str = "it"):
-    """``iterable`` wrapped in a tqdm bar on stderr when ``enabled`` (else unchanged)."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit=unit, mininterval=1.0, file=sys.stderr)
+progress_bar = _io.progress_bar
 
 
 def set_threads(args: argparse.Namespace) -> None:
@@ -335,88 +323,36 @@ def parse_list(text: str, kind=int, name: str = "list") -> list:
 
 
 def subset(data, num: int | None, seed: int, flag: str = "the number of images", default: int | None = None):
-    """The first ``num`` images of a seeded permutation (sorted), or all when ``num`` is None.
-
-    A ``num`` larger than the data set is refused (``SystemExit`` naming ``flag``): nothing is silently
-    clipped. ``default`` is the value used when ``num`` is None; a default larger than the data set takes
-    every image and says so on stderr."""
-    if num is None:
-        if default is None or default >= len(data):
-            if default is not None and default > len(data):
-                print(f"{flag} (default {default}): the data set has only {len(data)} images; using all of them", file=sys.stderr)
-            return data
-        num = default
-    if num < 1:
-        raise SystemExit(f"{flag} must be >= 1, got {num}")
-    if num > len(data):
-        raise SystemExit(f"{flag} {num} is larger than the data set ({len(data)} images); give at most {len(data)}")
-    if num == len(data):
-        return data
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return data.subset(perm[:num].sort().values)
+    """:func:`bagcert.runs._io.subset`; a refusal is ``SystemExit`` with its one line."""
+    with user_errors():
+        return _io.subset(data, num, seed, flag, default)
 
 
 def checkpoint_input_size(meta: dict, path, default: int = 32) -> int:
-    """The checkpoint's ``input_size`` metadata (``default`` when absent), checked: an int >= 1, else
-    ``SystemExit`` with one line naming the file."""
-    size = meta.get("input_size", default) if isinstance(meta, dict) else default
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise SystemExit(f"{path}: malformed metadata: input_size is {size!r}, expected a positive int (pixels)")
-    resize = meta.get("resize") if isinstance(meta, dict) else None
-    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < size):
-        raise SystemExit(f"{path}: malformed metadata: resize is {resize!r}, expected a positive int >= input_size {size}")
-    return size
+    """:func:`bagcert.runs._io.checkpoint_input_size`; malformed metadata is ``SystemExit`` with one line."""
+    with user_errors():
+        return _io.checkpoint_input_size(meta, path, default)
 
 
 def load_model_and_data(checkpoint: str, dataset: str, split: str, seed: int, num: int | None, flag: str = "the number of images",
                         default: int | None = None, cache: bool = True):
-    """``(model, meta, data)``; the dataset is resized to the checkpoint's ``input_size`` / ``resize``, and a
-    folder without split folders is cut with the checkpoint's seeded split (``bagcert.data.load_checkpoint_split``).
-    ``num`` / ``flag`` / ``default``: see :func:`subset`; ``cache=False`` bypasses the decode cache. A bad checkpoint or dataset is ``SystemExit`` with one line."""
-    from ..checkpoint import load_checkpoint
-    from ..data import load_checkpoint_split
-
-    with user_errors(f"--checkpoint {checkpoint}: "):
-        model, meta = load_checkpoint(checkpoint)
-    size = checkpoint_input_size(meta, checkpoint)
-    # a folder without split folders: the part of the checkpoint's seeded split ('all': every image)
-    with user_errors(f"dataset {dataset}, split {split}: "):
-        data = load_checkpoint_split(dataset, split, meta.get("split"), size=size, resize=meta.get("resize"), seed=seed,
-                                     num_classes=model.num_classes, cache=cache)
-    if len(data) == 0:
-        raise SystemExit(f"dataset {dataset}, split {split}: no images")
-    if len(data.classes) != model.num_classes:
-        raise SystemExit(f"dataset {dataset} has {len(data.classes)} classes but the model predicts {model.num_classes}")
-    if meta.get("classes") and list(meta["classes"]) != list(data.classes) and data.name != "synthetic":
-        raise SystemExit(f"dataset classes {data.classes} differ from the checkpoint's classes {meta['classes']}")
-    return model, meta, subset(data, num, seed, flag, default)
+    """``(model, meta, data)`` (:func:`bagcert.runs._io.load_model_and_data`); a bad checkpoint or dataset is
+    ``SystemExit`` with one line."""
+    with user_errors():
+        return _io.load_model_and_data(checkpoint, dataset, split, seed, num, flag, default, cache)
 
 
-def dataset_info(data, split: str) -> dict:
-    return {"name": data.name, "root": data.info.get("root"), "split": data.info.get("split", split), "num_images": len(data)}
+dataset_info = _io.dataset_info
 
 
-def _default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot write {type(o).__name__} to JSON")
-
-
-def json_line(obj: dict) -> str:
-    return json.dumps(obj, default=_default, separators=(", ", ": "))
+json_line = _io.json_line
 
 
 def commit_report(folder) -> Path:
-    """Move ``folder``'s staged report into place (:meth:`bagcert.report.ReportFolder.commit`); a folder taken
+    """Move ``folder``'s staged report into place (:func:`bagcert.runs._io.commit_report`); a folder taken
     meanwhile is ``SystemExit`` with one line saying where this run's report was left."""
-    from ..report import ReportFolderError
-
-    try:
-        return folder.commit()
-    except ReportFolderError as e:
-        raise SystemExit(f"--output: {one_line(e)}") from None
+    with user_errors():
+        return _io.commit_report(folder)
 
 
 def write_report(output, tool: str, config: dict, results: dict, markdown: str, device: str = "cpu", overwrite: bool | None = None,
@@ -428,17 +364,14 @@ def write_report(output, tool: str, config: dict, results: dict, markdown: str, 
     staged and moved into place here as one set, with ``extra(folder)`` (optional) writing further files
     (figures) into the same staging folder first. ``overwrite`` (path only; default ``config["overwrite"]``):
     replace a report already there. A folder that cannot take the report is ``SystemExit`` with one line."""
-    from ..checkpoint import atomic_write_text
-    from ..report import ReportFolder, environment_info
+    from ..report import ReportFolder
 
     folder = output if isinstance(output, ReportFolder) else None
     if folder is None:
         folder = prepare_output(output, bool(config.get("overwrite", False)) if overwrite is None else overwrite,
                                 default_folder=config.get("output_given") is False)
     out = folder.stage()
-    doc = {"schema_version": 1, "tool": tool, "run_id": folder.run_id, **environment_info(device), "config": config, **results}
-    atomic_write_text(out / "results.json", json.dumps(doc, indent=2, default=_default) + "\n")
-    atomic_write_text(out / "summary.md", markdown)
+    doc = _io.write_report_files(folder, tool, config, results, markdown, device)
     if not isinstance(output, ReportFolder):
         try:
             if extra is not None:
@@ -449,33 +382,10 @@ def write_report(output, tool: str, config: dict, results: dict, markdown: str, 
     return doc
 
 
-def plt_or_none():
-    """matplotlib.pyplot with the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+plt_or_none = _io.plt_or_none
 
 
-def save_figure(fig, path) -> None:
-    """Save a matplotlib figure atomically (temporary file in the same folder, then rename)."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+save_figure = _io.save_figure
 
 
-def pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f} %"
+pct = _io.pct

@@ -16,12 +16,10 @@ by each run, saying so on stderr. Input mistakes end with one line on stderr bef
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ._common import (
-    Parser, exit_on_sigterm, add_run_arguments, dataset_info, json_line, load_model_and_data, nonnegative_int, parse_list, parse_number, pct,
-    positive_number, unit_number,
-    commit_report, output_is_default, plt_or_none, show_path, written_message, positive_int, prepare_output, save_figure, set_threads, write_report,
+    Parser, add_run_arguments, config_from_args, exit_on_sigterm, json_line, nonnegative_int, parse_number, positive_int, positive_number,
+    run_errors, unit_number, written_message,
 )
 
 
@@ -66,91 +64,20 @@ def build_parser(prog: str = "bagcert roi"):
 
 @exit_on_sigterm
 def main(argv=None, prog: str = "bagcert roi") -> int:
+    """``bagcert roi``: argv -> :class:`bagcert.runs.roi.RoiConfig` -> :func:`bagcert.runs.roi.roi_run`; prints
+    summary.md and the folder (unless --quiet), then the one-line JSON summary. Exit status 0, 1 with one line on
+    stderr for a mistake in the input, 2 for a usage error."""
+    from ..runs.roi import RoiConfig, roi_run
+
     args = build_parser(prog).parse_args(argv)
-    from ..analysis.roi import evaluate_neutralization
-
-    set_threads(args)
-    qs = parse_list(args.qs, float, "qs")
-    for name, q in (("q-roi", args.q_roi), ("q-roa", args.q_roa), *(("qs", v) for v in qs)):
-        if not 0 <= q <= 100:
-            raise SystemExit(f"--{name} values are percentages in [0, 100], got {q}")
-    if args.roa_box < 1 or args.roa_box % 2 == 0:
-        raise SystemExit(f"--roa-box must be an odd integer >= 1, got {args.roa_box}")
-    # before any work; written at the end as one set (a default folder is replaced, an explicit one needs --overwrite)
-    folder = prepare_output(args.output, args.overwrite, default_folder=output_is_default(args), dataset=args.dataset)
-    model, meta, data = load_model_and_data(args.checkpoint, args.dataset, args.split, args.seed, args.num_images, "--num-images",
-                                            default=100, cache=args.cache)
-    H, W = data.images.shape[-2:]
-    if args.attack == "patch" and args.attack_patch_size > min(H, W):
-        raise SystemExit(f"--attack-patch-size {args.attack_patch_size} is larger than the {H}x{W} images")
-    res = evaluate_neutralization(
-        model, data.images, data.labels, attack=args.attack, eps=args.eps, steps=args.steps, step=args.step,
-        attack_patch_size=args.attack_patch_size, roi_method=args.roi, reduce=args.reduce,
-        occlusion_window=args.occlusion_window, occlusion_stride=args.occlusion_stride, roa_box=args.roa_box,
-        q_roi=args.q_roi, q_roa=args.q_roa, qs=qs, fill=args.fill, batch_size=args.batch_size, seed=args.seed,
-        prediction=args.prediction, keep=args.num_figures, progress=not args.quiet,
-    )
-    examples = res.pop("examples", None)
-    out = Path(args.output)
-    config = dict(vars(args), qs=qs)
-    config.pop("output_given", None)
-    results = {"checkpoint": {"path": str(args.checkpoint), "model": model.config["name"]}, "dataset": dataset_info(data, args.split), **res}
-    md = _markdown(results)
-    doc = write_report(folder, "bagcert.cli.roi", config, results, md)
-    try:
-        _figures(folder.stage(), results, examples, (meta or {}).get("classes") or data.classes)
-        commit_report(folder)
-    finally:
-        folder.discard()
+    config = config_from_args(RoiConfig, args)
+    with run_errors():
+        report = roi_run(config)
     if not args.quiet:
-        print(md)
-        print(written_message(out))
-    line = {k: doc[k] for k in ("clean_accuracy", "adversarial_accuracy", "neutralized_accuracy_oracle", "neutralized_accuracy_gradient", "neutralized_clean_accuracy")}
-    line.update(roi_method=doc["roi_method"], num_images=doc["n"], output=show_path(out))
-    print(json_line(line))
+        print(report.markdown)
+        print(written_message(report.output))
+    print(json_line(report.summary))
     return 0
-
-
-def _markdown(r: dict) -> str:
-    a = r["attack"]
-    what = f"patch {a['patch_size']}x{a['patch_size']}" if a["kind"] == "patch" else f"L-inf PGD eps {a['eps']:.4g}"
-    lines = [
-        "# Region of Importance / Region of Attack",
-        "",
-        f"- checkpoint: {r['checkpoint']['path']} ({r['checkpoint']['model']})",
-        f"- data: {r['dataset']['name']} ({r['n']} images, split {r['dataset']['split']})",
-        f"- attack: {what}, {a['steps']} steps of {a['step']:.4g}",
-        f"- RoI: {r['roi_method']}" + (f" ({r['reduce']} over locations)" if r["reduce"] else "") + f", top {r['q_roi']:g} %; "
-        f"RoA: box {r['roa_box']}, top {r['q_roa']:g} %; fill: {r['fill']}",
-        "",
-        "| images | accuracy |",
-        "| --- | ---: |",
-        f"| clean | {pct(r['clean_accuracy'])} |",
-        f"| adversarial | {pct(r['adversarial_accuracy'])} |",
-        f"| adversarial, neutralised (RoA = \\|x_adv - x\\|, oracle) | {pct(r['neutralized_accuracy_oracle'])} |",
-        f"| adversarial, neutralised (RoA = input gradient) | {pct(r['neutralized_accuracy_gradient'])} |",
-        f"| clean, neutralised (RoA = input gradient) | {pct(r['neutralized_clean_accuracy'])} |",
-        "",
-        "Mean over images of the per-image IoU:",
-        "",
-        "| q (%) | IoU(RoI clean, RoA oracle) | IoU(RoI clean, RoA gradient) |",
-        "| ---: | ---: | ---: |",
-    ]
-    for q in r["iou_oracle"]:
-        lines.append(f"| {float(q):g} | {r['iou_oracle'][q]:.3f} | {r['iou_gradient'][q]:.3f} |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def _figures(out: Path, r: dict, ex, classes=None) -> None:
-    plt = plt_or_none()
-    if plt is None:
-        return
-    from ..analysis.roi import iou_figure, roi_heatmap_figure
-
-    save_figure(iou_figure(r), out / "iou.png")
-    if ex and ex["x"].shape[0] > 0:
-        save_figure(roi_heatmap_figure(ex, r, classes), out / "heatmaps.png")
 
 
 if __name__ == "__main__":
