@@ -48,3 +48,9 @@ __all__ = [
 from . import analysis, defense  # noqa: E402
 
 __all__ += ["analysis", "defense"]
+
+# training: the config and a whole run from it (bagcert.training, bagcert.runs)
+from .runs.train import train_run  # noqa: E402
+from .training import TrainConfig  # noqa: E402
+
+__all__ += ["TrainConfig", "train_run"]
