@@ -95,7 +95,7 @@ def test_model_modules_are_imported_and_recorded(tmp_path, one_thread, monkeypat
     cfg = TrainConfig(**{**OPTIONS, "model": "runs_test_tiny", "model_kwargs": {}, "output": str(tmp_path / "run")})
     with pytest.raises(ValueError, match=r"^model must be a registered model name, got 'runs_test_tiny'"):
         train_run(cfg, **QUIET)  # not imported: unknown
-    assert train_run(cfg, model_modules=[str(module)], **QUIET)["steps"] == 2
+    assert train_run(cfg, model_modules=[module], **QUIET)["steps"] == 2  # a Path: recorded as its text
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model_modules"] == [str(module)]
     assert bagcert.load_checkpoint(tmp_path / "run" / "model.pt")[1]["config"]["model"] == "runs_test_tiny"
 

@@ -64,7 +64,10 @@ def train_run(config: TrainConfig, *, model_modules=(), resume: bool = False, lo
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a bagcert.training.TrainConfig, got {type(config).__name__}")
-    modules = list(config.model_modules) + [m for m in model_modules if m not in config.model_modules]
+    if isinstance(model_modules, (str, os.PathLike)):  # one file or module
+        model_modules = [model_modules]
+    given = [os.fspath(m) for m in model_modules]
+    modules = list(config.model_modules) + [m for m in given if m not in config.model_modules]
     cfg = replace(config, model_modules=modules, dataset=resolve_dataset(config.dataset))
     cfg.check()  # imports the model modules; ValueError naming the field
     check_run_values(cfg)
