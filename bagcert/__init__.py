@@ -58,3 +58,9 @@ __all__ += ["CertifyConfig", "certify_run", "run_certification"]
 from .runs import DefensivePatchConfig, ImageNetAConfig, RoiConfig, defensive_patch_run, imagenet_a_run, roi_run  # noqa: E402
 
 __all__ += ["DefensivePatchConfig", "ImageNetAConfig", "RoiConfig", "defensive_patch_run", "imagenet_a_run", "roi_run"]
+
+# training: the config and a whole run from it (bagcert.training, bagcert.runs)
+from .runs.train import train_run  # noqa: E402
+from .training import TrainConfig  # noqa: E402
+
+__all__ += ["TrainConfig", "train_run"]

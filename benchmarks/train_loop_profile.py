@@ -113,8 +113,8 @@ class PhaseClock:
 
 def instrument(clock: PhaseClock) -> list:
     """Wrap the parts ``bagcert.training.train`` calls with ``clock``; returns the (owner, name, original) to undo."""
-    import bagcert.training as T
-    import bagcert.training_parts as P
+    import bagcert.training as P  # the parts' classes: patched on the class, seen by every module
+    import bagcert.training.loop as T  # the functions the loop calls: patched where the loop looks them up
 
     undo = []
 

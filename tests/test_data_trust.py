@@ -301,6 +301,7 @@ def test_stratified_subset_is_balanced_seeded_and_keeps_provenance():
 
 def test_train_limit_takes_a_stratified_draw(tmp_path, monkeypatch, capsys):
     import bagcert.cli.train as train_cli
+    import bagcert.runs.train as train_run  # the run loads the data and calls the loop it imported
 
     root = tmp_path / "sorted"
     for i in range(10):
@@ -313,7 +314,7 @@ def test_train_limit_takes_a_stratified_draw(tmp_path, monkeypatch, capsys):
         seen["train"], seen["eval"] = train_data, eval_data
         return {"steps": 0}
 
-    monkeypatch.setattr(train_cli, "train", fake_train)
+    monkeypatch.setattr(train_run, "train", fake_train)
     argv = ["--dataset", str(root), "--image-size", "32", "--resize", "32", "--train-limit", "10", "--seed", "3",
             "--output", str(tmp_path / "run"), "--no-progress", "--no-tensorboard"]
     assert train_cli.main(argv) == 0

@@ -133,15 +133,18 @@ def test_train_default_dataset_is_the_recipes_where_it_exists_else_the_samples(t
     work = tmp_path / "elsewhere"
     work.mkdir()
     monkeypatch.chdir(work)
+    from bagcert.runs.train import resolve_dataset  # train_run reads the dataset it returns
+
     cfg = train_cli.resolve_config(train_cli.build_parser().parse_args([]))
-    assert Path(cfg.dataset).resolve() == (ROOT / "samples" / "cifar10" / "test").resolve()
+    assert cfg.dataset == "../shared/data/cifar10" and capsys.readouterr().err == ""  # the recipe's, resolved by the run
+    assert Path(resolve_dataset(cfg.dataset)).resolve() == (ROOT / "samples" / "cifar10" / "test").resolve()
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "bundled with bagcert" in err and "give --dataset" in err
     # beside ../shared/data/cifar10 (a checkout next to the shared data): the recipe's dataset, as before
     (tmp_path / "shared" / "data" / "cifar10").mkdir(parents=True)
-    assert train_cli.resolve_config(train_cli.build_parser().parse_args([])).dataset == "../shared/data/cifar10"
+    assert resolve_dataset(train_cli.resolve_config(train_cli.build_parser().parse_args([])).dataset) == "../shared/data/cifar10"
     given = train_cli.resolve_config(train_cli.build_parser().parse_args(["--dataset", "synthetic:8"]))
-    assert given.dataset == "synthetic:8" and capsys.readouterr().err == ""
+    assert resolve_dataset(given.dataset) == "synthetic:8" and capsys.readouterr().err == ""
 
 
 def test_missing_matplotlib_is_one_line_on_stderr(tmp_path, monkeypatch, capsys):

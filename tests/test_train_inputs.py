@@ -117,7 +117,7 @@ def test_export_recovers_a_run_stored_with_a_resize_below_the_image_size(tmp_pat
 
 def _fail_once_at(monkeypatch, step, error):
     """The training batches of ``step`` raise ``error`` once (a killed loader worker, an undecodable file)."""
-    import bagcert.training_parts as parts
+    import bagcert.training.batches as parts
 
     real = parts.MemoryBatches.micro_batches
     fired = []

@@ -188,7 +188,7 @@ def test_the_loop_profile_runs_the_real_train_loop(tmp_path):
                            "--output", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
-    import bagcert.training as T
+    import bagcert.training.loop as T
 
     assert T.train_step.__name__ == "train_step" and T.ema_update.__name__ == "ema_update"  # the clocks are removed
     res = json.loads(out.read_text())["profiles"][0]

@@ -133,7 +133,7 @@ def test_a_replanned_schedule_is_continuous_and_ends_at_zero():
 
 def test_a_run_that_slows_down_after_its_plan_is_replanned_to_its_budget(tmp_path, monkeypatch):
     """A neighbour job that starts after the calibration window: each step then costs 40 ms more."""
-    import bagcert.training as training
+    import bagcert.training.loop as training  # the loop looks ema_update up in its own module
 
     data, held = synthetic_dataset(64, seed=1), synthetic_dataset(16, seed=2)
     calls = {"n": 0}
@@ -147,6 +147,7 @@ def test_a_run_that_slows_down_after_its_plan_is_replanned_to_its_budget(tmp_pat
     monkeypatch.setattr(training, "ema_update", slow_after_the_plan)
     budget_s = 8.0
     out = train(_cfg(tmp_path / "s", epochs=1, time_budget_minutes=budget_s / 60), data, held, log=lambda *a: None)
+    assert calls["n"] == out["steps"]  # the loop's EMA update is the one slowed down
     records = _budget_records(tmp_path / "s")
     first = records[0]["time_budget_plan"]["total_steps"]
     replans = [r["time_budget_replan"]["total_steps"] for r in records if "time_budget_replan" in r]

@@ -1,4 +1,4 @@
-"""The parts of the training loop (bagcert.training_parts) on their own, the stream data path in training,
+"""The parts of the training loop (the modules of the bagcert.training package) on their own, the stream data path in training,
 gradient accumulation and the learning-rate rule."""
 
 import json
@@ -331,7 +331,7 @@ def test_training_without_tensorboard_installed_says_one_line_and_goes_on(tmp_pa
     blocking the import) trains to the end, without a tb folder, after one line on stderr."""
     import sys
 
-    from bagcert.training_parts import TrainLog
+    from bagcert.training.log import TrainLog
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
     log = TrainLog(tmp_path / "r", tensorboard=True, say=lambda m: None)

@@ -199,12 +199,14 @@ def test_stale_temporaries_of_the_run_are_removed_and_nothing_else(tmp_path):
 
 
 def test_a_time_budget_below_calibration_plus_one_evaluation_is_refused(tmp_path, monkeypatch):
-    import bagcert.training as training
+    import bagcert.training.loop as training  # the loop looks ema_update up in its own module
 
     data, held = _data()
     real_update = training.ema_update
+    slowed = []
 
     def slow(ema, model, decay):
+        slowed.append(1)
         time.sleep(0.02)
         real_update(ema, model, decay)
 
@@ -213,6 +215,7 @@ def test_a_time_budget_below_calibration_plus_one_evaluation_is_refused(tmp_path
     # 25 calibration steps of at least 20 ms: more than a 0.3 s budget
     with pytest.raises(TrainingError, match=r"time budget 0.005 min is too small: .* give --time-budget-minutes (\d+\.\d\d) or more"):
         train(_cfg(out, epochs=1, time_budget_minutes=0.005, checkpoint_minutes=5.0), data, held, **QUIET)
+    assert len(slowed) == 25  # the loop's EMA update is the one slowed down (each calibration step)
     recs = _records(out)
     refused = recs[-1]["time_budget_refused"]
     assert recs[-1]["step"] == 25 and refused["minimum_seconds"] > refused["budget_seconds"] == pytest.approx(0.3)

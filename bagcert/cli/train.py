@@ -16,6 +16,10 @@ cross-entropy on ablated (de-randomized smoothing) or masked (PatchCleanser) ima
 Every option can also come from a JSON config file (``--config``); flags given on the command line
 override it. The resolved config is written to ``<output>/config.json``.
 
+This module maps argv to a :class:`bagcert.training.TrainConfig` (:func:`resolve_config`) and prints the result;
+the run itself (data loading and checks, then the training loop) is :func:`bagcert.runs.train.train_run`, which a
+script can call with a config of its own.
+
 Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes <output>/last.pt and exits with 130 / 143 and
 one line; ``--config <output>/config.json --resume`` continues exactly. --resume refuses settings that would
 make it another run (model, data, batch size, optimiser, loss, seed, ...), naming them; a new end (--epochs,
@@ -37,17 +41,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 from ..checkpoint import CheckpointError
-from ._common import add_model_module_argument, import_model_modules
-from ..data import DatasetError, load_dataset, seeded_split
-from ..streaming import choose_data_path, decoded_size_bytes, open_stream
-from ..training import (
-    TrainConfig, TrainingError, _peer_spec, check_output_folder, check_sync_bn, distributed_env, stream_augmentation, train,
-)
-from ._common import Parser, check_output_outside_dataset, check_workers_apply, device, positive_int, workers
+from ..data import DatasetError
+from ..runs.train import RECIPE_DATASET, check_run_values, train_run
+from ..training import TrainConfig, TrainingError, _peer_spec, distributed_env
+from ._common import Parser, add_model_module_argument, device, import_model_modules, positive_int, workers
 
 
 def _parse_list(text):
@@ -163,7 +163,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 #: (docs/model_card.md; it trained for 91.5 epochs in a 140-minute --time-budget-minutes run on 2 CPU cores).
 #: A config file overrides them and flags override both; the library's TrainConfig keeps its own neutral defaults.
 RECIPE = {
-    "dataset": "../shared/data/cifar10",
+    "dataset": RECIPE_DATASET,  # where it does not exist: the bundled samples (bagcert.runs.train.resolve_dataset)
     "model": "cifar_bagnet5_s2",
     "model_kwargs": {"width": 128},
     "epochs": 92.0,
@@ -231,51 +231,19 @@ def resolve_config(args) -> TrainConfig:
                 f"--peer {values['peer']} trains a base classifier with cross-entropy: --loss {values['loss']} "
                 "(from the command line or the config file) does not apply; give --loss ce"
             )
-    if values["dataset"] == RECIPE["dataset"] and not os.path.isdir(RECIPE["dataset"]):
-        values["dataset"] = _bundled_dataset()
     import_model_modules(values.get("model_modules"))
     cfg = TrainConfig(**values)
     try:
         cfg.check()
+        check_run_values(cfg)  # the device exists here, the loader processes fit, max_steps >= 1
     except ValueError as e:
         name = str(e).split()[0]
         raise SystemExit(f"{e} (--{name.replace('_', '-')} or {name!r} in the config file)") from None
-    _check_machine_values(cfg)
     try:
         _peer_spec(cfg)
     except ValueError as e:
         raise SystemExit(f"--peer: {e}") from None
     return cfg
-
-
-def _bundled_dataset() -> str:
-    """The recipe's dataset when it is not there (run outside a checkout beside ../shared/data): the bundled
-    CIFAR-10 samples' image folder, which training cuts with its seeded train/test split; said on stderr."""
-    from ._common import show_path
-    from ..shipped import samples_path
-
-    folder = show_path(samples_path("cifar10") / "test")
-    if os.environ.get("RANK", "0") == "0":
-        print(f"no --dataset and no {RECIPE['dataset']} here: training on the 200 CIFAR-10 test images bundled with "
-              f"bagcert ({folder}, a seeded train/test split): a smoke test; give --dataset for a real run", file=sys.stderr)
-    return folder
-
-
-def _check_machine_values(cfg) -> None:
-    """The values a config file can carry past the flags' ``type=`` checks, checked the same way: the device exists
-    on this machine, the loader processes fit its cores and memory, and ``max_steps`` (>= 1) trains something."""
-    import argparse as _argparse
-
-    for name, check in (("device", device), ("workers", workers)):
-        value = getattr(cfg, name)
-        if value is None:
-            continue
-        try:
-            check(value)
-        except _argparse.ArgumentTypeError as e:
-            raise SystemExit(f"--{name} {value} (or {name!r} in the config file): {e}") from None
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise SystemExit(f"--max-steps must be >= 1 (or 'max_steps' in the config file), got {cfg.max_steps}: 0 steps train nothing")
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -297,74 +265,11 @@ def main(argv=None, prog: str | None = None) -> int:
     return rc
 
 
-def _check_model(cfg) -> None:
-    """Build the configured model once on the CPU, so that an unknown model or invalid --model-kwargs (a wrong
-    key, dense=True at stride 1, a receptive field the stride cannot reach) is one line before any data is read."""
-    from ..models import create_model
-
-    try:
-        create_model(cfg.model, num_classes=cfg.num_classes, **(cfg.model_kwargs or {}))
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"--model {cfg.model} --model-kwargs {json.dumps(cfg.model_kwargs or {})}: {e}") from None
-
-
 def _main(argv=None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     cfg = resolve_config(args)
-    check_output_folder(cfg.output)  # before loading data or building anything
-    check_output_outside_dataset(cfg.output, cfg.dataset)
-    if not cfg.peer:
-        _check_model(cfg)
-    rank, world, _ = distributed_env()
-    import torch
-
-    check_sync_bn(cfg, world, torch.device(cfg.device).type)
-    if cfg.peer and rank == 0:
-        print(f"training the base classifier of peer {cfg.peer} ({cfg.model}) with cross-entropy; the bagcert loss options are unused")
-    size = cfg.image_size
-    if cfg.random_crop and (cfg.resize is None or cfg.resize < size):
-        raise SystemExit(f"--random-crop needs --resize >= --image-size ({size}), got resize {cfg.resize}")
-    train_size = cfg.resize if cfg.random_crop else size
-    if cfg.data_path == "memory":
-        check_workers_apply(cfg.workers, "memory", "memory")  # refused before any image is read
-    _check_cifar_size(cfg)
-    path, reason, train_data = _choose_data_path(cfg, train_size)
-    if rank == 0 and cfg.data_path == "auto":
-        check_workers_apply(cfg.workers, "auto", path)  # auto chose memory: said on stderr
-    try:
-        if path == "memory":
-            eval_data = load_dataset(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes)
-        else:
-            eval_data = open_stream(cfg.dataset, "test", size=size, resize=cfg.resize, seed=cfg.seed, num_classes=cfg.num_classes,
-                                    augment="none")
-    except DatasetError as e:  # no test split: a seeded split below, said out loud; any other failure is raised
-        if rank == 0:
-            print(f"no test split in {cfg.dataset} ({e}); holding out a seeded {cfg.test_fraction:g} of the training images "
-                  f"(--test-fraction, --split-seed {cfg.split_seed})", file=sys.stderr)
-        eval_data = None
-    if eval_data is None or eval_data.info.get("root") == train_data.info.get("root") and cfg.dataset != "synthetic" and not cfg.dataset.startswith("synthetic"):
-        # no split in the dataset: make a seeded one and record it (in the checkpoint metadata too)
-        tr, te = seeded_split(len(train_data), cfg.test_fraction, cfg.split_seed)
-        full_eval = eval_data if eval_data is not None else train_data
-        train_data, eval_data = train_data.subset(tr), full_eval.subset(te)
-        train_data.info["seeded_split"] = {
-            "seed": cfg.split_seed, "test_fraction": cfg.test_fraction, "num_images": len(tr) + len(te),
-            "num_train": len(tr), "num_test": len(te), "rule": "bagcert.data.seeded_split",
-        }
-    if cfg.train_limit is not None and cfg.train_limit < len(train_data):
-        from bagcert.data import stratified_subset  # --train-limit: a seeded class-stratified draw, not the first N files
-
-        full = len(train_data)
-        train_data = stratified_subset(train_data, cfg.train_limit, cfg.seed)
-        if rank == 0:
-            counts = ", ".join(f"{c} {k}" for c, k in train_data.info["stratified_subset"]["per_class"].items())
-            print(f"--train-limit {cfg.train_limit}: a class-stratified draw (seed {cfg.seed}) of {full} training images: "
-                  f"{counts}", file=sys.stderr)
-    if len(train_data.classes) != cfg.num_classes:
-        raise SystemExit(f"dataset has {len(train_data.classes)} classes but --num-classes is {cfg.num_classes}")
-    if cfg.eval_images and eval_data is not None and len(eval_data) > cfg.eval_images:
-        eval_data = eval_data.subset(torch_arange(cfg.eval_images, len(eval_data), cfg.seed))
-    summary = train(cfg, train_data, eval_data, resume=args.resume, data_path_reason=reason)
+    summary = train_run(cfg, resume=args.resume)  # data loading, checks and the loop: bagcert.runs.train
+    rank = distributed_env()[0]
     if summary.get("stopped"):
         if rank == 0:
             print(f"stopped by {summary['stopped']} after step {summary['steps']}: {summary['output']}/last.pt written; "
@@ -373,60 +278,6 @@ def _main(argv=None, prog: str | None = None) -> int:
     if rank == 0:
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
-
-
-def _check_cifar_size(cfg) -> None:
-    """A CIFAR-10 layout (torchvision's batches, or <root>/train/<the ten classes>) holds 32x32 images that are never
-    resized: any other --image-size (or --random-crop / --resize) is one line before anything is decoded. The
-    training loop checks every dataset's image size again (bagcert.training.check_run_inputs)."""
-    from ..data import _find_cifar_batches, _is_cifar_folder, _is_synthetic, _spec_root
-
-    if _is_synthetic(cfg.dataset):
-        return
-    kind = cfg.dataset.split(":", 1)[0] if ":" in cfg.dataset else ""
-    root = _spec_root(cfg.dataset)
-    if not (kind == "cifar10" or (kind != "folder" and (_find_cifar_batches(root) or _is_cifar_folder(root, "train")))):
-        return
-    if cfg.image_size != 32:
-        raise SystemExit(f"--image-size {cfg.image_size}: {cfg.dataset} is a CIFAR-10 layout of 32x32 images, which are not "
-                         "resized; give --image-size 32 (the loss and the certificate are built for the image size)")
-    if cfg.random_crop or cfg.resize is not None:
-        raise SystemExit(f"--resize / --random-crop apply to ImageNet-style folders; {cfg.dataset} is a CIFAR-10 layout of "
-                         "32x32 images, which are not resized: leave them out")
-
-
-def _choose_data_path(cfg, train_size):
-    """``(path, reason, training data)``: ``"memory"`` with a decoded :class:`bagcert.data.Dataset`, or ``"stream"``
-    with a :mod:`bagcert.streaming` dataset (only its file list is read). ``--data-path auto`` decides with
-    :func:`bagcert.streaming.choose_data_path` on the decoded size of the in-memory path (every process on this
-    machine holds a copy) against the memory budget; a forced path is said as such."""
-    import os
-
-    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    load = lambda: load_dataset(cfg.dataset, "train", size=train_size, resize=cfg.resize, seed=cfg.seed,  # noqa: E731
-                                num_classes=cfg.num_classes)
-    if cfg.data_path == "memory":
-        data = load()
-        return ("memory", choose_data_path(data.images.numel(), override="memory", copies=copies)[1], data)
-    try:
-        augment, refused = stream_augmentation(cfg), None
-    except TrainingError as e:  # an augmentation only the in-memory path has: fine unless the stream path is needed
-        augment, refused = "none", e
-    stream = open_stream(cfg.dataset, "train", size=cfg.image_size, resize=cfg.resize, seed=cfg.seed,
-                         num_classes=cfg.num_classes, augment=augment)
-    decoded = decoded_size_bytes(len(stream), train_size) if cfg.random_crop else stream.decoded_bytes
-    path, reason = choose_data_path(decoded, override=cfg.data_path, copies=copies)
-    if path == "memory":
-        return path, reason, load()
-    if refused is not None:
-        raise SystemExit(f"{refused} ({reason})")
-    return path, reason, stream
-
-
-def torch_arange(k, n, seed):
-    import torch
-
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
 if __name__ == "__main__":

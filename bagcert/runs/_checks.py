@@ -2,7 +2,7 @@
 an int, a float, a tuple) and raises :class:`FieldError` (a :class:`RunInputError`, a ``ValueError``) with one line naming the field,
 ``<name> must be a positive integer, got 0``.
 
-The command-line tools call the same checks from their argparse ``type=`` wrappers (bagcert/cli/_common.py) and
+The command-line tools call the same checks from their option-parser ``type=`` wrappers (bagcert/cli/_common.py) and
 turn a :class:`FieldError` of a config into the same line spelled with the option, ``--num-train must be ...``.
 Nothing here parses argv or exits.
 """

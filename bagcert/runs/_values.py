@@ -1,7 +1,7 @@
 """Plain checks of run option values: each returns the value read (``"4"`` -> 4) or raises ``ValueError`` with a
 one-line message saying what was expected (``must be a positive integer, got 0``). The run configs
 (:mod:`bagcert.runs`) prefix the message with the field's name; the command-line tools' ``type=`` functions
-(``bagcert/cli/_common.py``) turn it into argparse's ``argument --flag: ...`` line."""
+(``bagcert/cli/_common.py``) turn it into the parser's ``argument --flag: ...`` line."""
 
 from __future__ import annotations
 
