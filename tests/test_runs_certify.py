@@ -147,5 +147,5 @@ def test_the_library_run_has_no_argparse_and_no_process_exit():
     files += sorted((package / "peers").rglob("*.py"))
     assert len(files) > 12 and all(f.is_file() for f in files)
     assert [str(f.relative_to(ROOT)) for f in files if _ARGPARSE.search(f.read_text())] == []
-    certify_files = [package / "runs" / f for f in ("certify.py", "_certify_parts.py", "_values.py")]
+    certify_files = [package / "runs" / f for f in ("certify.py", "_certify_parts.py", "_checks.py")]
     assert [str(f.relative_to(ROOT)) for f in certify_files if _EXIT.search(f.read_text())] == []

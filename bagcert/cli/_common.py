@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..runs import _checks, _io, _values
+from ..runs import _checks, _io
 
 __all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "bounded_number", "positive_number", "nonnegative_number",
            "unit_number", "workers", "check_workers_apply", "check_output_outside_dataset", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
@@ -164,7 +164,7 @@ def import_model_modules(modules) -> None:
 
 
 def _argparse_type(check, text):
-    """``check(text)`` (a :mod:`bagcert.runs._values` function) with its ``ValueError`` as argparse's
+    """``check(text)`` (a value-only rule of :mod:`bagcert.runs._checks`) with its ``ValueError`` as argparse's
     ``ArgumentTypeError``, so that argparse prints ``argument --flag: <message>``."""
     try:
         return check(text)
@@ -174,18 +174,18 @@ def _argparse_type(check, text):
 
 def device(text) -> str:
     """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... -> the same text, checked (argparse ``type=``): an unknown device
-    type or an accelerator this machine does not have is refused (:func:`bagcert.runs._values.device`)."""
-    return _argparse_type(_values.device, text)
+    type or an accelerator this machine does not have is refused (:func:`bagcert.runs._checks.device`)."""
+    return _argparse_type(_checks.device, text)
 
 
 def positive_int(text) -> int:
     """``"4"`` -> 4; zero, negative or non-integer text is refused (argparse ``type=``)."""
-    return _argparse_type(_values.positive_int, text)
+    return _argparse_type(_checks.positive_int, text)
 
 
 def nonnegative_int(text) -> int:
     """``"0"`` -> 0; negative or non-integer text is refused (argparse ``type=``), for counts where 0 means none."""
-    return _argparse_type(_values.nonnegative_int, text)
+    return _argparse_type(_checks.nonnegative_int, text)
 
 
 def bounded_number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -193,10 +193,10 @@ def bounded_number(lo: float | None = None, hi: float | None = None, *, lo_open:
     """An argparse ``type=`` reading a finite number like :func:`parse_number` (``0.03``, ``8/255``) and refusing
     one outside ``[lo, hi]`` (``lo_open`` / ``hi_open``: that end excluded; None: unbounded), with one line
     naming the range (``must be a number > 0, got -1``; ``what`` replaces "a number > 0" when given;
-    :func:`bagcert.runs._values.number_in_range`)."""
+    :func:`bagcert.runs._checks.number_in_range`)."""
 
     def parse(text) -> float:
-        return _argparse_type(functools.partial(_values.number_in_range, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open,
+        return _argparse_type(functools.partial(_checks.number_in_range, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open,
                                                 what=what), text)
 
     parse.__name__ = "number"  # parse_list and argparse name the kind by it
@@ -215,7 +215,7 @@ def workers(text) -> int:
     """``"4"`` -> 4 loader processes (argparse ``type=``): an integer >= 0 and at most
     :func:`bagcert.streaming.max_loader_workers` (usable CPU cores and available memory, shared by the torchrun
     processes on this machine); more is refused with one line instead of ending in the OOM killer."""
-    return _argparse_type(_values.workers, text)
+    return _argparse_type(_checks.workers, text)
 
 
 def check_workers_apply(workers_given: int | None, requested: str, chosen: str, flag: str = "--workers") -> None:
@@ -311,7 +311,7 @@ def set_threads(args: argparse.Namespace) -> None:
 
 def parse_number(text) -> float:
     """``"0.03"``, ``"8/255"`` -> float (argparse ``type=``)."""
-    return _argparse_type(_values.parse_number, text)
+    return _argparse_type(_checks.parse_number, text)
 
 
 def parse_list(text: str, kind=int, name: str = "list") -> list:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .. import shipped
-from . import _values
+from . import _checks
 from ._certify_parts import (DATA_PATHS, CertifyError, bad_image_errors, check_certifier_option, check_one_process,
                              check_peer_sizes, check_skip_bad_images, check_workers_apply, checkpoint_format,
                              checkpoint_input_size, double_masking_options, drop_skipped, image_hw, import_model_modules,
@@ -226,11 +226,11 @@ def _check_values(cfg) -> None:
         value = getattr(cfg, name)
         if not (value is None and optional) and value not in choices:
             raise _field_error(name, f"must be one of {', '.join(choices)}{' or None' if optional else ''}, got {value!r}")
-    checks = (("num_images", _values.positive_int, True), ("batch_size", _values.positive_int, False),
-              ("threads", _values.positive_int, True), ("device", _values.device, False), ("workers", _values.workers, False),
+    checks = (("num_images", _checks.positive_int, True), ("batch_size", _checks.positive_int, False),
+              ("threads", _checks.positive_int, True), ("device", _checks.device, False), ("workers", _checks.workers, False),
               ("seed", _any_int, False), ("peer_batch_size", _any_int, False), ("attack_steps", _any_int, False),
               ("attack_locations", _any_int, False), ("attack_images", _any_int, True),
-              ("universal_fit_images", _any_int, False), ("attack_step_size", _values.parse_number, False))
+              ("universal_fit_images", _any_int, False), ("attack_step_size", _checks.parse_number, False))
     for name, check, optional in checks:
         value = getattr(cfg, name)
         if value is None and optional:
@@ -242,7 +242,7 @@ def _check_values(cfg) -> None:
 
 
 def _any_int(value) -> int:
-    return _values.int_at_least(value, -(2 ** 63), "an integer")
+    return _checks.int_at_least(value, -(2 ** 63), "an integer")
 
 
 def _check_combinations(cfg) -> None:

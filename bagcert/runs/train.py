@@ -29,24 +29,24 @@ from ..streaming import choose_data_path, decoded_size_bytes, open_stream
 from ..training import (
     TrainConfig, TrainingError, check_output_folder, check_sync_bn, distributed_env, stream_augmentation, train,
 )
-from . import _values
+from . import _checks
 from ._io import check_output_outside_dataset, show_path
 
 
 def check_device(value, name: str = "device") -> str:
-    """``value`` as a torch device this machine has (:func:`bagcert.runs._values.device`); ValueError naming ``name``."""
+    """``value`` as a torch device this machine has (:func:`bagcert.runs._checks.device`); ValueError naming ``name``."""
     try:
-        return _values.device(value)
+        return _checks.device(value)
     except ValueError as e:
         raise ValueError(f"{name} {value!r}: {e}") from None
 
 
 def check_workers(value, name: str = "workers") -> int:
-    """``value`` loader processes, an int >= 0 that fits this machine (:func:`bagcert.runs._values.workers`)."""
+    """``value`` loader processes, an int >= 0 that fits this machine (:func:`bagcert.runs._checks.workers`)."""
     if type(value) is not int:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     try:
-        return _values.workers(value)
+        return _checks.workers(value)
     except ValueError as e:
         raise ValueError(f"{name} {value}: {e}") from None
 
