@@ -9,12 +9,13 @@ import contextlib
 import math
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from .. import shipped
 from ..empirical import ATTACK_NAMES
+from . import _io
+from ._io import one_line, show_path
 
 DATA_PATHS = ("auto", "memory", "stream")
 
@@ -28,104 +29,37 @@ class CertifyError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # generic pieces: one-line errors, paths, the report folder
 # ------------------------------------------------------------------------------------------------
-def one_line(text) -> str:
-    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
-    return " ".join(str(text).split())
-
-
-def show_path(path) -> str:
-    """``path`` as the tools print it: relative to the working directory when it lies inside it, else absolute."""
-    p = Path(os.path.abspath(os.fspath(path)))
-    try:
-        return str(p.relative_to(Path(os.getcwd()))) or "."
-    except ValueError:
-        return str(p)
-
-
-@contextlib.contextmanager
 def user_errors(prefix: str = ""):
     """Turn the library's errors about the user's input raised inside the block -- ``CheckpointError``,
     ``DatasetError``, ``ReportFolderError``, ``PatchFileError`` and the ``ValueError`` / ``TypeError`` of argument
     checks -- into :class:`CertifyError` ``"<prefix><message>"`` (one line). A :class:`CertifyError` passes unchanged.
-    Wrap only the steps that read and check the user's input, never the computation."""
-    from ..checkpoint import CheckpointError
-
-    try:
-        yield
-    except CertifyError:
-        raise
-    except (CheckpointError, ValueError, TypeError) as e:  # DatasetError, ReportFolderError, PatchFileError are ValueErrors
-        raise CertifyError(one_line(f"{prefix}{e}")) from e
-
-
-def check_output_outside_dataset(output, dataset, flag: str = "--output") -> None:
-    """Refuse an output folder that is the dataset folder or lies inside it (a report there would be read as one more
-    class folder by every later run on that dataset)."""
-    from ..data import _is_synthetic, _spec_root
-
-    if output is None or dataset is None or _is_synthetic(str(dataset)):
-        return
-    root = _spec_root(str(dataset))
-    if not root.is_dir():
-        return
-    out, root = Path(os.path.realpath(os.fspath(output))), Path(os.path.realpath(root))
-    if out == root or root in out.parents:
-        raise CertifyError(f"{flag} {output} lies inside the dataset folder {show_path(root)}: every later run would read it "
-                           "as one more class folder; write outside the dataset")
+    Wrap only the steps that read and check the user's input, never the computation (:func:`bagcert.runs._io.input_errors`)."""
+    return _io.input_errors(prefix, CertifyError, passing=(CertifyError,))
 
 
 def prepare_output(path, overwrite: bool = False, default_folder: bool = False, dataset=None):
-    """The :class:`~bagcert.report.ReportFolder` of ``path``, checked before any work (nothing is created yet): a
-    path that is a file or lies under one, an unwritable parent, a folder of other files, a folder holding a report
-    without ``overwrite`` or a folder inside the dataset is a :class:`CertifyError`. ``default_folder``: ``path`` is
-    the run's default folder, whose previous report is replaced (said on stderr)."""
-    from ..report import ReportFolder, ReportFolderError, _one_report_tool
-
-    check_output_outside_dataset(path, dataset)
-    if default_folder and not overwrite and Path(path).is_dir() and _one_report_tool(Path(path)) is not None:
-        overwrite = True
-        print(f"replacing the previous report in {show_path(path)} (default folder; pass --output to keep reports)",
-              file=sys.stderr, flush=True)
-    try:
-        return ReportFolder(path, overwrite=overwrite)
-    except ReportFolderError as e:
-        raise CertifyError(f"--output: {one_line(e)}") from e
+    """The :class:`~bagcert.report.ReportFolder` of ``path``, checked before any work (:func:`bagcert.runs._io.prepare_output`);
+    a folder that cannot take the report is a :class:`CertifyError`."""
+    with user_errors():
+        return _io.prepare_output(path, overwrite, default_folder, dataset)
 
 
 def import_model_modules(modules) -> None:
-    """Import the ``--model-module`` files / modules (None: none); a :class:`CertifyError` names the first that cannot
-    be imported: not found, or the exception its code raised, with its file and line."""
-    from ..models import PluginError, load_model_module
-
-    for module in modules or ():
-        try:
-            load_model_module(module)
-        except PluginError as e:
-            raise CertifyError(one_line(f"--model-module {module}: {e.detail}")) from e
+    """:func:`bagcert.runs._io.import_model_modules`; a module that cannot be imported is a :class:`CertifyError`."""
+    with user_errors():
+        _io.import_model_modules(modules)
 
 
 def check_workers_apply(workers_given: int | None, requested: str, chosen: str, flag: str = "--workers") -> None:
-    """``--workers`` read the images of the stream path only: given with ``--data-path memory`` it is refused; with
-    ``auto`` that chose the memory path, stderr says it is unused (the choice was not the user's)."""
-    if not workers_given or chosen != "memory":
-        return
-    if requested == "memory":
-        raise CertifyError(f"{flag} {workers_given} applies to the stream path only; --data-path memory decodes every image "
-                           f"in this process (drop {flag}, or give --data-path stream)")
-    print(f"note: {flag} {workers_given} is unused: --data-path auto chose the memory path (give --data-path stream to "
-          "decode in loader processes)", file=sys.stderr, flush=True)
+    """:func:`bagcert.runs._io.check_workers_apply`; ``--workers`` with ``--data-path memory`` is a :class:`CertifyError`."""
+    with user_errors():
+        _io.check_workers_apply(workers_given, requested, chosen, flag)
 
 
 def checkpoint_input_size(meta: dict, path, default: int = 32) -> int:
-    """The checkpoint's ``input_size`` metadata (``default`` when absent), checked: an int >= 1 (and a ``resize`` >=
-    it), else a :class:`CertifyError` naming the file."""
-    size = meta.get("input_size", default) if isinstance(meta, dict) else default
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise CertifyError(f"{path}: malformed metadata: input_size is {size!r}, expected a positive int (pixels)")
-    resize = meta.get("resize") if isinstance(meta, dict) else None
-    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < size):
-        raise CertifyError(f"{path}: malformed metadata: resize is {resize!r}, expected a positive int >= input_size {size}")
-    return size
+    """:func:`bagcert.runs._io.checkpoint_input_size`; malformed metadata is a :class:`CertifyError` naming the file."""
+    with user_errors():
+        return _io.checkpoint_input_size(meta, path, default)
 
 
 # ------------------------------------------------------------------------------------------------

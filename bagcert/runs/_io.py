@@ -22,7 +22,7 @@ import torch
 
 from ._checks import RunInputError
 
-__all__ = ["AnalysisReport", "one_line", "input_errors", "checkpoint_input_size", "subset", "load_model_and_data", "dataset_info",
+__all__ = ["AnalysisReport", "one_line", "input_errors", "import_model_modules", "check_workers_apply", "checkpoint_input_size", "subset", "load_model_and_data", "dataset_info",
            "check_output_outside_dataset", "prepare_output", "commit_report", "write_report_files", "json_line", "show_path",
            "progress_bar", "plt_or_none", "save_figure", "pct"]
 
@@ -50,17 +50,47 @@ def one_line(text) -> str:
 
 
 @contextlib.contextmanager
-def input_errors(prefix: str = ""):
+def input_errors(prefix: str = "", error: type = RunInputError, passing: tuple = ()):
     """Re-raise the errors about the user's input raised inside the block --
     :class:`~bagcert.checkpoint.CheckpointError` and the ``ValueError`` / ``TypeError`` of argument checks
-    (``DatasetError``, ``ReportFolderError``, ``PatchFileError`` are ``ValueError`` s) -- as one
-    :class:`~bagcert.runs._checks.RunInputError` line ``<prefix><message>``. Wrap only the steps that read and check the user's input, never the computation."""
+    (``DatasetError``, ``ReportFolderError``, ``PatchFileError`` are ``ValueError`` s) -- as one ``error`` (default
+    :class:`~bagcert.runs._checks.RunInputError`) line ``<prefix><message>``, the original as its ``__cause__``; an
+    exception of a type in ``passing`` goes through unchanged. Wrap only the steps that read and check the user's
+    input, never the computation."""
     from ..checkpoint import CheckpointError
 
     try:
         yield
+    except passing:
+        raise
     except (CheckpointError, ValueError, TypeError) as e:
-        raise RunInputError(one_line(f"{prefix}{e}")) from e
+        raise error(one_line(f"{prefix}{e}")) from e
+
+
+def import_model_modules(modules) -> None:
+    """Import the ``--model-module`` files / modules (None: none given); a ``RunInputError`` with one line names the
+    first that cannot be imported: not found, or the exception its code raised, with its file and line."""
+    from ..models import PluginError, load_model_module
+
+    for module in modules or ():
+        try:
+            load_model_module(module)
+        except PluginError as e:
+            raise RunInputError(one_line(f"--model-module {module}: {e.detail}")) from e
+
+
+def check_workers_apply(workers_given: int | None, requested: str, chosen: str, flag: str = "--workers") -> None:
+    """``--workers`` read the images of the stream path only. Given (not None, not 0) with ``--data-path memory``
+    it can never apply: ``RunInputError`` with one line. Given with ``--data-path auto`` that chose the memory path,
+    stderr says it is unused (the choice was not the user's). The rule of every tool: an option that the command
+    line itself makes inapplicable is refused; one made moot by an automatic choice is said on stderr."""
+    if not workers_given or chosen != "memory":
+        return
+    if requested == "memory":
+        raise RunInputError(f"{flag} {workers_given} applies to the stream path only; --data-path memory decodes every image "
+                            f"in this process (drop {flag}, or give --data-path stream)")
+    print(f"note: {flag} {workers_given} is unused: --data-path auto chose the memory path (give --data-path stream to "
+          "decode in loader processes)", file=sys.stderr, flush=True)
 
 
 def checkpoint_input_size(meta: dict, path, default: int = 32) -> int:
