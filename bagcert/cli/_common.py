@@ -148,19 +148,15 @@ def add_model_module_argument(p, note: str = "") -> None:
 
 
 def import_model_modules(modules) -> None:
-    """Import the ``--model-module`` files / modules (None: none given); one line (``SystemExit``) naming the first
-    that cannot be imported: not found, or the exception its code raised, with its file and line."""
-    from ..models import PluginError, load_model_module
-
+    """Import the ``--model-module`` files / modules (None: none given; :func:`bagcert.runs._io.import_model_modules`);
+    one line (``SystemExit``) naming the first that cannot be imported: not found, or the exception its code raised,
+    with its file and line."""
     if modules is None:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise SystemExit(f"model_modules must be a list of .py files or dotted module names, got {modules!r}")
-    for module in modules:
-        try:
-            load_model_module(module)
-        except PluginError as e:
-            raise SystemExit(one_line(f"--model-module {module}: {e.detail}")) from None
+    with user_errors():
+        _io.import_model_modules(modules)
 
 
 def _argparse_type(check, text):
@@ -219,17 +215,11 @@ def workers(text) -> int:
 
 
 def check_workers_apply(workers_given: int | None, requested: str, chosen: str, flag: str = "--workers") -> None:
-    """``--workers`` read the images of the stream path only. Given (not None, not 0) with ``--data-path memory``
-    it can never apply: ``SystemExit`` with one line. Given with ``--data-path auto`` that chose the memory path,
-    stderr says it is unused (the choice was not the user's). The rule of every tool: an option that the command
-    line itself makes inapplicable is refused; one made moot by an automatic choice is said on stderr."""
-    if not workers_given or chosen != "memory":
-        return
-    if requested == "memory":
-        raise SystemExit(f"{flag} {workers_given} applies to the stream path only; --data-path memory decodes every image in "
-                         f"this process (drop {flag}, or give --data-path stream)")
-    print(f"note: {flag} {workers_given} is unused: --data-path auto chose the memory path (give --data-path stream to "
-          "decode in loader processes)", file=sys.stderr, flush=True)
+    """``--workers`` read the images of the stream path only (:func:`bagcert.runs._io.check_workers_apply`): given with
+    ``--data-path memory`` it is ``SystemExit`` with one line; with ``--data-path auto`` that chose the memory path,
+    stderr says it is unused."""
+    with user_errors():
+        _io.check_workers_apply(workers_given, requested, chosen, flag)
 
 
 def check_output_outside_dataset(output, dataset, flag: str = "--output") -> None:

@@ -30,7 +30,7 @@ from ..training import (
     TrainConfig, TrainingError, check_output_folder, check_sync_bn, distributed_env, stream_augmentation, train,
 )
 from . import _checks
-from ._io import check_output_outside_dataset, show_path
+from ._io import check_output_outside_dataset, check_workers_apply, show_path
 
 
 def check_device(value, name: str = "device") -> str:
@@ -168,14 +168,11 @@ def _check_model(cfg: TrainConfig) -> None:
 def _check_workers_apply(workers_given: int | None, requested: str, chosen: str) -> None:
     """``workers`` read the images of the stream path only: given (not None, not 0) with ``data_path`` memory it
     can never apply (TrainingError); given with ``data_path`` auto that chose the memory path, stderr says it is
-    unused (the choice was not the user's)."""
-    if not workers_given or chosen != "memory":
-        return
-    if requested == "memory":
-        raise TrainingError(f"--workers {workers_given} applies to the stream path only; --data-path memory decodes every "
-                            "image in this process (drop --workers, or give --data-path stream)")
-    print(f"note: --workers {workers_given} is unused: --data-path auto chose the memory path (give --data-path stream to "
-          "decode in loader processes)", file=sys.stderr, flush=True)
+    unused (the choice was not the user's; :func:`bagcert.runs._io.check_workers_apply`)."""
+    try:
+        check_workers_apply(workers_given, requested, chosen)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
 
 def _check_cifar_size(cfg: TrainConfig) -> None:
