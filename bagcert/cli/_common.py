@@ -13,8 +13,6 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from ..runs import _checks, _io
 
 __all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "bounded_number", "positive_number", "nonnegative_number",
@@ -294,9 +292,8 @@ progress_bar = _io.progress_bar
 
 
 def set_threads(args: argparse.Namespace) -> None:
-    """Apply ``--threads`` (torch's own choice when it is not given)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """Apply ``--threads`` (torch's own choice when it is not given; :func:`bagcert.runs._io.apply_threads`)."""
+    _io.apply_threads(args)
 
 
 def parse_number(text) -> float:
