@@ -17,7 +17,7 @@ from ..runs import _checks, _io
 
 __all__ = ["Parser", "HelpFormatter", "positive_int", "nonnegative_int", "bounded_number", "positive_number", "nonnegative_number",
            "unit_number", "workers", "check_workers_apply", "check_output_outside_dataset", "device", "add_run_arguments", "add_cache_argument", "set_threads", "parse_number", "parse_list",
-           "one_line", "exit_on_sigterm", "user_errors", "run_errors", "config_from_args", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
+           "one_line", "exit_on_sigterm", "user_errors", "run_errors", "config_from_args", "run_report", "prepare_output", "commit_report", "checkpoint_input_size", "load_model_and_data", "write_report",
            "plt_or_none", "save_figure", "json_line", "add_output_arguments", "output_is_default", "show_path",
            "written_message", "progress_bar", "add_model_module_argument", "import_model_modules"]
 
@@ -135,6 +135,19 @@ def config_from_args(cls, args: argparse.Namespace, **overrides):
     values.update(overrides)
     with run_errors():
         return cls(**values)
+
+
+def run_report(run, config, quiet: bool = False) -> int:
+    """Run a report tool's library run (``run(config)``, an :class:`~bagcert.runs._io.AnalysisReport`) with its
+    refusals as :func:`run_errors`, print summary.md and the folder written (unless ``quiet``), then the one-line JSON
+    summary; returns the exit status 0."""
+    with run_errors():
+        report = run(config)
+    if not quiet:
+        print(report.markdown)
+        print(written_message(report.output))
+    print(json_line(report.summary))
+    return 0
 
 
 def add_model_module_argument(p, note: str = "") -> None:

@@ -24,8 +24,8 @@ When an evaluation fails after a patch was made, the patch is kept in the stagin
 from __future__ import annotations
 
 from ._common import (
-    Parser, add_run_arguments, bounded_number, config_from_args, exit_on_sigterm, json_line, nonnegative_int, positive_int,
-    positive_number, run_errors, unit_number, written_message,
+    Parser, add_run_arguments, bounded_number, config_from_args, exit_on_sigterm, nonnegative_int, positive_int,
+    positive_number, run_report, unit_number,
 )
 
 
@@ -91,13 +91,7 @@ def main(argv=None, prog: str = "bagcert defensive-patch") -> int:
 
     args = build_parser(prog).parse_args(argv)
     config = config_from_args(DefensivePatchConfig, args)
-    with run_errors():
-        report = defensive_patch_run(config)
-    if not args.quiet:
-        print(report.markdown)
-        print(written_message(report.output))
-    print(json_line(report.summary))
-    return 0
+    return run_report(defensive_patch_run, config, args.quiet)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import (Parser, add_run_arguments, config_from_args, device, exit_on_sigterm, json_line, positive_int, run_errors,
-                      written_message)
+from ._common import Parser, add_run_arguments, config_from_args, device, exit_on_sigterm, positive_int, run_report
 
 
 def build_parser(prog: str = "bagcert imagenet-a"):
@@ -74,13 +73,7 @@ def main(argv=None, prog: str = "bagcert imagenet-a") -> int:
     if any(a == "--data" or a.startswith("--data=") for a in (sys.argv[1:] if argv is None else argv)):
         print("--data is deprecated: use --dataset (same meaning)", file=sys.stderr)
     config = config_from_args(ImageNetAConfig, args)
-    with run_errors():
-        report = imagenet_a_run(config)
-    if not args.quiet:
-        print(report.markdown)
-        print(written_message(report.output))
-    print(json_line(report.summary))
-    return 0
+    return run_report(imagenet_a_run, config, args.quiet)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 
 from ._common import (
-    Parser, add_run_arguments, config_from_args, exit_on_sigterm, json_line, nonnegative_int, parse_number, positive_int, positive_number,
-    run_errors, unit_number, written_message,
+    Parser, add_run_arguments, config_from_args, exit_on_sigterm, nonnegative_int, parse_number, positive_int, positive_number,
+    run_report, unit_number,
 )
 
 
@@ -71,13 +71,7 @@ def main(argv=None, prog: str = "bagcert roi") -> int:
 
     args = build_parser(prog).parse_args(argv)
     config = config_from_args(RoiConfig, args)
-    with run_errors():
-        report = roi_run(config)
-    if not args.quiet:
-        print(report.markdown)
-        print(written_message(report.output))
-    print(json_line(report.summary))
-    return 0
+    return run_report(roi_run, config, args.quiet)
 
 
 if __name__ == "__main__":
