@@ -149,3 +149,25 @@ def test_the_library_run_has_no_argparse_and_no_process_exit():
     assert [str(f.relative_to(ROOT)) for f in files if _ARGPARSE.search(f.read_text())] == []
     certify_files = [package / "runs" / f for f in ("certify.py", "_certify_parts.py", "_values.py")]
     assert [str(f.relative_to(ROOT)) for f in certify_files if _EXIT.search(f.read_text())] == []
+
+
+@pytest.mark.parametrize("value, expected", [
+    (5.5, "patch size '5.5' is not understood"), ("", "patch size '' is not understood"),  # "" was taken as not given
+    (0, "patch size must be positive, got 0x0"), ([1, 2, 3], "patch size '[1, 2, 3]' is not understood"),
+])
+def test_a_bad_mask_patch_size_is_refused_when_the_config_is_built(value, expected, capsys):
+    with pytest.raises(CertifyError) as info:
+        CertifyConfig(mask_patch_size=value)
+    assert str(info.value).startswith(f"--mask-patch-size: {expected}") and "\n" not in str(info.value)
+    if isinstance(value, str):  # the command refuses it with the same line, exit status 1, no traceback
+        with pytest.raises(SystemExit) as e:
+            cli_certify.main(["--mask-patch-size", value])
+        assert e.value.code == str(info.value)
+    assert CertifyConfig(mask_patch_size=(3, 7)).mask_patch_size == "3x7"
+
+
+def test_model_modules_as_a_lone_path_is_one_line_not_a_type_error():
+    with pytest.raises(CertifyError, match=r"^model_modules must be a list of .py files or dotted module names, got "
+                                           r"PosixPath\('m.py'\)$"):
+        CertifyConfig(model_modules=Path("m.py"))
+    assert CertifyConfig(model_modules=[Path("m.py")]).model_modules == ("m.py",)

@@ -188,7 +188,7 @@ def _check_values(cfg) -> None:
             raise _field_error(name, f"expected a path or name (text), got {value!r}")
         _set(cfg, name, str(os.fspath(value)))
     if cfg.model_modules is not None:
-        if isinstance(cfg.model_modules, (str, bytes)) or not all(isinstance(m, (str, os.PathLike)) for m in cfg.model_modules):
+        if isinstance(cfg.model_modules, (str, bytes, os.PathLike)) or not all(isinstance(m, (str, os.PathLike)) for m in cfg.model_modules):
             raise CertifyError(f"model_modules must be a list of .py files or dotted module names, got {cfg.model_modules!r}")
         _set(cfg, "model_modules", tuple(str(os.fspath(m)) for m in cfg.model_modules))
     if not isinstance(cfg.split, str) or not cfg.split.strip():
@@ -204,7 +204,13 @@ def _check_values(cfg) -> None:
                 raise _field_error(name, f"expected comma-separated sizes like '5,3x7' or a list of sizes, got {value!r}") from None
             _set(cfg, name, value)
     if cfg.mask_patch_size is not None:
+        from ..geometry import parse_patch_size
+
         _set(cfg, "mask_patch_size", _size_text(cfg.mask_patch_size))
+        try:  # checked now, not only once a PatchCleanser file is read ("" was taken as not given)
+            parse_patch_size(cfg.mask_patch_size)
+        except (TypeError, ValueError) as e:
+            raise CertifyError(one_line(f"--mask-patch-size: {e}")) from None
     if cfg.attacks is None:  # as run_certification(attacks=None) always took it: no attack
         _set(cfg, "attacks", "")
     if not isinstance(cfg.attacks, str):

@@ -105,8 +105,11 @@ class TrainConfig:
         """Refuse numbers no run can use, each with what was expected (from flags or a config file alike).
 
         Without it, ``batch_size 0`` or ``log_every 0`` ended in a ZeroDivisionError, a negative ``epochs`` or
-        ``lr`` trained nothing or uphill, and ``eval_every 0`` was quietly taken as every step.
+        ``lr`` trained nothing or uphill, and ``eval_every 0`` was quietly taken as every step. The types are checked
+        too (``flip="no"`` would be truthy, ``seed="3"`` failed deep in torch); ``dataset``, ``output`` and
+        ``init_from`` may be ``pathlib.Path`` objects and are stored as text (config.json records them).
         """
+        self._check_types()
         def number(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False):
             v = getattr(self, name)
             if v is None and optional:
@@ -173,6 +176,39 @@ class TrainConfig:
             raise ValueError(f"model must be a registered model name, got {self.model!r}; available: "
                              f"{', '.join(list_models())}{hint}")
         return self
+
+    _BOOLS = ("flip", "random_crop", "amp", "channels_last", "compile", "sync_bn", "compile_step", "fused_optimizer",
+              "eval_amp", "tensorboard", "progress")
+
+    def _check_types(self) -> None:
+        """The fields that are not numbers: bools, text, paths, the model's kwargs and the patch-size lists (ValueError
+        with one line naming the field); a path given as ``os.PathLike`` is stored as its text."""
+        import os
+
+        for name in self._BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("seed", "split_seed"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+        for name, optional in (("dataset", False), ("output", False), ("init_from", True)):
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if not isinstance(v, (str, os.PathLike)) or not str(os.fspath(v)).strip():
+                raise ValueError(f"{name} must be a path (str or pathlib.Path){' or None' if optional else ''}, got {v!r}")
+            setattr(self, name, str(os.fspath(v)))
+        for name, optional in (("model", False), ("device", False), ("peer", True)):
+            v = getattr(self, name)
+            if not (v is None and optional) and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"{name} must be non-empty text{' or None' if optional else ''}, got {v!r}")
+        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+            raise ValueError(f"model_kwargs must be a dict of keyword arguments of the model, such as {{'width': 32}}, "
+                             f"got {self.model_kwargs!r}")
+        for name in ("patch_sizes", "eval_patch_sizes"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)):  # "15" would be read as the sizes 1 and 5
+                raise ValueError(f"{name} must be a list of patch sizes such as [5] or [3, '3x7'], got {v!r}")
 
 
 def _peer_spec(cfg: TrainConfig):
