@@ -171,3 +171,11 @@ def test_model_modules_as_a_lone_path_is_one_line_not_a_type_error():
                                            r"PosixPath\('m.py'\)$"):
         CertifyConfig(model_modules=Path("m.py"))
     assert CertifyConfig(model_modules=[Path("m.py")]).model_modules == ("m.py",)
+
+
+def test_run_certification_checks_overwrite_instead_of_taking_its_truth_value(tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "results.json").write_text("{}")  # bool("no") is True: it would have been replaced
+    with pytest.raises(CertifyError, match=r"^overwrite: must be True or False, got 'no'$"):
+        bagcert.run_certification(output=tmp_path / "report", overwrite="no", num_images=2)
+    assert (tmp_path / "report" / "results.json").read_text() == "{}"

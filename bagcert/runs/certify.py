@@ -628,7 +628,7 @@ def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, pa
         raise CertifyError(f"run_certification: unknown option(s) {', '.join(unknown)}; expected CLI option names such as "
                            "split, num_images, batch_size, device, data_path")
     values = {"progress": False, **options, "quiet": True}
-    common = dict(checkpoint=checkpoint, dataset=dataset, patch_sizes=patch_sizes, overwrite=bool(overwrite), **values)
+    common = dict(checkpoint=checkpoint, dataset=dataset, patch_sizes=patch_sizes, overwrite=overwrite, **values)  # checked, not bool()
     if output is not None:
         out = certify_run(CertifyConfig(output=output, **common))
     else:

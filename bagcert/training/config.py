@@ -158,6 +158,14 @@ class TrainConfig:
                               ("masking_evidence", ("logits", "votes")), ("masking_pairs", ("greedy", "all"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.loss != "masking":  # a --masking-* value without --loss masking would be silently unused
+            import dataclasses
+
+            unused = [f"{f.name} {getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                      if f.name.startswith("masking_") and getattr(self, f.name) != f.default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with loss 'masking', "
+                                 f"not {self.loss!r}: give --loss masking (loss='masking') or drop {'it' if len(unused) == 1 else 'them'}")
         if self.loss == "masking" and self.compile_step:
             raise ValueError("compile_step does not support loss 'masking' (its pair search runs outside autograd); drop it")
         from ..models import _is_registered, list_models, load_model_module
