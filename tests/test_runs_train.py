@@ -137,3 +137,15 @@ def test_paths_may_be_path_objects_and_are_recorded_as_text(tmp_path, one_thread
     assert summary["steps"] == 1
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (recorded["dataset"], recorded["output"]) == (str(SAMPLES), str(tmp_path / "run"))
+
+
+def test_a_config_file_of_the_wrong_type_is_one_line_naming_only_options_that_exist(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"flip": "no", "dataset": "synthetic:16"}))
+    with pytest.raises(SystemExit) as e:  # flip has no command-line option: only the config file's key is named
+        train_cli.main(["--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run")])
+    assert e.value.code == "flip must be True or False, got 'no' ('flip' in the config file)"
+    (tmp_path / "c.json").write_text(json.dumps({"seed": "3", "dataset": "synthetic:16"}))
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run")])
+    assert e.value.code == "seed must be an int, got '3' (--seed or 'seed' in the config file)"
+    assert not (tmp_path / "run").exists()
