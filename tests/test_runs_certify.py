@@ -179,3 +179,13 @@ def test_run_certification_checks_overwrite_instead_of_taking_its_truth_value(tm
     with pytest.raises(CertifyError, match=r"^overwrite: must be True or False, got 'no'$"):
         bagcert.run_certification(output=tmp_path / "report", overwrite="no", num_images=2)
     assert (tmp_path / "report" / "results.json").read_text() == "{}"
+
+
+def test_an_output_inside_the_bundled_samples_is_refused_when_no_dataset_is_given(capsys):
+    inside = SAMPLES / "test" / "report"  # was written there: an 11th class folder for every later run on the samples
+    with pytest.raises(CertifyError, match=r"^--output .*report lies inside the dataset folder .*cifar10: "):
+        certify_run(CertifyConfig(num_images=2, output=inside, progress=False, quiet=True))
+    assert not inside.exists()
+    with pytest.raises(SystemExit) as e:
+        cli_certify.main(["--num-images", "2", "--output", str(inside)])
+    assert "lies inside the dataset folder" in str(e.value.code) and not inside.exists()

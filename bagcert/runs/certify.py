@@ -365,7 +365,8 @@ def _run(cfg: CertifyConfig) -> Optional[CertifyResult]:
     dm_evidence, dm_clip = double_masking_options(cfg)
     # ---- 2. the report folder: checked now, written only after the work (staged, then moved into place) --------
     output = DEFAULT_OUTPUT if cfg.output is None else cfg.output
-    folder = prepare_output(output, cfg.overwrite, default_folder=cfg.output is None, dataset=cfg.dataset) if rank == 0 else None
+    dataset_given = cfg.dataset if cfg.dataset is not None else shipped.samples_path("cifar10")  # the bundled images too
+    folder = prepare_output(output, cfg.overwrite, default_folder=cfg.output is None, dataset=dataset_given) if rank == 0 else None
 
     # ---- 3. the checkpoint (a shipped model's name or a file; a peer classifier is recognised by its format) ----
     import_model_modules(cfg.model_modules)  # models of the user's own, before the file is read
