@@ -149,3 +149,13 @@ def test_a_config_file_of_the_wrong_type_is_one_line_naming_only_options_that_ex
         train_cli.main(["--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run")])
     assert e.value.code == "seed must be an int, got '3' (--seed or 'seed' in the config file)"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_init_from_file_is_one_line_before_anything_is_written(tmp_path):
+    cfg = TrainConfig(**{**OPTIONS, "output": str(tmp_path / "run"), "init_from": str(tmp_path / "nope.pt")})
+    with pytest.raises(TrainingError, match=r"^--init-from .*nope.pt: file not found; expected a bagcert model checkpoint"):
+        train_run(cfg, **QUIET)
+    assert not (tmp_path / "run").exists()  # config.json and train_log.jsonl were written before the file was read
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(bagcert.CheckpointError, match=r"^--init-from .*bad.pt: "):  # names the option
+        train_run(TrainConfig(**{**OPTIONS, "output": str(tmp_path / "run2"), "init_from": str(tmp_path / "bad.pt")}), **QUIET)

@@ -102,6 +102,9 @@ def train_run(config: TrainConfig, *, model_modules=(), resume: bool = False, lo
         check_output_outside_dataset(cfg.output, cfg.dataset, flag="output")
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    if cfg.init_from is not None and not os.path.isfile(cfg.init_from):  # read only once the run folder is written
+        raise TrainingError(f"--init-from {cfg.init_from}: file not found; expected a bagcert model checkpoint (or BagNet "
+                            "weights for bagnet9/17/33)")
     if not cfg.peer:
         _check_model(cfg)
     rank, world, _ = distributed_env()
