@@ -189,3 +189,8 @@ def test_an_output_inside_the_bundled_samples_is_refused_when_no_dataset_is_give
     with pytest.raises(SystemExit) as e:
         cli_certify.main(["--num-images", "2", "--output", str(inside)])
     assert "lies inside the dataset folder" in str(e.value.code) and not inside.exists()
+
+
+def test_run_certification_checks_a_given_quiet_instead_of_overriding_it():
+    with pytest.raises(CertifyError, match=r"^quiet: must be True or False, got 'yes'$"):
+        bagcert.run_certification(quiet="yes", num_images=2)

@@ -602,7 +602,7 @@ def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, pa
     ``overwrite``: replace a report already in ``output``. ``options`` are the CLI's other options by their
     argument names, the fields of :class:`CertifyConfig` (``split``, ``num_images``, ``batch_size``, ``device``,
     ``aggregation``, ``data_path``, ``workers``, ``seed``, ``threads``, ``attacks``, ``attack_images``, ...); progress
-    bars are off unless ``progress=True`` and the attack log is silent. Nothing goes to stdout; stderr gets the
+    bars are off unless ``progress=True`` and the attack log is silent unless ``quiet=False``. Nothing goes to stdout; stderr gets the
     data-path note and the certificate used.
 
     ``config=CertifyConfig(...)`` instead runs that config as it is (:func:`certify_run`; its ``output`` None is the
@@ -628,7 +628,7 @@ def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, pa
     if unknown:
         raise CertifyError(f"run_certification: unknown option(s) {', '.join(unknown)}; expected CLI option names such as "
                            "split, num_images, batch_size, device, data_path")
-    values = {"progress": False, **options, "quiet": True}
+    values = {"progress": False, "quiet": True, **options}  # a given quiet is checked and kept, not overridden
     common = dict(checkpoint=checkpoint, dataset=dataset, patch_sizes=patch_sizes, overwrite=overwrite, **values)  # checked, not bool()
     if output is not None:
         out = certify_run(CertifyConfig(output=output, **common))
