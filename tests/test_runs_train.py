@@ -159,3 +159,12 @@ def test_a_missing_init_from_file_is_one_line_before_anything_is_written(tmp_pat
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(bagcert.CheckpointError, match=r"^--init-from .*bad.pt: "):  # names the option
         train_run(TrainConfig(**{**OPTIONS, "output": str(tmp_path / "run2"), "init_from": str(tmp_path / "bad.pt")}), **QUIET)
+
+
+def test_resume_and_log_are_checked(tmp_path):
+    cfg = TrainConfig(**{**OPTIONS, "output": str(tmp_path / "run")})
+    with pytest.raises(ValueError, match=r"^resume must be True or False, got 'no'$"):  # "no" was truthy: a resume
+        train_run(cfg, resume="no", **QUIET)
+    with pytest.raises(ValueError, match=r"^log must be a function taking one line of text"):
+        train_run(cfg, log=None)
+    assert not (tmp_path / "run").exists()

@@ -83,6 +83,10 @@ def train_run(config: TrainConfig, *, model_modules=(), resume: bool = False, lo
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a bagcert.training.TrainConfig, got {type(config).__name__}")
+    if not isinstance(resume, bool):  # resume="no" would be truthy
+        raise ValueError(f"resume must be True or False, got {resume!r}")
+    if not callable(log):
+        raise ValueError(f"log must be a function taking one line of text (print, or lambda *a: None), got {log!r}")
     if isinstance(model_modules, (str, os.PathLike)):  # one file or module
         model_modules = [model_modules]
     own = config.model_modules
