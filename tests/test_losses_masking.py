@@ -158,3 +158,21 @@ def test_train_cli_with_the_masking_loss_runs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit, match="masking_clip must be"):
         train_cli.main(argv[:-1] + [str(tmp_path / "bad"), "--masking-clip", "0"])
+
+
+def test_masking_settings_without_the_masking_loss_are_refused_not_ignored(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^masking_clip 2\.0 applies only with loss 'masking', not 'bagcert': give --loss "
+                                         r"masking \(loss='masking'\) or drop it$"):
+        TrainConfig(masking_clip=2.0).check()
+    with pytest.raises(ValueError, match=r"^masking_evidence 'votes', masking_pairs 'all' apply only with loss 'masking', "
+                                         r"not 'ce'"):
+        TrainConfig(loss="ce", masking_evidence="votes", masking_pairs="all").check()
+    TrainConfig(loss="masking", masking_clip=2.0).check()  # with the loss: fine
+    TrainConfig().check()  # the defaults are not "given"
+    import train as train_cli
+
+    with pytest.raises(SystemExit) as e:  # the command: one line, before anything is written
+        train_cli.main(["--dataset", "synthetic:16", "--model-kwargs", '{"width": 8}', "--masking-scale", "5",
+                        "--output", str(tmp_path / "run")])
+    assert str(e.value.code).startswith("masking_scale 5.0 applies only with loss 'masking'") and "\n" not in str(e.value.code)
+    assert not (tmp_path / "run").exists()

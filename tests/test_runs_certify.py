@@ -149,3 +149,48 @@ def test_the_library_run_has_no_argparse_and_no_process_exit():
     assert [str(f.relative_to(ROOT)) for f in files if _ARGPARSE.search(f.read_text())] == []
     certify_files = [package / "runs" / f for f in ("certify.py", "_certify_parts.py", "_checks.py")]
     assert [str(f.relative_to(ROOT)) for f in certify_files if _EXIT.search(f.read_text())] == []
+
+
+@pytest.mark.parametrize("value, expected", [
+    (5.5, "patch size '5.5' is not understood"), ("", "patch size '' is not understood"),  # "" was taken as not given
+    (0, "patch size must be positive, got 0x0"), ([1, 2, 3], "patch size '[1, 2, 3]' is not understood"),
+])
+def test_a_bad_mask_patch_size_is_refused_when_the_config_is_built(value, expected, capsys):
+    with pytest.raises(CertifyError) as info:
+        CertifyConfig(mask_patch_size=value)
+    assert str(info.value).startswith(f"--mask-patch-size: {expected}") and "\n" not in str(info.value)
+    if isinstance(value, str):  # the command refuses it with the same line, exit status 1, no traceback
+        with pytest.raises(SystemExit) as e:
+            cli_certify.main(["--mask-patch-size", value])
+        assert e.value.code == str(info.value)
+    assert CertifyConfig(mask_patch_size=(3, 7)).mask_patch_size == "3x7"
+
+
+def test_model_modules_as_a_lone_path_is_one_line_not_a_type_error():
+    with pytest.raises(CertifyError, match=r"^model_modules must be a list of .py files or dotted module names, got "
+                                           r"PosixPath\('m.py'\)$"):
+        CertifyConfig(model_modules=Path("m.py"))
+    assert CertifyConfig(model_modules=[Path("m.py")]).model_modules == ("m.py",)
+
+
+def test_run_certification_checks_overwrite_instead_of_taking_its_truth_value(tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "results.json").write_text("{}")  # bool("no") is True: it would have been replaced
+    with pytest.raises(CertifyError, match=r"^overwrite: must be True or False, got 'no'$"):
+        bagcert.run_certification(output=tmp_path / "report", overwrite="no", num_images=2)
+    assert (tmp_path / "report" / "results.json").read_text() == "{}"
+
+
+def test_an_output_inside_the_bundled_samples_is_refused_when_no_dataset_is_given(capsys):
+    inside = SAMPLES / "test" / "report"  # was written there: an 11th class folder for every later run on the samples
+    with pytest.raises(CertifyError, match=r"^--output .*report lies inside the dataset folder .*cifar10: "):
+        certify_run(CertifyConfig(num_images=2, output=inside, progress=False, quiet=True))
+    assert not inside.exists()
+    with pytest.raises(SystemExit) as e:
+        cli_certify.main(["--num-images", "2", "--output", str(inside)])
+    assert "lies inside the dataset folder" in str(e.value.code) and not inside.exists()
+
+
+def test_run_certification_checks_a_given_quiet_instead_of_overriding_it():
+    with pytest.raises(CertifyError, match=r"^quiet: must be True or False, got 'yes'$"):
+        bagcert.run_certification(quiet="yes", num_images=2)

@@ -107,3 +107,64 @@ def test_train_run_is_exported_and_the_library_has_no_argument_parser():
                  if "cli" not in p.relative_to(ROOT / "bagcert").parts[:1] and "argparse" in p.read_text()]
     assert offenders == []
     assert not (ROOT / "bagcert" / "training_parts.py").exists() and (ROOT / "bagcert" / "training" / "__init__.py").is_file()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(flip="no"), r"^flip must be True or False, got 'no'$"),  # a truthy string: flips would stay on
+    (dict(tensorboard="false"), r"^tensorboard must be True or False, got 'false'$"),
+    (dict(amp=1), r"^amp must be True or False, got 1$"),  # was a TrainingFailed inside the first step
+    (dict(seed="3"), r"^seed must be an int, got '3'$"),  # was a RuntimeError inside torch.manual_seed
+    (dict(split_seed=None), r"^split_seed must be an int, got None$"),
+    (dict(dataset=None), r"^dataset must be a path \(str or pathlib.Path\), got None$"),  # was an AttributeError
+    (dict(output=5), r"^output must be a path \(str or pathlib.Path\), got 5$"),
+    (dict(init_from=5), r"^init_from must be a path \(str or pathlib.Path\) or None, got 5$"),
+    (dict(device=None), r"^device must be non-empty text, got None$"),  # was a TypeError in torch.device
+    (dict(model_kwargs=None), r"^model_kwargs must be a dict of keyword arguments"),  # was a TypeError mid-run
+    (dict(patch_sizes="15"), r"^patch_sizes must be a list of patch sizes .*, got '15'$"),  # was read as [1, 5]
+    (dict(eval_patch_sizes=5), r"^eval_patch_sizes must be a list of patch sizes .*, got 5$"),
+    (dict(model_modules="my_models.py"), r"^config.model_modules must be a list of .py files"),  # was read letter by letter
+])
+def test_a_field_of_the_wrong_type_is_one_line_naming_it(change, match, tmp_path):
+    cfg = TrainConfig(**{**OPTIONS, "output": str(tmp_path / "run"), **change})
+    with pytest.raises(ValueError, match=match) as e:
+        train_run(cfg, **QUIET)
+    assert type(e.value) is ValueError and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_paths_may_be_path_objects_and_are_recorded_as_text(tmp_path, one_thread):
+    summary = train_run(TrainConfig(**{**OPTIONS, "dataset": SAMPLES, "output": tmp_path / "run", "max_steps": 1}), **QUIET)
+    assert summary["steps"] == 1
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recorded["dataset"], recorded["output"]) == (str(SAMPLES), str(tmp_path / "run"))
+
+
+def test_a_config_file_of_the_wrong_type_is_one_line_naming_only_options_that_exist(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"flip": "no", "dataset": "synthetic:16"}))
+    with pytest.raises(SystemExit) as e:  # flip has no command-line option: only the config file's key is named
+        train_cli.main(["--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run")])
+    assert e.value.code == "flip must be True or False, got 'no' ('flip' in the config file)"
+    (tmp_path / "c.json").write_text(json.dumps({"seed": "3", "dataset": "synthetic:16"}))
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run")])
+    assert e.value.code == "seed must be an int, got '3' (--seed or 'seed' in the config file)"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_init_from_file_is_one_line_before_anything_is_written(tmp_path):
+    cfg = TrainConfig(**{**OPTIONS, "output": str(tmp_path / "run"), "init_from": str(tmp_path / "nope.pt")})
+    with pytest.raises(TrainingError, match=r"^--init-from .*nope.pt: file not found; expected a bagcert model checkpoint"):
+        train_run(cfg, **QUIET)
+    assert not (tmp_path / "run").exists()  # config.json and train_log.jsonl were written before the file was read
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(bagcert.CheckpointError, match=r"^--init-from .*bad.pt: "):  # names the option
+        train_run(TrainConfig(**{**OPTIONS, "output": str(tmp_path / "run2"), "init_from": str(tmp_path / "bad.pt")}), **QUIET)
+
+
+def test_resume_and_log_are_checked(tmp_path):
+    cfg = TrainConfig(**{**OPTIONS, "output": str(tmp_path / "run")})
+    with pytest.raises(ValueError, match=r"^resume must be True or False, got 'no'$"):  # "no" was truthy: a resume
+        train_run(cfg, resume="no", **QUIET)
+    with pytest.raises(ValueError, match=r"^log must be a function taking one line of text"):
+        train_run(cfg, log=None)
+    assert not (tmp_path / "run").exists()

@@ -238,7 +238,9 @@ def resolve_config(args) -> TrainConfig:
         check_run_values(cfg)  # the device exists here, the loader processes fit, max_steps >= 1
     except ValueError as e:
         name = str(e).split()[0]
-        raise SystemExit(f"{e} (--{name.replace('_', '-')} or {name!r} in the config file)") from None
+        flag = f"--{name.replace('_', '-')}"
+        where = f"{flag} or {name!r}" if flag in build_parser()._option_string_actions else repr(name)  # flip: no flag
+        raise SystemExit(f"{e} ({where} in the config file)") from None
     try:
         _peer_spec(cfg)
     except ValueError as e:

@@ -188,7 +188,7 @@ def _check_values(cfg) -> None:
             raise _field_error(name, f"expected a path or name (text), got {value!r}")
         _set(cfg, name, str(os.fspath(value)))
     if cfg.model_modules is not None:
-        if isinstance(cfg.model_modules, (str, bytes)) or not all(isinstance(m, (str, os.PathLike)) for m in cfg.model_modules):
+        if isinstance(cfg.model_modules, (str, bytes, os.PathLike)) or not all(isinstance(m, (str, os.PathLike)) for m in cfg.model_modules):
             raise CertifyError(f"model_modules must be a list of .py files or dotted module names, got {cfg.model_modules!r}")
         _set(cfg, "model_modules", tuple(str(os.fspath(m)) for m in cfg.model_modules))
     if not isinstance(cfg.split, str) or not cfg.split.strip():
@@ -204,7 +204,13 @@ def _check_values(cfg) -> None:
                 raise _field_error(name, f"expected comma-separated sizes like '5,3x7' or a list of sizes, got {value!r}") from None
             _set(cfg, name, value)
     if cfg.mask_patch_size is not None:
+        from ..geometry import parse_patch_size
+
         _set(cfg, "mask_patch_size", _size_text(cfg.mask_patch_size))
+        try:  # checked now, not only once a PatchCleanser file is read ("" was taken as not given)
+            parse_patch_size(cfg.mask_patch_size)
+        except (TypeError, ValueError) as e:
+            raise CertifyError(one_line(f"--mask-patch-size: {e}")) from None
     if cfg.attacks is None:  # as run_certification(attacks=None) always took it: no attack
         _set(cfg, "attacks", "")
     if not isinstance(cfg.attacks, str):
@@ -359,7 +365,8 @@ def _run(cfg: CertifyConfig) -> Optional[CertifyResult]:
     dm_evidence, dm_clip = double_masking_options(cfg)
     # ---- 2. the report folder: checked now, written only after the work (staged, then moved into place) --------
     output = DEFAULT_OUTPUT if cfg.output is None else cfg.output
-    folder = prepare_output(output, cfg.overwrite, default_folder=cfg.output is None, dataset=cfg.dataset) if rank == 0 else None
+    dataset_given = cfg.dataset if cfg.dataset is not None else shipped.samples_path("cifar10")  # the bundled images too
+    folder = prepare_output(output, cfg.overwrite, default_folder=cfg.output is None, dataset=dataset_given) if rank == 0 else None
 
     # ---- 3. the checkpoint (a shipped model's name or a file; a peer classifier is recognised by its format) ----
     import_model_modules(cfg.model_modules)  # models of the user's own, before the file is read
@@ -595,7 +602,7 @@ def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, pa
     ``overwrite``: replace a report already in ``output``. ``options`` are the CLI's other options by their
     argument names, the fields of :class:`CertifyConfig` (``split``, ``num_images``, ``batch_size``, ``device``,
     ``aggregation``, ``data_path``, ``workers``, ``seed``, ``threads``, ``attacks``, ``attack_images``, ...); progress
-    bars are off unless ``progress=True`` and the attack log is silent. Nothing goes to stdout; stderr gets the
+    bars are off unless ``progress=True`` and the attack log is silent unless ``quiet=False``. Nothing goes to stdout; stderr gets the
     data-path note and the certificate used.
 
     ``config=CertifyConfig(...)`` instead runs that config as it is (:func:`certify_run`; its ``output`` None is the
@@ -621,8 +628,8 @@ def run_certification(checkpoint=DEFAULT_CHECKPOINT, dataset=DEFAULT_DATASET, pa
     if unknown:
         raise CertifyError(f"run_certification: unknown option(s) {', '.join(unknown)}; expected CLI option names such as "
                            "split, num_images, batch_size, device, data_path")
-    values = {"progress": False, **options, "quiet": True}
-    common = dict(checkpoint=checkpoint, dataset=dataset, patch_sizes=patch_sizes, overwrite=bool(overwrite), **values)
+    values = {"progress": False, "quiet": True, **options}  # a given quiet is checked and kept, not overridden
+    common = dict(checkpoint=checkpoint, dataset=dataset, patch_sizes=patch_sizes, overwrite=overwrite, **values)  # checked, not bool()
     if output is not None:
         out = certify_run(CertifyConfig(output=output, **common))
     else:

@@ -83,10 +83,20 @@ def train_run(config: TrainConfig, *, model_modules=(), resume: bool = False, lo
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a bagcert.training.TrainConfig, got {type(config).__name__}")
+    if not isinstance(resume, bool):  # resume="no" would be truthy
+        raise ValueError(f"resume must be True or False, got {resume!r}")
+    if not callable(log):
+        raise ValueError(f"log must be a function taking one line of text (print, or lambda *a: None), got {log!r}")
     if isinstance(model_modules, (str, os.PathLike)):  # one file or module
         model_modules = [model_modules]
+    own = config.model_modules
+    for name, value in (("model_modules", model_modules), ("config.model_modules", own)):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(m, (str, os.PathLike)) for m in value):
+            # a lone "my_models.py" in the config would be read letter by letter
+            raise ValueError(f"{name} must be a list of .py files or dotted module names, got {value!r}")
+    own = [os.fspath(m) for m in own]
     given = [os.fspath(m) for m in model_modules]
-    modules = list(config.model_modules) + [m for m in given if m not in config.model_modules]
+    modules = own + [m for m in given if m not in own]
     cfg = replace(config, model_modules=modules, dataset=resolve_dataset(config.dataset))
     cfg.check()  # imports the model modules; ValueError naming the field
     check_run_values(cfg)
@@ -96,6 +106,9 @@ def train_run(config: TrainConfig, *, model_modules=(), resume: bool = False, lo
         check_output_outside_dataset(cfg.output, cfg.dataset, flag="output")
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    if cfg.init_from is not None and not os.path.isfile(cfg.init_from):  # read only once the run folder is written
+        raise TrainingError(f"--init-from {cfg.init_from}: file not found; expected a bagcert model checkpoint (or BagNet "
+                            "weights for bagnet9/17/33)")
     if not cfg.peer:
         _check_model(cfg)
     rank, world, _ = distributed_env()
@@ -151,7 +164,8 @@ def _check_peer(cfg: TrainConfig) -> None:
     try:
         _peer_spec(cfg)
     except ValueError as e:
-        raise ValueError(f"peer {cfg.peer!r}: {e}") from None
+        prefix = f"peer {cfg.peer!r}: "
+        raise ValueError(f"{'' if str(e).startswith(prefix) else prefix}{e}") from None
 
 
 def _check_model(cfg: TrainConfig) -> None:

@@ -105,8 +105,11 @@ class TrainConfig:
         """Refuse numbers no run can use, each with what was expected (from flags or a config file alike).
 
         Without it, ``batch_size 0`` or ``log_every 0`` ended in a ZeroDivisionError, a negative ``epochs`` or
-        ``lr`` trained nothing or uphill, and ``eval_every 0`` was quietly taken as every step.
+        ``lr`` trained nothing or uphill, and ``eval_every 0`` was quietly taken as every step. The types are checked
+        too (``flip="no"`` would be truthy, ``seed="3"`` failed deep in torch); ``dataset``, ``output`` and
+        ``init_from`` may be ``pathlib.Path`` objects and are stored as text (config.json records them).
         """
+        self._check_types()
         def number(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False):
             v = getattr(self, name)
             if v is None and optional:
@@ -155,6 +158,14 @@ class TrainConfig:
                               ("masking_evidence", ("logits", "votes")), ("masking_pairs", ("greedy", "all"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.loss != "masking":  # a --masking-* value without --loss masking would be silently unused
+            import dataclasses
+
+            unused = [f"{f.name} {getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                      if f.name.startswith("masking_") and getattr(self, f.name) != f.default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only with loss 'masking', "
+                                 f"not {self.loss!r}: give --loss masking (loss='masking') or drop {'it' if len(unused) == 1 else 'them'}")
         if self.loss == "masking" and self.compile_step:
             raise ValueError("compile_step does not support loss 'masking' (its pair search runs outside autograd); drop it")
         from ..models import _is_registered, list_models, load_model_module
@@ -173,6 +184,39 @@ class TrainConfig:
             raise ValueError(f"model must be a registered model name, got {self.model!r}; available: "
                              f"{', '.join(list_models())}{hint}")
         return self
+
+    _BOOLS = ("flip", "random_crop", "amp", "channels_last", "compile", "sync_bn", "compile_step", "fused_optimizer",
+              "eval_amp", "tensorboard", "progress")
+
+    def _check_types(self) -> None:
+        """The fields that are not numbers: bools, text, paths, the model's kwargs and the patch-size lists (ValueError
+        with one line naming the field); a path given as ``os.PathLike`` is stored as its text."""
+        import os
+
+        for name in self._BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("seed", "split_seed"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+        for name, optional in (("dataset", False), ("output", False), ("init_from", True)):
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if not isinstance(v, (str, os.PathLike)) or not str(os.fspath(v)).strip():
+                raise ValueError(f"{name} must be a path (str or pathlib.Path){' or None' if optional else ''}, got {v!r}")
+            setattr(self, name, str(os.fspath(v)))
+        for name, optional in (("model", False), ("device", False), ("peer", True)):
+            v = getattr(self, name)
+            if not (v is None and optional) and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"{name} must be non-empty text{' or None' if optional else ''}, got {v!r}")
+        if not isinstance(self.model_kwargs, dict) or not all(isinstance(k, str) for k in self.model_kwargs):
+            raise ValueError(f"model_kwargs must be a dict of keyword arguments of the model, such as {{'width': 32}}, "
+                             f"got {self.model_kwargs!r}")
+        for name in ("patch_sizes", "eval_patch_sizes"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)):  # "15" would be read as the sizes 1 and 5
+                raise ValueError(f"{name} must be a list of patch sizes such as [5] or [3, '3x7'], got {v!r}")
 
 
 def _peer_spec(cfg: TrainConfig):

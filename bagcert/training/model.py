@@ -37,11 +37,14 @@ def _init_from_checkpoint(model, path) -> dict:
     weights in the original repository's state-dict layout (Brendel & Bethge, ICLR 2019) for ``bagnet9/17/33``,
     converted by :func:`bagcert.models.convert.load_bagnet_state_dict` (the 1000-class head is loaded only when
     the class count matches). Returns what is known about the source. Raises CheckpointError / TrainingError."""
-    from ..checkpoint import FORMAT, load_checkpoint
+    from ..checkpoint import FORMAT, CheckpointError, load_checkpoint
     from ..models import BagNet
     from ..models.convert import load_bagnet_state_dict, read_weights_file
 
-    obj = read_weights_file(path)  # weights-only; a refused or unreadable file is a CheckpointError
+    try:
+        obj = read_weights_file(path)  # weights-only; a refused or unreadable file is a CheckpointError
+    except CheckpointError as e:
+        raise CheckpointError(f"--init-from {path}: {e}") from e
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         if not isinstance(model, BagNet):
             raise TrainingError(
