@@ -426,7 +426,7 @@ def _unknown_model_message(path, name: str, metadata, known: list) -> str:
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely: returns ``(model, metadata)``; the model is in eval mode on ``map_location``.
 
-    ``path`` is a file or the name of a shipped model (``"bagcert-cifar10-r5-dense"``; ``bagcert models`` lists
+    ``path`` is a file or the name of a shipped model (``"bagcert-cifar10-r5-dm"``; ``bagcert models`` lists
     them; :func:`bagcert.shipped.resolve_checkpoint`), which works in a checkout and in an installed package alike.
 
     The file is read with weights-only loading after a CRC-32 check of the archive, the model is rebuilt from

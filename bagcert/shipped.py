@@ -7,7 +7,7 @@ same relative paths, which ``setup.py`` puts there when it builds the wheel (the
 git). Either way::
 
     from bagcert.shipped import resolve_checkpoint, samples_path, shipped_models
-    model, meta = bagcert.load_checkpoint("bagcert-cifar10-r5-dense")   # load_checkpoint resolves names itself
+    model, meta = bagcert.load_checkpoint("bagcert-cifar10-r5-dm")   # load_checkpoint resolves names itself
     resolve_checkpoint("bagcert-imagenette-r17")      # Path of the .pt file
     samples_path("cifar10")                           # Path of the bundled image folder (<root>/test/<class>/*.jpg)
     shipped_models()["bagcert-cifar10-r9"].clean_accuracy
@@ -68,9 +68,9 @@ class ShippedModel:
     """One shipped model: its name, file and card numbers.
 
     Attributes:
-        name: the model card's name, e.g. ``"bagcert-cifar10-r5-dense"``; what ``--checkpoint`` and
+        name: the model card's name, e.g. ``"bagcert-cifar10-r5-dm"``; what ``--checkpoint`` and
             :func:`bagcert.load_checkpoint` accept.
-        file: path of the checkpoint in the source tree, e.g. ``"checkpoints/bagcert_cifar10_r5s2_dense.pt"``.
+        file: path of the checkpoint in the source tree, e.g. ``"checkpoints/bagcert_cifar10_r5s2_dm.pt"``.
         path: the checkpoint file this installation reads (may be missing in a damaged install).
         data: the data it was trained for, e.g. ``"CIFAR-10"``.
         about: one line on what it is.
@@ -164,7 +164,7 @@ def resolve_checkpoint(name_or_path) -> Path:
     A shipped name always means the shipped model, even if a file of that name lies in the working directory.
 
     Args:
-        name_or_path: str or os.PathLike: ``"bagcert-cifar10-r5-dense"`` or a path to a ``.pt`` file.
+        name_or_path: str or os.PathLike: ``"bagcert-cifar10-r5-dm"`` or a path to a ``.pt`` file.
 
     Returns:
         pathlib.Path: the shipped file for a name; ``Path(name_or_path)`` otherwise (whether it exists is for the

@@ -8,7 +8,9 @@
 # Stages (train.py plans each stage's epochs from the speed it measures, --time-budget-minutes, so each cosine
 # schedule ends inside its budget; both stages are resumable: a rerun with the same OUT continues them):
 #   1. strided training, STAGE1_SECONDS (default 420 s = 7 min)
-#   2. dense fine-tuning from stage 1, STAGE2_SECONDS (default 120 s = 2 min); together 9 minutes of training
+#   2. dense fine-tuning from stage 1 for the double-masking certificate (STAGE2_LOSS, default masking: --loss masking,
+#      docs/experiments/2026-12-05-masking-loss.md; bagcert for the votes loss), STAGE2_SECONDS (default 120 s = 2 min);
+#      together 9 minutes of training
 #   3. certify.py on the full test set (dense), then PGD and certificate-guided PGD on ATTACK_IMAGES test images
 #      (certify.py exits non-zero if any certificate is broken)
 #   4. the best one-pass certificate on CPU so far: double masking of the local logits clipped to (-1, 1), 5x5, on the
@@ -18,7 +20,7 @@
 # summary.md, per_sample.csv), attack/ and attack_adaptive/ (summary.md), env.txt (torch, device, date).
 #
 # CPU smoke test (tiny budget, a 3,000-image training subset, 200 test images):
-#   DEVICE=cpu STAGE1_SECONDS=60 STAGE2_SECONDS=90 TEST_IMAGES=200 ATTACK_IMAGES=10 ATTACK_STEPS=5 DM_ATTACK_IMAGES=4 \
+#   DEVICE=cpu STAGE1_SECONDS=150 STAGE2_SECONDS=150 TEST_IMAGES=200 ATTACK_IMAGES=10 ATTACK_STEPS=5 DM_ATTACK_IMAGES=4 \
 #       EXTRA="--train-limit 3000 --threads 2" KWARGS='{"width":32}' PY=.venv/bin/python \
 #       OUT=/tmp/gpu_recipe_smoke bash benchmarks/gpu_cifar_recipe.sh
 set -euo pipefail
@@ -29,6 +31,7 @@ MODEL=${MODEL:-cifar_bagnet5_s2}
 KWARGS=${KWARGS:-'{"width":384,"depth":8}'}
 STAGE1_SECONDS=${STAGE1_SECONDS:-420}
 STAGE2_SECONDS=${STAGE2_SECONDS:-120}
+STAGE2_LOSS=${STAGE2_LOSS:-masking}
 BATCH=${BATCH:-512}
 LR=${LR:-0.004}
 TEST_IMAGES=${TEST_IMAGES:-0}          # 0: the full test set
@@ -56,8 +59,9 @@ common=(--dataset "$DATA" --model "$MODEL" --margin-reduce mean --bce-pos-weight
 "$PY" train.py "${common[@]}" --model-kwargs "$KWARGS" --batch-size "$BATCH" --lr "$LR" \
     --time-budget-minutes "$(minutes "$STAGE1_SECONDS")" --eval-every 10 --output "$OUT/stage1" \
     2>&1 | tee -a "$OUT/stage1.log"
-# 2. dense fine-tuning from stage 1's EMA weights: a tenth of the peak learning rate, no warm-up
-"$PY" train.py "${common[@]}" --model-kwargs "$dense_kwargs" --init-from "$OUT/stage1/model.pt" --batch-size "$BATCH" \
+# 2. dense fine-tuning from stage 1's EMA weights: a tenth of the peak learning rate, no warm-up, the masking loss
+loss2=(--loss "$STAGE2_LOSS"); [ "$STAGE2_LOSS" = masking ] && loss2+=(--masking-evidence logits --masking-clip 1.0)
+"$PY" train.py "${common[@]}" "${loss2[@]}" --model-kwargs "$dense_kwargs" --init-from "$OUT/stage1/model.pt" --batch-size "$BATCH" \
     --lr "$("$PY" -c "import sys; print(float(sys.argv[1]) / 10)" "$LR")" --warmup-epochs 0 --margin-warmup-epochs 0 \
     --time-budget-minutes "$(minutes "$STAGE2_SECONDS")" --eval-every 1 --output "$OUT/stage2" \
     2>&1 | tee -a "$OUT/stage2.log"

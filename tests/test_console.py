@@ -33,7 +33,7 @@ def test_certify_help_is_certifys_help_with_every_default(capsys):
         main(["certify", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: bagcert certify" in out and "bagcert-cifar10-r5-dense" in out
+    assert "usage: bagcert certify" in out and "bagcert-cifar10-r5-dm" in out
     options = out.split("\noptions:", 1)[1]
     for flag, default in (("--batch-size", "250"), ("--data-path", "auto"), ("--workers", "0"), ("--split", "test"),
                           ("--attack-steps", "150"), ("--output", "outputs/certify")):

@@ -23,7 +23,7 @@ NAMES = [m["name"] for m in MANIFEST["models"]]
 
 
 def test_each_name_resolves_to_its_file_in_the_checkout():
-    assert len(NAMES) == len(set(NAMES)) == 5 and shipped.DEFAULT_MODEL == NAMES[0] == "bagcert-cifar10-r5-dense"
+    assert len(NAMES) == len(set(NAMES)) == 6 and shipped.DEFAULT_MODEL == NAMES[0] == "bagcert-cifar10-r5-dm"
     assert shipped.data_location() == "source tree"
     for m in MANIFEST["models"]:
         path = shipped.resolve_checkpoint(m["name"])
@@ -105,7 +105,7 @@ def test_bagcert_models_lists_names_files_and_card_numbers(capsys):
         assert row[0].rstrip().endswith(m.file) and (row[0].split()[1] == "*") == (name == shipped.DEFAULT_MODEL)
     assert models_cli.main(["--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [d["name"] for d in listed] == NAMES and listed[2]["card_patch"] == "18"
+    assert [d["name"] for d in listed] == NAMES and listed[3]["card_patch"] == "18"
     assert listed[0]["clean_accuracy"] == shipped.shipped_models()[NAMES[0]].clean_accuracy
 
 
@@ -124,7 +124,7 @@ def test_help_names_the_default_model_not_a_path(capsys, monkeypatch):
     text = " ".join(capsys.readouterr().out.split("\noptions:", 1)[1].split())
     ckpt = text.split("--checkpoint CHECKPOINT", 1)[1].split(" --dataset", 1)[0]
     data = text.split("--dataset DATASET", 1)[1].split(" --split", 1)[0]
-    assert "(default: bagcert-cifar10-r5-dense, the shipped default model)" in ckpt and "bagcert models" in ckpt
+    assert "(default: bagcert-cifar10-r5-dm, the shipped default model)" in ckpt and "bagcert models" in ckpt
     assert "default: the 200 CIFAR-10 test images bundled with bagcert" in data
     assert str(ROOT) not in ckpt + data and ".pt" not in ckpt.split("(default:")[1]
 
@@ -198,15 +198,15 @@ def test_wheel_carries_the_models_reports_and_samples_and_runs_outside_the_check
              "m, meta = bagcert.load_checkpoint('bagcert-imagenette-r17');"
              "print(json.dumps({'file': bagcert.__file__, 'where': s.data_location(), 'samples': str(s.samples_path()),"
              "'classes': len(meta['classes']), 'origin': code_origin(), 'sha': git_sha(),"
-             "'card': s.shipped_models()['bagcert-cifar10-r5-dense'].clean_accuracy}))")
+             "'card': s.shipped_models()['bagcert-cifar10-r5-dm'].clean_accuracy}))")
     r = subprocess.run([sys.executable, "-c", probe], cwd=work, capture_output=True, text=True, timeout=300,
                        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["file"].startswith(str(target)) and got["where"] == "package" and got["samples"].startswith(str(target))
     assert got["classes"] == 10 and got["origin"] == "installed package" and got["sha"] is None
-    assert got["card"] == shipped.shipped_models()["bagcert-cifar10-r5-dense"].clean_accuracy
+    assert got["card"] == shipped.shipped_models()["bagcert-cifar10-r5-dm"].clean_accuracy
     r = subprocess.run([sys.executable, "-m", "bagcert", "certify", "--help"], cwd=work, capture_output=True, text=True,
                        timeout=300, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "COLUMNS": "400"})
     assert r.returncode == 0 and "site-packages" not in r.stdout and str(target) not in r.stdout
-    assert re.search(r"default:\s+bagcert-cifar10-r5-dense", r.stdout)
+    assert re.search(r"default:\s+bagcert-cifar10-r5-dm", r.stdout)

@@ -22,12 +22,16 @@ def _run(argv, capsys):
     return rc, json.loads(captured.out.strip().splitlines()[-1]), captured.err
 
 
-def test_the_default_model_names_double_masking_of_clipped_logits_and_the_others_none():
+def test_the_dense_models_name_double_masking_of_clipped_logits_and_the_others_none():
     spec = shipped.shipped_certifier(DEFAULT)
     assert spec == {"kind": "double-masking", "evidence": "logits", "clip": [-1, 1]}
     models = shipped.shipped_models()
     assert models[DEFAULT].certifier == spec
-    assert all(shipped.shipped_certifier(n) is None and m.certifier is None for n, m in models.items() if n != DEFAULT)
+    # the two dense CIFAR-10 models carry it (the default, and v2's weights at every pixel); the others none
+    assert models["bagcert-cifar10-r5-dense"].certifier == spec
+    with_spec = {n for n, m in models.items() if m.certifier is not None}
+    assert with_spec == {DEFAULT, "bagcert-cifar10-r5-dense"}
+    assert all(shipped.shipped_certifier(n) is None for n in models if n not in with_spec)
     assert shipped.shipped_certifier("no-such-model") is None
 
 

@@ -1,7 +1,7 @@
 """Certify a checkpoint against adversarial patches, in batch, and write a report.
 
-With no arguments it certifies the shipped default model, bagcert-cifar10-r5-dense
-(checkpoints/bagcert_cifar10_r5s2_dense.pt), on the 200 CIFAR-10 test images bundled in samples/cifar10 and
+With no arguments it certifies the shipped default model, bagcert-cifar10-r5-dm
+(checkpoints/bagcert_cifar10_r5s2_dm.pt), on the 200 CIFAR-10 test images bundled in samples/cifar10 and
 prints the report (into outputs/certify, replaced by the next run that leaves --output at its default).
 The shipped models and samples come with an installed package too: --checkpoint takes a shipped model's name
 (`bagcert models` lists them with their card numbers) or a file.
@@ -75,7 +75,7 @@ results.json (config.double_masking_mask_set). The report's method is "double-ma
 (default -1,1; method "double-masking-logits"); both are recorded in results.json (config.double_masking_evidence,
 config.double_masking_clip).
 
-The default certificate of a shipped model (bagcert/shipped.json, "certifier"): bagcert-cifar10-r5-dense is certified
+The default certificate of a shipped model (bagcert/shipped.json, "certifier"): bagcert-cifar10-r5-dm (and -dense) is certified
 by double masking of its local logits clipped to (-1, 1) when no certificate flag (--double-masking, --robust-masking,
 --aggregation), no --attacks and at most one patch size are given, at its card patch size 5 unless --patch-sizes
 names one; --certifier votes gives the vote count, --certifier shipped insists on the shipped certificate. stderr
@@ -148,7 +148,7 @@ def build_parser(prog: str = "bagcert certify") -> argparse.ArgumentParser:
                    "LOW < HIGH (default -1,1); write it with = when LOW is negative: --double-masking-clip=-2,2")
     p.add_argument("--certifier", choices=CERTIFIERS,
                    help="votes: the vote count (BagCert's certificate); shipped: the shipped model's own default "
-                   "certificate (bagcert-cifar10-r5-dense: double masking of the local logits clipped to (-1, 1), at its "
+                   "certificate (bagcert-cifar10-r5-dm: double masking of the local logits clipped to (-1, 1), at its "
                    "card patch size 5 unless --patch-sizes is given). Default: the shipped certificate when no "
                    "certificate flag (--double-masking, --robust-masking, --aggregation) and no --attacks are given, "
                    "else the one they ask for; other checkpoints: the vote count")

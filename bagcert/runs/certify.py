@@ -64,7 +64,7 @@ class CertifyConfig:
     Fields (see ``bagcert certify --help`` for each option's full meaning):
 
     * ``checkpoint``: a shipped model's name, a bagcert checkpoint file or a peer classifier file (default: the shipped
-      default model ``bagcert-cifar10-r5-dense``); ``model_modules``: .py files / dotted modules registering models of
+      default model ``bagcert-cifar10-r5-dm``); ``model_modules``: .py files / dotted modules registering models of
       the user's own, imported first (default None).
     * ``dataset``: a dataset spec or folder (None: the 200 bundled CIFAR-10 test images); ``split`` (default "test").
     * ``patch_sizes``: "5,3x7,2%", one size ``5`` or a list of sizes (``5``, ``"3x7"``, ``(3, 7)``, ``"2%"``), kept as
