@@ -194,3 +194,18 @@ def test_an_output_inside_the_bundled_samples_is_refused_when_no_dataset_is_give
 def test_run_certification_checks_a_given_quiet_instead_of_overriding_it():
     with pytest.raises(CertifyError, match=r"^quiet: must be True or False, got 'yes'$"):
         bagcert.run_certification(quiet="yes", num_images=2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attack_steps", -1, r"^--attack-steps must be >= 0, got -1"),
+    ("attack_locations", 0, r"^--attack-locations must be >= 1, got 0"),
+    ("attack_step_size", 2.0, r"^--attack-step-size is a signed-gradient step"),
+])
+def test_a_bad_attack_setting_is_refused_even_without_attacks(field, value, message, capsys):
+    # without --attacks the setting is unused, but a bad value is still the user's mistake: refused, not ignored
+    with pytest.raises(CertifyError, match=message):
+        CertifyConfig(**{field: value})
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(SystemExit) as e:
+        cli_certify.main([flag, str(value), "--num-images", "2"])
+    assert isinstance(e.value.code, str) and re.search(message.lstrip("^"), e.value.code)

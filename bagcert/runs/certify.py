@@ -290,17 +290,18 @@ def _check_combinations(cfg) -> None:
         raise CertifyError(f"--precision {cfg.precision} applies to the vote-count certificate; {flag} runs in fp32")
     double_masking_options(cfg)
     check_certifier_option(cfg, attacks)
+    # the attack settings are checked whether or not --attacks is given: a bad value is a mistake either way
+    for flag, value in (("--attack-steps", cfg.attack_steps), ("--attack-locations", cfg.attack_locations)):
+        if value < (0 if flag == "--attack-steps" else 1):
+            raise CertifyError(f"{flag} must be {'>= 0' if flag == '--attack-steps' else '>= 1'}, got {value}")
+    if cfg.attack_images is not None and cfg.attack_images < 1:
+        raise CertifyError(f"--attack-images must be >= 1, got {cfg.attack_images}")
+    if not 0 < cfg.attack_step_size <= 1:
+        raise CertifyError(f"--attack-step-size is a signed-gradient step in [0, 1] pixel units and must lie in (0, 1], "
+                           f"got {cfg.attack_step_size}")
+    if cfg.universal_fit_images < 0:
+        raise CertifyError(f"--universal-fit-images must be >= 0, got {cfg.universal_fit_images}")
     if attacks:
-        for flag, value in (("--attack-steps", cfg.attack_steps), ("--attack-locations", cfg.attack_locations)):
-            if value < (0 if flag == "--attack-steps" else 1):
-                raise CertifyError(f"{flag} must be {'>= 0' if flag == '--attack-steps' else '>= 1'}, got {value}")
-        if cfg.attack_images is not None and cfg.attack_images < 1:
-            raise CertifyError(f"--attack-images must be >= 1, got {cfg.attack_images}")
-        if not 0 < cfg.attack_step_size <= 1:
-            raise CertifyError(f"--attack-step-size is a signed-gradient step in [0, 1] pixel units and must lie in (0, 1], "
-                               f"got {cfg.attack_step_size}")
-        if cfg.universal_fit_images < 0:
-            raise CertifyError(f"--universal-fit-images must be >= 0, got {cfg.universal_fit_images}")
         if cfg.data_path == "stream":
             raise CertifyError("--data-path stream: --attacks need the images in memory; use --data-path memory (or auto)")
 
