@@ -113,8 +113,14 @@ class PhaseClock:
 
 def instrument(clock: PhaseClock) -> list:
     """Wrap the parts ``bagcert.training.train`` calls with ``clock``; returns the (owner, name, original) to undo."""
+    import importlib
+
     import bagcert.training as P  # the parts' classes: patched on the class, seen by every module
-    import bagcert.training.loop as T  # the functions the loop calls: patched where the loop looks them up
+
+    try:  # the functions the loop calls: patched where the loop looks them up (bagcert.training.loop, or the
+        T = importlib.import_module("bagcert.training.loop")  # single module bagcert.training of older checkouts,
+    except ModuleNotFoundError:  # for --baseline-path)
+        T = P
 
     undo = []
 
