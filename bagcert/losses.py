@@ -48,6 +48,16 @@ def straight_through_votes(z: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     return _STVotes.apply(z, tau)
 
 
+def location_bce(z: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    """The auxiliary per-location binary cross-entropy of the certified losses: every location of the local logits
+    ``z`` [B, C, h, w] should vote for the label ``labels`` int64 [B] and only it; ``pos_weight`` weighs the positive
+    term (``--bce-pos-weight``). Mean over locations and classes, times C (a 0-d tensor)."""
+    C = z.shape[1]
+    target = F.one_hot(labels, C).to(z.dtype)[:, :, None, None].expand_as(z)
+    pw = None if pos_weight == 1.0 else z.new_tensor(pos_weight)
+    return F.binary_cross_entropy_with_logits(z, target, reduction="mean", pos_weight=pw) * C
+
+
 def _window_sum_all(votes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Differentiable window sums [B, C, Ur, Uc] over the given inclusive location ranges.
 
@@ -170,9 +180,7 @@ class BagCertLoss(torch.nn.Module):
             loss = loss + mw * l_margin
             stats["loss_margin"] = l_margin.detach()
         if self.bce_weight > 0:
-            target = F.one_hot(labels, C).to(z.dtype)[:, :, None, None].expand_as(z)
-            pw = None if self.bce_pos_weight == 1.0 else z.new_tensor(self.bce_pos_weight)
-            l_bce = F.binary_cross_entropy_with_logits(z, target, reduction="mean", pos_weight=pw) * C
+            l_bce = location_bce(z, labels, self.bce_pos_weight)
             loss = loss + self.bce_weight * l_bce
             stats["loss_bce"] = l_bce.detach()
         if self.ce_weight > 0:

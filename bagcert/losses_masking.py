@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import Geometry, parse_patch_size
-from .losses import straight_through_votes
+from .losses import location_bce, straight_through_votes
 from .peers.local_masking import FeatureMaskSet, feature_mask_set
 
 __all__ = ["DoubleMaskingLoss", "masked_worst_case", "MASKING_EVIDENCE", "MASKING_PAIRS"]
@@ -261,33 +261,20 @@ class DoubleMaskingLoss(torch.nn.Module):
             loss = loss + self.ce_weight * l_ce
             stats["loss_ce"] = l_ce.detach()
         if self.bce_weight > 0:
-            target = F.one_hot(labels, C).to(z.dtype)[:, :, None, None].expand_as(z)
-            pw = None if self.bce_pos_weight == 1.0 else z.new_tensor(self.bce_pos_weight)
-            l_bce = F.binary_cross_entropy_with_logits(z, target, reduction="mean", pos_weight=pw) * C
+            l_bce = location_bce(z, labels, self.bce_pos_weight)
             loss = loss + self.bce_weight * l_bce
             stats["loss_bce"] = l_bce.detach()
         stats["loss"] = loss.detach()
         return loss, stats
 
 
-def masking_loss_of(cfg, geometry: Geometry, margin_warm: int):
-    """``loss_of(step) -> (z, y) -> (loss, stats)`` for the training loop (``cfg.loss == "masking"``): the loss of
-    ``cfg``'s masking settings, margin weight warmed up over ``margin_warm`` steps as the bagcert loss's;
-    ``stats["robust_train"]`` is the share of samples whose chosen pair keeps the label (greedy: an upper bound
-    of the share certified)."""
-    loss_fn = DoubleMaskingLoss(
+def masking_loss(cfg, geometry: Geometry) -> DoubleMaskingLoss:
+    """The :class:`DoubleMaskingLoss` of a training config's masking settings (``cfg.loss == "masking"``); the
+    training loop warms its margin weight up as the bagcert loss's. Its ``stats["margin"]`` > 0 marks samples whose
+    chosen pair keeps the label (greedy: an upper bound of the share certified)."""
+    return DoubleMaskingLoss(
         geometry, (cfg.image_size, cfg.image_size), cfg.patch_sizes, evidence=cfg.masking_evidence,
         clip=cfg.masking_clip, pairs=cfg.masking_pairs, scale=cfg.masking_scale, tau=cfg.tau,
         margin_weight=cfg.margin_weight, ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight,
         bce_pos_weight=cfg.bce_pos_weight, label_smoothing=cfg.label_smoothing,
     )
-
-    def loss_of(step):
-        mw = cfg.margin_weight * min(1.0, step / margin_warm)
-
-        def f(z, y):
-            loss, stats = loss_fn(z, y, margin_weight=mw)
-            stats["robust_train"] = (stats.pop("margin") > 0).float().mean()
-            return loss, stats
-        return f
-    return loss_of

@@ -22,13 +22,15 @@ def _loss_function(cfg: TrainConfig, model, peer, margin_warm: int):
             return f
         return loss_of
     if cfg.loss == "masking":
-        from ..losses_masking import masking_loss_of
-        return masking_loss_of(cfg, model.geometry, margin_warm)
-    loss_fn = BagCertLoss(
-        model.geometry, (cfg.image_size, cfg.image_size), cfg.patch_sizes, tau=cfg.tau, kappa=cfg.kappa,
-        margin_weight=cfg.margin_weight, bce_weight=cfg.bce_weight, ce_weight=cfg.ce_weight,
-        label_smoothing=cfg.label_smoothing, bce_pos_weight=cfg.bce_pos_weight, margin_reduce=cfg.margin_reduce,
-    )
+        from ..losses_masking import masking_loss
+
+        loss_fn = masking_loss(cfg, model.geometry)
+    else:
+        loss_fn = BagCertLoss(
+            model.geometry, (cfg.image_size, cfg.image_size), cfg.patch_sizes, tau=cfg.tau, kappa=cfg.kappa,
+            margin_weight=cfg.margin_weight, bce_weight=cfg.bce_weight, ce_weight=cfg.ce_weight,
+            label_smoothing=cfg.label_smoothing, bce_pos_weight=cfg.bce_pos_weight, margin_reduce=cfg.margin_reduce,
+        )
 
     def loss_of(step):
         mw = cfg.margin_weight * min(1.0, step / margin_warm)
