@@ -292,6 +292,22 @@ def set_field(config, name: str, value) -> None:
     object.__setattr__(config, name, value)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReportRunOptions:
+    """The options every report run's config has (the base of :class:`~bagcert.runs.RoiConfig`,
+    :class:`~bagcert.runs.DefensivePatchConfig`, :class:`~bagcert.runs.ImageNetAConfig`), checked by
+    :func:`check_run_fields`: ``seed`` (int), ``threads`` (torch threads, None: torch's default), ``output`` (the report
+    folder, None: the tool's default folder), ``overwrite`` (replace a report there), ``quiet`` (no summary on stdout),
+    ``cache`` (the decode cache of :mod:`bagcert.data`)."""
+
+    seed: int = 0
+    threads: int | None = None
+    output: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    cache: bool = True
+
+
 def check_run_fields(config) -> None:
     """Check and normalise the fields every report run has (``seed``, ``threads``, ``output``, ``overwrite``,
     ``quiet``, ``cache``); ``FieldError`` naming the field."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import _checks
 from ._checks import RunInputError
-from ._io import (AnalysisReport, apply_threads, check_run_fields, checkpoint_input_size, commit_report, dataset_info, input_errors,
+from ._io import (AnalysisReport, ReportRunOptions, apply_threads, check_run_fields, checkpoint_input_size, commit_report, dataset_info, input_errors,
                   load_model_and_data, output_path, pct, plt_or_none, prepare_output, progress_bar, recorded_config, save_figure,
                   set_field, show_path, write_report_files)
 
@@ -37,7 +37,7 @@ DEFAULT_OUTPUT = "outputs/defensive_patch"
 
 
 @dataclass(frozen=True, kw_only=True)
-class DefensivePatchConfig:
+class DefensivePatchConfig(ReportRunOptions):
     """Everything one defensive-patch run needs; one field per ``bagcert defensive-patch`` option (same names as
     its argument dests, same defaults). Construction checks every field and raises
     :class:`~bagcert.runs._checks.FieldError` (a ``ValueError``) with one line naming the field
@@ -119,12 +119,6 @@ class DefensivePatchConfig:
     attack_restarts: int = 1
     prediction: str = "model"
     eval_batch_size: int = 100
-    seed: int = 0
-    threads: int | None = None
-    output: str | None = None
-    overwrite: bool = False
-    quiet: bool = False
-    cache: bool = True
 
     def __post_init__(self):
         from ..defense import CORRUPTIONS

@@ -34,7 +34,7 @@ import torch
 
 from . import _checks
 from ._checks import RunInputError
-from ._io import (AnalysisReport, apply_threads, check_run_fields, commit_report, input_errors, one_line, output_path, pct, plt_or_none,
+from ._io import (AnalysisReport, ReportRunOptions, apply_threads, check_run_fields, commit_report, input_errors, one_line, output_path, pct, plt_or_none,
                   prepare_output, recorded_config, save_figure, set_field, show_path, subset, write_report_files)
 
 __all__ = ["ImageNetAConfig", "imagenet_a_run", "DEFAULT_OUTPUT"]
@@ -46,7 +46,7 @@ _WNID = re.compile(r"n\d{8}")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ImageNetAConfig:
+class ImageNetAConfig(ReportRunOptions):
     """Everything one ImageNet-A style evaluation needs; one field per ``bagcert imagenet-a`` option (same names
     as its argument dests, same defaults). Construction checks every field and raises
     :class:`~bagcert.runs._checks.FieldError` (a ``ValueError``) with one line naming the field
@@ -88,12 +88,6 @@ class ImageNetAConfig:
     bin_size: int = 100
     device: str = "cpu"
     progress: bool = True
-    seed: int = 0
-    threads: int | None = None
-    output: str | None = None
-    overwrite: bool = False
-    quiet: bool = False
-    cache: bool = True
 
     def __post_init__(self):
         c = _checks

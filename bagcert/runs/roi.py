@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import _checks
 from ._checks import RunInputError
-from ._io import (AnalysisReport, apply_threads, check_run_fields, commit_report, dataset_info, load_model_and_data, output_path, pct,
+from ._io import (AnalysisReport, ReportRunOptions, apply_threads, check_run_fields, commit_report, dataset_info, load_model_and_data, output_path, pct,
                   plt_or_none, prepare_output, recorded_config, save_figure, set_field, show_path, write_report_files)
 
 __all__ = ["RoiConfig", "roi_run", "DEFAULT_OUTPUT"]
@@ -29,7 +29,7 @@ DEFAULT_OUTPUT = "outputs/roi"
 
 
 @dataclass(frozen=True, kw_only=True)
-class RoiConfig:
+class RoiConfig(ReportRunOptions):
     """Everything one RoI / RoA run needs; one field per ``bagcert roi`` option (same names as its argument
     dests, same defaults). Construction checks every field and raises :class:`~bagcert.runs._checks.FieldError`
     (a ``ValueError``) with one line naming the field (``roa_box must be an odd integer >= 1, got 2``).
@@ -83,12 +83,6 @@ class RoiConfig:
     prediction: str = "model"
     batch_size: int = 100
     num_figures: int = 4
-    seed: int = 0
-    threads: int | None = None
-    output: str | None = None
-    overwrite: bool = False
-    quiet: bool = False
-    cache: bool = True
 
     def __post_init__(self):
         c = _checks
