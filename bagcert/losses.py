@@ -59,20 +59,29 @@ def location_bce(z: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1.0)
 
 
 def _window_sum_all(votes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Differentiable window sums [B, C, Ur, Uc] over the given inclusive location ranges.
+    """Differentiable window sums [B, C, Ur, Uc] of ``votes`` [B, C, h, w] over the inclusive location ranges
+    ``rows`` [Ur, 2] and ``cols`` [Uc, 2] (int64).
 
-    The integral image is indexed with (rows, columns) as its leading dimensions ([h+1, w+1, B, C]), so that every
-    ``index_select`` copies contiguous blocks of B * C values; selecting along the last dimension instead (one
-    scattered value at a time) took half of the loss's time on CPU. The arithmetic, and the order in which the
-    backward pass accumulates gradients, are those of indexing [B, C, h+1, w+1]: results are bit-identical (tested).
-    The result is a permuted view (not contiguous).
+    Two matrix products with 0/1 range matrices, ``A_rows @ votes @ A_cols^T`` (``A[u, i] = 1`` iff location ``i``
+    lies in range ``u``), in float32 (float64 votes: float64) whatever the autocast state. For votes that are whole numbers (hard votes, and the
+    straight-through votes' forward values) every sum is exact, so the result is bit-identical to the integral-image
+    formula (tested); the backward pass is the transposed products, ``A_rows^T @ grad @ A_cols``, which adds the same
+    terms in another order (equal up to float rounding). Against indexing an integral image (``index_select`` and its
+    ``index_add`` backward, cumulative sums and their flipped backward) this is 5x faster on CPU, and inductor
+    compiles it to two GEMMs.
     """
-    S = F.pad(votes.cumsum(2).cumsum(3), (1, 0, 1, 0)).permute(2, 3, 0, 1)
-    r0, r1 = rows[:, 0], rows[:, 1] + 1
-    c0, c1 = cols[:, 0], cols[:, 1] + 1
-    S_r1, S_r0 = S.index_select(0, r1), S.index_select(0, r0)
-    win = (S_r1.index_select(1, c1) - S_r1.index_select(1, c0)) - (S_r0.index_select(1, c1) - S_r0.index_select(1, c0))
-    return win.permute(2, 3, 0, 1)
+    dtype = votes.dtype if votes.dtype in (torch.float32, torch.float64) else torch.float32
+    a_rows = _range_matrix(rows, votes.shape[2], dtype)
+    a_cols = _range_matrix(cols, votes.shape[3], dtype)
+    with torch.autocast(device_type=votes.device.type, enabled=False):
+        return torch.matmul(torch.matmul(a_rows, votes.to(dtype)), a_cols.t())
+
+
+def _range_matrix(ranges: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[U, n] of ``dtype`` on the device of ``ranges``: 1 where ``ranges[u, 0] <= i <= ranges[u, 1]`` (inclusive
+    location ranges), else 0."""
+    i = torch.arange(n, device=ranges.device)
+    return ((i[None, :] >= ranges[:, :1]) & (i[None, :] <= ranges[:, 1:])).to(dtype)
 
 
 _RANGES_CACHE: dict = {}
@@ -92,6 +101,23 @@ def _unique_ranges(geometry: Geometry, image_size, size, device) -> tuple[torch.
     return hit
 
 
+def _margins_per_size(votes: torch.Tensor, labels: torch.Tensor, geometry: Geometry, image_size, patch_sizes):
+    """For each patch size: the margins ``m_c(p)`` [B, C, Ur, Uc] over classes and patch positions (the label's own
+    entries are 0 here, not excluded) and the label mask [B, C, 1, 1] (bool, True at the label)."""
+    B, C, h, w = votes.shape
+    v = votes if votes.is_floating_point() else votes.float()
+    total = v.sum(dim=(2, 3))  # [B, C]
+    y = labels.view(B, 1)
+    diff_total = total.gather(1, y) - total  # T_y - T_c
+    is_label = F.one_hot(labels, C).bool()[:, :, None, None]
+    for size in patch_sizes:
+        rows, cols = _unique_ranges(geometry, image_size, size, v.device)
+        win = _window_sum_all(v, rows, cols)  # [B, C, Ur, Uc]
+        win_y = win.gather(1, y.view(B, 1, 1, 1).expand(B, 1, win.shape[2], win.shape[3]))
+        size_R = ((rows[:, 1] - rows[:, 0] + 1)[:, None] * (cols[:, 1] - cols[:, 0] + 1)[None, :]).to(win.dtype)
+        yield diff_total[:, :, None, None] - (win_y - win) - size_R, is_label
+
+
 def worst_case_margin(votes: torch.Tensor, labels: torch.Tensor, geometry: Geometry, image_size, patch_sizes, reduce: str = "min") -> torch.Tensor:
     """Smallest certificate margin over patch sizes, positions and classes c != label: [B].
 
@@ -101,25 +127,30 @@ def worst_case_margin(votes: torch.Tensor, labels: torch.Tensor, geometry: Geome
     """
     if reduce not in ("min", "none"):
         raise ValueError(f"reduce must be 'min' or 'none', got {reduce!r}")
-    B, C, h, w = votes.shape
-    v = votes if votes.is_floating_point() else votes.float()
-    total = v.sum(dim=(2, 3))  # [B, C]
-    y = labels.view(B, 1)
-    diff_total = total.gather(1, y) - total  # T_y - T_c
     worst = None
-    for size in patch_sizes:
-        rows, cols = _unique_ranges(geometry, image_size, size, v.device)
-        win = _window_sum_all(v, rows, cols)  # [B, C, Ur, Uc]
-        win_y = win.gather(1, y.view(B, 1, 1, 1).expand(B, 1, win.shape[2], win.shape[3]))
-        size_R = ((rows[:, 1] - rows[:, 0] + 1)[:, None] * (cols[:, 1] - cols[:, 0] + 1)[None, :]).to(v.dtype)
-        m = diff_total[:, :, None, None] - (win_y - win) - size_R  # [B, C, Ur, Uc]
-        m = m.scatter(1, y.view(B, 1, 1, 1).expand(B, 1, m.shape[2], m.shape[3]), float("inf"))
+    for m, is_label in _margins_per_size(votes, labels, geometry, image_size, patch_sizes):
+        m = m.masked_fill(is_label, float("inf"))
         if reduce == "none":
             worst = m.flatten(1) if worst is None else torch.cat([worst, m.flatten(1)], dim=1)
             continue
         m = m.flatten(1).min(dim=1).values
         worst = m if worst is None else torch.minimum(worst, m)
     return worst
+
+
+def _mean_hinge(votes: torch.Tensor, labels: torch.Tensor, geometry: Geometry, image_size, patch_sizes, kappa: float):
+    """``(hinge [B], margin [B])`` of ``margin_reduce="mean"``: the mean of ``relu(kappa - m_c(p) / N)`` over every
+    size, position and class c != label, and the smallest margin (detached). Equal, up to float rounding, to
+    averaging :func:`worst_case_margin` ``(reduce="none")``'s finite entries, without its [B, K] concatenation."""
+    B, C, h, w = votes.shape
+    total, count, margin = None, 0, None
+    for m, is_label in _margins_per_size(votes, labels, geometry, image_size, patch_sizes):
+        part = F.relu(kappa - m / (h * w)).masked_fill(is_label, 0.0).sum(dim=(1, 2, 3))
+        total = part if total is None else total + part
+        count += (C - 1) * m.shape[2] * m.shape[3]
+        worst = m.detach().masked_fill(is_label, float("inf")).amin(dim=(1, 2, 3))
+        margin = worst if margin is None else torch.minimum(margin, worst)
+    return total / count, margin
 
 
 class BagCertLoss(torch.nn.Module):
@@ -170,10 +201,7 @@ class BagCertLoss(torch.nn.Module):
             margin = worst_case_margin(votes, labels, self.geometry, self.image_size, self.patch_sizes)
             hinge = F.relu(self.kappa - margin / (h * w))
         else:
-            margins = worst_case_margin(votes, labels, self.geometry, self.image_size, self.patch_sizes, reduce="none")
-            margin = margins.min(dim=1).values
-            finite = torch.isfinite(margins)
-            hinge = (F.relu(self.kappa - margins / (h * w)) * finite).sum(1) / finite.sum(1)
+            hinge, margin = _mean_hinge(votes, labels, self.geometry, self.image_size, self.patch_sizes, self.kappa)
         stats["margin"] = margin.detach()
         if isinstance(mw, torch.Tensor) or mw > 0:  # a tensor weight (compiled training): always, weight 0 adds 0
             l_margin = hinge.mean()
