@@ -22,10 +22,10 @@ accuracy in docs/experiments/2026-12-01-skipinit-compile.md); ``--set key=JSON``
 * ``stride1``: the natively stride-1 ``cifar_bagnet5`` (width 128) with the recipe's training settings;
 * ``dense``: the recipe's network trained as its dense (a trous, stride-1) evaluation (``dense: true``).
 
-Compare mode (``--compare A B``) runs both variants in fresh processes, interleaved round after round (A, B, A, B,
-...), and reports the median of each and the ratio B / A, so that both come from the same minutes of one machine.
-``--baseline-path DIR`` imports bagcert for the first variant from another checkout (e.g. the commit before the
-changes): today's loop against the improved one. Measure with nothing else running.
+Compare mode (``--compare A B [C ...]``) runs the variants in fresh processes, interleaved round after round (A, B,
+C, A, B, C, ...), and reports the median of each and its speed-up over A, so that all come from the same minutes of
+one machine. ``--baseline-path DIR`` imports bagcert for the first variant from another checkout (e.g. the commit
+before the changes): today's loop against the improved ones. Measure with nothing else running.
 
     python benchmarks/train_loop_profile.py --variant recipe --steps 60 --threads 2 --output docs/results/train_loop_profile.json
     python benchmarks/train_loop_profile.py --compare recipe recipe+fast --rounds 3 --steps 60 --threads 2 \\
@@ -79,9 +79,11 @@ def variant_config(name: str, sets: list[str]) -> dict:
         if not sep:
             raise SystemExit(f"--set expects key=JSON, got {item!r}")
         try:
-            values[key] = json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            values[key] = text
+            value = text
+        # a dict (model_kwargs) updates the preset's dict: recipe+skipinit with model_kwargs={"width":8} keeps its norm
+        values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) else value
     return values
 
 
@@ -301,10 +303,10 @@ def child_command(args, variant: str, json_path: str) -> list[str]:
 
 
 def compare(args) -> dict:
-    """Interleaved rounds of both variants in fresh processes; medians and the ratio of the second to the first."""
-    a, b = args.compare
+    """Interleaved rounds of the variants in fresh processes (the first one from ``--baseline-path`` when given);
+    the median of each and its ratio to the first."""
+    labels = [(chr(ord("A") + i), v, args.baseline_path if i == 0 else None) for i, v in enumerate(args.compare)]
     runs: dict[str, list] = {}
-    labels = [("A", a, args.baseline_path), ("B", b, None)]
     with tempfile.TemporaryDirectory(prefix="train_loop_compare_") as tmp:
         for r in range(args.rounds):
             for tag, variant, path in labels:
@@ -318,22 +320,29 @@ def compare(args) -> dict:
                 runs.setdefault(f"{tag}:{variant}", []).append(res)
                 print(f"round {r + 1} {tag} {variant} ({res['bagcert']}): loop {res['loop_ms_per_step']:.1f} ms/step, "
                       f"step {res['step_ms']:.1f} ms", flush=True)
-    (ka, ra), (kb, rb) = list(runs.items())
 
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
 
-    out = {"A": ka, "B": kb, "baseline_path": args.baseline_path, "rounds": args.rounds}
-    for key in ("loop_ms_per_step", "step_ms"):
-        out[key] = {"A": med(ra, key), "B": med(rb, key), "speedup_B_over_A": med(ra, key) / med(rb, key)}
-    out["phases_ms_A"] = {p: statistics.median(r["ms_per_step"][p] for r in ra) for p in PHASES + AMORTISED}
-    out["phases_ms_B"] = {p: statistics.median(r["ms_per_step"][p] for r in rb) for p in PHASES + AMORTISED}
-    out["runs"] = {ka: ra, kb: rb}
-    print(f"\n{'phase':26s} {'A ms/step':>10s} {'B ms/step':>10s}")
+    first = next(iter(runs.values()))
+    rows = []
+    for (tag, variant, path), (key, rs) in zip(labels, runs.items()):
+        rows.append({
+            "label": key, "variant": variant, "code": rs[0]["bagcert"],
+            "loop_ms_per_step": med(rs, "loop_ms_per_step"), "step_ms": med(rs, "step_ms"),
+            "loop_speedup_over_A": med(first, "loop_ms_per_step") / med(rs, "loop_ms_per_step"),
+            "step_speedup_over_A": med(first, "step_ms") / med(rs, "step_ms"),
+            "phases_ms": {p: statistics.median(r["ms_per_step"][p] for r in rs) for p in PHASES + AMORTISED},
+        })
+    out = {"baseline_path": args.baseline_path, "rounds": args.rounds, "variants": rows, "runs": runs}
+    print(f"\n{'phase':26s}" + "".join(f"{row['label'].split(':')[0] + ' ms/step':>12s}" for row in rows))
     for p in PHASES + AMORTISED:
-        print(f"{p:26s} {out['phases_ms_A'][p]:10.2f} {out['phases_ms_B'][p]:10.2f}")
+        print(f"{p:26s}" + "".join(f"{row['phases_ms'][p]:12.2f}" for row in rows))
     for key in ("step_ms", "loop_ms_per_step"):
-        print(f"{key:26s} {out[key]['A']:10.2f} {out[key]['B']:10.2f}  B is {out[key]['speedup_B_over_A']:.2f}x as fast")
+        print(f"{key:26s}" + "".join(f"{row[key]:12.2f}" for row in rows))
+    for row in rows[1:]:
+        print(f"{row['label']}: whole loop {row['loop_speedup_over_A']:.2f}x, step {row['step_speedup_over_A']:.2f}x "
+              f"as fast as {rows[0]['label']}")
     return out
 
 
@@ -351,12 +360,15 @@ def main(argv=None) -> int:
                    help="training-set size a real run has, for amortising evaluations (default 50000)")
     p.add_argument("--tensorboard", action="store_true", help="with TensorBoard (its vote figure at each evaluation)")
     p.add_argument("--torch-profiler", action="store_true", help="also torch.profiler's top operators (slows the run)")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="interleaved comparison of two variants")
+    p.add_argument("--compare", nargs="+", metavar="VARIANT",
+                   help="interleaved comparison of two or more variants, each against the first")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--baseline-path", help="a bagcert checkout whose code runs variant A of --compare")
+    p.add_argument("--baseline-path", help="a bagcert checkout whose code runs the first variant of --compare")
     p.add_argument("--output", help="JSON file (e.g. docs/results/train_loop_profile.json)")
     p.add_argument("--child-json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.compare is not None and len(args.compare) < 2:
+        raise SystemExit("--compare needs at least two variants")
     if args.steps < 2 or args.warmup < 0 or args.threads < 1 or args.rounds < 1 or args.train_images < 1:
         raise SystemExit("--steps must be >= 2, --warmup >= 0, --threads, --rounds and --train-images >= 1")
     sys.path.insert(0, os.environ.get("BAGCERT_PROFILE_PATH") or str(ROOT))

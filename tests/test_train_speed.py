@@ -233,3 +233,29 @@ def test_the_loop_profile_runs_the_real_train_loop(tmp_path):
         assert ms[phase] > 0, phase
     assert res["loop_ms_per_step"] == pytest.approx(sum(ms.values()))
     assert res["evaluation_images"] == 8 and res["final_eval"]["n"] == 8
+
+
+def test_the_loop_comparison_reports_every_variant_against_the_first(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_loop_profile", ROOT / "benchmarks" / "train_loop_profile.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "compare.json"
+    assert bench.main(["--compare", "recipe", "recipe+skipinit", "stride1", "--rounds", "1", "--synthetic",
+                       "--steps", "2", "--warmup", "1", "--threads", "1", "--train-images", "16",
+                       "--set", 'model_kwargs={"width":8}', "--set", "batch_size=8", "--set", "eval_images=8",
+                       "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = res["variants"]
+    assert [r["label"] for r in rows] == ["A:recipe", "B:recipe+skipinit", "C:stride1"]
+    assert rows[0]["loop_speedup_over_A"] == 1.0
+    for r in rows:
+        assert r["loop_speedup_over_A"] == pytest.approx(rows[0]["loop_ms_per_step"] / r["loop_ms_per_step"])
+        assert len(res["runs"][r["label"]]) == 1
+    # --set applies to every variant; the presets' own changes stay (stride1's model, skipinit's normalisation)
+    configs = {k: v[0]["config"] for k, v in res["runs"].items()}
+    assert configs["C:stride1"]["model"] == "cifar_bagnet5" and configs["A:recipe"]["model"] == "cifar_bagnet5_s2"
+    assert configs["B:recipe+skipinit"]["model_kwargs"] == {"width": 8, "norm": "skipinit"}
+    with pytest.raises(SystemExit, match="at least two"):
+        bench.main(["--compare", "recipe"])
