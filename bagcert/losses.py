@@ -9,8 +9,8 @@ protected class), for every patch position p and class c != y:
 
     m_c(p) = (T_y - T_c) - (W_y(p) - W_c(p)) - |R(p)|,      m = min_{p, c} m_c(p)
 
-computed with the same integral-image window sums, for one or several patch sizes (the minimum
-over sizes). ``m > 0`` iff ``bagcert.certify`` certifies the sample and it is correct. The margin is
+with window sums equal to the certificate's integral-image sums (for votes exactly: products with 0/1 range
+matrices, :func:`_window_sum_all`), for one or several patch sizes (the minimum over sizes). ``m > 0`` iff ``bagcert.certify`` certifies the sample and it is correct. The margin is
 normalised by the number of locations N and passed into a hinge ``relu(kappa - m / N)``.
 
 Auxiliary term: per-location binary cross-entropy on the logits with the one-hot label as target
