@@ -63,10 +63,12 @@ def _window_sum_all(votes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor)
     ``rows`` [Ur, 2] and ``cols`` [Uc, 2] (int64).
 
     Two matrix products with 0/1 range matrices, ``A_rows @ votes @ A_cols^T`` (``A[u, i] = 1`` iff location ``i``
-    lies in range ``u``), in float32 (float64 votes: float64) whatever the autocast state. For votes that are whole numbers (hard votes, and the
-    straight-through votes' forward values) every sum is exact, so the result is bit-identical to the integral-image
-    formula (tested); the backward pass is the transposed products, ``A_rows^T @ grad @ A_cols``, which adds the same
-    terms in another order (equal up to float rounding). Against indexing an integral image (``index_select`` and its
+    lies in range ``u``), in float32 (float64 votes: float64), with autocast disabled. For votes that are whole
+    numbers (hard votes, and the straight-through votes' forward values) every sum is exact, so the result is
+    bit-identical to the integral-image formula (tested); the backward pass is the transposed products,
+    ``A_rows^T @ grad @ A_cols``, which adds the same terms in another order (equal up to float rounding). Under
+    ``torch.compile`` called inside a bf16 autocast region, the compiled backward products were measured at bf16
+    precision (gradients ~2e-4 off; values exact): call the loss outside autocast, as the training loop does. Against indexing an integral image (``index_select`` and its
     ``index_add`` backward, cumulative sums and their flipped backward) this is 5x faster on CPU, and inductor
     compiles it to two GEMMs.
     """
@@ -105,7 +107,8 @@ def _margins_per_size(votes: torch.Tensor, labels: torch.Tensor, geometry: Geome
     """For each patch size: the margins ``m_c(p)`` [B, C, Ur, Uc] over classes and patch positions (the label's own
     entries are 0 here, not excluded) and the label mask [B, C, 1, 1] (bool, True at the label)."""
     B, C, h, w = votes.shape
-    v = votes if votes.is_floating_point() else votes.float()
+    # bool / integer / half-precision votes: float32 (a bf16 total over 256 locations would round)
+    v = votes if votes.dtype in (torch.float32, torch.float64) else votes.float()
     total = v.sum(dim=(2, 3))  # [B, C]
     y = labels.view(B, 1)
     diff_total = total.gather(1, y) - total  # T_y - T_c

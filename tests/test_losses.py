@@ -107,3 +107,16 @@ def test_mean_margin_hinge_spreads_gradient_and_vanishes_when_certified():
     assert touched["mean"] == 64 > touched["min"]
     with pytest.raises(ValueError, match="margin_reduce"):
         BagCertLoss(geometry, (8, 8), [2], margin_reduce="max")
+
+
+def test_half_precision_votes_give_the_float32_margins():
+    """A bf16 total above 256 rounds (e.g. 302 -> 304): low-precision votes are counted in float32."""
+    model = bagcert.create_model("cifar_bagnet5", width=8)  # stride 1: a 32 x 32 map, totals up to 1,024
+    assert model.geometry.grid_size(32, 32) == (32, 32)
+    g = torch.Generator().manual_seed(3)
+    votes = (torch.randn(4, 10, 32, 32, generator=g) > 0).float()  # totals around 512
+    labels = torch.tensor([0, 4, 7, 9])
+    ref = worst_case_margin(votes, labels, model.geometry, (32, 32), [5, (2, 7)])
+    for dtype in (torch.bfloat16, torch.float16, torch.bool, torch.int64):
+        got = worst_case_margin(votes.to(dtype), labels, model.geometry, (32, 32), [5, (2, 7)])
+        assert got.dtype == torch.float32 and torch.equal(got, ref), dtype
