@@ -507,6 +507,28 @@ def _missing_split(root: Path, split: str, splits: list) -> DatasetError:
     return DatasetError(f"{root} has no split folder {split!r}; its split folders are: {', '.join(splits)}")
 
 
+def _check_split_folder(spec, root: Path, split: str, splits: list) -> None:
+    """A split a dataset with split folders ``splits`` has; ``"all"`` or a missing one is a :class:`DatasetError`."""
+    if split not in splits:
+        if split == "all":
+            raise DatasetError(f"{spec} has split folders ({', '.join(splits)}): name one of them, not 'all'")
+        raise _missing_split(root, split, splits)
+
+
+def _check_unsplit_name(split: str) -> None:
+    """The split names of a folder without split folders: test, train (seeded parts) or all."""
+    if split not in ("test", "train", "all"):
+        raise DatasetError(f"split must be {SPLIT_NAMES_HINT} for a folder without split folders, got {split!r}")
+
+
+def _no_split_record(spec, split: str) -> DatasetError:
+    return DatasetError(
+        f"{spec} has no split folders and the checkpoint records no seeded split, so its {split} images cannot be "
+        "told from the images it was trained on; retrain (train.py records its split in the checkpoint) or export "
+        "the checkpoint with a split record, or ask for split 'all' to use every image knowingly"
+    )
+
+
 def load_cifar10(root, split: str = "test", cache: bool = True) -> Dataset:
     """CIFAR-10 from torchvision's ``cifar-10-batches-py`` layout or from ``<root>/<split>/<class>/*.jpg``.
 
@@ -738,10 +760,7 @@ def load_checkpoint_split(spec: str, split: str, split_record: dict | None, size
     else:
         splits = _split_folders(root) if root.is_dir() else []
     if splits:
-        if split not in splits:
-            if split == "all":
-                raise DatasetError(f"{spec} has split folders ({', '.join(splits)}): name one of them, not 'all'")
-            raise _missing_split(root, split, splits)
+        _check_split_folder(spec, root, split, splits)
         return load_dataset(spec, split, size=size, resize=resize, seed=seed, num_classes=num_classes, cache=cache)
     data = load_dataset(spec, "test" if split == "all" else split, size=size, resize=resize, seed=seed,
                         num_classes=num_classes, cache=cache)
@@ -751,17 +770,12 @@ def load_checkpoint_split(spec: str, split: str, split_record: dict | None, size
                 raise DatasetError(f"{spec} has splits ({data.info['split']!r} ...): name one of them, not 'all'")
             data.info["split"] = "all"
         return data
-    if split not in ("test", "train", "all"):
-        raise DatasetError(f"split must be {SPLIT_NAMES_HINT} for a folder without split folders, got {split!r}")
+    _check_unsplit_name(split)
     if split == "all":
         data.info["split"] = "all"
         return data
     if not split_record:
-        raise DatasetError(
-            f"{spec} has no split folders and the checkpoint records no seeded split, so its {split} images cannot be "
-            "told from the images it was trained on; retrain (train.py records its split in the checkpoint) or export "
-            "the checkpoint with a split record, or ask for split 'all' to use every image knowingly"
-        )
+        raise _no_split_record(spec, split)
     return cut_seeded_split(data, split, split_record, spec)
 
 

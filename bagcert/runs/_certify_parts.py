@@ -358,8 +358,8 @@ def open_eval_stream(cfg, meta, size, num_classes):
     in the same order as :func:`load_eval_data` (the checkpoint's seeded split included) without decoding them. Data
     that is held in memory by any loader (``synthetic[:N]``, torchvision's CIFAR-10 batches) is loaded and wrapped
     (:class:`~bagcert.streaming.TensorStream`, attribute ``loaded``)."""
-    from ..data import (SPLIT_NAMES_HINT, DatasetError, _find_cifar_batches, cut_seeded_split, _is_synthetic, _missing_split, _spec_root,
-                        _split_folders)
+    from ..data import (_check_split_folder, _check_unsplit_name, _find_cifar_batches, _is_synthetic, _no_split_record,
+                        _spec_root, _split_folders, cut_seeded_split)
     from ..streaming import TensorStream, open_stream
 
     spec, split, record = cfg.dataset, cfg.split, meta.get("split")
@@ -372,23 +372,15 @@ def open_eval_stream(cfg, meta, size, num_classes):
     with user_errors(f"--dataset {spec} --split {split}: "):
         splits = _split_folders(root)
         if splits:
-            if split not in splits:
-                if split == "all":
-                    raise DatasetError(f"{spec} has split folders ({', '.join(splits)}): name one of them, not 'all'")
-                raise _missing_split(root, split, splits)
+            _check_split_folder(spec, root, split, splits)
             return open_stream(spec, split, size=size, resize=meta.get("resize"), seed=cfg.seed, num_classes=num_classes)
-        if split not in ("test", "train", "all"):
-            raise DatasetError(f"split must be {SPLIT_NAMES_HINT} for a folder without split folders, got {split!r}")
+        _check_unsplit_name(split)
         stream = open_stream(spec, split, size=size, resize=meta.get("resize"), seed=cfg.seed, num_classes=num_classes)
         if split == "all":
             stream.info["split"] = "all"
             return stream
         if not record:
-            raise DatasetError(
-                f"{spec} has no split folders and the checkpoint records no seeded split, so its {split} images cannot be "
-                "told from the images it was trained on; retrain (train.py records its split in the checkpoint) or export "
-                "the checkpoint with a split record, or ask for split 'all' to use every image knowingly"
-            )
+            raise _no_split_record(spec, split)
         return cut_seeded_split(stream, split, record, spec)  # the same cut as the in-memory path
 
 

@@ -333,6 +333,20 @@ def apply_threads(config) -> None:
         torch.set_num_threads(config.threads)
 
 
+def start_report_run(config, config_type: type, run_name: str, default_output: str):
+    """The start every report run shares, before any work: ``config`` must be a ``config_type`` (``TypeError``
+    otherwise), its threads are applied, and its report folder (``output`` or ``default_output``) is checked with
+    :func:`prepare_output` (written at the end as one set: the default folder is replaced, an explicit one needs
+    ``overwrite``). Returns ``(out, folder)``: the folder's Path and prepare_output's handle."""
+    if not isinstance(config, config_type):
+        article = "an" if config_type.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"{run_name} needs {article} {config_type.__name__}, got {type(config).__name__}")
+    apply_threads(config)
+    out = Path(output_path(config, default_output))
+    folder = prepare_output(out, config.overwrite, default_folder=config.output is None, dataset=config.dataset)
+    return out, folder
+
+
 def recorded_config(config, default_output: str, **resolved) -> dict:
     """The config as results.json records it: every field (lists for tuples), the report folder actually written,
     and the ``resolved`` values (a default made concrete)."""

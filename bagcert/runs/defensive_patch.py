@@ -26,9 +26,9 @@ from pathlib import Path
 
 from . import _checks
 from ._checks import RunInputError
-from ._io import (AnalysisReport, ReportRunOptions, apply_threads, check_run_fields, checkpoint_input_size, commit_report, dataset_info, input_errors,
-                  load_model_and_data, output_path, pct, plt_or_none, prepare_output, progress_bar, recorded_config, save_figure,
-                  set_field, show_path, write_report_files)
+from ._io import (AnalysisReport, ReportRunOptions, check_run_fields, checkpoint_input_size, commit_report,
+                  dataset_info, input_errors, load_model_and_data, pct, plt_or_none, progress_bar, recorded_config,
+                  save_figure, set_field, show_path, start_report_run, write_report_files)
 
 __all__ = ["DefensivePatchConfig", "defensive_patch_run", "DEFAULT_OUTPUT"]
 
@@ -184,12 +184,7 @@ def defensive_patch_run(config: DefensivePatchConfig) -> AnalysisReport:
     from ..checkpoint import load_checkpoint
     from ..defense import DefensivePatch, make_defensive_patches
 
-    if not isinstance(config, DefensivePatchConfig):
-        raise TypeError(f"defensive_patch_run needs a DefensivePatchConfig, got {type(config).__name__}")
-    apply_threads(config)
-    out = Path(output_path(config, DEFAULT_OUTPUT))
-    # before any work; written at the end as one set (the default folder is replaced, an explicit one needs overwrite)
-    folder = prepare_output(out, config.overwrite, default_folder=config.output is None, dataset=config.dataset)
+    out, folder = start_report_run(config, DefensivePatchConfig, "defensive_patch_run", DEFAULT_OUTPUT)  # before any work
 
     model, meta, test = load_model_and_data(config.checkpoint, config.dataset, config.eval_split, config.seed, config.num_eval,
                                             "--num-eval", default=200, cache=config.cache)

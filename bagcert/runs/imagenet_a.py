@@ -34,8 +34,9 @@ import torch
 
 from . import _checks
 from ._checks import RunInputError
-from ._io import (AnalysisReport, ReportRunOptions, apply_threads, check_run_fields, commit_report, input_errors, one_line, output_path, pct, plt_or_none,
-                  prepare_output, recorded_config, save_figure, set_field, show_path, subset, write_report_files)
+from ._io import (AnalysisReport, ReportRunOptions, check_run_fields, commit_report, input_errors, one_line, pct,
+                  plt_or_none, recorded_config, save_figure, set_field, show_path, start_report_run, subset,
+                  write_report_files)
 
 __all__ = ["ImageNetAConfig", "imagenet_a_run", "DEFAULT_OUTPUT"]
 
@@ -184,12 +185,7 @@ def imagenet_a_run(config: ImageNetAConfig) -> AnalysisReport:
     from ..checkpoint import load_checkpoint
     from ..imagenet_a import IMAGENET_A_INDICES, evaluate_imagenet_a, evaluate_subset_model, load_imagenet_a
 
-    if not isinstance(config, ImageNetAConfig):
-        raise TypeError(f"imagenet_a_run needs an ImageNetAConfig, got {type(config).__name__}")
-    apply_threads(config)
-    out = Path(output_path(config, DEFAULT_OUTPUT))
-    # an unwritable output or another run's report: refused before any work; written at the end as one set
-    folder = prepare_output(out, config.overwrite, default_folder=config.output is None, dataset=config.dataset)
+    out, folder = start_report_run(config, ImageNetAConfig, "imagenet_a_run", DEFAULT_OUTPUT)  # before any work
     with input_errors(f"--checkpoint {config.checkpoint}: "):
         model, meta = load_checkpoint(config.checkpoint)
     model.to(config.device).eval()

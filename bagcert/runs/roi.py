@@ -19,8 +19,9 @@ from pathlib import Path
 
 from . import _checks
 from ._checks import RunInputError
-from ._io import (AnalysisReport, ReportRunOptions, apply_threads, check_run_fields, commit_report, dataset_info, load_model_and_data, output_path, pct,
-                  plt_or_none, prepare_output, recorded_config, save_figure, set_field, show_path, write_report_files)
+from ._io import (AnalysisReport, ReportRunOptions, check_run_fields, commit_report, dataset_info,
+                  load_model_and_data, pct, plt_or_none, recorded_config, save_figure, set_field, show_path,
+                  start_report_run, write_report_files)
 
 __all__ = ["RoiConfig", "roi_run", "DEFAULT_OUTPUT"]
 
@@ -138,12 +139,7 @@ def roi_run(config: RoiConfig) -> AnalysisReport:
     """
     from ..analysis.roi import evaluate_neutralization
 
-    if not isinstance(config, RoiConfig):
-        raise TypeError(f"roi_run needs a RoiConfig, got {type(config).__name__}")
-    apply_threads(config)
-    out = Path(output_path(config, DEFAULT_OUTPUT))
-    # before any work; written at the end as one set (the default folder is replaced, an explicit one needs overwrite)
-    folder = prepare_output(out, config.overwrite, default_folder=config.output is None, dataset=config.dataset)
+    out, folder = start_report_run(config, RoiConfig, "roi_run", DEFAULT_OUTPUT)  # before any work
     model, meta, data = load_model_and_data(config.checkpoint, config.dataset, config.split, config.seed, config.num_images,
                                             "--num-images", default=100, cache=config.cache)
     H, W = data.images.shape[-2:]
