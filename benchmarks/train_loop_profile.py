@@ -371,7 +371,9 @@ def main(argv=None) -> int:
         raise SystemExit("--compare needs at least two variants")
     if args.steps < 2 or args.warmup < 0 or args.threads < 1 or args.rounds < 1 or args.train_images < 1:
         raise SystemExit("--steps must be >= 2, --warmup >= 0, --threads, --rounds and --train-images >= 1")
-    sys.path.insert(0, os.environ.get("BAGCERT_PROFILE_PATH") or str(ROOT))
+    sys.path.insert(0, os.environ.get("BAGCERT_PROFILE_PATH") or str(ROOT))  # before bagcert is imported
+    for name in (args.compare or []) + (args.variant or []):
+        variant_config(name, args.set)  # every name and --set checked before the first run
     if args.compare:
         result = compare(args)
     else:
