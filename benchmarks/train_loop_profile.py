@@ -15,7 +15,7 @@ CIFAR-10), one checkpoint every ``checkpoint_minutes`` at the measured step time
 
 Presets (``--variant``; ``+fast`` adds the speed options ``compile_step``, ``fused_optimizer`` and ``eval_amp`` of
 :class:`bagcert.training.TrainConfig`, ``+skipinit`` the normalisation-free backbone (a model change, measured for
-accuracy in docs/experiments/2026-12-01-skipinit-compile.md); ``--set key=JSON`` changes any other field):
+accuracy in docs/experiments/2026-12-01-skipinit-compile.md), ``+nf`` the same with Scaled Weight Standardization; ``--set key=JSON`` changes any other field):
 
 * ``recipe``: ``train.py``'s defaults (bagcert-cifar10-r5 (v2): ``cifar_bagnet5_s2`` width 128, bf16 autocast,
   channels_last, batch 128, EMA 0.999, evaluation every 2 epochs on 1,000 images);
@@ -65,15 +65,17 @@ def variant_config(name: str, sets: list[str]) -> dict:
     from bagcert.cli.train import RECIPE
 
     base, *extras = name.split("+")
-    if base not in PRESETS or not set(extras) <= {"fast", "skipinit"}:
-        raise SystemExit(f"--variant must be one of {', '.join(PRESETS)}, each optionally with +fast and/or +skipinit; "
-                         f"got {name!r}")
+    if base not in PRESETS or not set(extras) <= {"fast", "skipinit", "nf"} or {"skipinit", "nf"} <= set(extras):
+        raise SystemExit(f"--variant must be one of {', '.join(PRESETS)}, each optionally with +fast and one of "
+                         f"+skipinit / +nf; got {name!r}")
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPE.items()}
     values.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[base].items()})
     if "fast" in extras:
         values.update(FAST)
     if "skipinit" in extras:  # no normalisation layers (SkipInit): a model change, see docs/experiments
         values["model_kwargs"] = {**values["model_kwargs"], "norm": "skipinit"}
+    if "nf" in extras:  # SkipInit + Scaled Weight Standardization (bagcert.models.cifar)
+        values["model_kwargs"] = {**values["model_kwargs"], "norm": "nf"}
     for item in sets:
         key, sep, text = item.partition("=")
         if not sep:

@@ -12,6 +12,7 @@ CONFIGS = [  # receptive field, stride, padding, norm, image size: 1x1-only bloc
     (5, 2, "same", "bn", 32),
     (9, 2, "valid", "bn", 32),
     (13, 2, "same", "skipinit", 32),
+    (9, 2, "same", "nf", 32),
     (17, 4, "valid", "bn", 40),
     (33, 8, "same", "bn", 64),
 ]

@@ -275,6 +275,7 @@ def test_per_location_linear_and_conv1d(make, expected):
 @pytest.mark.parametrize("name,kwargs,size", [
     pytest.param("cifar_bagnet9", dict(width=8), (32, 32), marks=pytest.mark.slow),
     ("cifar_bagnet7_s2", dict(width=8), (32, 30)),
+    ("cifar_bagnet9_s2", dict(width=8, norm="nf"), (30, 32)),
     ("cifar_bagnet", dict(width=8, receptive_field=11, stride=4, padding="valid"), (33, 40)),
     pytest.param("cifar_bagnet13", dict(width=8, norm="skipinit"), (20, 24), marks=pytest.mark.slow),
     ("image_bagnet17_s8", dict(width=16), (40, 48)),

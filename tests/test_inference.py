@@ -31,6 +31,7 @@ CONFIGS = [  # receptive field, stride, padding, norm, image size, dense
     (5, 2, "same", "bn", 32, True),
     (9, 2, "valid", "bn", 32, True),
     (13, 2, "same", "skipinit", 32, True),
+    (9, 2, "valid", "nf", 32, True),
     (17, 4, "valid", "bn", 40, True),
     (33, 8, "same", "bn", 64, True),
     (9, 2, "same", "gn", 32, True),

@@ -14,10 +14,13 @@ the grid at ceil(H / s) locations per side (border locations also see zero paddi
 ``padding="valid"`` uses unpadded convolutions (fewer locations, none seeing padding).
 
 Everything is plain conv/BN/ReLU, so it runs fast in channels_last with bf16 autocast. ``norm`` picks the
-normalisation: ``"bn"`` (default), ``"gn"`` (group norm, batch-independent), ``"none"``, or ``"skipinit"``
+normalisation: ``"bn"`` (default), ``"gn"`` (group norm, batch-independent), ``"none"``, ``"skipinit"``
 (no normalisation; each residual branch is scaled by a learnable scalar that starts at zero, De & Smith,
 "Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep Networks", NeurIPS 2020),
-which trains 1.3x faster per image than ``"bn"`` on a CPU (docs/benchmarks.md). Without a normalisation the
+which trains 1.3x faster per image than ``"bn"`` on a CPU (docs/benchmarks.md), or ``"nf"`` (SkipInit plus
+Scaled Weight Standardization of every convolution but the head, as in the normaliser-free ResNets of Brock et
+al., "Characterizing signal propagation to close the performance gap in unnormalized ResNets", ICLR 2021: it
+standardises the weights, not the activations, so it costs next to nothing). Without a normalisation the
 convolutions carry a bias.
 """
 
@@ -43,7 +46,7 @@ class _Block(nn.Module):
         self.crop = dilation * (k - 1) // 2 if pad == 0 else 0
         # SkipInit (De & Smith, NeurIPS 2020): no normalisation; the residual branch is scaled by a learnable
         # scalar that starts at zero, so every block starts as the identity, as zero-initialised BN does
-        self.gain = nn.Parameter(torch.zeros(())) if norm == "skipinit" else None
+        self.gain = nn.Parameter(torch.zeros(())) if norm in ("skipinit", "nf") else None
 
     def forward(self, x):
         y = self.act(self.n1(self.conv1(x)))
@@ -57,7 +60,44 @@ class _Block(nn.Module):
         return self.act(x + y)
 
 
-_NORM_FREE = ("none", "skipinit")  # convolutions carry a bias where no normalisation follows them
+_NORM_FREE = ("none", "skipinit", "nf")  # convolutions carry a bias where no normalisation follows them
+
+
+class ScaledWeightStandardization(nn.Module):
+    """Scaled Weight Standardization (Brock et al., ICLR 2021, Eq. 3), a parametrization of a conv's weight.
+
+    For a weight ``W`` of shape [C_out, C_in, k, k] with fan-in ``N = C_in k k``, each output channel's filter is
+    centred and scaled to unit variance, then multiplied by ``sqrt(2 / N)`` (He initialisation's ReLU gain, so
+    a unit-variance input keeps its second moment through conv + ReLU) and a learnable per-channel ``gain``
+    (float32, shape [C_out], starts at 1):
+
+        W_hat[i] = gain[i] * sqrt(2 / N) * (W[i] - mean(W[i])) / sqrt(var(W[i]) + eps)
+
+    Registered with :func:`torch.nn.utils.parametrize.register_parametrization`, so ``conv.weight`` *is* the
+    standardised weight for every reader (batch-norm folding, geometry checks, exports); the raw weight is
+    ``conv.parametrizations.weight.original``. Like batch norm, the layer's output does not change when ``W`` is
+    scaled, but it normalises the 16k numbers of a filter bank instead of the activations.
+    """
+
+    def __init__(self, out_channels: int, fan_in: int, eps: float = 1e-6):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(out_channels))
+        self.scale = (2.0 / fan_in) ** 0.5
+        self.eps = eps
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=0)
+        return (w - mean) * torch.rsqrt(var + self.eps) * (self.gain * self.scale).view(-1, 1, 1, 1)
+
+
+def standardize_weights(model: nn.Module, skip: tuple = ()) -> None:
+    """Register :class:`ScaledWeightStandardization` on every ``nn.Conv2d`` of ``model`` except those in ``skip``."""
+    from torch.nn.utils import parametrize
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and not any(m is s for s in skip) and not parametrize.is_parametrized(m):
+            fan_in = m.weight[0].numel()
+            parametrize.register_parametrization(m, "weight", ScaledWeightStandardization(m.out_channels, fan_in))
 
 
 def _norm(kind: str, ch: int) -> nn.Module:
@@ -67,7 +107,7 @@ def _norm(kind: str, ch: int) -> nn.Module:
         return nn.GroupNorm(min(32, ch), ch)
     if kind in _NORM_FREE:
         return nn.Identity()
-    raise ValueError(f"norm must be 'bn', 'gn', 'none' or 'skipinit', got {kind!r}")
+    raise ValueError(f"norm must be 'bn', 'gn', 'none', 'skipinit' or 'nf', got {kind!r}")
 
 
 def stem_kernel(receptive_field: int, stride: int) -> tuple[int, int]:
@@ -168,6 +208,8 @@ class CifarBagNet(BagModel):
         for blk in blocks:  # start each residual branch near identity (zero-init last norm)
             if isinstance(blk.n2, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.zeros_(blk.n2.weight)
+        if norm == "nf":  # after the initialisation above, which writes the raw weights
+            standardize_weights(self, skip=(self.head,))
         mark_built(self)  # the geometry above is derived from the layers built here: trusted by verify_geometry
 
     def features_to_logits(self, x):
