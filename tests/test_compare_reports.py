@@ -1,0 +1,85 @@
+"""Paired comparison of two reports: bagcert.metrics.paired_difference and benchmarks/compare_reports.py."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binomtest
+
+from bagcert.metrics import paired_difference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("compare_reports", ROOT / "benchmarks" / "compare_reports.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_difference_counts_the_discordant_images():
+    a = [1, 1, 0, 0, 1, 0, 1, 1]
+    b = [1, 0, 1, 1, 1, 1, 1, 0]
+    r = paired_difference(a, torch.tensor(b, dtype=torch.bool))
+    assert (r["n"], r["a_only"], r["b_only"]) == (8, 2, 3)
+    assert r["accuracy_a"] == 5 / 8 and r["accuracy_b"] == 6 / 8
+    assert r["difference"] == pytest.approx(1 / 8)
+    half = 1.959963984540054 * math.sqrt(2 + 3 - 8 * (1 / 8) ** 2) / 8
+    assert r["ci95"] == pytest.approx((1 / 8 - half, 1 / 8 + half))
+    assert r["p_value"] == pytest.approx(binomtest(3, 5, 0.5).pvalue)
+    swapped = paired_difference(b, a)
+    assert swapped["difference"] == pytest.approx(-r["difference"]) and swapped["p_value"] == r["p_value"]
+
+
+def test_paired_difference_is_a_function_of_the_pairs_alone():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 500)
+    b = np.where(rng.random(500) < 0.9, a, 1 - a)
+    perm = rng.permutation(500)
+    assert paired_difference(a, b) == paired_difference(a[perm], b[perm])
+    same = paired_difference(a, a)
+    assert same["difference"] == 0.0 and same["ci95"] == (0.0, 0.0) and same["p_value"] == 1.0
+
+
+def test_paired_difference_refuses_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference([1, 0], [1, 0, 1])
+    with pytest.raises(ValueError, match="0/1"):
+        paired_difference([1, 2], [1, 0])
+    with pytest.raises(ValueError, match="1-D"):
+        paired_difference([[1, 0]], [[1, 0]])
+
+
+def _write(path, labels, correct, cert, source=None):
+    path.mkdir()
+    head = "index,label,prediction,correct,certified_5" + (",source" if source else "")
+    rows = [f"{i},{l},{l if c else (l + 1) % 10},{c},{z}" + (f",{source[i]}" if source else "")
+            for i, (l, c, z) in enumerate(zip(labels, correct, cert))]
+    (path / "per_sample.csv").write_text("\n".join([head, *rows]) + "\n")
+    return path
+
+
+def test_compare_reports_pairs_rows_and_refuses_other_images(tmp_path, capsys):
+    mod = _script()
+    labels = [0, 1, 2, 3, 4, 5]
+    a = _write(tmp_path / "a", labels, [1, 1, 1, 0, 0, 1], [1, 0, 1, 0, 1, 1])
+    b = _write(tmp_path / "b", labels, [1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0])
+    rows = mod.compare(a, b / "per_sample.csv")
+    assert [r["metric"] for r in rows] == ["clean", "certified 5"]
+    # certified counts only where also correct: A 1,0,1,0,0,1 ; B 1,1,0,1,0,0
+    assert (rows[1]["a_only"], rows[1]["b_only"]) == (2, 2) and rows[1]["difference"] == 0.0
+    assert mod.main([str(a), str(b), "--names", "old", "new"]) == 0
+    out = capsys.readouterr().out
+    assert "| clean | 66.67 | 83.33 | +16.67" in out and "old only" in out
+    other = _write(tmp_path / "c", [0, 1, 2, 3, 4, 6], [1] * 6, [1] * 6)
+    with pytest.raises(SystemExit, match="row 5 is not the same image"):
+        mod.compare(a, other)
+    short = _write(tmp_path / "d", labels[:5], [1] * 5, [1] * 5)
+    with pytest.raises(SystemExit, match="6 images and"):
+        mod.compare(a, short)
+    with pytest.raises(SystemExit, match="no per_sample.csv"):
+        mod.compare(a, tmp_path)
