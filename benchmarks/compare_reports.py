@@ -12,7 +12,9 @@ not other training runs: a second seed of one model is the yardstick for that.
         checkpoints/cifar10_skipinit_study/nf_fast_92/report --names v2 nf
 
 A and B are report folders (or their ``per_sample.csv``) written by ``certify.py``; row i must be the same image in
-both (same label, and the same ``source`` where both files record it), otherwise nothing is printed.
+both (same label, and the same ``dataset_index`` and ``source`` where both files record them), otherwise nothing
+is printed. A missing path, a file that is not such a CSV, or a value other than 0/1 in ``correct`` or a
+``certified_*`` column ends with one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ def read_rows(path) -> tuple[Path, list[dict]]:
     if p.is_dir():
         p = p / "per_sample.csv"
     if not p.is_file():
-        raise SystemExit(f"{path}: no per_sample.csv; expected a report folder written by certify.py or its per_sample.csv")
-    with open(p, newline="") as f:
-        rows = list(csv.DictReader(f))
+        what = "no such file or folder" if not Path(path).exists() else "no per_sample.csv"
+        raise SystemExit(f"{path}: {what}; expected a report folder written by certify.py or its per_sample.csv")
+    try:
+        with open(p, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"{p}: cannot be read as a CSV file ({type(e).__name__}); expected a certify.py per_sample.csv")
     if not rows or "correct" not in rows[0] or "label" not in rows[0]:
         raise SystemExit(f"{p}: no rows with 'label' and 'correct' columns; expected a certify.py per_sample.csv")
     return p, rows
@@ -41,17 +47,25 @@ def _check_same_images(pa, a, pb, b) -> None:
     if len(a) != len(b):
         raise SystemExit(f"{pa} has {len(a)} images and {pb} {len(b)}; the reports must cover the same images")
     for i, (ra, rb) in enumerate(zip(a, b)):
-        if ra["label"] != rb["label"] or ("source" in ra and "source" in rb and ra["source"] != rb["source"]):
-            what = f"source {ra.get('source')} / {rb.get('source')}" if ra["label"] == rb["label"] else \
-                f"label {ra['label']} / {rb['label']}"
+        keys = ["label"] + [k for k in ("dataset_index", "source") if k in ra and k in rb]
+        bad = next((k for k in keys if ra[k] != rb[k]), None)
+        if bad is not None:
+            what = f"{bad} {ra[bad]} / {rb[bad]}"
             raise SystemExit(f"row {i} is not the same image in both reports ({what}); certify both on the same "
                              "dataset, split and --num-images")
 
 
-def _hits(rows, size: str | None) -> list[int]:
+def _bit(path, i: int, row: dict, column: str) -> int:
+    value = row.get(column)
+    if value not in ("0", "1"):
+        raise SystemExit(f"{path}: row {i} has {column}={value!r}; expected 0 or 1 as certify.py writes it")
+    return int(value)
+
+
+def _hits(path, rows, size: str | None) -> list[int]:
     if size is None:
-        return [int(r["correct"]) for r in rows]
-    return [int(r["correct"]) * int(r[f"certified_{size}"]) for r in rows]
+        return [_bit(path, i, r, "correct") for i, r in enumerate(rows)]
+    return [_bit(path, i, r, "correct") * _bit(path, i, r, f"certified_{size}") for i, r in enumerate(rows)]
 
 
 def compare(path_a, path_b) -> list[dict]:
@@ -65,7 +79,7 @@ def compare(path_a, path_b) -> list[dict]:
     sizes = [k[len("certified_"):] for k in a[0] if k.startswith("certified_") and k in b[0]]
     out = []
     for size in [None, *sizes]:
-        res = paired_difference(_hits(a, size), _hits(b, size))
+        res = paired_difference(_hits(pa, a, size), _hits(pb, b, size))
         out.append({"metric": "clean" if size is None else f"certified {size}", **res})
     return out
 

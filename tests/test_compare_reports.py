@@ -83,3 +83,31 @@ def test_compare_reports_pairs_rows_and_refuses_other_images(tmp_path, capsys):
         mod.compare(a, short)
     with pytest.raises(SystemExit, match="no per_sample.csv"):
         mod.compare(a, tmp_path)
+
+
+def test_compare_reports_refuses_broken_files_with_one_line(tmp_path, capsys):
+    mod = _script()
+    labels = [0, 1, 2]
+    a = _write(tmp_path / "a", labels, [1, 1, 0], [1, 0, 0])
+    head = "index,label,prediction,correct,certified_5\n"
+    short = tmp_path / "short.csv"  # a row cut short: its certified_5 is missing
+    short.write_text(head + "0,0,0,1,1\n1,1,1,1\n2,2,3,0,0\n")
+    word = tmp_path / "word.csv"
+    word.write_text(head + "0,0,0,True,1\n1,1,1,1,0\n2,2,3,0,0\n")
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\x80\x81\xff\xfe" * 20)
+    cases = [(short, "row 1 has certified_5=None; expected 0 or 1"), (word, "row 0 has correct='True'; expected 0 or 1"),
+             (binary, "cannot be read as a CSV file"), (tmp_path / "missing", "no such file or folder")]
+    for path, message in cases:
+        with pytest.raises(SystemExit, match=message) as e:
+            mod.main([str(a), str(path)])
+        assert "\n" not in str(e.value.code) and str(path) in str(e.value.code)
+
+
+def test_compare_reports_checks_dataset_index_where_both_record_it(tmp_path):
+    mod = _script()
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("index,dataset_index,label,correct\n0,10,3,1\n1,11,3,0\n")
+    b.write_text("index,dataset_index,label,correct\n0,10,3,1\n1,12,3,1\n")  # same labels, other images
+    with pytest.raises(SystemExit, match=r"row 1 is not the same image in both reports \(dataset_index 11 / 12\)"):
+        mod.compare(a, b)
