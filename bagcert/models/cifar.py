@@ -68,8 +68,9 @@ class ScaledWeightStandardization(nn.Module):
 
     For a weight ``W`` of shape [C_out, C_in, k, k] with fan-in ``N = C_in k k``, each output channel's filter is
     centred and scaled to unit variance, then multiplied by ``sqrt(2 / N)`` (He initialisation's ReLU gain, so
-    a unit-variance input keeps its second moment through conv + ReLU) and a learnable per-channel ``gain``
-    (float32, shape [C_out], starts at 1):
+    a unit-variance input keeps its second moment through conv + ReLU; the paper's Eq. 3 uses
+    ``gamma = sqrt(2 / (1 - 1 / pi))`` for ReLU instead, which keeps the variance) and a learnable per-channel
+    ``gain`` (the parameters' dtype, shape [C_out], starts at 1):
 
         W_hat[i] = gain[i] * sqrt(2 / N) * (W[i] - mean(W[i])) / sqrt(var(W[i]) + eps)
 
