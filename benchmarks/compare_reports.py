@@ -70,13 +70,17 @@ def _hits(path, rows, size: str | None) -> list[int]:
 
 def compare(path_a, path_b) -> list[dict]:
     """One dict per metric (``clean``, then each shared patch size in report order) with
-    :func:`bagcert.metrics.paired_difference`'s fields and ``metric``."""
+    :func:`bagcert.metrics.paired_difference`'s fields and ``metric``; sizes in one report only are named on stderr."""
     from bagcert.metrics import paired_difference
 
     pa, a = read_rows(path_a)
     pb, b = read_rows(path_b)
     _check_same_images(pa, a, pb, b)
     sizes = [k[len("certified_"):] for k in a[0] if k.startswith("certified_") and k in b[0]]
+    for (p, r), (q, other) in (((pa, a), (pb, b)), ((pb, b), (pa, a))):
+        alone = [k[len("certified_"):] for k in r[0] if k.startswith("certified_") and k not in other[0]]
+        if alone:  # said, not silently dropped: the table then shows fewer sizes than either report holds
+            print(f"patch sizes only in {p}, not compared: {', '.join(alone)}", file=sys.stderr)
     out = []
     for size in [None, *sizes]:
         res = paired_difference(_hits(pa, a, size), _hits(pb, b, size))

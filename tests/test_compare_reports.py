@@ -111,3 +111,13 @@ def test_compare_reports_checks_dataset_index_where_both_record_it(tmp_path):
     b.write_text("index,dataset_index,label,correct\n0,10,3,1\n1,12,3,1\n")  # same labels, other images
     with pytest.raises(SystemExit, match=r"row 1 is not the same image in both reports \(dataset_index 11 / 12\)"):
         mod.compare(a, b)
+
+
+def test_compare_reports_names_the_patch_sizes_it_leaves_out(tmp_path, capsys):
+    mod = _script()
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("index,label,correct,certified_3,certified_5\n0,3,1,1,0\n1,4,1,1,1\n")
+    b.write_text("index,label,correct,certified_5,certified_7\n0,3,1,1,0\n1,4,0,0,0\n")
+    assert [r["metric"] for r in mod.compare(a, b)] == ["clean", "certified 5"]
+    err = capsys.readouterr().err
+    assert f"patch sizes only in {a}, not compared: 3" in err and f"patch sizes only in {b}, not compared: 7" in err
