@@ -75,3 +75,18 @@ def test_nf_trains_saves_and_reloads(tmp_path):
     path = bagcert.save_checkpoint(tmp_path / "nf.pt", model)
     loaded, _ = bagcert.load_checkpoint(path)
     torch.testing.assert_close(loaded.local_logits(x), model.local_logits(x), rtol=0, atol=0)
+
+
+def test_a_1x1_first_conv_is_not_standardised_so_grey_stays_visible():
+    # cifar_bagnet7_s2 starts with a 1x1 conv over the 3 colours: centred, each filter would sum to zero over
+    # them and a shift along the grey direction (in normalised units) would vanish at every pixel
+    torch.manual_seed(0)
+    model = bagcert.create_model("cifar_bagnet7_s2", width=8, norm="nf").eval()
+    assert model.stem[0].kernel_size == (1, 1) and not parametrize.is_parametrized(model.stem[0])
+    assert all(parametrize.is_parametrized(m) for m in model.modules()
+               if isinstance(m, torch.nn.Conv2d) and m is not model.stem[0] and m is not model.head)
+    for block in model.blocks:
+        block.gain.data.fill_(1.0)
+    std = model.std.detach().reshape(1, 3, 1, 1)
+    x = torch.rand(2, 3, 32, 32) * 0.5 + 0.2
+    assert (model.local_logits(x + 0.1 * std) - model.local_logits(x)).abs().max() > 1e-2

@@ -18,7 +18,7 @@ normalisation: ``"bn"`` (default), ``"gn"`` (group norm, batch-independent), ``"
 (no normalisation; each residual branch is scaled by a learnable scalar that starts at zero, De & Smith,
 "Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep Networks", NeurIPS 2020),
 which trains 1.3x faster per image than ``"bn"`` on a CPU (docs/benchmarks.md), or ``"nf"`` (SkipInit plus
-Scaled Weight Standardization of every convolution but the head, as in the normaliser-free ResNets of Brock et
+Scaled Weight Standardization of every convolution but the head and a 1x1 first convolution, as in the normaliser-free ResNets of Brock et
 al., "Characterizing signal propagation to close the performance gap in unnormalized ResNets", ICLR 2021: it
 standardises the weights, not the activations: about 5 % of the compiled training step). Without a normalisation the
 convolutions carry a bias.
@@ -210,7 +210,9 @@ class CifarBagNet(BagModel):
             if isinstance(blk.n2, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.zeros_(blk.n2.weight)
         if norm == "nf":  # after the initialisation above, which writes the raw weights
-            standardize_weights(self, skip=(self.head,))
+            # a 1x1 first conv (k0 = 1) is left as it is: centring a filter of 3 numbers, one per colour, would
+            # remove the grey direction at every pixel, so the network could not see a grey image at all
+            standardize_weights(self, skip=(self.head,) + ((self.stem[0],) if k0 == 1 else ()))
         mark_built(self)  # the geometry above is derived from the layers built here: trusted by verify_geometry
 
     def features_to_logits(self, x):
