@@ -18,10 +18,10 @@ normalisation: ``"bn"`` (default), ``"gn"`` (group norm, batch-independent), ``"
 (no normalisation; each residual branch is scaled by a learnable scalar that starts at zero, De & Smith,
 "Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep Networks", NeurIPS 2020),
 which trains 1.3x faster per image than ``"bn"`` on a CPU (docs/benchmarks.md), or ``"nf"`` (SkipInit plus
-Scaled Weight Standardization of every convolution but the head and a 1x1 first convolution, as in the normaliser-free ResNets of Brock et
-al., "Characterizing signal propagation to close the performance gap in unnormalized ResNets", ICLR 2021: it
-standardises the weights, not the activations: about 5 % of the compiled training step). Without a normalisation the
-convolutions carry a bias.
+Scaled Weight Standardization of every convolution but the head and a 1x1 first convolution, as in the
+normaliser-free ResNets of Brock et al., "Characterizing signal propagation to close the performance gap in
+unnormalized ResNets", ICLR 2021: it standardises the weights, not the activations, at about 5 % of the compiled
+training step). Without a normalisation the convolutions carry a bias.
 """
 
 from __future__ import annotations
