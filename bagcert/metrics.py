@@ -82,11 +82,11 @@ def _confidence(x, need_unit_interval: bool) -> np.ndarray:
     return conf
 
 
-def _correct(x) -> np.ndarray:
-    corr = _to_numpy(x, "correct").astype(np.float64)
+def _correct(x, name: str = "correct") -> np.ndarray:
+    corr = _to_numpy(x, name).astype(np.float64)
     if not np.all((corr == 0.0) | (corr == 1.0)):
         bad = corr[~((corr == 0.0) | (corr == 1.0))][0]
-        raise ValueError(f"correct must hold only 0/1 (or False/True) values, found {bad!r}")
+        raise ValueError(f"{name} must hold only 0/1 (or False/True) values, found {float(bad):g}")
     return corr
 
 
@@ -282,7 +282,7 @@ def paired_difference(hits_a, hits_b) -> dict:
     """
     from scipy.stats import binomtest
 
-    a, b = _correct(hits_a), _correct(hits_b)
+    a, b = _correct(hits_a, "hits_a"), _correct(hits_b, "hits_b")
     _same_length(a, b, "hits_a", "hits_b")
     n = a.shape[0]
     a_only, b_only = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))

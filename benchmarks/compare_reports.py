@@ -55,17 +55,19 @@ def _check_same_images(pa, a, pb, b) -> None:
                              "dataset, split and --num-images")
 
 
-def _bit(path, i: int, row: dict, column: str) -> int:
-    value = row.get(column)
-    if value not in ("0", "1"):
-        raise SystemExit(f"{path}: row {i} has {column}={value!r}; expected 0 or 1 as certify.py writes it")
-    return int(value)
+def _column(path, rows, column: str) -> list[int]:
+    """The 0/1 values of ``column`` in every row; one line and exit 1 for anything else."""
+    out = []
+    for i, row in enumerate(rows):
+        value = row.get(column)
+        if value not in ("0", "1"):
+            raise SystemExit(f"{path}: row {i} has {column}={value!r}; expected 0 or 1 as certify.py writes it")
+        out.append(int(value))
+    return out
 
 
-def _hits(path, rows, size: str | None) -> list[int]:
-    if size is None:
-        return [_bit(path, i, r, "correct") for i, r in enumerate(rows)]
-    return [_bit(path, i, r, "correct") * _bit(path, i, r, f"certified_{size}") for i, r in enumerate(rows)]
+def _sizes(row: dict) -> list[str]:
+    return [k[len("certified_"):] for k in row if k.startswith("certified_")]
 
 
 def compare(path_a, path_b) -> list[dict]:
@@ -76,15 +78,16 @@ def compare(path_a, path_b) -> list[dict]:
     pa, a = read_rows(path_a)
     pb, b = read_rows(path_b)
     _check_same_images(pa, a, pb, b)
-    sizes = [k[len("certified_"):] for k in a[0] if k.startswith("certified_") and k in b[0]]
-    for (p, r), (q, other) in (((pa, a), (pb, b)), ((pb, b), (pa, a))):
-        alone = [k[len("certified_"):] for k in r[0] if k.startswith("certified_") and k not in other[0]]
+    sizes_a, sizes_b = _sizes(a[0]), _sizes(b[0])
+    for p, alone in ((pa, [s for s in sizes_a if s not in sizes_b]), (pb, [s for s in sizes_b if s not in sizes_a])):
         if alone:  # said, not silently dropped: the table then shows fewer sizes than either report holds
             print(f"patch sizes only in {p}, not compared: {', '.join(alone)}", file=sys.stderr)
-    out = []
-    for size in [None, *sizes]:
-        res = paired_difference(_hits(pa, a, size), _hits(pb, b, size))
-        out.append({"metric": "clean" if size is None else f"certified {size}", **res})
+    correct_a, correct_b = _column(pa, a, "correct"), _column(pb, b, "correct")
+    out = [{"metric": "clean", **paired_difference(correct_a, correct_b)}]
+    for size in (s for s in sizes_a if s in sizes_b):  # certified and correct
+        hits_a = [c * z for c, z in zip(correct_a, _column(pa, a, f"certified_{size}"))]
+        hits_b = [c * z for c, z in zip(correct_b, _column(pb, b, f"certified_{size}"))]
+        out.append({"metric": f"certified {size}", **paired_difference(hits_a, hits_b)})
     return out
 
 

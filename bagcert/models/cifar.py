@@ -96,7 +96,7 @@ def standardize_weights(model: nn.Module, skip: tuple = ()) -> None:
     from torch.nn.utils import parametrize
 
     for m in model.modules():
-        if isinstance(m, nn.Conv2d) and not any(m is s for s in skip) and not parametrize.is_parametrized(m):
+        if isinstance(m, nn.Conv2d) and not any(m is s for s in skip):
             fan_in = m.weight[0].numel()
             parametrize.register_parametrization(m, "weight", ScaledWeightStandardization(m.out_channels, fan_in))
 
