@@ -28,7 +28,8 @@ global or adaptive pooling and means over the image axes, flatten + linear, atte
 image locations (unwindowed), BatchNorm in
 training mode (batch statistics), group/instance/layer norm over the image, interpolation and
 upsampling, transposed convolutions, circular padding (a border location sees the opposite border),
-concatenation along an image axis, gathers and in-place writes into slices.
+concatenation along an image axis, gathers and in-place writes into slices, and values read out of torch
+(``Tensor.numpy``, ``np.asarray``, ``Tensor.tolist``: they come back as constants, hiding the dependency).
 
 From the intervals of the output map, with the stride ``S`` of the traced chain, the geometry is the
 tightest box ``[i*S - P, i*S - P + r - 1]`` containing every location's interval: ``P = max_i(i*S - lo[i])``
@@ -766,6 +767,28 @@ def _describe(module) -> str:
     return getattr(module, "_bagcert_name", None) or type(module).__name__
 
 
+class _NoValueReads(torch.overrides.TorchFunctionMode):
+    """Refuse reading tensor values out of the traced computation (``Tensor.numpy``, ``np.asarray(t)``,
+    ``Tensor.tolist``): a value that leaves torch comes back as a constant, so the trace would miss the dependency
+    (e.g. a term computed in numpy from the brightest pixel anywhere in the image)."""
+
+    _READS = ("numpy", "__array__", "tolist")
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self._READS:
+            raise GeometryError(
+                f"cannot establish the geometry of {_describe(self.module)}: its computation reads tensor values out "
+                f"of torch (Tensor.{name}), so the dependency of what it computes from them cannot be traced; keep the "
+                "local-logit computation in torch operations, or certify with certify_logits under your own "
+                "responsibility")
+        return func(*args, **(kwargs or {}))
+
+
 def _trace(module, H: int, W: int, batch: int = 2):
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.func import functionalize
@@ -790,7 +813,7 @@ def _trace(module, H: int, W: int, batch: int = 2):
     try:
         # under no_grad, as every certifier runs the model: a forward that branches on torch.is_grad_enabled()
         # is traced on the path that is certified, whatever the caller's grad mode
-        with _InputsUnchecked(module), warnings.catch_warnings(), torch.no_grad():
+        with _InputsUnchecked(module), warnings.catch_warnings(), torch.no_grad(), _NoValueReads(module):
             warnings.simplefilter("ignore")
             gm = make_fx(functionalize(f), tracing_mode="fake", _allow_non_fake_inputs=True)(x)
     except GeometryError:
@@ -1074,7 +1097,8 @@ def _fingerprint(model) -> tuple:
     """What the cache key watches: every submodule (identity, type, settings) and its train/eval mode."""
     if not isinstance(model, torch.nn.Module):
         return (id(model),)
-    return tuple((name, id(m), type(m).__name__, _settings(m), m.training) for name, m in model.named_modules())
+    return tuple((name, id(m), type(m).__name__, _settings(m), m.training) for name, m in model.named_modules()) \
+        + (_global_hooks(),)
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -1088,7 +1112,7 @@ def _plain_value(v) -> bool:
 def _settings(m) -> str:
     """A layer's settings (kernel, stride, padding...), from ``extra_repr`` (a bagcert model's own line names its
     declared geometry, which is compared separately, so it is left out), plus the shapes of its own parameters and
-    buffers and its plain attributes (numbers, strings, flags and tuples of them): replacing a weight by one with a
+    buffers, its plain attributes (numbers, strings, flags and tuples of them) and its forward hooks: replacing a weight by one with a
     larger kernel (``padding='same'`` keeps the grid) or setting a flag that ``forward`` branches on changes it."""
     from .models.base import BagModel
 
@@ -1097,7 +1121,8 @@ def _settings(m) -> str:
                    if t is not None)
     plain = tuple(sorted((k, v) for k, v in vars(m).items()
                          if not k.startswith("_") and k not in _UNWATCHED and _plain_value(v)))
-    return f"{text}|{shapes}|{plain}"
+    hooks = tuple(id(h) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values())
+    return f"{text}|{shapes}|{plain}|{hooks}"
 
 
 def _trusted(model) -> bool:
@@ -1112,8 +1137,16 @@ def _trusted(model) -> bool:
     return mark is not None and mark[0] is model.geometry and mark[1] == _structure(model)
 
 
+def _global_hooks() -> tuple:
+    """Forward hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module as _m
+
+    return tuple(id(h) for d in (_m._global_forward_pre_hooks, _m._global_forward_hooks) for h in d.values())
+
+
 def _structure(model) -> tuple:
-    return tuple((name, id(m), type(m).__name__, _settings(m)) for name, m in model.named_modules())
+    return tuple((name, id(m), type(m).__name__, _settings(m)) for name, m in model.named_modules()) \
+        + (_global_hooks(),)
 
 
 def mark_built(model) -> None:
@@ -1137,7 +1170,7 @@ def verify_geometry(model, image_size) -> Geometry:
     The inferred geometry is cached per model (weakly: the cache never keeps a model alive) and image size, keyed
     by a fingerprint of the model's submodules (identity, type, ``extra_repr()`` settings such
     as kernel, stride, padding and dilation, the shapes of their parameters and buffers, their plain attributes
-    (numbers, strings, flags), train/eval mode): replacing a layer or a weight, changing a convolution's settings or
+    (numbers, strings, flags), train/eval mode, forward hooks, also global ones): replacing a layer or a weight, adding a hook, changing a convolution's settings or
     a flag that ``forward`` branches on triggers a new inference; a new ``model.geometry`` is compared again (cheap). The warning for a larger
     declaration is given once per model, image size and declaration. Editing ``forward`` code on a live object is not
     detected: call ``bagcert.geometry_inference.clear_cache()`` after doing so.

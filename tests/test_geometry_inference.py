@@ -458,6 +458,64 @@ def test_cache_follows_module_changes():
     assert verify_geometry(model, (12, 12)) == Geometry(5, 1, 2)
 
 
+def _add_image_max(module, inputs, output):
+    """A forward hook that adds the brightest value anywhere in the map to every location (a global dependency)."""
+    return output + output.amax(dim=(1, 2, 3), keepdim=True)
+
+
+def test_hooks_added_after_a_verdict_are_checked_again():
+    """Regression: a forward hook registered after the first certify was not seen by the cached verdict, and a
+    1x1 patch broke the certificates given with the declared 1x1 geometry."""
+    clear_cache()
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval()
+    model = wrap_model(net, mean=MEAN, std=STD, geometry=Geometry(1, 1, 0)).eval()
+    x = torch.rand(2, 3, 12, 12)
+    bagcert.certify(model, x, None, patch_size=1)
+    handle = net[0].register_forward_hook(_add_image_max)
+    with pytest.raises(GeometryError):
+        bagcert.certify(model, x, None, patch_size=1)
+    handle.remove()
+    bagcert.certify(model, x, None, patch_size=1)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: _add_image_max(m, i, o) if m is net[2] else None)
+    try:
+        with pytest.raises(GeometryError):
+            bagcert.certify(model, x, None, patch_size=1)
+    finally:
+        handle.remove()
+    # a registry model with a hook is no longer trusted: its geometry is inferred and the hook refused
+    reg = bagcert.create_model("cifar_bagnet5", num_classes=10, width=8).eval()
+    bagcert.certify(reg, x, None, patch_size=1)
+    reg.head.register_forward_hook(_add_image_max)
+    with pytest.raises(GeometryError):
+        bagcert.certify(reg, x, None, patch_size=1)
+
+
+def test_values_read_out_of_torch_are_refused():
+    """Regression: a term computed in numpy from the brightest pixel came back into the trace as a constant, so a
+    model declared (and traced) as 1x1 was certified although one bright pixel anywhere flips its prediction."""
+    import numpy as np
+
+    class NumpyGlobal(bagcert.BagModel):
+        def __init__(self, read):
+            super().__init__(3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.read = read
+            self.geometry = Geometry(1, 1, 0)
+
+        def features_to_logits(self, x):
+            y = self.conv(x)
+            g = self.read(y.detach())
+            return y + torch.tensor([3.0, -3.0, 0.0]).view(1, 3, 1, 1) * g
+
+    reads = {"np.asarray": lambda t: float(np.asarray(t).max()), "numpy": lambda t: float(t.numpy().max()),
+             "tolist": lambda t: max(v for row in t.flatten().tolist() for v in [row])}
+    for name, read in reads.items():
+        model = NumpyGlobal(read).eval()
+        with pytest.raises(GeometryError, match="reads tensor values out of torch"):
+            bagcert.certify(model, torch.rand(1, 3, 8, 8), None, patch_size=1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # refusals, with the reason
 # ----------------------------------------------------------------------------------------------------------------
