@@ -282,3 +282,31 @@ def test_save_checkpoint_needs_a_registered_name(registry, tmp_path):
     with pytest.raises(ValueError, match="'unregistered_net', which is not registered"):
         bagcert.save_checkpoint(tmp_path / "b.pt", model)
     assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists()
+
+
+def test_train_refuses_a_wrongly_declared_geometry_before_the_first_step(registry, tmp_path, monkeypatch):
+    """Regression: a plugin model with a 5 px receptive field declared as 3 px trained with in-training
+    certificates computed from the wrong geometry and only failed with a traceback when saving."""
+    monkeypatch.chdir(tmp_path)
+    _write_module(tmp_path, "wrong_rf", """
+        import bagcert
+        from torch import nn
+
+        class K5(bagcert.BagModel):
+            def __init__(self, num_classes=10):
+                super().__init__(num_classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+                self.conv = nn.Conv2d(3, num_classes, 5, padding=2)  # the same grid as the declared 3x3
+                self.geometry = bagcert.Geometry.from_layers([(3, 1, 1)])
+
+            def features_to_logits(self, x):
+                return self.conv(x)
+
+        bagcert.register_model("wrong_rf_k5", K5, "receptive field 5 declared as 3")
+        """)
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--model", "wrong_rf_k5", "--model-module", "wrong_rf.py", "--dataset", "synthetic:64",
+                    "--batch-size", "16", "--max-steps", "2", "--threads", "1", "--no-tensorboard", "--no-progress",
+                    "--output", str(tmp_path / "run")])
+    message = exc.value.code
+    assert "\n" not in message and "receptive field 3" in message and "receptive field 5" in message, message
+    assert not (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "last.pt").exists()

@@ -19,6 +19,7 @@ def _build_model(cfg: TrainConfig, peer, device):
         model = create_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs).to(device)
         model.check_inputs = False  # inputs come from our own uint8 pipeline
         init_info = _init_from_checkpoint(model, cfg.init_from) if cfg.init_from else None
+        _check_geometry(model, cfg)
     else:
         from ..peers import init_peer_classifier
 
@@ -28,6 +29,23 @@ def _build_model(cfg: TrainConfig, peer, device):
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, init_info
+
+
+def _check_geometry(model, cfg: TrainConfig) -> None:
+    """Refuse, before the first step, a model whose declared geometry does not cover its true receptive field on
+    ``cfg.image_size`` images (:func:`bagcert.verify_geometry`): the loss and every evaluation during training use
+    the declared geometry, so a wrong one would train and report certificates a patch can break. Registry models
+    built by their own constructor pass at once. Raises TrainingError."""
+    from ..geometry_inference import GeometryError, verify_geometry
+
+    was_training = model.training
+    model.eval()  # BatchNorm in training mode (batch statistics) cannot be traced
+    try:
+        verify_geometry(model, (cfg.image_size, cfg.image_size))
+    except GeometryError as e:
+        raise TrainingError(f"--model {cfg.model}: {e}") from None
+    finally:
+        model.train(was_training)
 
 
 def _init_from_checkpoint(model, path) -> dict:
