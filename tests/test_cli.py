@@ -1,6 +1,7 @@
 """certify.py and train.py run end to end in-process; reports match their schema."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -221,3 +222,16 @@ def test_analysis_cli_counts_are_validated(module, flag, bad, good, capsys):
     err = capsys.readouterr().err
     assert flag in err and bad in err
     assert getattr(parser.parse_args([*required, flag, good]), flag.lstrip("-").replace("-", "_")) == int(good)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{bad json", r"--model-kwargs: not valid JSON \(Expecting property name .* at character 1\); expected an object"),
+    ("[1, 2]", r"--model-kwargs: expected a JSON object such as '\{\"width\": 128\}', got '\[1, 2\]'"),
+])
+def test_model_kwargs_that_are_not_a_json_object_are_one_clear_line(text, match, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "synthetic:16", "--model-kwargs", text, "--output", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(match, err), err
+    assert not (tmp_path / "run").exists()

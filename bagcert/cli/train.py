@@ -50,6 +50,18 @@ from ..training import TrainConfig, TrainingError, _peer_spec, distributed_env
 from ._common import Parser, add_model_module_argument, device, import_model_modules, positive_int, workers
 
 
+def _json_object(text) -> dict:
+    """``--model-kwargs``: a JSON object of keyword arguments for the model's constructor."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}); expected an object such as "
+                                         '\'{"width": 128}\'') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 128}}', got {text!r}")
+    return value
+
+
 def _parse_list(text):
     out = []
     for t in str(text).split(","):
@@ -88,7 +100,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--model", help="a registered model name (bagcert.list_models()), or one that --model-module or an "
                    "installed plugin registers")
     add_model_module_argument(g, "recorded in config.json")
-    g.add_argument("--model-kwargs", type=json.loads, help='JSON, e.g. \'{"width": 128, "receptive_field": 9}\'')
+    g.add_argument("--model-kwargs", type=_json_object, help='JSON, e.g. \'{"width": 128, "receptive_field": 9}\'')
     g.add_argument("--peer", help="train the base classifier of a peer defense instead of a bagcert model: drs-column:B, "
                    "drs-block:B [,encoding=mask|levine_feizi|fill] (de-randomized smoothing, band B) or patchcleanser:P "
                    "[,k=6,masks=2,fill=0.5] (mask set for PxP patches); --model is its backbone, the loss cross-entropy")
