@@ -251,6 +251,11 @@ def test_model_module_errors_are_one_line_with_file_and_line(registry, tmp_path,
             train.main(["--model", "x", "--model-module", spec, "--dataset", "synthetic:16", "--output", str(tmp_path / "run")])
         assert exc.value.code.startswith(message) and "\n" not in exc.value.code, exc.value.code
     sys.modules.pop("boom", None)
+    _write_module(tmp_path, "syntax", "def broken(:\n")
+    with pytest.raises(SystemExit) as exc:  # the location once, not twice
+        train.main(["--model", "x", "--model-module", "syntax.py", "--dataset", "synthetic:16", "--output", str(tmp_path / "run")])
+    assert re.fullmatch(r"--model-module syntax\.py: failed to import: SyntaxError: [^()]+ \(syntax\.py, line 1\)",
+                        exc.value.code), exc.value.code
     with pytest.raises(SystemExit, match="--model-module missing.py: file not found"):
         certify.main(["--checkpoint", "x.pt", "--model-module", "missing.py", "--output", str(tmp_path / "o")])
 

@@ -80,7 +80,9 @@ def _where(exc: BaseException, files: tuple = ()) -> str:
 
 
 def _describe_error(exc: BaseException, files: tuple = ()) -> str:
-    return f"{type(exc).__name__}: {_one_line(exc, 200)}{_where(exc, files)}"
+    # str(SyntaxError) already ends in "(file, line N)": use its message alone, the location once
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else exc
+    return f"{type(exc).__name__}: {_one_line(text, 200)}{_where(exc, files)}"
 
 
 def _entry_points() -> list:
