@@ -314,4 +314,4 @@ def test_train_refuses_a_wrongly_declared_geometry_before_the_first_step(registr
                     "--output", str(tmp_path / "run")])
     message = exc.value.code
     assert "\n" not in message and "receptive field 3" in message and "receptive field 5" in message, message
-    assert not (tmp_path / "run" / "model.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run").exists()  # refused before anything is written

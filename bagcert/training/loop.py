@@ -158,6 +158,9 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
                     f"(a later end, --epochs or --max-steps, continues it){unused}")
             return {"steps": run.step, "wall_seconds": run.wall_before, "output": str(out), "already_finished": True}
 
+    # --- the model first: a model bagcert refuses (a wrong geometry) leaves nothing written ---
+    model, init_info = _build_model(cfg, peer, device)
+
     # --- the run's folder and log ---
     tlog.start(run.step, resumed=state is not None)
     if is_main:
@@ -179,8 +182,7 @@ def _train_run(cfg: TrainConfig, train_data, eval_data, resume: bool, log, stop:
             log(f"learning rate scaled linearly with the global batch: {cfg.lr:g} x {rule['global_batch']} / "
                 f"{cfg.lr_scale_batch} = {rule['peak_lr']:g}")
 
-    # --- model, optimiser, EMA, loss ---
-    model, init_info = _build_model(cfg, peer, device)
+    # --- optimiser, EMA, loss ---
     if is_main and init_info and init_info.get("summary"):
         log(f"--init-from: {init_info['summary']}")
     opt = _make_optimizer(cfg, model)
