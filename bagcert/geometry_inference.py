@@ -1094,11 +1094,10 @@ _LOCK = threading.Lock()
 
 
 def _fingerprint(model) -> tuple:
-    """What the cache key watches: every submodule (identity, type, settings) and its train/eval mode."""
+    """What the cache key watches: the model's :func:`_structure` and every submodule's train/eval mode."""
     if not isinstance(model, torch.nn.Module):
         return (id(model),)
-    return tuple((name, id(m), type(m).__name__, _settings(m), m.training) for name, m in model.named_modules()) \
-        + (_global_hooks(),)
+    return _structure(model) + (tuple(m.training for m in model.modules()),)
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -1145,6 +1144,7 @@ def _global_hooks() -> tuple:
 
 
 def _structure(model) -> tuple:
+    """Every submodule (name, identity, type, :func:`_settings`) and the global forward hooks."""
     return tuple((name, id(m), type(m).__name__, _settings(m)) for name, m in model.named_modules()) \
         + (_global_hooks(),)
 
