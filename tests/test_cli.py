@@ -235,3 +235,12 @@ def test_model_kwargs_that_are_not_a_json_object_are_one_clear_line(text, match,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.search(match, err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_model_kwargs_with_a_wrong_type_are_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "synthetic:16", "--model", "cifar_bagnet5_s2", "--model-kwargs", '{"width": true}',
+                    "--output", str(tmp_path / "run")])
+    message = str(exc.value.code)
+    assert "\n" not in message and message.endswith("width must be a positive int, got True"), message
+    assert not (tmp_path / "run").exists()

@@ -187,3 +187,16 @@ def test_max_affected_matches_the_largest_mask():
     # the numbers the docs quote: 5x5 patches on 32 px reach 49 of 256 locations at rf 9 / stride 2, 25 at rf 5
     assert bagcert.create_model("cifar_bagnet9_s2", width=8).geometry.max_affected((32, 32), 5) == 49
     assert bagcert.create_model("cifar_bagnet5_s2", width=8).geometry.max_affected((32, 32), 5) == 25
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"width": True}, "width must be a positive int, got True"),
+    ({"width": 8.0}, "width must be a positive int, got 8.0"),
+    ({"depth": 2.5}, "depth must be a positive int, got 2.5"),
+    ({"receptive_field": "5"}, "receptive_field must be a positive int, got '5'"),
+    ({"stride": True}, "stride must be 1, 2, 4 or 8, got True"),
+])
+def test_cifar_bagnet_refuses_sizes_that_are_not_positive_ints(kwargs, match):
+    # True == 1 and 8.0 == 8 in Python: without the check a JSON `true` built a 1-channel network
+    with pytest.raises(ValueError, match=match):
+        bagcert.create_model("cifar_bagnet", **{"receptive_field": 5, "stride": 2, "width": 8, **kwargs})

@@ -154,12 +154,15 @@ class CifarBagNet(BagModel):
             raise ValueError(f"dense must be True or False, got {dense!r}")
         if dense and stride == 1:
             raise ValueError("dense=True evaluates a strided network at every pixel; it needs stride 2, 4 or 8, got stride 1")
-        if stride not in (1, 2, 4, 8):
+        if isinstance(stride, bool) or stride not in (1, 2, 4, 8):
             raise ValueError(f"stride must be 1, 2, 4 or 8, got {stride}")
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
+        for name, value in (("receptive_field", receptive_field), ("width", width), ("depth", depth)):
+            if value is None and name == "depth":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         k0, n3 = stem_kernel(receptive_field, stride)
         if depth is None:
             depth = max(4, n3 + 1)
