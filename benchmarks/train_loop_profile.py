@@ -15,7 +15,8 @@ CIFAR-10), one checkpoint every ``checkpoint_minutes`` at the measured step time
 
 Presets (``--variant``; ``+fast`` adds the speed options ``compile_step``, ``fused_optimizer`` and ``eval_amp`` of
 :class:`bagcert.training.TrainConfig`, ``+skipinit`` the normalisation-free backbone (a model change, measured for
-accuracy in docs/experiments/2026-12-01-skipinit-compile.md), ``+nf`` the same with Scaled Weight Standardization; ``--set key=JSON`` changes any other field):
+accuracy in docs/experiments/2026-12-01-skipinit-compile.md), ``+nf`` the same with Scaled Weight Standardization, ``+b64`` a batch of 64 images; ``--set key=JSON`` changes any
+other field):
 
 * ``recipe``: ``train.py``'s defaults (bagcert-cifar10-r5 (v2): ``cifar_bagnet5_s2`` width 128, bf16 autocast,
   channels_last, batch 128, EMA 0.999, evaluation every 2 epochs on 1,000 images);
@@ -23,7 +24,7 @@ accuracy in docs/experiments/2026-12-01-skipinit-compile.md), ``+nf`` the same w
 * ``dense``: the recipe's network trained as its dense (a trous, stride-1) evaluation (``dense: true``).
 
 Compare mode (``--compare A B [C ...]``) runs the variants in fresh processes, interleaved round after round (A, B,
-C, A, B, C, ...), and reports the median of each and its speed-up over A, so that all come from the same minutes of
+C, A, B, C, ...), and reports the median of each and its speed-up over A (images per second), so that all come from the same minutes of
 one machine. ``--baseline-path DIR`` imports bagcert for the first variant from another checkout (e.g. the commit
 before the changes): today's loop against the improved ones. Measure with nothing else running.
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -65,9 +67,12 @@ def variant_config(name: str, sets: list[str]) -> dict:
     from bagcert.cli.train import RECIPE
 
     base, *extras = name.split("+")
-    if base not in PRESETS or not set(extras) <= {"fast", "skipinit", "nf"} or {"skipinit", "nf"} <= set(extras):
-        raise SystemExit(f"--variant must be one of {', '.join(PRESETS)}, each optionally with +fast and one of "
-                         f"+skipinit / +nf; got {name!r}")
+    batches = [e for e in extras if re.fullmatch(r"b[1-9][0-9]*", e)]
+    extras = [e for e in extras if e not in batches]
+    if (base not in PRESETS or not set(extras) <= {"fast", "skipinit", "nf"} or {"skipinit", "nf"} <= set(extras)
+            or len(batches) > 1):
+        raise SystemExit(f"--variant must be one of {', '.join(PRESETS)}, each optionally with +fast, one of "
+                         f"+skipinit / +nf and one batch size +bN (e.g. +b64); got {name!r}")
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPE.items()}
     values.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[base].items()})
     if "fast" in extras:
@@ -86,6 +91,8 @@ def variant_config(name: str, sets: list[str]) -> dict:
             value = text
         # a dict (model_kwargs) updates the preset's dict: recipe+skipinit with model_kwargs={"width":8} keeps its norm
         values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) else value
+    if batches:  # a variant's own batch size wins over --set; compare mode's ratios are per image
+        values["batch_size"] = int(batches[0][1:])
     return values
 
 
@@ -332,8 +339,10 @@ def compare(args) -> dict:
         rows.append({
             "label": key, "variant": variant, "code": rs[0]["bagcert"],
             "loop_ms_per_step": med(rs, "loop_ms_per_step"), "step_ms": med(rs, "step_ms"),
-            "loop_speedup_over_A": med(first, "loop_ms_per_step") / med(rs, "loop_ms_per_step"),
-            "step_speedup_over_A": med(first, "step_ms") / med(rs, "step_ms"),
+            "batch": rs[0]["batch"],
+            # images per second against the first variant's: the ms-per-step ratio when the batch sizes are equal
+            "loop_speedup_over_A": med(rs, "images_per_s_loop") / med(first, "images_per_s_loop"),
+            "step_speedup_over_A": med(rs, "images_per_s_step") / med(first, "images_per_s_step"),
             "phases_ms": {p: statistics.median(r["ms_per_step"][p] for r in rs) for p in PHASES + AMORTISED},
         })
     out = {"baseline_path": args.baseline_path, "rounds": args.rounds, "variants": rows, "runs": runs}
@@ -344,7 +353,7 @@ def compare(args) -> dict:
         print(f"{key:26s}" + "".join(f"{row[key]:12.2f}" for row in rows))
     for row in rows[1:]:
         print(f"{row['label']}: whole loop {row['loop_speedup_over_A']:.2f}x, step {row['step_speedup_over_A']:.2f}x "
-              f"as fast as {rows[0]['label']}")
+              f"as fast as {rows[0]['label']} (images per second)")
     return out
 
 

@@ -242,20 +242,22 @@ def test_the_loop_comparison_reports_every_variant_against_the_first(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "compare.json"
-    assert bench.main(["--compare", "recipe", "recipe+skipinit", "stride1", "--rounds", "1", "--synthetic",
+    assert bench.main(["--compare", "recipe", "recipe+skipinit+b4", "stride1", "--rounds", "1", "--synthetic",
                        "--steps", "2", "--warmup", "1", "--threads", "1", "--train-images", "16",
                        "--set", 'model_kwargs={"width":8}', "--set", "batch_size=8", "--set", "eval_images=8",
                        "--output", str(out)]) == 0
     res = json.loads(out.read_text())
     rows = res["variants"]
-    assert [r["label"] for r in rows] == ["A:recipe", "B:recipe+skipinit", "C:stride1"]
+    assert [r["label"] for r in rows] == ["A:recipe", "B:recipe+skipinit+b4", "C:stride1"]
+    assert [r["batch"] for r in rows] == [8, 4, 8]  # +b4 wins over --set batch_size=8
     assert rows[0]["loop_speedup_over_A"] == 1.0
-    for r in rows:
-        assert r["loop_speedup_over_A"] == pytest.approx(rows[0]["loop_ms_per_step"] / r["loop_ms_per_step"])
+    for r in rows:  # images per second: a step of 4 images that takes half as long is as fast
+        ms_per_image = r["loop_ms_per_step"] / r["batch"]
+        assert r["loop_speedup_over_A"] == pytest.approx(rows[0]["loop_ms_per_step"] / 8 / ms_per_image)
         assert len(res["runs"][r["label"]]) == 1
     # --set applies to every variant; the presets' own changes stay (stride1's model, skipinit's normalisation)
     configs = {k: v[0]["config"] for k, v in res["runs"].items()}
     assert configs["C:stride1"]["model"] == "cifar_bagnet5" and configs["A:recipe"]["model"] == "cifar_bagnet5_s2"
-    assert configs["B:recipe+skipinit"]["model_kwargs"] == {"width": 8, "norm": "skipinit"}
+    assert configs["B:recipe+skipinit+b4"]["model_kwargs"] == {"width": 8, "norm": "skipinit"}
     with pytest.raises(SystemExit, match="at least two"):
         bench.main(["--compare", "recipe"])
