@@ -5,13 +5,14 @@
 #
 #   bash benchmarks/cifar_r5_dm_recipe.sh OUT [MINUTES] [THREADS]      (defaults: 8.5 minutes, 2 threads)
 # Run it alone: the budget buys as many steps as the machine gives in that time (it re-plans at every evaluation,
-# each half epoch, on 1,000 images).
+# each half epoch, on 1,000 images). INIT (default: checkpoints/bagcert_cifar10_r5s2_v2.pt) and MODEL_KWARGS (default:
+# {"width": 128}) start from another cifar_bagnet5_s2 run, e.g. MODEL_KWARGS='{"width": 128, "norm": "nf"}'.
 set -euo pipefail
 out=$1; minutes=${2:-8.5}; threads=${3:-2}
 py=${PYTHON:-python}
 data=${BAGCERT_CIFAR10:-../shared/data/cifar10}
-$py train.py --dataset "$data" --init-from checkpoints/bagcert_cifar10_r5s2_v2.pt \
-    --model cifar_bagnet5_s2 --model-kwargs '{"width": 128}' \
+$py train.py --dataset "$data" --init-from "${INIT:-checkpoints/bagcert_cifar10_r5s2_v2.pt}" \
+    --model cifar_bagnet5_s2 --model-kwargs "${MODEL_KWARGS:-{\"width\": 128\}}" \
     --loss masking --masking-evidence logits --masking-clip 1.0 --masking-pairs greedy \
     --time-budget-minutes "$minutes" --lr 2e-4 --warmup-epochs 0 --margin-warmup-epochs 0 --schedule cosine \
     --ema 0.999 --amp --eval-every 0.5 --eval-images 1000 --checkpoint-minutes 4 --threads "$threads" --seed 0 \
