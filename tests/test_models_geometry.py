@@ -192,7 +192,8 @@ def test_max_affected_matches_the_largest_mask():
 @pytest.mark.parametrize("kwargs, match", [
     ({"width": True}, "width must be a positive int, got True"),
     ({"width": 8.0}, "width must be a positive int, got 8.0"),
-    ({"depth": 2.5}, "depth must be a positive int, got 2.5"),
+    ({"depth": 2.5}, "depth must be a non-negative int, got 2.5"),
+    ({"depth": -1}, "depth must be a non-negative int, got -1"),
     ({"receptive_field": "5"}, "receptive_field must be a positive int, got '5'"),
     ({"stride": True}, "stride must be 1, 2, 4 or 8, got True"),
 ])
@@ -200,3 +201,10 @@ def test_cifar_bagnet_refuses_sizes_that_are_not_positive_ints(kwargs, match):
     # True == 1 and 8.0 == 8 in Python: without the check a JSON `true` built a 1-channel network
     with pytest.raises(ValueError, match=match):
         bagcert.create_model("cifar_bagnet", **{"receptive_field": 5, "stride": 2, "width": 8, **kwargs})
+
+
+def test_cifar_bagnet_without_residual_blocks_is_a_valid_network():
+    # rf 5 at stride 2 needs no 3x3 block: depth 0 is the stem and the head alone
+    model = bagcert.create_model("cifar_bagnet", receptive_field=5, stride=2, width=8, depth=0).eval()
+    assert len(model.blocks) == 0 and model.geometry.receptive_field == (5, 5)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)

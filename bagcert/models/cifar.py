@@ -158,11 +158,11 @@ class CifarBagNet(BagModel):
             raise ValueError(f"stride must be 1, 2, 4 or 8, got {stride}")
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
-        for name, value in (("receptive_field", receptive_field), ("width", width), ("depth", depth)):
+        for name, value, least in (("receptive_field", receptive_field, 1), ("width", width, 1), ("depth", depth, 0)):
             if value is None and name == "depth":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be {'a positive' if least else 'a non-negative'} int, got {value!r}")
         k0, n3 = stem_kernel(receptive_field, stride)
         if depth is None:
             depth = max(4, n3 + 1)
