@@ -30,7 +30,7 @@ import torch
 
 from ..certification import _check_labels
 from ..geometry import parse_patch_size
-from ..models.base import check_images
+from ..models.base import check_images, check_int  # noqa: F401 (check_int: used by the attacks)
 
 __all__ = [
     "AttackResult",
@@ -109,14 +109,6 @@ class AttackResult:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` if it is an int (not a bool) >= ``minimum``; else a ValueError naming ``name``."""
-    if type(value) is not int or value < minimum:
-        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
 
 
 def check_positive(name: str, value) -> float:

@@ -18,6 +18,14 @@ class InputError(ValueError):
     """Raised for images that break the model's input contract."""
 
 
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; else a ValueError naming ``name``."""
+    if type(value) is not int or value < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
 def _range_hint(lo: float, hi: float) -> str:
     """What values outside [0, 1] most likely mean, as advice (empty when there is no likely cause)."""
     if lo < 0.0:

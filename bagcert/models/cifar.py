@@ -31,7 +31,7 @@ from torch import nn
 
 from ..geometry import Geometry
 from ..geometry_inference import mark_built
-from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel
+from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel, check_int
 
 
 class _Block(nn.Module):
@@ -158,11 +158,10 @@ class CifarBagNet(BagModel):
             raise ValueError(f"stride must be 1, 2, 4 or 8, got {stride}")
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
-        for name, value, least in (("receptive_field", receptive_field, 1), ("width", width, 1), ("depth", depth, 0)):
-            if value is None and name == "depth":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be {'a positive' if least else 'a non-negative'} int, got {value!r}")
+        check_int("receptive_field", receptive_field)
+        check_int("width", width)
+        if depth is not None and (type(depth) is not int or depth < 0):
+            raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         k0, n3 = stem_kernel(receptive_field, stride)
         if depth is None:
             depth = max(4, n3 + 1)

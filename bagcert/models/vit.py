@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel
+from .base import CIFAR10_MEAN, CIFAR10_STD, BagModel, check_int
 from ..geometry_inference import mark_built
 from .region import AxisGeometry
 
@@ -102,8 +102,7 @@ class WindowViT(BagModel):
                  heads: int = 4, mlp_ratio: float = 2.0, aggregation: str = "votes", mean=CIFAR10_MEAN, std=CIFAR10_STD):
         super().__init__(num_classes, mean, std, aggregation)
         for name, v in (("patch_size", patch_size), ("width", width), ("depth", depth), ("heads", heads)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, v)
         if width % heads:
             raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
